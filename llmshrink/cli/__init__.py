@@ -1,0 +1,103 @@
+"""The `llmshrink` command line.
+
+Subcommands live in their own modules and are imported only when run (or
+when ``--help`` lists them), and those modules import torch/transformers
+inside the command bodies, so ``llmshrink --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import click
+
+from llmshrink import __version__
+from llmshrink.errors import LlmshrinkError
+
+# name -> "module:attr", in the order `--help` lists them.
+COMMANDS: dict[str, str] = {
+    "models": "llmshrink.cli.models:models",
+    "data": "llmshrink.cli.data:data",
+    "doctor": "llmshrink.cli.doctor:doctor",
+}
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on demand from ``COMMANDS``-style maps."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self._lazy) + sorted(set(super().list_commands(ctx)) - set(self._lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._lazy:
+            module, _, attr = self._lazy[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            from llmshrink.registry import suggest
+
+            near = suggest(args[0], self.list_commands(ctx)) if args else []
+            if near:
+                e.message += f" Did you mean: {', '.join(near)}?"
+            raise
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LlmshrinkError as e:
+            from llmshrink.cli import ui
+
+            ui.show_error(e)
+            ctx.exit(e.exit_code)
+
+
+def _quiet_libraries() -> None:
+    # transformers and huggingface_hub draw their own tqdm bars and warnings;
+    # llmshrink draws one set of progress bars, so silence theirs.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="llmshrink")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Compress a pretrained LLM for one deployment target.
+
+    llmshrink searches architecture (width, depth) and per-layer precision
+    jointly under a latency budget from the target's latency table, exports
+    the result to ONNX / TensorRT, and measures it.
+
+    \b
+    Examples:
+      llmshrink doctor                        # what this machine can do
+      llmshrink models list                   # built-in and cached models
+      llmshrink models info smollm2-135m      # architecture of the default model
+      llmshrink models info ./my-model --json
+      llmshrink data show --calib-data corpus.txt
+
+    Exit codes: 0 ok, 2 usage, 3 infeasible budget, 4 validation failed,
+    5 missing hardware/runtime, 6 remote unreachable, 1 other.
+    """
+    _quiet_libraries()
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    cli(prog_name="llmshrink")

@@ -1,0 +1,34 @@
+"""Shared fixtures: an isolated cache per test session and tiny offline models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never touch the network by accident: hub lookups see offline mode.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def llmshrink_home(tmp_path, monkeypatch):
+    """Point the llmshrink cache at an empty temporary directory."""
+    home = tmp_path / "llmshrink-home"
+    monkeypatch.setenv("LLMSHRINK_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama (config + safetensors + tokenizer) saved once per session."""
+    from llmshrink.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from llmshrink.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
