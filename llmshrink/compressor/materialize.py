@@ -1,0 +1,113 @@
+"""Slice a pretrained HF model to a SubnetSpec and quantize it: a CompressedModel.
+
+Which rows and columns survive is read from the spec's importance orders
+(identity by default); kept indices are used in base order, so the subnet of
+the full spec is the base model itself, weight for weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmshrink.compressor.model import Block, CompressedModel, ModelMeta, QuantLinear
+from llmshrink.formats import parse_format
+from llmshrink.models.arch import check_supported
+from llmshrink.spec import LINEARS, BaseShape, SubnetSpec
+
+
+def layer_indices(spec: SubnetSpec, i: int) -> dict[str, torch.Tensor]:
+    """Kept row/column indices of layer ``i``'s weights, in base coordinates.
+
+    Returns ``q_rows``, ``k_rows``, ``v_rows`` (output rows of q/k/v_proj),
+    ``o_cols`` (input columns of o_proj), ``mlp`` (neurons) and ``pairs``
+    (kept rotary pairs, for the frequencies).
+    """
+    b, ls, order = spec.base, spec.layers[i], spec.layer_order(i)
+    hd, half = b.head_dim, b.head_dim // 2
+    per = ls.num_heads // ls.num_kv_heads
+    groups = sorted(order.kv_groups[: ls.num_kv_heads])
+    heads = [g * b.heads_per_group + h for g in groups for h in sorted(order.heads_in_group[g][:per])]
+    pairs = sorted(order.rope_pairs[: ls.head_dim // 2])
+    qk_dims = pairs + [p + half for p in pairs]  # rotate_half layout stays valid
+    v_dims = sorted(order.v_dims[: ls.head_dim])
+
+    def rows(units: list[int], dims: list[int]) -> torch.Tensor:
+        return torch.tensor([u * hd + d for u in units for d in dims], dtype=torch.long)
+
+    return {"q_rows": rows(heads, qk_dims), "k_rows": rows(groups, qk_dims), "v_rows": rows(groups, v_dims),
+            "o_cols": rows(heads, v_dims), "mlp": torch.tensor(sorted(order.mlp[: ls.intermediate_size])),
+            "pairs": torch.tensor(pairs, dtype=torch.long)}
+
+
+def _rope(model) -> tuple[torch.Tensor, float]:
+    """Base inverse frequencies (head_dim/2,) and attention scaling of the HF model's rotary embedding."""
+    rotary = model.model.rotary_emb
+    return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def model_meta(model, tokenizer=None) -> ModelMeta:
+    """The :class:`ModelMeta` of an HF Llama-family model."""
+    cfg = model.config
+    base = BaseShape.from_config(cfg)
+    eos = cfg.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.eos_token_id is not None:
+        g = gen.eos_token_id
+        eos_ids = tuple(dict.fromkeys(eos_ids + (tuple(g) if isinstance(g, (list, tuple)) else (g,))))
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids += (tokenizer.eos_token_id,)
+    return ModelMeta(
+        rms_norm_eps=float(cfg.rms_norm_eps), rope_attention_scaling=_rope(model)[1],
+        attention_scale=1.0 / math.sqrt(base.head_dim), bos_token_id=cfg.bos_token_id,
+        eos_token_ids=eos_ids, max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 4096)),
+    )
+
+
+@torch.no_grad()
+def materialize(model, spec: SubnetSpec, tokenizer=None) -> CompressedModel:
+    """Build the :class:`CompressedModel` of ``spec`` from an HF model.
+
+    Raises:
+        SpecError: the spec breaks a rule, or was made for another shape.
+    """
+    check_supported(model.config)
+    spec.validate()
+    if BaseShape.from_config(model.config) != spec.base:
+        from llmshrink.spec import SpecError
+
+        raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is "
+                        f"{BaseShape.from_config(model.config)}.", "Make the spec from this model.")
+    inv_freq, _ = _rope(model)
+    hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
+    hf_layers = model.model.layers
+    blocks = []
+    for i in spec.kept_layers():
+        ls, idx, L = spec.layers[i], layer_indices(spec, i), hf_layers[i]
+        att, mlp = L.self_attn, L.mlp
+        rows_cols = {
+            "q_proj": (att.q_proj, idx["q_rows"], hidden), "k_proj": (att.k_proj, idx["k_rows"], hidden),
+            "v_proj": (att.v_proj, idx["v_rows"], hidden), "o_proj": (att.o_proj, hidden, idx["o_cols"]),
+            "gate_proj": (mlp.gate_proj, idx["mlp"], hidden), "up_proj": (mlp.up_proj, idx["mlp"], hidden),
+            "down_proj": (mlp.down_proj, hidden, idx["mlp"]),
+        }
+        linears = {}
+        for name in LINEARS:
+            lin, r, c = rows_cols[name]
+            w = lin.weight[r][:, c]
+            bias = lin.bias[r] if lin.bias is not None else None
+            linears[name] = QuantLinear(w, bias, ls.fmt(name))
+        blocks.append(Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears,
+                            L.input_layernorm.weight[hidden], L.post_attention_layernorm.weight[hidden],
+                            inv_freq[idx["pairs"]]))
+    embed = model.model.embed_tokens.weight[:, hidden]
+    emb_fmt = parse_format(spec.embedding)
+    if emb_fmt.weight_bits == 16:
+        embed = embed.half().float()
+    head_w = model.lm_head.weight[:, hidden]
+    head_b = model.lm_head.bias if getattr(model.lm_head, "bias", None) is not None else None
+    lm_head = QuantLinear(head_w, head_b, parse_format(spec.lm_head))
+    return CompressedModel(spec, model_meta(model, tokenizer), embed, blocks,
+                           model.model.norm.weight[hidden], lm_head).eval()

@@ -1,0 +1,267 @@
+"""CompressedModel: a Llama-family decoder whose layers may all differ.
+
+Every layer has its own head count, kv groups, head size, MLP width and a
+precision per linear layer; dropped layers are absent. HF's modules read one
+config for all layers, so this is our own small decoder (nanoGPT style). It
+is the numerical reference every ONNX export is checked against, and it
+runs forward with a KV cache and greedy / sampled generation.
+
+Saved as a directory: ``model.safetensors`` (float tensors, integer codes,
+scales, per-layer rotary frequencies), ``spec.json`` and ``model_meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmshrink import storage
+from llmshrink.compressor.quant import QuantizedWeight, quantize_activation, quantize_weight
+from llmshrink.formats import QuantFormat, parse_format
+from llmshrink.spec import LINEARS, SubnetSpec
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per kept layer: (B, nkv, S, hd) key, value
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Numbers a CompressedModel needs beyond its spec and tensors."""
+
+    rms_norm_eps: float
+    rope_attention_scaling: float  # multiplies cos/sin (1.0 for default rope)
+    attention_scale: float  # softmax scale, 1/sqrt(base head_dim) unless the model says otherwise
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    max_position_embeddings: int
+
+
+class QuantLinear(nn.Module):
+    """``y = quant_act(x) @ dequant(W).T + b`` for one precision format.
+
+    The integer codes are kept as buffers (the exporters pack them); the
+    dequantized float weight is kept too so the forward pass is one matmul.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: QuantFormat) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.out_features, self.in_features = weight.shape
+        if fmt.is_float:
+            w = weight.detach().float()
+            if fmt.weight_bits == 16:
+                w = w.half().float()  # what an fp16 kernel sees
+            self.register_buffer("weight", w.contiguous())
+            self.quantized: QuantizedWeight | None = None
+        else:
+            self.quantized = quantize_weight(weight, fmt)
+            self.register_buffer("weight", self.quantized.dequantize().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None) -> QuantLinear:
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.fmt = q.fmt
+        self.out_features, self.in_features = q.codes.shape
+        self.quantized = q
+        self.register_buffer("weight", q.dequantize().contiguous())
+        self.register_buffer("bias", bias)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(quantize_activation(x, self.fmt), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(var + eps) * weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Block(nn.Module):
+    """One kept decoder layer: pre-norm GQA attention with rotary, pre-norm SwiGLU MLP."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, linears: dict[str, QuantLinear],
+                 input_norm: torch.Tensor, post_norm: torch.Tensor, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        for name in LINEARS:
+            self.add_module(name, linears[name])
+        self.register_buffer("input_norm", input_norm.float().clone())
+        self.register_buffer("post_norm", post_norm.float().clone())
+        self.register_buffer("inv_freq", inv_freq.float().clone())  # (head_dim/2,) kept rotary frequencies
+
+    def rope(self, positions: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * scaling, emb.sin() * scaling
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                meta: ModelMeta) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, _ = x.shape
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        h = rms_norm(x, self.input_norm, meta.rms_norm_eps)
+        q = self.q_proj(h).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(h).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(h).view(B, T, nkv, -1).transpose(1, 2)  # (B, nkv, T, hd)
+        cos, sin = self.rope(positions, meta.rope_attention_scaling)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        S = k.shape[2]
+        rep = nh // nkv
+        kr = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+        vr = v.repeat_interleave(rep, dim=1)
+        # Query t (absolute position S - T + t) sees keys 0 .. S - T + t.
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+        att = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=meta.attention_scale)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+        h = rms_norm(x, self.post_norm, meta.rms_norm_eps)
+        x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x, (k, v)
+
+
+class CompressedModel(nn.Module):
+    """A materialized subnet; see the module docstring.
+
+    Build one with :func:`llmshrink.compressor.materialize.materialize`, or
+    :meth:`load` a saved directory.
+    """
+
+    def __init__(self, spec: SubnetSpec, meta: ModelMeta, embed: torch.Tensor, blocks: list[Block],
+                 final_norm: torch.Tensor, lm_head: QuantLinear) -> None:
+        super().__init__()
+        self.spec, self.meta = spec, meta
+        self.register_buffer("embed", embed.float().contiguous())
+        self.blocks = nn.ModuleList(blocks)
+        self.register_buffer("final_norm", final_norm.float().clone())
+        self.lm_head = lm_head
+
+    @property
+    def num_params(self) -> int:
+        """Stored weights (embedding, linears, norms); a tied lm_head counted separately if it differs."""
+        n = self.embed.numel() + self.final_norm.numel() + self.lm_head.weight.numel()
+        for b in self.blocks:
+            n += sum(getattr(b, name).weight.numel() for name in LINEARS) + b.input_norm.numel() + b.post_norm.numel()
+        return n
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits ``(B, T, V)`` for ``input_ids`` ``(B, T)`` after ``past``; returns the new cache."""
+        offset = past[0][0].shape[2] if past else 0
+        positions = torch.arange(offset, offset + input_ids.shape[1])
+        x = F.embedding(input_ids, self.embed)
+        present: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, positions, past[i] if past else None, self.meta)
+            present.append(kv)
+        x = rms_norm(x, self.final_norm, self.meta.rms_norm_eps)
+        return self.lm_head(x), present
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 stop_ids: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Greedy (default) or sampled continuation of one prompt ``(1, T)``; returns new ids ``(1, n)``."""
+        stop = set(self.meta.eos_token_ids if stop_ids is None else stop_ids)
+        logits, past = self.forward(input_ids)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = pick_next(logits[:, -1], do_sample, temperature, top_p, generator)
+            out.append(nxt)
+            if int(nxt) in stop:
+                break
+            logits, past = self.forward(nxt.view(1, 1), past)
+        return torch.stack(out).view(1, -1) if out else input_ids.new_zeros(1, 0)
+
+    # ------------------------------------------------------------------ io
+    def state(self) -> dict[str, torch.Tensor]:
+        """All tensors under stable names (the exporters read these)."""
+        t: dict[str, torch.Tensor] = {"embed": self.embed, "final_norm": self.final_norm}
+        _linear_state(t, "lm_head", self.lm_head)
+        for i, b in enumerate(self.blocks):
+            p = f"blocks.{i}."
+            t[p + "input_norm"], t[p + "post_norm"], t[p + "inv_freq"] = b.input_norm, b.post_norm, b.inv_freq
+            for name in LINEARS:
+                _linear_state(t, p + name, getattr(b, name))
+        return t
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors``, ``spec.json`` and ``model_meta.json`` atomically."""
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        tensors = {k: v.contiguous() for k, v in self.state().items()}
+        storage.atomic_write_bytes(directory / "model.safetensors", save(tensors))
+        storage.atomic_write_text(directory / "spec.json", self.spec.to_json())
+        storage.atomic_write_text(directory / "model_meta.json", json.dumps(asdict(self.meta), indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CompressedModel:
+        """Inverse of :meth:`save`."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        spec = SubnetSpec.from_json((directory / "spec.json").read_text())
+        m = json.loads((directory / "model_meta.json").read_text())
+        meta = ModelMeta(**{**m, "eos_token_ids": tuple(m["eos_token_ids"])})
+        t = load_file(str(directory / "model.safetensors"))
+        blocks = []
+        for j, i in enumerate(spec.kept_layers()):
+            ls, p = spec.layers[i], f"blocks.{j}."
+            linears = {n: _linear_from_state(t, p + n, ls.fmt(n)) for n in LINEARS}
+            blocks.append(Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears,
+                                t[p + "input_norm"], t[p + "post_norm"], t[p + "inv_freq"]))
+        lm_head = _linear_from_state(t, "lm_head", parse_format(spec.lm_head))
+        return cls(spec, meta, t["embed"], blocks, t["final_norm"], lm_head)
+
+
+def _linear_state(t: dict[str, torch.Tensor], prefix: str, lin: QuantLinear) -> None:
+    if lin.quantized is None:
+        t[prefix + ".weight"] = lin.weight
+    else:
+        t[prefix + ".codes"] = lin.quantized.codes
+        t[prefix + ".scales"] = lin.quantized.scales
+        if lin.quantized.zeros is not None:
+            t[prefix + ".zeros"] = lin.quantized.zeros
+    if lin.bias is not None:
+        t[prefix + ".bias"] = lin.bias
+
+
+def _linear_from_state(t: dict[str, torch.Tensor], prefix: str, fmt: QuantFormat) -> QuantLinear:
+    bias = t.get(prefix + ".bias")
+    if fmt.is_float:
+        lin = QuantLinear(t[prefix + ".weight"], bias, QuantFormat(32))
+        lin.fmt = fmt
+        return lin
+    q = QuantizedWeight(t[prefix + ".codes"], t[prefix + ".scales"], t.get(prefix + ".zeros"), fmt)
+    return QuantLinear.from_quantized(q, bias)
+
+
+def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Next token from ``(1, V)`` logits: argmax, or nucleus sampling at ``temperature``."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
