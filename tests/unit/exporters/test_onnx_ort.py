@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from llmshrink.compressor.materialize import materialize
+from llmshrink.errors import UsageError
+from llmshrink.exporters.onnx_ort import build_ort_graph
+from llmshrink.exporters.ort_session import OrtDecoder
+from llmshrink.exporters.pack import pack_codes
+from llmshrink.spec import BaseShape, SubnetSpec, random_spec
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama_dir):
+    from llmshrink.models import load_model
+
+    return load_model(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="module")
+def base(hf):
+    return BaseShape.from_config(hf.config)
+
+
+IDS = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+
+
+def run_both(cm, split=8):
+    """Prefill ``split`` tokens then decode the rest one by one, in torch and in ORT."""
+    dec = OrtDecoder(build_ort_graph(cm, max_length=64).SerializeToString(), threads=1)
+    ort_out, past = dec.forward(IDS[:, :split].numpy())
+    t_out, t_past = cm(IDS[:, :split])
+    ort_steps, t_steps = [ort_out], [t_out.numpy()]
+    for t in range(split, IDS.shape[1]):
+        o, past = dec.forward(IDS[:, t:t + 1].numpy(), past)
+        r, t_past = cm(IDS[:, t:t + 1], t_past)
+        ort_steps.append(o)
+        t_steps.append(r.numpy())
+    assert past[0][0].shape[2] == IDS.shape[1]
+    return np.concatenate(ort_steps, 1), np.concatenate(t_steps, 1)
+
+
+def test_original_fp32_matches_torch_prefill_and_decode(hf, base):
+    ort_l, t_l = run_both(materialize(hf, SubnetSpec.original(base)))
+    assert np.abs(ort_l - t_l).max() <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["w4g32", "w4g32a8", "w2g32", "w8g64", "w4g32z", "w8a8"])
+def test_quantized_formats_match_torch(hf, base, fmt):
+    ort_l, t_l = run_both(materialize(hf, SubnetSpec.original(base).with_precision(fmt)))
+    assert (ort_l.argmax(-1) == t_l.argmax(-1)).mean() >= 0.99
+    assert np.abs(ort_l - t_l).max() <= 1e-2
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_specs_match_torch(hf, base, seed):
+    fp32 = random_spec(base, seed, formats=("fp32",))
+    ort_l, t_l = run_both(materialize(hf, fp32))
+    assert np.abs(ort_l - t_l).max() <= 1e-3
+    mixed = random_spec(base, seed, formats=("fp32", "w4g32", "w8a8", "w4g32a8", "w2g32z"))
+    ort_l, t_l = run_both(materialize(hf, mixed))
+    assert (ort_l.argmax(-1) == t_l.argmax(-1)).mean() >= 0.99
+
+
+def test_graph_follows_genai_naming_and_drops_layers(hf, base):
+    spec = random_spec(base, 1, formats=("w4g32",))
+    graph = build_ort_graph(materialize(hf, spec), max_length=32)
+    names = {n.name for n in graph.graph.node}
+    kept = len(spec.kept_layers())
+    assert f"/model/layers.{kept - 1}/attn/GroupQueryAttention" in names
+    assert f"/model/layers.{kept}/attn/GroupQueryAttention" not in names
+    assert any(n.startswith("/model/layers.0/mlp/down_proj/MatMul") for n in names)
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+
+
+def test_pack_codes_low_bits_first():
+    codes = np.array([[1, 2, 3, 0]], np.uint8)
+    assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+    assert pack_codes(np.array([[0xA, 0x5]]), 4).tolist() == [[0x5A]]
+
+
+def test_head_dim_without_gqa_kernel_is_refused(tmp_path):
+    from llmshrink.models import load_model
+    from llmshrink.testing import save_tiny_llama
+
+    hf = load_model(str(save_tiny_llama(tmp_path, head_dim=24)))
+    with pytest.raises(UsageError, match="multiple of 16"):
+        build_ort_graph(materialize(hf, SubnetSpec.original(BaseShape.from_config(hf.config))))
