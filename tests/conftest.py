@@ -32,3 +32,19 @@ def tiny_tokenizer():
     from llmshrink.testing import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_llama_dir):
+    """The tiny Llama loaded as an HF model (treat as read-only; deepcopy to modify)."""
+    from llmshrink.models import load_model
+
+    return load_model(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_hf):
+    """The tiny Llama's BaseShape."""
+    from llmshrink.spec import BaseShape
+
+    return BaseShape.from_config(tiny_hf.config)

@@ -6,19 +6,7 @@ import torch
 
 from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.model import CompressedModel
-from llmshrink.spec import BaseShape, LayerOrder, SpecError, SubnetSpec, random_spec
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_llama_dir):
-    from llmshrink.models import load_model
-
-    return load_model(str(tiny_llama_dir))
-
-
-@pytest.fixture(scope="module")
-def base(hf):
-    return BaseShape.from_config(hf.config)
+from llmshrink.spec import LayerOrder, SpecError, SubnetSpec, random_spec
 
 
 @pytest.fixture
@@ -26,14 +14,14 @@ def ids():
     return torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-def test_original_spec_reproduces_hf_logits(hf, base, ids):
-    cm = materialize(hf, SubnetSpec.original(base))
-    assert torch.allclose(cm(ids)[0], hf(ids).logits, atol=1e-5)
+def test_original_spec_reproduces_hf_logits(tiny_hf, tiny_base, ids):
+    cm = materialize(tiny_hf, SubnetSpec.original(tiny_base))
+    assert torch.allclose(cm(ids)[0], tiny_hf(ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_kv_cache_decode_matches_full_forward(hf, base, ids, seed):
-    cm = materialize(hf, random_spec(base, seed, formats=("fp32",)))
+def test_kv_cache_decode_matches_full_forward(tiny_hf, tiny_base, ids, seed):
+    cm = materialize(tiny_hf, random_spec(tiny_base, seed, formats=("fp32",)))
     full, _ = cm(ids)
     a, past = cm(ids[:, :7])
     outs = [a]
@@ -49,46 +37,46 @@ def _with_layer(spec, i, **kw):
     return replace(spec, layers=tuple(layers))
 
 
-def test_dropping_mlp_neurons_equals_zeroing_them(hf, base, ids):
-    order = LayerOrder.identity(base)
-    keep = [5, 1, 90, 64] + [n for n in range(base.intermediate_size) if n not in (5, 1, 90, 64)]
-    spec = _with_layer(SubnetSpec.original(base), 1, intermediate_size=4, order=replace(order, mlp=tuple(keep)))
-    ref = copy.deepcopy(hf)
-    dropped = [n for n in range(base.intermediate_size) if n not in (5, 1, 90, 64)]
+def test_dropping_mlp_neurons_equals_zeroing_them(tiny_hf, tiny_base, ids):
+    order = LayerOrder.identity(tiny_base)
+    keep = [5, 1, 90, 64] + [n for n in range(tiny_base.intermediate_size) if n not in (5, 1, 90, 64)]
+    spec = _with_layer(SubnetSpec.original(tiny_base), 1, intermediate_size=4, order=replace(order, mlp=tuple(keep)))
+    ref = copy.deepcopy(tiny_hf)
+    dropped = [n for n in range(tiny_base.intermediate_size) if n not in (5, 1, 90, 64)]
     with torch.no_grad():
         ref.model.layers[1].mlp.down_proj.weight[:, dropped] = 0
-    assert torch.allclose(materialize(hf, spec)(ids)[0], ref(ids).logits, atol=1e-5)
+    assert torch.allclose(materialize(tiny_hf, spec)(ids)[0], ref(ids).logits, atol=1e-5)
 
 
-def test_dropping_heads_and_groups_equals_zeroing_their_output(hf, base, ids):
+def test_dropping_heads_and_groups_equals_zeroing_their_output(tiny_hf, tiny_base, ids):
     # Keep kv group 1 only, and in it the second query head.
-    order = replace(LayerOrder.identity(base), kv_groups=(1, 0), heads_in_group=((0, 1), (1, 0)))
-    spec = _with_layer(SubnetSpec.original(base), 2, num_kv_heads=1, num_heads=1, order=order)
-    kept_head = 1 * base.heads_per_group + 1
-    ref = copy.deepcopy(hf)
-    hd = base.head_dim
+    order = replace(LayerOrder.identity(tiny_base), kv_groups=(1, 0), heads_in_group=((0, 1), (1, 0)))
+    spec = _with_layer(SubnetSpec.original(tiny_base), 2, num_kv_heads=1, num_heads=1, order=order)
+    kept_head = 1 * tiny_base.heads_per_group + 1
+    ref = copy.deepcopy(tiny_hf)
+    hd = tiny_base.head_dim
     with torch.no_grad():
         o = ref.model.layers[2].self_attn.o_proj.weight
-        for h in range(base.num_heads):
+        for h in range(tiny_base.num_heads):
             if h != kept_head:
                 o[:, h * hd:(h + 1) * hd] = 0
-    assert torch.allclose(materialize(hf, spec)(ids)[0], ref(ids).logits, atol=1e-5)
+    assert torch.allclose(materialize(tiny_hf, spec)(ids)[0], ref(ids).logits, atol=1e-5)
 
 
-def test_dropping_a_layer_equals_removing_it(hf, base, ids):
-    spec = _with_layer(SubnetSpec.original(base), 0, keep=False)
-    ref = copy.deepcopy(hf)
+def test_dropping_a_layer_equals_removing_it(tiny_hf, tiny_base, ids):
+    spec = _with_layer(SubnetSpec.original(tiny_base), 0, keep=False)
+    ref = copy.deepcopy(tiny_hf)
     ref.model.layers = ref.model.layers[1:]
     for j, layer in enumerate(ref.model.layers):
         layer.self_attn.layer_idx = j
     ref.config.num_hidden_layers -= 1
-    assert torch.allclose(materialize(hf, spec)(ids)[0], ref(ids).logits, atol=1e-5)
+    assert torch.allclose(materialize(tiny_hf, spec)(ids)[0], ref(ids).logits, atol=1e-5)
 
 
-def test_quantized_model_is_close_and_saves_exactly(hf, base, ids, tmp_path):
-    spec = SubnetSpec.original(base).with_precision("w8g32")
-    cm = materialize(hf, spec)
-    ref = hf(ids).logits
+def test_quantized_model_is_close_and_saves_exactly(tiny_hf, tiny_base, ids, tmp_path):
+    spec = SubnetSpec.original(tiny_base).with_precision("w8g32")
+    cm = materialize(tiny_hf, spec)
+    ref = tiny_hf(ids).logits
     out = cm(ids)[0]
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     assert not torch.equal(out, ref)
@@ -97,18 +85,18 @@ def test_quantized_model_is_close_and_saves_exactly(hf, base, ids, tmp_path):
     assert back.spec == spec and torch.equal(back(ids)[0], out)
 
 
-def test_spec_for_another_model_is_refused(hf, base):
-    other = replace(base, hidden_size=base.hidden_size * 2)
+def test_spec_for_another_model_is_refused(tiny_hf, tiny_base):
+    other = replace(tiny_base, hidden_size=tiny_base.hidden_size * 2)
     with pytest.raises(SpecError) as ei:
-        materialize(hf, SubnetSpec.original(other))
+        materialize(tiny_hf, SubnetSpec.original(other))
     assert ei.value.rule == "base-matches-model"
 
 
-def test_greedy_generate_is_deterministic_and_stops(hf, base):
-    cm = materialize(hf, SubnetSpec.original(base))
+def test_greedy_generate_is_deterministic_and_stops(tiny_hf, tiny_base):
+    cm = materialize(tiny_hf, SubnetSpec.original(tiny_base))
     prompt = torch.tensor([[5, 6, 7]])
     a = cm.generate(prompt, 8)
     b = cm.generate(prompt, 8)
     assert torch.equal(a, b) and a.shape[1] <= 8
-    full = hf.generate(prompt, max_new_tokens=a.shape[1], do_sample=False, eos_token_id=None)
+    full = tiny_hf.generate(prompt, max_new_tokens=a.shape[1], do_sample=False, eos_token_id=None)
     assert torch.equal(full[0, 3:], a[0])

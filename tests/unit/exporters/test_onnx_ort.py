@@ -9,19 +9,6 @@ from llmshrink.exporters.ort_session import OrtDecoder
 from llmshrink.exporters.pack import pack_codes
 from llmshrink.spec import BaseShape, SubnetSpec, random_spec
 
-
-@pytest.fixture(scope="module")
-def hf(tiny_llama_dir):
-    from llmshrink.models import load_model
-
-    return load_model(str(tiny_llama_dir))
-
-
-@pytest.fixture(scope="module")
-def base(hf):
-    return BaseShape.from_config(hf.config)
-
-
 IDS = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(4))
 
 
@@ -40,31 +27,31 @@ def run_both(cm, split=8):
     return np.concatenate(ort_steps, 1), np.concatenate(t_steps, 1)
 
 
-def test_original_fp32_matches_torch_prefill_and_decode(hf, base):
-    ort_l, t_l = run_both(materialize(hf, SubnetSpec.original(base)))
+def test_original_fp32_matches_torch_prefill_and_decode(tiny_hf, tiny_base):
+    ort_l, t_l = run_both(materialize(tiny_hf, SubnetSpec.original(tiny_base)))
     assert np.abs(ort_l - t_l).max() <= 1e-3
 
 
 @pytest.mark.parametrize("fmt", ["w4g32", "w4g32a8", "w2g32", "w8g64", "w4g32z", "w8a8"])
-def test_quantized_formats_match_torch(hf, base, fmt):
-    ort_l, t_l = run_both(materialize(hf, SubnetSpec.original(base).with_precision(fmt)))
+def test_quantized_formats_match_torch(tiny_hf, tiny_base, fmt):
+    ort_l, t_l = run_both(materialize(tiny_hf, SubnetSpec.original(tiny_base).with_precision(fmt)))
     assert (ort_l.argmax(-1) == t_l.argmax(-1)).mean() >= 0.99
     assert np.abs(ort_l - t_l).max() <= 1e-2
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_random_specs_match_torch(hf, base, seed):
-    fp32 = random_spec(base, seed, formats=("fp32",))
-    ort_l, t_l = run_both(materialize(hf, fp32))
+def test_random_specs_match_torch(tiny_hf, tiny_base, seed):
+    fp32 = random_spec(tiny_base, seed, formats=("fp32",))
+    ort_l, t_l = run_both(materialize(tiny_hf, fp32))
     assert np.abs(ort_l - t_l).max() <= 1e-3
-    mixed = random_spec(base, seed, formats=("fp32", "w4g32", "w8a8", "w4g32a8", "w2g32z"))
-    ort_l, t_l = run_both(materialize(hf, mixed))
+    mixed = random_spec(tiny_base, seed, formats=("fp32", "w4g32", "w8a8", "w4g32a8", "w2g32z"))
+    ort_l, t_l = run_both(materialize(tiny_hf, mixed))
     assert (ort_l.argmax(-1) == t_l.argmax(-1)).mean() >= 0.99
 
 
-def test_graph_follows_genai_naming_and_drops_layers(hf, base):
-    spec = random_spec(base, 1, formats=("w4g32",))
-    graph = build_ort_graph(materialize(hf, spec), max_length=32)
+def test_graph_follows_genai_naming_and_drops_layers(tiny_hf, tiny_base):
+    spec = random_spec(tiny_base, 1, formats=("w4g32",))
+    graph = build_ort_graph(materialize(tiny_hf, spec), max_length=32)
     names = {n.name for n in graph.graph.node}
     kept = len(spec.kept_layers())
     assert f"/model/layers.{kept - 1}/attn/GroupQueryAttention" in names
@@ -84,6 +71,6 @@ def test_head_dim_without_gqa_kernel_is_refused(tmp_path):
     from llmshrink.models import load_model
     from llmshrink.testing import save_tiny_llama
 
-    hf = load_model(str(save_tiny_llama(tmp_path, head_dim=24)))
+    tiny_hf = load_model(str(save_tiny_llama(tmp_path, head_dim=24)))
     with pytest.raises(UsageError, match="multiple of 16"):
-        build_ort_graph(materialize(hf, SubnetSpec.original(BaseShape.from_config(hf.config))))
+        build_ort_graph(materialize(tiny_hf, SubnetSpec.original(BaseShape.from_config(tiny_hf.config))))
