@@ -59,15 +59,13 @@ class BaseShape:
 
     @classmethod
     def from_config(cls, config) -> BaseShape:
-        from llmshrink.models.info import head_dim_of
+        from llmshrink.models.info import model_info
 
-        return cls(
-            num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim_of(config), intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        )
+        info = model_info(config)
+        return cls(num_layers=info.num_layers, hidden_size=info.hidden_size, num_heads=info.num_heads,
+                   num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
+                   intermediate_size=info.intermediate_size, vocab_size=info.vocab_size,
+                   tied_embeddings=info.tied_embeddings)
 
 
 @serde.serializable("LayerOrder")

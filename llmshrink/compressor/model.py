@@ -245,10 +245,8 @@ def _linear_state(t: dict[str, torch.Tensor], prefix: str, lin: QuantLinear) -> 
 
 def _linear_from_state(t: dict[str, torch.Tensor], prefix: str, fmt: QuantFormat) -> QuantLinear:
     bias = t.get(prefix + ".bias")
-    if fmt.is_float:
-        lin = QuantLinear(t[prefix + ".weight"], bias, QuantFormat(32))
-        lin.fmt = fmt
-        return lin
+    if fmt.is_float:  # fp16 rounding of a saved (already rounded) weight is idempotent
+        return QuantLinear(t[prefix + ".weight"], bias, fmt)
     q = QuantizedWeight(t[prefix + ".codes"], t[prefix + ".scales"], t.get(prefix + ".zeros"), fmt)
     return QuantLinear.from_quantized(q, bias)
 

@@ -109,9 +109,7 @@ def _packed(lins: list[QuantLinear]) -> QuantLinear | None:
 
     bias = torch.cat([lin.bias for lin in lins]) if lins[0].bias is not None else None
     if lins[0].quantized is None:
-        packed = QuantLinear(torch.cat([lin.weight for lin in lins]), bias, QuantFormat(32))
-        packed.fmt = fmt
-        return packed
+        return QuantLinear(torch.cat([lin.weight for lin in lins]), bias, fmt)
     from llmshrink.compressor.quant import QuantizedWeight
 
     qs = [lin.quantized for lin in lins]

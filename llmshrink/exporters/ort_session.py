@@ -38,8 +38,8 @@ class OrtDecoder:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         past = past if past is not None else self.empty_cache(batch)
-        feeds = {"input_ids": input_ids,
-                 "attention_mask": np.ones((batch, past[0][0].shape[2] + seq), np.int64) if past else np.ones((batch, seq), np.int64)}
+        past_len = past[0][0].shape[2] if past else 0
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_len + seq), np.int64)}
         for j, (k, v) in enumerate(past):
             feeds[f"past_key_values.{j}.key"], feeds[f"past_key_values.{j}.value"] = k, v
         out = self.session.run(self._outputs, feeds)
