@@ -114,8 +114,10 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
         shape = x.shape
         xb = x.reshape(*shape[:-1], shape[-1] // g, g)
         scale = xb.abs().amax(-1, keepdim=True) / 127
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return (torch.round(xb / safe).clamp(-127, 127) * scale).reshape(shape)
+        # x * (1 / scale) in float32 is what matched onnxruntime 1.32 here
+        # (x / scale and x * (127 / amax) each round some .5 ties the other way).
+        inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        return (torch.round(xb * inv).clamp(-127, 127) * scale).reshape(shape)
     if fmt.act == "int8-tensor":
         lo = x.min().clamp(max=0)
         hi = x.max().clamp(min=0)
