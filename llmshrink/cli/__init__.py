@@ -20,6 +20,10 @@ from llmshrink.errors import LlmshrinkError
 COMMANDS: dict[str, str] = {
     "models": "llmshrink.cli.models:models",
     "data": "llmshrink.cli.data:data",
+    "spec": "llmshrink.cli.spec:spec",
+    "export": "llmshrink.cli.bundle:export",
+    "run": "llmshrink.cli.bundle:run",
+    "bench": "llmshrink.cli.bundle:bench",
     "doctor": "llmshrink.cli.doctor:doctor",
 }
 
@@ -89,6 +93,10 @@ def cli(verbose: int) -> None:
       llmshrink models info smollm2-135m      # architecture of the default model
       llmshrink models info ./my-model --json
       llmshrink data show --calib-data corpus.txt
+      llmshrink spec new --uniform int4 --out int4.json
+      llmshrink export --spec int4.json --out bundles/int4
+      llmshrink run bundles/int4 --prompt "What is the capital of France?"
+      llmshrink bench bundles/int4 --workload decode:ctx=256
 
     Exit codes: 0 ok, 2 usage, 3 infeasible budget, 4 validation failed,
     5 missing hardware/runtime, 6 remote unreachable, 1 other.

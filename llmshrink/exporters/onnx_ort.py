@@ -34,7 +34,7 @@ from llmshrink.compressor.model import CompressedModel, QuantLinear
 from llmshrink.errors import UsageError
 from llmshrink.exporters.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from llmshrink.exporters.pack import matmul_nbits_arrays
-from llmshrink.formats import QuantFormat
+from llmshrink.formats import QuantFormat, parse_format
 from llmshrink.registry import Registry
 
 DEFAULT_MAX_LENGTH = 2048
@@ -124,17 +124,24 @@ def rotary_cache(inv_freq: np.ndarray, scaling: float, max_length: int) -> tuple
     return (np.cos(freqs) * scaling).astype(np.float32), (np.sin(freqs) * scaling).astype(np.float32)
 
 
-def check_exportable(cm: CompressedModel) -> None:
-    """Raise UsageError if a layer's shape has no ORT kernel (GQA needs head_dim % 16 == 0 with rotary)."""
-    for j, b in enumerate(cm.blocks):
-        if b.head_dim % 16:
-            raise UsageError(f"Kept layer {j} has head_dim {b.head_dim}; ONNX Runtime's GroupQueryAttention "
+def check_spec(spec) -> None:
+    """Raise UsageError if ``spec`` has a shape or format ORT's CPU kernels cannot run.
+
+    GroupQueryAttention with rotary caches needs head_dim % 16 == 0; fp16
+    linears have no CPU kernel. Cheap: call it before loading any weights.
+    """
+    for i in spec.kept_layers():
+        ls = spec.layers[i]
+        if ls.head_dim % 16:
+            raise UsageError(f"Layer {i} has head_dim {ls.head_dim}; ONNX Runtime's GroupQueryAttention "
                              "with rotary needs a multiple of 16.", "Choose head sizes in steps of 16.")
+    for name in spec.formats_used() - {spec.embedding}:
+        ort_kernel(parse_format(name))
 
 
 def build_ort_graph(cm: CompressedModel, *, max_length: int = DEFAULT_MAX_LENGTH) -> onnx.ModelProto:
     """Build the ``ort``-flavour decoder graph of ``cm`` (see module docstring)."""
-    check_exportable(cm)
+    check_spec(cm.spec)
     meta, g = cm.meta, GraphBuilder("llmshrink_decoder")
     vocab = cm.embed.shape[0]
     ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])

@@ -1,0 +1,209 @@
+"""The verbs of llmshrink as library calls: export, open a bundle, generate, bench.
+
+The CLI is a thin layer over these. They never print; long steps report to
+a :class:`~llmshrink.progress.Progress`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmshrink.errors import LlmshrinkError, UsageError
+from llmshrink.exporters.bundle import (
+    MODEL_FILE,
+    Manifest,
+    load_manifest,
+    update_manifest,
+    verify_bundle,
+    write_bundle,
+)
+from llmshrink.exporters.timing import DEFAULT_RUNS, DEFAULT_WARMUP, LatencyMeasurement
+from llmshrink.progress import NULL_PROGRESS, Progress
+from llmshrink.registry import Registry
+from llmshrink.spec import LINEARS, BaseShape, SpecError, SubnetSpec
+from llmshrink.targets.workload import Workload
+
+
+class ParityError(LlmshrinkError):
+    """The exported graph does not reproduce the torch model."""
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """An ONNX flavour: a cheap spec check and a graph builder."""
+
+    name: str
+    check_spec: Callable[[SubnetSpec], None]
+    build: Callable[..., object]
+    description: str
+
+
+def _ort_flavour() -> Flavour:
+    from llmshrink.exporters.onnx_ort import build_ort_graph, check_spec
+
+    return Flavour("ort", check_spec, build_ort_graph, "ONNX Runtime contrib ops (MatMulNBits, GQA)")
+
+
+FLAVOURS: Registry[Callable[[], Flavour]] = Registry("flavour")
+FLAVOURS.register("ort", _ort_flavour)
+
+
+def load_spec(spec: SubnetSpec | str | Path) -> SubnetSpec:
+    """A spec object, or one read (and validated) from a JSON file."""
+    if isinstance(spec, SubnetSpec):
+        return spec.validate()
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"No such spec file: {path}.", "Make one with `llmshrink spec new`.")
+    return SubnetSpec.from_json(path.read_text())
+
+
+def precision_summary(spec: SubnetSpec) -> dict[str, int]:
+    """How many linear layers (lm_head included) use each format."""
+    counts: dict[str, int] = {}
+    for i in spec.kept_layers():
+        for name in LINEARS:
+            f = spec.layers[i].precision[name]
+            counts[f] = counts.get(f, 0) + 1
+    counts[spec.lm_head] = counts.get(spec.lm_head, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str = "ort",
+           max_length: int = 2048, trust_remote_code: bool = False,
+           progress: Progress = NULL_PROGRESS) -> Manifest:
+    """Materialize ``spec`` of ``model``, export it, check parity, and write a bundle at ``out``.
+
+    The spec is checked against the model's shape and the flavour's kernels
+    before any weights are loaded.
+
+    Raises:
+        SpecError / UsageError: the spec does not fit the model or the flavour.
+        ParityError: the exported graph does not reproduce the torch model.
+    """
+    import numpy as np
+
+    from llmshrink.compressor.materialize import materialize
+    from llmshrink.exporters.ort_session import OrtDecoder
+    from llmshrink.exporters.parity import PARITY_TEXT, check_parity
+    from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
+    from llmshrink.models.load import fingerprint
+
+    fl = FLAVOURS.get(flavour)()
+    source = resolve_model(model)
+    base = BaseShape.from_config(load_config(source, trust_remote_code=trust_remote_code, progress=progress))
+    spec = SubnetSpec.original(base, model=source.describe()) if spec is None else load_spec(spec)
+    if spec.base != base:
+        raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is {base}.",
+                        "Make the spec from this model (`llmshrink spec new --model ...`).")
+    fl.check_spec(spec)
+    hf = load_model(source, trust_remote_code=trust_remote_code, progress=progress)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
+    with progress.task("Materializing and quantizing the subnet"):
+        cm = materialize(hf, spec, tokenizer)
+    with progress.task(f"Building the {flavour} ONNX graph"):
+        graph = fl.build(cm, max_length=max_length)
+    with progress.task("Checking parity with the torch model"):
+        decoder = OrtDecoder(graph.SerializeToString())
+        ids = np.array(tokenizer(PARITY_TEXT, add_special_tokens=False)["input_ids"][:64], dtype=np.int64)
+        report = check_parity(cm, decoder, ids)
+    if not report.passed:
+        raise ParityError(f"The exported graph does not match the torch model ({report.rule}): max |d| "
+                          f"{report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.1%} over {report.tokens} tokens.",
+                          "This is a bug in llmshrink; please report it with the spec.")
+    fields = dict(flavour=flavour, model_source=source.describe(), model_fingerprint=fingerprint(source),
+                  spec_fingerprint=spec.fingerprint(), max_length=max_length, precision=precision_summary(spec),
+                  num_params=cm.num_params, parity=report.as_dict())
+    with progress.task(f"Writing bundle {out}"):
+        return write_bundle(out, graph, tokenizer, spec, fields)
+
+
+@dataclass
+class OpenBundle:
+    """A verified bundle ready to run."""
+
+    path: Path
+    manifest: Manifest
+    spec: SubnetSpec
+    tokenizer: object
+    decoder: object
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return (eos,) if eos is not None else ()
+
+
+def open_bundle(path: str | Path, *, threads: int | None = None, verify: bool = True) -> OpenBundle:
+    """Verify a bundle's hashes and open an ONNX Runtime session on it.
+
+    Raises:
+        IntegrityError: a file differs from the manifest.
+        UsageError: not a bundle.
+    """
+    from transformers import AutoTokenizer
+
+    from llmshrink.exporters.ort_session import OrtDecoder
+
+    path = Path(path)
+    manifest = verify_bundle(path) if verify else load_manifest(path)
+    spec = SubnetSpec.from_json((path / "spec.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return OpenBundle(path, manifest, spec, tokenizer, OrtDecoder(path / MODEL_FILE, threads=threads))
+
+
+def generate_text(bundle: OpenBundle, prompt: str, *, max_new_tokens: int = 128, chat: bool = True,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0) -> Iterator[str]:
+    """Stream the bundle's continuation of ``prompt`` as text pieces.
+
+    With ``chat`` (default) and a tokenizer that has a chat template, the
+    prompt is one user turn and generation starts the assistant turn.
+    """
+    tok = bundle.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt)["input_ids"]
+    if len(ids) + max_new_tokens > bundle.manifest.max_length:
+        raise UsageError(f"Prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the bundle's "
+                         f"max_length {bundle.manifest.max_length}.", "Shorten the prompt or ask for fewer tokens.")
+    new: list[int] = []
+    shown = ""
+    for t in bundle.decoder.generate(ids, max_new_tokens, stop_ids=bundle.stop_ids, do_sample=do_sample,
+                                     temperature=temperature, top_p=top_p, seed=seed):
+        if t in bundle.stop_ids:
+            break
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield text[len(shown):]
+            shown = text
+
+
+def bench(path: str | Path, workloads: Sequence[Workload], *, runs: int = DEFAULT_RUNS,
+          warmup: int = DEFAULT_WARMUP, threads: int | None = None, record: bool = True,
+          progress: Progress = NULL_PROGRESS) -> list[LatencyMeasurement]:
+    """Measure ``workloads`` on a bundle; with ``record``, keep them in its manifest.
+
+    A recorded measurement replaces an earlier one of the same workload and thread count.
+    """
+    from llmshrink.exporters.timing import time_decoder
+
+    b = open_bundle(path, threads=threads)
+    for w in workloads:
+        if w.context + w.new_tokens + 1 > b.manifest.max_length:
+            raise UsageError(f"Workload {w} needs {w.context + w.new_tokens + 1} positions; the bundle has "
+                             f"max_length {b.manifest.max_length}.")
+    results = []
+    for w in workloads:
+        with progress.task(f"Timing {w}", total=runs):
+            results.append(time_decoder(b.decoder, w, vocab_size=b.spec.base.vocab_size, runs=runs, warmup=warmup))
+    if record:
+        keep = [m for m in b.manifest.measured
+                if not any(m.workload == r.workload and m.threads == r.threads for r in results)]
+        update_manifest(path, measured=tuple(keep + results))
+    return results

@@ -1,0 +1,119 @@
+"""`llmshrink export`, `run` and `bench`: build, use and measure bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from llmshrink.cli.ui import err, kv_table, out, print_json, progress
+
+
+@click.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to export (built-in name, directory, .gguf or hub id).")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="SubnetSpec JSON (default: the unpruned fp32 model).")
+@click.option("--flavour", type=click.Choice(["ort"]), default="ort", show_default=True, help="ONNX flavour: ort = ONNX Runtime contrib ops.")
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(16), help="Longest prompt + generation the bundle supports.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write (replaced if it exists).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export(model_name: str, spec_path: Path | None, flavour: str, max_length: int, out_dir: Path,
+           trust_remote_code: bool, as_json: bool) -> None:
+    """Build a bundle (ONNX model + tokenizer + spec + manifest) from a spec.
+
+    The spec is validated against the model before any weights are loaded;
+    the exported graph is checked against the torch model before the bundle
+    is written.
+
+    \b
+    Examples:
+      llmshrink export --out bundles/fp32
+      llmshrink spec new --uniform int4 --out int4.json && llmshrink export --spec int4.json --out bundles/int4
+    """
+    from llmshrink import api, serde
+
+    with progress(not as_json) as p:
+        manifest = api.export(model_name, spec_path, out_dir, flavour=flavour, max_length=max_length,
+                              trust_remote_code=trust_remote_code, progress=p)
+    if as_json:
+        print_json(serde.to_dict(manifest)["_data"])
+        return
+    par = manifest.parity
+    out.print(kv_table({
+        "bundle": out_dir, "flavour": manifest.flavour, "model": manifest.model_source,
+        "spec": manifest.spec_fingerprint, "parameters": f"{manifest.num_params:,}",
+        "precision": ", ".join(f"{k}×{v}" for k, v in manifest.precision.items()),
+        "parity": f"{par['rule']}: max|d| {par['max_abs_diff']:.2g}, top-1 {par['top1_agreement']:.1%} ({par['tokens']} tokens)",
+        "files": len(manifest.files),
+    }, title="Exported"))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", required=True, help="The user message (or raw text with --no-chat).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=0.7, show_default=True, help="With --sample.")
+@click.option("--top-p", default=0.9, show_default=True, help="With --sample.")
+@click.option("--seed", default=0, show_default=True, help="With --sample.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+def run(bundle: Path, prompt: str, max_new_tokens: int, chat: bool, sample: bool, temperature: float, top_p: float,
+        seed: int, threads: int | None) -> None:
+    """Generate text from a bundle, streaming it (file hashes are checked first).
+
+    \b
+    Example:
+      llmshrink run bundles/int4 --prompt "What is the capital of France?"
+    """
+    import sys
+
+    from llmshrink import api
+
+    b = api.open_bundle(bundle, threads=threads)
+    for piece in api.generate_text(b, prompt, max_new_tokens=max_new_tokens, chat=chat, do_sample=sample,
+                                   temperature=temperature, top_p=top_p, seed=seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workload", "workloads", multiple=True, default=("decode:ctx=256",), show_default=True,
+              help="PHASE[:ctx=N,batch=B,new=M]; phases decode, prefill, e2e. Repeatable.")
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per workload (after warm-up).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--no-record", is_flag=True, help="Do not store the measurements in the bundle's manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(bundle: Path, workloads: tuple[str, ...], runs: int, warmup: int, threads: int | None, no_record: bool,
+          as_json: bool) -> None:
+    """Measure a bundle's latency on this machine: median and p90 per workload.
+
+    \b
+    Examples:
+      llmshrink bench bundles/int4 --workload decode:ctx=256 --workload prefill:ctx=128
+      llmshrink bench bundles/int4 --workload e2e:ctx=133,new=64 --runs 5 --json
+    """
+    from rich.table import Table
+
+    from llmshrink import api, serde
+    from llmshrink.targets.workload import parse_workload
+
+    parsed = [parse_workload(w) for w in workloads]
+    with progress(not as_json) as p:
+        results = api.bench(bundle, parsed, runs=runs, warmup=warmup, threads=threads, record=not no_record, progress=p)
+    if as_json:
+        print_json([serde.to_dict(r)["_data"] for r in results])
+        return
+    t = Table(title=f"{bundle} on {results[0].host}")
+    for col in ("workload", "median ms", "p90 ms", "mean±std", "runs", "threads", "runtime"):
+        t.add_column(col)
+    for r in results:
+        t.add_row(str(r.workload), f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.mean_ms:.2f} ± {r.std_ms:.2f}",
+                  str(r.runs), str(r.threads or "default"), f"{r.runtime} {r.runtime_version}")
+    out.print(t)
+    if not no_record:
+        err.print("recorded in manifest.json", style="dim")

@@ -1,0 +1,76 @@
+"""Numerical parity of an exported decoder with its torch CompressedModel.
+
+Run on every export: a prefill of most of a token sequence, then one-token
+decode steps with the KV cache, in both runtimes, logits compared.
+
+Thresholds, by what the spec contains:
+
+* float formats only: max |Δlogit| ≤ 1e-3;
+* integer weights, float activations: top-1 agreement ≥ 99% (the kernels
+  reproduce the codes exactly, so anything less is a bug);
+* int8 activations anywhere: top-1 agreement ≥ 90%. Activation rounding is
+  discontinuous: on SmolLM2-135M a 1e-6 relative change of the embeddings
+  alone moves top-1 agreement of the torch model with itself to ~95% over
+  512 tokens, so no reference can be held to more than that noise floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from llmshrink.formats import parse_format
+
+PARITY_TEXT = (
+    "The river bends twice before it reaches the town. In spring the water rises over the old stone "
+    "steps, and the children count how many are left above the surface. The baker says the count has "
+    "been falling for years; the ferryman says it was always like this. Nobody keeps a record, so the "
+    "argument goes on, a little louder each time the water comes up."
+)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Outcome of one parity check."""
+
+    max_abs_diff: float
+    top1_agreement: float
+    tokens: int
+    rule: str
+    passed: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parity_rule(spec) -> tuple[str, float | None, float | None]:
+    """(rule name, max |Δ| allowed or None, min top-1 agreement or None) for ``spec``."""
+    fmts = [parse_format(f) for f in spec.formats_used()]
+    if all(f.is_float for f in fmts):
+        return "float: max|d| <= 1e-3", 1e-3, None
+    if all(f.act == "none" for f in fmts):
+        return "int weights: top-1 >= 99%", None, 0.99
+    return "int8 activations: top-1 >= 90%", None, 0.90
+
+
+def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8) -> ParityReport:
+    """Compare ``cm`` (torch) and ``decoder`` (ORT) on ``token_ids`` ``(1, T)``."""
+    import torch
+
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+    split = ids.shape[1] - decode_steps
+    o, past = decoder.forward(ids[:, :split])
+    t, tpast = cm(torch.from_numpy(ids[:, :split]))
+    ort_steps, torch_steps = [o], [t.numpy()]
+    for i in range(split, ids.shape[1]):
+        o, past = decoder.forward(ids[:, i:i + 1], past)
+        t, tpast = cm(torch.from_numpy(ids[:, i:i + 1]), tpast)
+        ort_steps.append(o)
+        torch_steps.append(t.numpy())
+    a, b = np.concatenate(ort_steps, 1), np.concatenate(torch_steps, 1)
+    diff = float(np.abs(a - b).max())
+    agree = float((a.argmax(-1) == b.argmax(-1)).mean())
+    rule, max_diff, min_top1 = parity_rule(cm.spec)
+    passed = (max_diff is None or diff <= max_diff) and (min_top1 is None or agree >= min_top1)
+    return ParityReport(diff, agree, int(ids.shape[1]), rule, passed)

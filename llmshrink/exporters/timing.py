@@ -1,0 +1,90 @@
+"""Measure a Workload on a built decoder: warm-up, timed runs, median and p90.
+
+What is timed is the runtime call(s) the workload names, on seeded random
+token ids (latency of a dense decoder does not depend on which tokens):
+one decode step with ``context`` tokens already cached, one prefill of
+``context`` tokens, or a prefill plus ``new_tokens`` decode steps.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmshrink import serde
+from llmshrink.targets.workload import Workload
+
+DEFAULT_RUNS = 20
+DEFAULT_WARMUP = 3
+
+
+@serde.serializable("LatencyMeasurement")
+@dataclass(frozen=True)
+class LatencyMeasurement:
+    """One measured latency, with everything needed to say what it means."""
+
+    workload: Workload
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    runs: int
+    warmup: int
+    threads: int | None
+    runtime: str
+    runtime_version: str
+    host: str
+
+    def summary(self) -> str:
+        return (f"{self.median_ms:.2f} ms median (p90 {self.p90_ms:.2f}, n={self.runs}) — {self.workload.describe()}, "
+                f"{self.runtime} {self.runtime_version}, {self.threads or 'default'} threads")
+
+
+def summarize(times_s: list[float], workload: Workload, *, warmup: int, threads: int | None,
+              runtime: str, runtime_version: str) -> LatencyMeasurement:
+    """Turn per-run seconds into a :class:`LatencyMeasurement` (milliseconds)."""
+    from llmshrink.doctor import cpu_model
+
+    ms = np.asarray(times_s) * 1e3
+    return LatencyMeasurement(
+        workload=workload, median_ms=float(np.median(ms)), p90_ms=float(np.percentile(ms, 90)),
+        mean_ms=float(ms.mean()), std_ms=float(ms.std()), runs=len(ms), warmup=warmup, threads=threads,
+        runtime=runtime, runtime_version=runtime_version, host=f"{cpu_model()} ({platform.machine()})",
+    )
+
+
+def time_decoder(decoder, workload: Workload, *, vocab_size: int, runs: int = DEFAULT_RUNS,
+                 warmup: int = DEFAULT_WARMUP, seed: int = 0) -> LatencyMeasurement:
+    """Time ``workload`` on an :class:`~llmshrink.exporters.ort_session.OrtDecoder`."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    b = workload.batch
+    prompt = rng.integers(0, vocab_size, size=(b, workload.context), dtype=np.int64)
+    step = rng.integers(0, vocab_size, size=(b, 1), dtype=np.int64)
+    if workload.phase == "decode":
+        _, cache = decoder.forward(prompt)
+
+        def once() -> None:
+            decoder.forward(step, cache)
+    elif workload.phase == "prefill":
+        def once() -> None:
+            decoder.forward(prompt)
+    else:
+        def once() -> None:
+            _, past = decoder.forward(prompt)
+            for _ in range(workload.new_tokens):
+                _, past = decoder.forward(step, past)
+
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return summarize(times, workload, warmup=warmup, threads=decoder.threads,
+                     runtime="onnxruntime-cpu", runtime_version=ort.__version__)

@@ -1,0 +1,160 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from llmshrink import api, serde
+from llmshrink.cli import cli
+from llmshrink.errors import IntegrityError, UsageError
+from llmshrink.exporters.bundle import Manifest, load_manifest, verify_bundle
+from llmshrink.exporters.timing import LatencyMeasurement
+from llmshrink.spec import SpecError, SubnetSpec, random_spec
+from llmshrink.targets.workload import Workload
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "int4"
+    spec_path = out.parent / "int4.json"
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    spec_path.write_text(SubnetSpec.uniform(base, "w4g32").to_json())
+    manifest = api.export(str(tiny_llama_dir), spec_path, out, max_length=64)
+    return out, manifest
+
+
+def test_export_writes_a_verified_bundle(int4_bundle):
+    out, manifest = int4_bundle
+    assert {"model.onnx", "spec.json", "tokenizer.json"} <= set(manifest.files)
+    assert manifest.precision == {"w4g32": 4 * 7 + 1}
+    assert manifest.parity["passed"] and manifest.parity["top1_agreement"] >= 0.99
+    assert verify_bundle(out) == manifest
+    assert serde.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_tampered_file_is_named(int4_bundle, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(int4_bundle[0], out)
+    with open(out / "spec.json", "a") as f:
+        f.write(" ")
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(IntegrityError) as ei:
+        verify_bundle(out)
+    assert "spec.json (changed)" in ei.value.message and "tokenizer.json (missing)" in ei.value.message
+    with pytest.raises(IntegrityError):
+        api.open_bundle(out)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(UsageError, match="not an llmshrink bundle"):
+        load_manifest(tmp_path)
+
+
+def test_generate_text_matches_torch_greedy(int4_bundle, tiny_llama_dir):
+    import torch
+
+    from llmshrink.compressor.materialize import materialize
+    from llmshrink.models import load_model, load_tokenizer
+
+    out, _ = int4_bundle
+    b = api.open_bundle(out)
+    text = "".join(api.generate_text(b, "the capital of", max_new_tokens=6, chat=False))
+    tok = load_tokenizer(str(tiny_llama_dir))
+    cm = materialize(load_model(str(tiny_llama_dir)), b.spec, tok)
+    ids = torch.tensor([tok("the capital of")["input_ids"]])
+    expect = cm.generate(ids, 6, stop_ids=(tok.eos_token_id,))[0].tolist()
+    expect = [t for t in expect if t != tok.eos_token_id]
+    assert text == tok.decode(expect, skip_special_tokens=True)
+
+
+def test_prompt_longer_than_max_length_is_refused(int4_bundle):
+    b = api.open_bundle(int4_bundle[0])
+    with pytest.raises(UsageError, match="max_length"):
+        list(api.generate_text(b, "the " * 40, max_new_tokens=30, chat=False))
+
+
+def test_bench_records_measurements_in_manifest(int4_bundle, tmp_path):
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(int4_bundle[0], out)
+    ws = [Workload("decode", 1, 16), Workload("prefill", 1, 8)]
+    res = api.bench(out, ws, runs=3, warmup=1, threads=1)
+    assert [r.workload for r in res] == ws and all(r.median_ms > 0 and r.runs == 3 for r in res)
+    again = api.bench(out, ws[:1], runs=2, warmup=0, threads=1)
+    m = load_manifest(out)
+    assert len(m.measured) == 2 and again[0] in m.measured  # the decode entry was replaced
+    verify_bundle(out)  # updating the manifest keeps the file hashes valid
+    with pytest.raises(UsageError, match="max_length"):
+        api.bench(out, [Workload("decode", 1, 100)], runs=1)
+
+
+def test_spec_that_breaks_a_rule_fails_before_loading_weights(tiny_llama_dir, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from llmshrink.models import load
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load.load_config(str(tiny_llama_dir)))
+    spec = SubnetSpec.original(base)
+    bad = replace(spec, layers=(replace(spec.layers[0], num_heads=3),) + spec.layers[1:])
+    path = tmp_path / "bad.json"
+    path.write_text(bad.to_json())
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the spec was checked")
+
+    import llmshrink.models
+
+    monkeypatch.setattr(load, "load_model", no_weights)
+    monkeypatch.setattr(llmshrink.models, "load_model", no_weights)
+    with pytest.raises(SpecError, match="heads-divisible"):
+        api.export(str(tiny_llama_dir), path, tmp_path / "out")
+    wrong_model = replace(spec, base=replace(base, hidden_size=128), hidden_size=128)
+    with pytest.raises(SpecError, match="base-matches-model"):
+        api.export(str(tiny_llama_dir), wrong_model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_spec_export_run_bench(tiny_llama_dir, tmp_path):
+    runner = CliRunner()
+    spec_path = tmp_path / "r.json"
+    res = runner.invoke(cli, ["spec", "new", "--model", str(tiny_llama_dir), "--random", "2",
+                              "--formats", "w4g32,w8a8", "--out", str(spec_path)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["spec", "show", str(spec_path), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["fingerprint"] == SubnetSpec.from_json(spec_path.read_text()).fingerprint()
+    out = tmp_path / "bundle"
+    res = runner.invoke(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec_path), "--out", str(out),
+                              "--max-length", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["parity"]["passed"] is True
+    res = runner.invoke(cli, ["run", str(out), "--prompt", "paris", "--max-new-tokens", "4", "--no-chat"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["bench", str(out), "--workload", "decode:ctx=8", "--runs", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)[0]["workload"]["context"] == 8
+    res = runner.invoke(cli, ["bench", str(out), "--workload", "decode:ctx=x"])
+    assert res.exit_code == 2
+
+
+def test_manifest_with_measurements_round_trips():
+    lm = LatencyMeasurement(Workload(), 1.0, 2.0, 1.5, 0.1, 20, 3, 2, "onnxruntime-cpu", "1.32.0", "cpu")
+    m = Manifest("ort", "builtin:x", "f", "s", 64, {"fp32": 1}, 10, {"a": "b"}, {"llmshrink": "0"}, "now",
+                 measured=(lm,), parity={"max_abs_diff": 0.0})
+    assert serde.loads(serde.dumps(m)) == m
+
+
+def test_random_spec_export_parity_is_recorded(tiny_llama_dir, tmp_path):
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    m = api.export(str(tiny_llama_dir), random_spec(base, 5, formats=("fp32",)), tmp_path / "b", max_length=64)
+    assert m.parity["rule"].startswith("float") and m.parity["max_abs_diff"] <= 1e-3
+    assert np.isfinite(m.parity["max_abs_diff"])
