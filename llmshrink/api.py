@@ -173,7 +173,8 @@ def generate_text(bundle: OpenBundle, prompt: str, *, max_new_tokens: int = 128,
                          f"max_length {bundle.manifest.max_length}.", "Shorten the prompt or ask for fewer tokens.")
     new: list[int] = []
     shown = ""
-    for t in bundle.decoder.generate(ids, max_new_tokens, stop_ids=bundle.stop_ids, do_sample=do_sample,
+    for t in bundle.decoder.generate(ids, max_new_tokens, max_length=len(ids) + max_new_tokens,
+                                     stop_ids=bundle.stop_ids, do_sample=do_sample,
                                      temperature=temperature, top_p=top_p, seed=seed):
         if t in bundle.stop_ids:
             break

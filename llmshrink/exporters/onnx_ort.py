@@ -10,9 +10,10 @@ Inputs / outputs (``j`` counts kept layers)::
 
     input_ids        int64 [batch, seq]
     attention_mask   int64 [batch, past + seq]      (all ones; no padding)
+    logits_to_keep   int64 [1]                      (logits for the last k positions; k = seq for all)
     past_key_values.{j}.key / .value   float [batch, kv_heads_j, past, head_dim_j]
     ->
-    logits           float [batch, seq, vocab]
+    logits           float [batch, logits_to_keep, vocab]
     present.{j}.key / .value           float [batch, kv_heads_j, past + seq, head_dim_j]
 
 One layer::
@@ -146,6 +147,7 @@ def build_ort_graph(cm: CompressedModel, *, max_length: int = DEFAULT_MAX_LENGTH
     vocab = cm.embed.shape[0]
     ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
+    keep = g.input("logits_to_keep", INT64, [1])
     one_vec = g.const("/model/constants/INT64/[1]", np.array([1], np.int64))
     one = g.const("/model/constants/INT64/1", np.array(1, np.int64))
     # GroupQueryAttention wants seqlens_k = total length - 1 (int32, per batch row) and the total length.
@@ -200,7 +202,14 @@ def build_ort_graph(cm: CompressedModel, *, max_length: int = DEFAULT_MAX_LENGTH
     n = len(cm.blocks)
     h = g.node("SkipSimplifiedLayerNormalization", [residual, delta, w_final], f"/model/layers.{n}/final_norm_layernorm/SkipLayerNorm",
                outputs=1, domain=MS_DOMAIN, epsilon=meta.rms_norm_eps)[0]
+    # Only the last `logits_to_keep` positions go through the lm_head: a prompt
+    # needs one row of logits to pick the next token, and the lm_head of a
+    # 49k vocabulary is a large share of a prefill.
+    big = g.const("/model/constants/INT64/[max]", np.array([np.iinfo(np.int64).max], np.int64))
+    start = g.one("Neg", [keep], "/model/logits_to_keep/Neg")
+    h = g.one("Slice", [h, start, big, one_vec], "/model/logits_to_keep/Slice")
     emit_linear(g, h, cm.lm_head, "/lm_head/MatMul")
     g.nodes[-1].output[0] = "logits"  # the graph output keeps its conventional name
     g.output("logits", FLOAT, ["batch_size", "sequence_length", vocab])
+    g.outputs.insert(0, g.outputs.pop())  # logits first, as onnxruntime-genai orders them
     return g.model(doc=f"llmshrink ort flavour; spec {cm.spec.fingerprint()}; max_length {max_length}")

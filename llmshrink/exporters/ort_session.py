@@ -1,4 +1,15 @@
-"""Run an exported decoder in ONNX Runtime: prefill, decode with KV cache, generate."""
+"""Run an exported decoder in ONNX Runtime: prefill, decode with KV cache, generate.
+
+Two ways to hold the KV cache, both supported by the same graph
+(GroupQueryAttention's present length is max(total length, past length)):
+
+* :meth:`OrtDecoder.forward` — functional, numpy in and out, the cache grows
+  by concatenation. Used for parity checks and tests.
+* :class:`KVSession` — the fast path for generation and timing, as
+  onnxruntime-genai runs it: one ``[batch, kv_heads, max_length, head_dim]``
+  buffer per layer, bound with IOBinding as both past input and present
+  output, so a decode step copies nothing.
+"""
 
 from __future__ import annotations
 
@@ -39,24 +50,96 @@ class OrtDecoder:
         batch, seq = input_ids.shape
         past = past if past is not None else self.empty_cache(batch)
         past_len = past[0][0].shape[2] if past else 0
-        feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_len + seq), np.int64)}
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones((batch, past_len + seq), np.int64),
+                 "logits_to_keep": np.array([seq], np.int64)}
         for j, (k, v) in enumerate(past):
             feeds[f"past_key_values.{j}.key"], feeds[f"past_key_values.{j}.value"] = k, v
         out = self.session.run(self._outputs, feeds)
         return out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(self.num_layers)]
 
-    def generate(self, input_ids: np.ndarray, max_new_tokens: int, *, stop_ids: tuple[int, ...] = (),
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
+    def kv_session(self, max_length: int, batch: int = 1) -> KVSession:
+        """A shared-buffer cache session for up to ``max_length`` positions."""
+        return KVSession(self, max_length, batch)
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int, *, max_length: int,
+                 stop_ids: tuple[int, ...] = (), do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0):
         """Yield new token ids one at a time (greedy, or nucleus sampling with a seeded generator)."""
         import torch
 
         from llmshrink.compressor.model import pick_next
 
         gen = torch.Generator().manual_seed(seed)
-        logits, past = self.forward(np.asarray(input_ids).reshape(1, -1))
-        for _ in range(max_new_tokens):
+        kv = self.kv_session(max_length)
+        logits = kv.step(np.asarray(input_ids, np.int64).reshape(1, -1), last_only=True)
+        for i in range(max_new_tokens):
             nxt = int(pick_next(torch.from_numpy(logits[:, -1]), do_sample, temperature, top_p, gen))
             yield nxt
-            if nxt in stop_ids:
+            if nxt in stop_ids or i == max_new_tokens - 1:
                 return
-            logits, past = self.forward(np.array([[nxt]], np.int64), past)
+            logits = kv.step(np.array([[nxt]], np.int64))
+
+
+class KVSession:
+    """Stateful decoding over preallocated KV buffers (see module docstring).
+
+    Args:
+        decoder: the decoder whose session runs the steps.
+        max_length: capacity in positions (prompt + generated).
+        batch: batch size (all rows advance together).
+    """
+
+    def __init__(self, decoder: OrtDecoder, max_length: int, batch: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.decoder, self.max_length, self.batch = decoder, max_length, batch
+        self.length = 0
+        self._binding = decoder.session.io_binding()
+        self._binding.bind_output("logits")  # bound first: get_outputs()[0] is the logits
+        # Decode steps (S=1) write logits into one preallocated array that
+        # ORT and numpy share, and the mask is a view of one ones-array: a
+        # step then allocates nothing on the Python side.
+        vocab = next(o for o in decoder.session.get_outputs() if o.name == "logits").shape[-1]
+        self._step_logits = np.zeros((batch, 1, vocab), np.float32)
+        self._step_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._step_logits)
+        self._ones = np.ones((batch, max_length), np.int64)
+        self._buffers = []
+        for j, (heads, dim) in enumerate(decoder._kv_shapes):
+            for kv in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, max_length, dim), np.float32))
+                self._buffers.append(buf)
+                self._binding.bind_ortvalue_input(f"past_key_values.{j}.{kv}", buf)
+                self._binding.bind_ortvalue_output(f"present.{j}.{kv}", buf)
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from ``length`` on (their buffer rows are overwritten later)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length}; the cache holds {self.length}")
+        self.length = length
+
+    def step(self, input_ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Run ``input_ids`` ``(batch, S)`` after the cached positions.
+
+        Returns logits ``(batch, S, V)``, or ``(batch, 1, V)`` for the last
+        position only with ``last_only`` (what generation needs from a prompt).
+        """
+        import onnxruntime as ort
+
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        seq = ids.shape[1]
+        if self.length + seq > self.max_length:
+            raise ValueError(f"{self.length} cached + {seq} new positions exceed max_length {self.max_length}")
+        rows = 1 if last_only else seq
+        b = self._binding
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", self._ones[:, : self.length + seq])
+        b.bind_cpu_input("logits_to_keep", np.array([rows], np.int64))
+        if rows == 1:
+            logits, ov = self._step_logits, self._step_logits_ov
+        else:  # ORT writes straight into a fresh array (no copy of S x V floats)
+            logits = np.empty((self.batch, rows, self._step_logits.shape[-1]), np.float32)
+            ov = ort.OrtValue.ortvalue_from_numpy(logits)
+        b.bind_ortvalue_output("logits", ov)
+        self.decoder.session.run_with_iobinding(b)
+        self.length += seq
+        return logits.copy() if rows == 1 else logits

@@ -58,26 +58,35 @@ def summarize(times_s: list[float], workload: Workload, *, warmup: int, threads:
 
 def time_decoder(decoder, workload: Workload, *, vocab_size: int, runs: int = DEFAULT_RUNS,
                  warmup: int = DEFAULT_WARMUP, seed: int = 0) -> LatencyMeasurement:
-    """Time ``workload`` on an :class:`~llmshrink.exporters.ort_session.OrtDecoder`."""
+    """Time ``workload`` on an :class:`~llmshrink.exporters.ort_session.OrtDecoder`.
+
+    Uses the shared-buffer :class:`~llmshrink.exporters.ort_session.KVSession`,
+    the path generation uses.
+    """
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
     b = workload.batch
     prompt = rng.integers(0, vocab_size, size=(b, workload.context), dtype=np.int64)
     step = rng.integers(0, vocab_size, size=(b, 1), dtype=np.int64)
+    kv = decoder.kv_session(workload.context + workload.new_tokens + 1, batch=b)
+    # A prompt only needs its last row of logits (time to first token).
     if workload.phase == "decode":
-        _, cache = decoder.forward(prompt)
+        kv.step(prompt, last_only=True)
 
         def once() -> None:
-            decoder.forward(step, cache)
+            kv.rewind(workload.context)  # the same context length every run
+            kv.step(step)
     elif workload.phase == "prefill":
         def once() -> None:
-            decoder.forward(prompt)
+            kv.rewind(0)
+            kv.step(prompt, last_only=True)
     else:
         def once() -> None:
-            _, past = decoder.forward(prompt)
+            kv.rewind(0)
+            kv.step(prompt, last_only=True)
             for _ in range(workload.new_tokens):
-                _, past = decoder.forward(step, past)
+                kv.step(step)
 
     for _ in range(warmup):
         once()

@@ -109,3 +109,21 @@ def test_int8_activation_emulation_matches_matmulnbits_level4_at_real_widths(fmt
     bad_rows = int((np.abs(theirs - ours) > 1e-4).any(axis=1).sum())
     assert bad_rows <= (max(1, m // 100) if m > 1 else 0), (bad_rows, np.abs(theirs - ours).max())
     assert np.abs(theirs - without_act_quant).max() > 1e-3  # activations really are int8 in ORT
+
+
+def test_shared_buffer_session_matches_functional_forward(tiny_hf, tiny_base):
+    cm = materialize(tiny_hf, random_spec(tiny_base, 3, formats=("fp32", "w4g32")))
+    dec = OrtDecoder(build_ort_graph(cm, max_length=64).SerializeToString())
+    ids = IDS.numpy()
+    full, _ = dec.forward(ids)
+    kv = dec.kv_session(max_length=16)
+    steps = [kv.step(ids[:, :8])] + [kv.step(ids[:, t:t + 1]) for t in range(8, 12)]
+    assert np.abs(np.concatenate(steps, 1) - full).max() < 1e-5
+    kv.rewind(0)
+    last = kv.step(ids[:, :8], last_only=True)
+    assert last.shape == (1, 1, full.shape[-1]) and np.abs(last[:, 0] - full[:, 7]).max() < 1e-5
+    kv.rewind(8)  # drop the four decoded positions and decode them again
+    again = np.concatenate([kv.step(ids[:, t:t + 1]) for t in range(8, 12)], 1)
+    assert np.abs(again - full[:, 8:]).max() < 1e-5
+    with pytest.raises(ValueError, match="max_length"):
+        kv.step(ids[:, :8])
