@@ -32,12 +32,14 @@ class ParityError(LlmshrinkError):
 
 @dataclass(frozen=True)
 class Flavour:
-    """An ONNX flavour: a cheap spec check and a graph builder."""
+    """An ONNX flavour: a cheap spec check, a graph builder, and a check of the built graph."""
 
     name: str
     check_spec: Callable[[SubnetSpec], None]
     build: Callable[..., object]
     description: str
+    check_graph: Callable[[object], None] = lambda graph: None
+    fp16_activations: bool = False
 
 
 def _ort_flavour() -> Flavour:
@@ -46,8 +48,17 @@ def _ort_flavour() -> Flavour:
     return Flavour("ort", check_spec, build_ort_graph, "ONNX Runtime contrib ops (MatMulNBits, GQA)")
 
 
+def _trt_flavour() -> Flavour:
+    from llmshrink.exporters.onnx_trt import build_trt_graph, check_spec
+    from llmshrink.exporters.trt_compat import assert_compatible
+
+    return Flavour("trt", check_spec, build_trt_graph, "standard opset-21 ONNX for TensorRT (fp16, W4A16)",
+                   check_graph=assert_compatible, fp16_activations=True)
+
+
 FLAVOURS: Registry[Callable[[], Flavour]] = Registry("flavour")
 FLAVOURS.register("ort", _ort_flavour)
+FLAVOURS.register("trt", _trt_flavour)
 
 
 def load_spec(spec: SubnetSpec | str | Path) -> SubnetSpec:
@@ -105,10 +116,11 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
         cm = materialize(hf, spec, tokenizer)
     with progress.task(f"Building the {flavour} ONNX graph"):
         graph = fl.build(cm, max_length=max_length)
+        fl.check_graph(graph)
     with progress.task("Checking parity with the torch model"):
         decoder = OrtDecoder(graph.SerializeToString())
         ids = np.array(tokenizer(PARITY_TEXT, add_special_tokens=False)["input_ids"][:64], dtype=np.int64)
-        report = check_parity(cm, decoder, ids)
+        report = check_parity(cm, decoder, ids, fp16_activations=fl.fp16_activations)
     if not report.passed:
         raise ParityError(f"The exported graph does not match the torch model ({report.rule}): max |d| "
                           f"{report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.1%} over {report.tokens} tokens.",

@@ -13,7 +13,8 @@ from llmshrink.cli.ui import err, kv_table, out, print_json, progress
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to export (built-in name, directory, .gguf or hub id).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="SubnetSpec JSON (default: the unpruned fp32 model).")
-@click.option("--flavour", type=click.Choice(["ort"]), default="ort", show_default=True, help="ONNX flavour: ort = ONNX Runtime contrib ops.")
+@click.option("--flavour", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime contrib ops (CPU). trt: standard ONNX for TensorRT (fp16, w4g* formats), checked statically.")
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(16), help="Longest prompt + generation the bundle supports.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write (replaced if it exists).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
@@ -30,6 +31,7 @@ def export(model_name: str, spec_path: Path | None, flavour: str, max_length: in
     Examples:
       llmshrink export --out bundles/fp32
       llmshrink spec new --uniform int4 --out int4.json && llmshrink export --spec int4.json --out bundles/int4
+      llmshrink spec new --uniform w4g64 --lm-head fp16 --out trt.json && llmshrink export --spec trt.json --flavour trt --out bundles/trt
     """
     from llmshrink import api, serde
 

@@ -51,7 +51,7 @@ def new(model_name: str, uniform: str, lm_head: str | None, random_seed: int | N
         s = random_spec(base, random_seed, formats=[f.strip() for f in formats.split(",") if f.strip()],
                         model=source.describe())
     else:
-        s = SubnetSpec.uniform(base, uniform, lm_head=lm_head, model=source.describe())
+        s = SubnetSpec.uniform(base, uniform, lm_head=lm_head, model=source.describe()).validate()
     storage.atomic_write_text(out_path, s.to_json())
     out.print(f"wrote {out_path} (spec {s.fingerprint()}, {len(s.kept_layers())}/{base.num_layers} layers kept)")
 

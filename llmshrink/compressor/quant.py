@@ -25,6 +25,10 @@ from llmshrink.formats import QuantFormat
 # error of every other weight in the group (the usual clip search of AWQ and
 # llama.cpp, here on a fixed grid so it is deterministic and vectorized).
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+# Smallest scale: the smallest normal float16, so that every scale survives
+# being stored in fp16 (TensorRT's W4A16 scales) and stays positive, which
+# TensorRT's parser requires. Groups this small are ~0 anyway.
+MIN_SCALE = 2.0**-14
 
 
 @dataclass
@@ -59,7 +63,7 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
         raise ValueError(f"{fmt} is a float format")
     w = w.detach().float()
     if fmt.group_size is None:  # per-channel symmetric int8
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE)
         codes = torch.round(w / scale).clamp(-127, 127)
         return QuantizedWeight(codes.to(torch.int16), scale, None, fmt)
     wg = _grouped(w, fmt.group_size)
@@ -71,10 +75,10 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
 def _quantize_symmetric(wg: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
     bits = fmt.weight_bits
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    amax = wg.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    amax = wg.abs().amax(dim=-1, keepdim=True)
     best_err = best_scale = None
     for r in CLIP_GRID:
-        s = amax * r / qmax
+        s = (amax * r / qmax).clamp_min(MIN_SCALE)
         err = ((torch.round(wg / s).clamp(qmin, qmax) * s - wg) ** 2).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale = err, s
@@ -91,7 +95,7 @@ def _quantize_asymmetric(wg: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
     levels = 2 ** fmt.weight_bits - 1
     lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
     hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
     zero = torch.round(-lo / scale).clamp(0, levels)
     codes = (torch.round(wg / scale) + zero).clamp(0, levels)
     n = wg.shape[0]

@@ -30,6 +30,10 @@ class OrtDecoder:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        # ORT fuses a blocked INT4 DequantizeLinear + MatMul (the trt flavour's
+        # W4A16) into MatMulNBits, by default with int8 activations; TensorRT
+        # keeps activations in fp16, so the CPU check must too.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             so.intra_op_num_threads = threads
         src = model if isinstance(model, bytes) else str(model)
@@ -38,10 +42,14 @@ class OrtDecoder:
         self._past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.num_layers = len(self._past) // 2
         self._kv_shapes = [(i.shape[1], i.shape[3]) for i in self._past[::2]]  # (kv_heads, head_dim)
+        self.kv_dtype = np.float16 if self._past and self._past[0].type == "tensor(float16)" else np.float32
+        # Only GroupQueryAttention graphs (the ort flavour) can share one buffer
+        # between past and present; the trt flavour's cache grows by Concat.
+        self.shared_buffer = "trt flavour" not in (self.session.get_modelmeta().description or "")
         self._outputs = ["logits"] + [f"present.{j}.{kv}" for j in range(self.num_layers) for kv in ("key", "value")]
 
     def empty_cache(self, batch: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(np.zeros((batch, h, 0, d), np.float32), np.zeros((batch, h, 0, d), np.float32))
+        return [(np.zeros((batch, h, 0, d), self.kv_dtype), np.zeros((batch, h, 0, d), self.kv_dtype))
                 for h, d in self._kv_shapes]
 
     def forward(self, input_ids: np.ndarray, past: list[tuple[np.ndarray, np.ndarray]] | None = None):
@@ -58,7 +66,9 @@ class OrtDecoder:
         return out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(self.num_layers)]
 
     def kv_session(self, max_length: int, batch: int = 1) -> KVSession:
-        """A shared-buffer cache session for up to ``max_length`` positions."""
+        """A shared-buffer cache session for up to ``max_length`` positions (ort flavour only)."""
+        if not self.shared_buffer:
+            raise ValueError("this graph's KV cache grows by concatenation; use forward()")
         return KVSession(self, max_length, batch)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, *, max_length: int,
@@ -70,14 +80,23 @@ class OrtDecoder:
         from llmshrink.compressor.model import pick_next
 
         gen = torch.Generator().manual_seed(seed)
-        kv = self.kv_session(max_length)
-        logits = kv.step(np.asarray(input_ids, np.int64).reshape(1, -1), last_only=True)
+        if self.shared_buffer:
+            kv = self.kv_session(max_length)
+            step = kv.step
+        else:  # growing cache, functional calls
+            past = None
+
+            def step(ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+                nonlocal past
+                logits, past = self.forward(ids, past)
+                return logits[:, -1:] if last_only else logits
+        logits = step(np.asarray(input_ids, np.int64).reshape(1, -1), last_only=True)
         for i in range(max_new_tokens):
             nxt = int(pick_next(torch.from_numpy(logits[:, -1]), do_sample, temperature, top_p, gen))
             yield nxt
             if nxt in stop_ids or i == max_new_tokens - 1:
                 return
-            logits = kv.step(np.array([[nxt]], np.int64))
+            logits = step(np.array([[nxt]], np.int64))
 
 
 class KVSession:

@@ -5,7 +5,8 @@ decode steps with the KV cache, in both runtimes, logits compared.
 
 Thresholds, by what the spec contains:
 
-* float formats only: max |Δlogit| ≤ 1e-3;
+* float formats only: max |Δlogit| ≤ 1e-3 (fp32 activations; the trt
+  flavour computes in fp16 and is held to top-1 ≥ 99% instead);
 * integer weights, float activations: top-1 agreement ≥ 99% (the kernels
   reproduce the codes exactly, so anything less is a bug);
 * int8 activations anywhere: top-1 agreement ≥ 90%. Activation rounding is
@@ -44,9 +45,15 @@ class ParityReport:
         return asdict(self)
 
 
-def parity_rule(spec) -> tuple[str, float | None, float | None]:
-    """(rule name, max |Δ| allowed or None, min top-1 agreement or None) for ``spec``."""
+def parity_rule(spec, fp16_activations: bool = False) -> tuple[str, float | None, float | None]:
+    """(rule name, max |Δ| allowed or None, min top-1 agreement or None) for ``spec``.
+
+    ``fp16_activations``: the graph computes in fp16 while the torch
+    reference is fp32 (the trt flavour), so only top-1 agreement is exact enough.
+    """
     fmts = [parse_format(f) for f in spec.formats_used()]
+    if fp16_activations and all(f.act == "none" for f in fmts):
+        return "fp16 activations: top-1 >= 99%", None, 0.99
     if all(f.is_float for f in fmts):
         return "float: max|d| <= 1e-3", 1e-3, None
     if all(f.act == "none" for f in fmts):
@@ -54,7 +61,8 @@ def parity_rule(spec) -> tuple[str, float | None, float | None]:
     return "int8 activations: top-1 >= 90%", None, 0.90
 
 
-def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8) -> ParityReport:
+def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8,
+                 fp16_activations: bool = False) -> ParityReport:
     """Compare ``cm`` (torch) and ``decoder`` (ORT) on ``token_ids`` ``(1, T)``."""
     import torch
 
@@ -71,6 +79,6 @@ def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8) -
     a, b = np.concatenate(ort_steps, 1), np.concatenate(torch_steps, 1)
     diff = float(np.abs(a - b).max())
     agree = float((a.argmax(-1) == b.argmax(-1)).mean())
-    rule, max_diff, min_top1 = parity_rule(cm.spec)
+    rule, max_diff, min_top1 = parity_rule(cm.spec, fp16_activations)
     passed = (max_diff is None or diff <= max_diff) and (min_top1 is None or agree >= min_top1)
     return ParityReport(diff, agree, int(ids.shape[1]), rule, passed)
