@@ -5,11 +5,15 @@ fp32 version and a mixed-precision version), run 512 tokens of held-out
 WikiText-2 text: a prefill of the first 384 tokens, then 128 one-token decode
 steps with the KV cache, in both runtimes, and compare logits.
 
-Rules (llmshrink.exporters.parity): float formats max |d| <= 1e-3; integer
-weights top-1 >= 99%. With int8 activations, rounding is discontinuous, so the
-table also shows the torch model's agreement with itself after a 1e-6 relative
-perturbation of its embeddings (its noise floor); such a spec passes when ORT
-agrees with torch at least as well as torch agrees with itself, or >= 99%.
+Each random seed gives three specs: fp32, integer weights with float
+activations (fp32/w4g32/w8g32/w4g64z/w2g32), and the same plus int8-activation
+formats (w4g32a8, w2g32a8, w8a8).
+
+Rules: float formats max |d| <= 1e-3; integer weights top-1 >= 99%. With int8
+activations, rounding is discontinuous, so the table also shows the torch
+model's agreement with itself after a 1e-6 relative perturbation of its
+embeddings (its noise floor, one sample, so itself noisy by ~2 points); such a
+spec passes when ORT agrees with torch within 2 points of that floor, or >= 99%.
 
     python benchmarks/parity.py --data-dir ../shared/evaldata [--specs 10]
 """
@@ -23,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MIXED = ("fp32", "w4g32", "w8g32", "w4g64z", "w4g32a8", "w8a8", "w2g32a8")
+WEIGHT_ONLY = ("fp32", "w4g32", "w8g32", "w4g64z", "w2g32")
+WITH_INT8_ACTS = ("fp32", "w4g32", "w8g32", "w4g64z", "w4g32a8", "w8a8", "w2g32a8")
 
 
 def run_ort(decoder, ids: np.ndarray, split: int) -> np.ndarray:
@@ -67,7 +72,8 @@ def main() -> None:
     specs = [("original", SubnetSpec.original(base))]
     for s in range(args.specs):
         specs.append((f"random {s} fp32", random_spec(base, s, formats=("fp32",))))
-        specs.append((f"random {s} mixed", random_spec(base, s, formats=MIXED)))
+        specs.append((f"random {s} int weights", random_spec(base, s, formats=WEIGHT_ONLY)))
+        specs.append((f"random {s} int8 acts", random_spec(base, s, formats=WITH_INT8_ACTS)))
     rows = []
     for name, spec in specs:
         t0 = time.time()
@@ -88,7 +94,7 @@ def main() -> None:
             cm.embed.mul_(1 + 1e-6 * torch.randn(cm.embed.shape, generator=g))
             floor = float((run_torch(cm, ids, split).argmax(-1) == b.argmax(-1)).mean())
             cm.embed.copy_(saved)
-            ok, rule = agree >= min(0.99, floor), "top1>=min(99%, floor)"
+            ok, rule = agree >= min(0.99, floor - 0.02), "top1>=min(99%, floor-2pt)"
         rows.append((name, len(spec.kept_layers()), spec.hidden_size, ",".join(sorted(spec.formats_used())),
                      d_pre, d_dec, agree, floor, rule, ok, time.time() - t0))
         print(f"{name}: done in {rows[-1][-1]:.0f} s", flush=True)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "export": "llmshrink.cli.bundle:export",
     "run": "llmshrink.cli.bundle:run",
     "bench": "llmshrink.cli.bundle:bench",
+    "build": "llmshrink.cli.bundle:build",
     "doctor": "llmshrink.cli.doctor:doctor",
 }
 

@@ -119,3 +119,47 @@ def bench(bundle: Path, workloads: tuple[str, ...], runs: int, warmup: int, thre
     out.print(t)
     if not no_record:
         err.print("recorded in manifest.json", style="dim")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1), help="Largest batch the engine accepts.")
+@click.option("--workload", "workloads", multiple=True, help="After building, time these workloads (decode/prefill) on the GPU.")
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def build(bundle: Path, max_batch: int, workloads: tuple[str, ...], runs: int, as_json: bool) -> None:
+    """Build the TensorRT engine of a trt-flavour bundle on this machine (needs a GPU).
+
+    Writes model.plan and timing.cache into the bundle, adds them to the
+    manifest, and with --workload times the engine (CUDA events, median) and
+    records the measurements. Without TensorRT or a CUDA device it exits
+    with code 5 and says which is missing.
+
+    \b
+    Example:
+      llmshrink build bundles/trt --workload decode:ctx=256 --workload prefill:ctx=128
+    """
+    from llmshrink import serde, storage
+    from llmshrink.exporters import tensorrt
+    from llmshrink.exporters.bundle import load_manifest, update_manifest, verify_bundle
+    from llmshrink.targets.workload import parse_workload
+
+    parsed = [parse_workload(w) for w in workloads]
+    tensorrt.require_tensorrt()
+    verify_bundle(bundle)
+    result = tensorrt.build_engine(bundle, max_batch=max_batch)
+    files = dict(load_manifest(bundle).files)
+    for p in (result.engine_path, result.timing_cache_path):
+        files[p.name] = storage.sha256_file(p)
+    manifest = update_manifest(bundle, files=files)
+    measured = [tensorrt.time_engine(bundle, w, runs=runs) for w in parsed]
+    if measured:
+        keep = [m for m in manifest.measured if m.runtime != "tensorrt" or m.workload not in parsed]
+        update_manifest(bundle, measured=tuple(keep + measured))
+    if as_json:
+        print_json({"engine": str(result.engine_path), "seconds": result.seconds, "tensorrt": result.tensorrt_version,
+                    "measured": [serde.to_dict(m)["_data"] for m in measured]})
+        return
+    out.print(f"built {result.engine_path} in {result.seconds:.0f} s (TensorRT {result.tensorrt_version})")
+    for m in measured:
+        out.print(m.summary())

@@ -158,3 +158,24 @@ def test_random_spec_export_parity_is_recorded(tiny_llama_dir, tmp_path):
     m = api.export(str(tiny_llama_dir), random_spec(base, 5, formats=("fp32",)), tmp_path / "b", max_length=64)
     assert m.parity["rule"].startswith("float") and m.parity["max_abs_diff"] <= 1e-3
     assert np.isfinite(m.parity["max_abs_diff"])
+
+
+def test_trt_export_and_build_without_gpu_exits_5(tiny_llama_dir, tmp_path):
+    import importlib.util
+
+    import torch
+
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    m = api.export(str(tiny_llama_dir), SubnetSpec.uniform(base, "w4g32", lm_head="fp16"), tmp_path / "trt",
+                   flavour="trt", max_length=64)
+    assert m.flavour == "trt" and m.parity["passed"]
+    text = "".join(api.generate_text(api.open_bundle(tmp_path / "trt"), "paris", max_new_tokens=3, chat=False))
+    assert isinstance(text, str)
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("this machine can build engines; tests/gpu covers it")
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "trt")])
+    assert res.exit_code == 5
+    assert "Cannot build or time a TensorRT engine here" in res.output

@@ -1,0 +1,34 @@
+"""Bundles of the real default model: int4 for ONNX Runtime, W4A16 for TensorRT."""
+
+import pytest
+from click.testing import CliRunner
+
+from llmshrink.cli import cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_int4_bundle_answers_paris(tmp_path):
+    runner = CliRunner()
+    spec = tmp_path / "int4.json"
+    assert runner.invoke(cli, ["spec", "new", "--uniform", "int4-a8", "--out", str(spec)]).exit_code == 0
+    res = runner.invoke(cli, ["export", "--spec", str(spec), "--out", str(tmp_path / "b"), "--max-length", "256", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["run", str(tmp_path / "b"), "--prompt", "What is the capital of France?",
+                              "--max-new-tokens", "16"])
+    assert res.exit_code == 0 and "Paris" in res.output, res.output
+
+
+def test_trt_flavour_export_passes_static_check_and_parity(tmp_path):
+    import onnx
+
+    from llmshrink import api
+    from llmshrink.exporters.trt_compat import check_model
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape, SubnetSpec
+
+    base = BaseShape.from_config(load_config("smollm2-135m"))
+    m = api.export("smollm2-135m", SubnetSpec.uniform(base, "w4g64", lm_head="fp16"), tmp_path / "trt",
+                   flavour="trt", max_length=256)
+    assert m.parity["passed"] and m.parity["top1_agreement"] >= 0.99
+    assert check_model(onnx.load(str(tmp_path / "trt" / "model.onnx"))) == []
