@@ -179,3 +179,15 @@ def test_trt_export_and_build_without_gpu_exits_5(tiny_llama_dir, tmp_path):
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "trt")])
     assert res.exit_code == 5
     assert "Cannot build or time a TensorRT engine here" in res.output
+
+
+def test_large_models_go_to_external_data(tiny_llama_dir, tmp_path, monkeypatch):
+    from llmshrink.exporters import bundle
+
+    monkeypatch.setattr(bundle, "EXTERNAL_DATA_THRESHOLD", 1000)  # as if the model were over ~2 GB
+    m = api.export(str(tiny_llama_dir), None, tmp_path / "b", max_length=64)
+    assert {"model.onnx", "model.onnx.data"} <= set(m.files)
+    assert (tmp_path / "b" / "model.onnx").stat().st_size < (tmp_path / "b" / "model.onnx.data").stat().st_size
+    b = api.open_bundle(tmp_path / "b")
+    logits, _ = b.decoder.forward(np.array([[5, 6, 7]]))
+    assert logits.shape == (1, 3, b.spec.base.vocab_size)
