@@ -60,8 +60,9 @@ def time_decoder(decoder, workload: Workload, *, vocab_size: int, runs: int = DE
                  warmup: int = DEFAULT_WARMUP, seed: int = 0) -> LatencyMeasurement:
     """Time ``workload`` on an :class:`~llmshrink.exporters.ort_session.OrtDecoder`.
 
-    Uses the shared-buffer :class:`~llmshrink.exporters.ort_session.KVSession`,
-    the path generation uses.
+    Uses the path generation uses: the shared-buffer
+    :class:`~llmshrink.exporters.ort_session.KVSession` for ort-flavour graphs,
+    functional calls with a growing cache for trt-flavour graphs.
     """
     import onnxruntime as ort
 
@@ -69,7 +70,25 @@ def time_decoder(decoder, workload: Workload, *, vocab_size: int, runs: int = DE
     b = workload.batch
     prompt = rng.integers(0, vocab_size, size=(b, workload.context), dtype=np.int64)
     step = rng.integers(0, vocab_size, size=(b, 1), dtype=np.int64)
-    kv = decoder.kv_session(workload.context + workload.new_tokens + 1, batch=b)
+    if decoder.shared_buffer:
+        once = _shared_buffer_run(decoder, workload, prompt, step)
+    else:
+        once = _growing_cache_run(decoder, workload, prompt, step)
+
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return summarize(times, workload, warmup=warmup, threads=decoder.threads,
+                     runtime="onnxruntime-cpu", runtime_version=ort.__version__)
+
+
+def _shared_buffer_run(decoder, workload: Workload, prompt, step):
+    """One timed unit on a KVSession (ort flavour): the path generation uses."""
+    kv = decoder.kv_session(workload.context + workload.new_tokens + 1, batch=workload.batch)
     # A prompt only needs its last row of logits (time to first token).
     if workload.phase == "decode":
         kv.step(prompt, last_only=True)
@@ -87,13 +106,22 @@ def time_decoder(decoder, workload: Workload, *, vocab_size: int, runs: int = DE
             kv.step(prompt, last_only=True)
             for _ in range(workload.new_tokens):
                 kv.step(step)
+    return once
 
-    for _ in range(warmup):
-        once()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return summarize(times, workload, warmup=warmup, threads=decoder.threads,
-                     runtime="onnxruntime-cpu", runtime_version=ort.__version__)
+
+def _growing_cache_run(decoder, workload: Workload, prompt, step):
+    """One timed unit with functional calls (trt-flavour graphs run in ONNX Runtime)."""
+    if workload.phase == "decode":
+        _, cache = decoder.forward(prompt)
+
+        def once() -> None:
+            decoder.forward(step, cache)
+    elif workload.phase == "prefill":
+        def once() -> None:
+            decoder.forward(prompt)
+    else:
+        def once() -> None:
+            _, past = decoder.forward(prompt)
+            for _ in range(workload.new_tokens):
+                _, past = decoder.forward(step, past)
+    return once

@@ -174,6 +174,8 @@ def test_trt_export_and_build_without_gpu_exits_5(tiny_llama_dir, tmp_path):
     assert m.flavour == "trt" and m.parity["passed"]
     text = "".join(api.generate_text(api.open_bundle(tmp_path / "trt"), "paris", max_new_tokens=3, chat=False))
     assert isinstance(text, str)
+    timed = api.bench(tmp_path / "trt", [Workload("decode", 1, 8), Workload("e2e", 1, 4, 2)], runs=2, warmup=0)
+    assert all(t.median_ms > 0 for t in timed)
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("this machine can build engines; tests/gpu covers it")
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "trt")])
