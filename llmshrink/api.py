@@ -82,13 +82,14 @@ def precision_summary(spec: SubnetSpec) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str = "ort",
-           max_length: int = 2048, trust_remote_code: bool = False,
+def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str | None = None,
+           target: str | None = None, max_length: int = 2048, trust_remote_code: bool = False,
            progress: Progress = NULL_PROGRESS) -> Manifest:
     """Materialize ``spec`` of ``model``, export it, check parity, and write a bundle at ``out``.
 
-    The spec is checked against the model's shape and the flavour's kernels
-    before any weights are loaded.
+    The spec is checked against the model's shape, the target's kernels (when
+    a target is given) and the flavour's kernels before any weights are loaded.
+    The flavour defaults to the target's (``ort`` without a target).
 
     Raises:
         SpecError / UsageError: the spec does not fit the model or the flavour.
@@ -102,6 +103,15 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
 
+    profile = None
+    if target is not None:
+        from llmshrink.targets.profile import load_target
+
+        profile = load_target(target)
+        if flavour is not None and flavour != profile.flavour:
+            raise UsageError(f"Target {profile.name} runs the {profile.flavour} flavour, not {flavour}.",
+                             "Drop --flavour, or pick a target whose runtime matches it.")
+    flavour = flavour or (profile.flavour if profile else "ort")
     fl = FLAVOURS.get(flavour)()
     source = resolve_model(model)
     base = BaseShape.from_config(load_config(source, trust_remote_code=trust_remote_code, progress=progress))
@@ -109,6 +119,8 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     if spec.base != base:
         raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is {base}.",
                         "Make the spec from this model (`llmshrink spec new --model ...`).")
+    if profile is not None:
+        spec.validate(allowed_formats=set(profile.formats))
     fl.check_spec(spec)
     hf = load_model(source, trust_remote_code=trust_remote_code, progress=progress)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
@@ -127,7 +139,8 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
                           "This is a bug in llmshrink; please report it with the spec.")
     fields = dict(flavour=flavour, model_source=source.describe(), model_fingerprint=fingerprint(source),
                   spec_fingerprint=spec.fingerprint(), max_length=max_length, precision=precision_summary(spec),
-                  num_params=cm.num_params, parity=report.as_dict())
+                  num_params=cm.num_params, parity=report.as_dict(),
+                  target=profile.name if profile else None, workload=profile.default_workload if profile else None)
     with progress.task(f"Writing bundle {out}"):
         return write_bundle(out, graph, tokenizer, spec, fields)
 

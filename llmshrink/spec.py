@@ -208,8 +208,8 @@ class SubnetSpec:
         if not 1 <= self.hidden_size <= b.hidden_size:
             raise SpecError("hidden-range", f"hidden_size {self.hidden_size} is outside 1..{b.hidden_size}.")
         _check_perm("hidden-order", self.hidden_order, b.hidden_size, "hidden_order")
-        for fmt_name, where in ((self.lm_head, "lm_head"), (self.embedding, "embedding")):
-            self._check_format(fmt_name, where, allowed_formats)
+        self._check_format(self.lm_head, "lm_head", allowed_formats)
+        self._check_format(self.embedding, "embedding", None)  # a table lookup, not a matmul kernel
         if parse_format(self.embedding).weight_bits < 16:
             raise SpecError("embedding-float", f"embedding format {self.embedding} is not supported yet.",
                             "Use fp32 or fp16 for the embedding table.")

@@ -20,6 +20,7 @@ from llmshrink.errors import LlmshrinkError
 COMMANDS: dict[str, str] = {
     "models": "llmshrink.cli.models:models",
     "data": "llmshrink.cli.data:data",
+    "targets": "llmshrink.cli.targets:targets",
     "spec": "llmshrink.cli.spec:spec",
     "export": "llmshrink.cli.bundle:export",
     "run": "llmshrink.cli.bundle:run",

@@ -13,14 +13,15 @@ from llmshrink.cli.ui import err, kv_table, out, print_json, progress
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to export (built-in name, directory, .gguf or hub id).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="SubnetSpec JSON (default: the unpruned fp32 model).")
-@click.option("--flavour", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime contrib ops (CPU). trt: standard ONNX for TensorRT (fp16, w4g* formats), checked statically.")
+@click.option("--target", default=None, help="Target name or YAML (see `llmshrink targets list`): checks the spec's formats against its kernels and picks the flavour.")
+@click.option("--flavour", type=click.Choice(["ort", "trt"]), default=None,
+              help="ort: ONNX Runtime contrib ops (CPU). trt: standard ONNX for TensorRT (fp16, w4g* formats), checked statically. Default: the target's, else ort.")
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(16), help="Longest prompt + generation the bundle supports.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write (replaced if it exists).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export(model_name: str, spec_path: Path | None, flavour: str, max_length: int, out_dir: Path,
-           trust_remote_code: bool, as_json: bool) -> None:
+def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,
+           out_dir: Path, trust_remote_code: bool, as_json: bool) -> None:
     """Build a bundle (ONNX model + tokenizer + spec + manifest) from a spec.
 
     The spec is validated against the model before any weights are loaded;
@@ -31,19 +32,19 @@ def export(model_name: str, spec_path: Path | None, flavour: str, max_length: in
     Examples:
       llmshrink export --out bundles/fp32
       llmshrink spec new --uniform int4 --out int4.json && llmshrink export --spec int4.json --out bundles/int4
-      llmshrink spec new --uniform w4g64 --lm-head fp16 --out trt.json && llmshrink export --spec trt.json --flavour trt --out bundles/trt
+      llmshrink spec new --uniform w4g64 --lm-head fp16 --out trt.json && llmshrink export --spec trt.json --target a100 --out bundles/a100
     """
     from llmshrink import api, serde
 
     with progress(not as_json) as p:
-        manifest = api.export(model_name, spec_path, out_dir, flavour=flavour, max_length=max_length,
+        manifest = api.export(model_name, spec_path, out_dir, flavour=flavour, target=target, max_length=max_length,
                               trust_remote_code=trust_remote_code, progress=p)
     if as_json:
         print_json(serde.to_dict(manifest)["_data"])
         return
     par = manifest.parity
     out.print(kv_table({
-        "bundle": out_dir, "flavour": manifest.flavour, "model": manifest.model_source,
+        "bundle": out_dir, "flavour": manifest.flavour, "target": manifest.target or "-", "model": manifest.model_source,
         "spec": manifest.spec_fingerprint, "parameters": f"{manifest.num_params:,}",
         "precision": ", ".join(f"{k}×{v}" for k, v in manifest.precision.items()),
         "parity": f"{par['rule']}: max|d| {par['max_abs_diff']:.2g}, top-1 {par['top1_agreement']:.1%} ({par['tokens']} tokens)",

@@ -1,5 +1,6 @@
-"""Targets: what "latency" means (Workload) and, later, profiles and latency tables."""
+"""Targets: what "latency" means (Workload), deployment target profiles, and (to come) latency tables."""
 
+from llmshrink.targets.profile import TargetProfile, builtin_names, load_target
 from llmshrink.targets.workload import Workload, parse_workload
 
-__all__ = ["Workload", "parse_workload"]
+__all__ = ["TargetProfile", "Workload", "builtin_names", "load_target", "parse_workload"]

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from llmshrink import serde
+from llmshrink.cli import cli
+from llmshrink.errors import UnknownNameError, UsageError
+from llmshrink.formats import parse_format
+from llmshrink.targets.profile import builtin_names, load_target
+
+
+def test_builtins_load_a100_first_with_canonical_formats():
+    assert builtin_names()[0] == "a100" and "cpu" in builtin_names()
+    for name in builtin_names():
+        p = load_target(name)
+        assert p.name == name and p.formats
+        assert all(parse_format(f).name == f for f in p.formats)
+        assert serde.loads(serde.dumps(p)) == p
+    assert load_target("a100").flavour == "trt" and load_target("cpu").flavour == "ort"
+
+
+def test_gpu_targets_cite_every_datasheet_number():
+    for name in ("a100", "h100", "l4", "jetson-orin"):
+        p = load_target(name)
+        assert p.datasheet and p.sources, name
+        assert "memory_bandwidth_gbps" in p.datasheet
+
+
+def test_a100_offers_no_fp8_and_only_buildable_trt_formats():
+    from llmshrink.exporters.onnx_trt import trt_pattern
+
+    p = load_target("a100")
+    for f in p.formats:
+        trt_pattern(parse_format(f))  # raises if the trt flavour cannot build it
+    assert not any("fp8" in f for f in p.formats)
+
+
+def test_user_target_yaml(tmp_path):
+    f = tmp_path / "board.yaml"
+    f.write_text("name: board\ndescription: my board\ndevice: x\nruntime: onnxruntime-cpu\n"
+                 "formats: [fp32, w4g32a8]\ndefault_workload: prefill:ctx=64\n")
+    p = load_target(str(f))
+    assert p.formats == ("fp32", "w4g32a8") and p.default_workload.phase == "prefill"
+    f.write_text("name: board\n")
+    with pytest.raises(UsageError, match="missing"):
+        load_target(str(f))
+    f.write_text("name: b\ndescription: d\ndevice: x\nruntime: tpu\nformats: [fp32]\ndefault_workload: decode\n")
+    with pytest.raises(UsageError, match="runtime"):
+        load_target(str(f))
+    f.write_text("a: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_target(str(f))
+
+
+def test_unknown_target_suggests():
+    with pytest.raises(UnknownNameError) as ei:
+        load_target("a10")
+    assert ei.value.suggestions[0] == "a100"
+
+
+def test_cli_list_and_show():
+    runner = CliRunner()
+    res = runner.invoke(cli, ["targets", "list", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)[0]["name"] == "a100"
+    res = runner.invoke(cli, ["targets", "show", "a100", "--json"])
+    data = json.loads(res.output)
+    assert data["runtime"] == "tensorrt" and data["sources"] and data["latency_table"] is None
+    assert runner.invoke(cli, ["targets", "show", "nope"]).exit_code == 2
+
+
+def test_export_with_target_checks_kernels_and_records_target(tiny_llama_dir, tmp_path):
+    from llmshrink import api
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape, SpecError, SubnetSpec
+
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    with pytest.raises(SpecError) as ei:
+        api.export(str(tiny_llama_dir), SubnetSpec.uniform(base, "w4g32a8"), tmp_path / "x", target="a100")
+    assert ei.value.rule == "target-kernel"
+    with pytest.raises(UsageError, match="flavour"):
+        api.export(str(tiny_llama_dir), SubnetSpec.uniform(base, "fp16"), tmp_path / "x", target="a100", flavour="ort")
+    m = api.export(str(tiny_llama_dir), SubnetSpec.uniform(base, "w4g32", lm_head="fp16"), tmp_path / "b",
+                   target="a100", max_length=64)
+    assert m.flavour == "trt" and m.target == "a100" and m.workload == load_target("a100").default_workload
