@@ -1,0 +1,1 @@
+"""Latency profilers: measure the ops a search space can produce, in context."""
