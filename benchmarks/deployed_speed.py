@@ -15,6 +15,7 @@ Needs `pip install onnxruntime-genai onnx_ir` (the peer, not a dependency).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -37,7 +38,10 @@ def build_llmshrink(precision: str, out: Path) -> Path:
     from llmshrink.spec import BaseShape, SubnetSpec
 
     base = BaseShape.from_config(load_config("smollm2-135m"))
-    api.export("smollm2-135m", SubnetSpec.uniform(base, PRECISIONS[precision][0]), out, max_length=512)
+    spec = SubnetSpec.uniform(base, PRECISIONS[precision][0])
+    if precision == "int4":  # genai's int4 also quantizes the (tied) embedding table, sharing the lm_head's
+        spec = dataclasses.replace(spec, embedding="w4g32")
+    api.export("smollm2-135m", spec, out, max_length=512)
     return out
 
 

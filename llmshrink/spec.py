@@ -122,7 +122,9 @@ class SubnetSpec:
         hidden_size: kept hidden width (global).
         layers: one entry per base layer.
         lm_head: precision of the output projection.
-        embedding: precision of the token embedding table.
+        embedding: precision of the token embedding table (fp32, fp16, or w4g*/w8g*
+            gathered block-quantized; with tied embeddings and the same format as the
+            lm_head the two share one set of integer weights in the ort flavour).
         hidden_order: importance order of hidden channels (None = identity).
         model: where the base model came from (informational).
     """
@@ -210,9 +212,11 @@ class SubnetSpec:
         _check_perm("hidden-order", self.hidden_order, b.hidden_size, "hidden_order")
         self._check_format(self.lm_head, "lm_head", allowed_formats)
         self._check_format(self.embedding, "embedding", None)  # a table lookup, not a matmul kernel
-        if parse_format(self.embedding).weight_bits < 16:
-            raise SpecError("embedding-float", f"embedding format {self.embedding} is not supported yet.",
-                            "Use fp32 or fp16 for the embedding table.")
+        emb = parse_format(self.embedding)
+        if not emb.is_float and (emb.weight_bits == 2 or emb.act != "none" or emb.group_size is None):
+            raise SpecError("embedding-format", f"embedding format {self.embedding} cannot be gathered.",
+                            "Use fp32, fp16, or w4g*/w8g* (optionally with z) for the embedding table.")
+        self._check_group("embedding", self.embedding, self.hidden_size)
         self._check_group("lm_head", self.lm_head, self.hidden_size)
         for i, ls in enumerate(self.layers):
             if ls.keep:

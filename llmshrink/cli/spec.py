@@ -25,12 +25,14 @@ def spec() -> None:
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model the spec prunes (only its config is read).")
 @click.option("--uniform", default="fp32", show_default=True, help="Format of every linear layer: fp32, w4g32, w4g32a8, w8a8, ... or int4/int8.")
 @click.option("--lm-head", default=None, help="Format of the lm_head (default: same as --uniform).")
+@click.option("--embedding", default="fp32", show_default=True,
+              help="Format of the embedding table: fp32, fp16, or w4g*/w8g* (shares the lm_head's weights when tied and alike).")
 @click.option("--random", "random_seed", type=int, default=None, help="Instead: a seeded random valid spec (for tests and benchmarks).")
 @click.option("--formats", default="fp32,w4g32,w8g32,w4g32a8", show_default=True, help="With --random: the formats to draw from.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Where to write the spec JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
-def new(model_name: str, uniform: str, lm_head: str | None, random_seed: int | None, formats: str, out_path: Path,
-        trust_remote_code: bool) -> None:
+def new(model_name: str, uniform: str, lm_head: str | None, embedding: str, random_seed: int | None, formats: str,
+        out_path: Path, trust_remote_code: bool) -> None:
     """Write a spec: the unpruned model in one format, or a random subnet.
 
     The file is plain JSON you can edit: per layer `keep`, `num_heads`,
@@ -40,8 +42,12 @@ def new(model_name: str, uniform: str, lm_head: str | None, random_seed: int | N
     \b
     Example:
       llmshrink spec new --uniform w4g32a8 --lm-head w8g32a8 --out plan.json
+      llmshrink spec new --uniform int4-a8 --embedding w4g32 --out int4.json   # like onnxruntime-genai's int4
     """
+    import dataclasses
+
     from llmshrink import storage
+    from llmshrink.formats import parse_format
     from llmshrink.models import load_config, resolve_model
     from llmshrink.spec import BaseShape, SubnetSpec, random_spec
 
@@ -51,7 +57,8 @@ def new(model_name: str, uniform: str, lm_head: str | None, random_seed: int | N
         s = random_spec(base, random_seed, formats=[f.strip() for f in formats.split(",") if f.strip()],
                         model=source.describe())
     else:
-        s = SubnetSpec.uniform(base, uniform, lm_head=lm_head, model=source.describe()).validate()
+        s = SubnetSpec.uniform(base, uniform, lm_head=lm_head, model=source.describe())
+    s = dataclasses.replace(s, embedding=parse_format(embedding).name).validate()
     storage.atomic_write_text(out_path, s.to_json())
     out.print(f"wrote {out_path} (spec {s.fingerprint()}, {len(s.kept_layers())}/{base.num_layers} layers kept)")
 

@@ -102,12 +102,9 @@ def materialize(model, spec: SubnetSpec, tokenizer=None) -> CompressedModel:
         blocks.append(Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears,
                             L.input_layernorm.weight[hidden], L.post_attention_layernorm.weight[hidden],
                             inv_freq[idx["pairs"]]))
-    embed = model.model.embed_tokens.weight[:, hidden]
-    emb_fmt = parse_format(spec.embedding)
-    if emb_fmt.weight_bits == 16:
-        embed = embed.half().float()
+    embedding = QuantLinear(model.model.embed_tokens.weight[:, hidden], None, parse_format(spec.embedding))
     head_w = model.lm_head.weight[:, hidden]
     head_b = model.lm_head.bias if getattr(model.lm_head, "bias", None) is not None else None
     lm_head = QuantLinear(head_w, head_b, parse_format(spec.lm_head))
-    return CompressedModel(spec, model_meta(model, tokenizer), embed, blocks,
+    return CompressedModel(spec, model_meta(model, tokenizer), embedding, blocks,
                            model.model.norm.weight[hidden], lm_head).eval()

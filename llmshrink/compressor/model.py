@@ -142,14 +142,19 @@ class CompressedModel(nn.Module):
     :meth:`load` a saved directory.
     """
 
-    def __init__(self, spec: SubnetSpec, meta: ModelMeta, embed: torch.Tensor, blocks: list[Block],
+    def __init__(self, spec: SubnetSpec, meta: ModelMeta, embedding: QuantLinear, blocks: list[Block],
                  final_norm: torch.Tensor, lm_head: QuantLinear) -> None:
         super().__init__()
         self.spec, self.meta = spec, meta
-        self.register_buffer("embed", embed.float().contiguous())
+        self.embedding = embedding  # [vocab, hidden] table; integer formats quantize along hidden
         self.blocks = nn.ModuleList(blocks)
         self.register_buffer("final_norm", final_norm.float().clone())
         self.lm_head = lm_head
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The (dequantized) embedding table ``[vocab, hidden]``."""
+        return self.embedding.weight
 
     @property
     def num_params(self) -> int:
@@ -191,7 +196,8 @@ class CompressedModel(nn.Module):
     # ------------------------------------------------------------------ io
     def state(self) -> dict[str, torch.Tensor]:
         """All tensors under stable names (the exporters read these)."""
-        t: dict[str, torch.Tensor] = {"embed": self.embed, "final_norm": self.final_norm}
+        t: dict[str, torch.Tensor] = {"final_norm": self.final_norm}
+        _linear_state(t, "embed", self.embedding)
         _linear_state(t, "lm_head", self.lm_head)
         for i, b in enumerate(self.blocks):
             p = f"blocks.{i}."
@@ -228,7 +234,8 @@ class CompressedModel(nn.Module):
             blocks.append(Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears,
                                 t[p + "input_norm"], t[p + "post_norm"], t[p + "inv_freq"]))
         lm_head = _linear_from_state(t, "lm_head", parse_format(spec.lm_head))
-        return cls(spec, meta, t["embed"], blocks, t["final_norm"], lm_head)
+        embedding = _linear_from_state(t, "embed", parse_format(spec.embedding))
+        return cls(spec, meta, embedding, blocks, t["final_norm"], lm_head)
 
 
 def _linear_state(t: dict[str, torch.Tensor], prefix: str, lin: QuantLinear) -> None:

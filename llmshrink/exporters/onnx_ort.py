@@ -72,9 +72,11 @@ def _emit_matmul(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
 def _emit_nbits(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
     fmt, arrays = lin.fmt, matmul_nbits_arrays(lin.quantized)
     base = _init_name(name)
-    inputs = [x, g.const(f"{base}.weight_Q{fmt.weight_bits}", arrays["B"]), g.const(f"{base}.weight_scales", arrays["scales"])]
+    # dedupe: a tied lm_head and embedding quantized alike share one copy of the weights
+    inputs = [x, g.const(f"{base}.weight_Q{fmt.weight_bits}", arrays["B"], dedupe=True),
+              g.const(f"{base}.weight_scales", arrays["scales"], dedupe=True)]
     if "zero_points" in arrays:
-        inputs.append(g.const(f"{base}.weight_zp", arrays["zero_points"]))
+        inputs.append(g.const(f"{base}.weight_zp", arrays["zero_points"], dedupe=True))
     y = g.one("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=lin.in_features, N=lin.out_features,
               bits=fmt.weight_bits, block_size=fmt.group_size, accuracy_level=4 if fmt.act == "int8-block" else 0)
     return _add_bias(g, y, lin, name)
@@ -119,6 +121,32 @@ def _packed(lins: list[QuantLinear]) -> QuantLinear | None:
         QuantizedWeight(torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]), zeros, fmt), bias)
 
 
+def _emit_embedding(g: GraphBuilder, ids: str, cm: CompressedModel) -> str:
+    """Gather for float tables; GatherBlockQuantized for w4g*/w8g* tables.
+
+    The quantized table is stored exactly as MatMulNBits stores a [vocab,
+    hidden] weight (viewed as [vocab, hidden*bits/8]), so a tied lm_head in
+    the same format shares it through GraphBuilder's deduplication.
+    """
+    emb = cm.embedding
+    if emb.quantized is None:
+        return g.one("Gather", [g.const("model.embed_tokens.weight", emb.weight.numpy()), ids],
+                     "/model/embed_tokens/Gather")
+    arrays = matmul_nbits_arrays(emb.quantized)
+    vocab = emb.out_features
+    shared_b = g.const(f"model.embed_tokens.weight_Q{emb.fmt.weight_bits}", arrays["B"], dedupe=True)
+    shape = g.const("/model/constants/INT64/embed_rows", np.array([vocab, -1], np.int64))
+    data = g.one("Reshape", [shared_b, shape], "/model/embed_tokens/Reshape")
+    scales = g.const("model.embed_tokens.weight_scales", arrays["scales"], dedupe=True)
+    scales = g.one("Reshape", [scales, shape], "/model/embed_tokens/ScalesReshape")
+    inputs = [data, ids, scales]
+    if "zero_points" in arrays:
+        zp = g.const("model.embed_tokens.weight_zp", arrays["zero_points"], dedupe=True)
+        inputs.append(g.one("Reshape", [zp, shape], "/model/embed_tokens/ZpReshape"))
+    return g.one("GatherBlockQuantized", inputs, "/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
+                 bits=emb.fmt.weight_bits, block_size=emb.fmt.group_size, gather_axis=0, quantize_axis=1)
+
+
 def rotary_cache(inv_freq: np.ndarray, scaling: float, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """GQA's cos/sin caches ``[max_length, head_dim/2]`` for the kept rotary frequencies."""
     freqs = np.outer(np.arange(max_length, dtype=np.float32), inv_freq.astype(np.float32))
@@ -157,8 +185,7 @@ def build_ort_graph(cm: CompressedModel, *, max_length: int = DEFAULT_MAX_LENGTH
     shape = g.one("Shape", [mask], f"{sub}/Shape")
     total_len = g.one("Cast", [g.one("Gather", [shape, one], f"{sub}/Gather", axis=0)], f"{sub}/Gather/Cast", to=INT32)
 
-    embed = g.const("model.embed_tokens.weight", cm.embed.numpy())
-    x = g.one("Gather", [embed, ids], "/model/embed_tokens/Gather")
+    x = _emit_embedding(g, ids, cm)
     residual, delta = x, None
     for j, b in enumerate(cm.blocks):
         p = f"/model/layers.{j}"

@@ -56,6 +56,9 @@ def check_spec(spec) -> None:
     """Raise UsageError if ``spec`` uses a format the trt flavour cannot express."""
     for name in spec.formats_used() - {spec.embedding}:
         trt_pattern(parse_format(name))
+    if not parse_format(spec.embedding).is_float:
+        raise UsageError(f"Embedding format {spec.embedding} has no TensorRT pattern (Gather on INT4/INT8 tables).",
+                         "Use fp16 or fp32 for the embedding in the trt flavour.")
 
 
 def _base(name: str) -> str:

@@ -61,7 +61,8 @@ ORIG = SubnetSpec.original(BASE)
     (_layer0(ORIG, precision={"q_proj": "fp32"}), "precision-keys"),
     (_layer0(ORIG.with_precision("w4g128"), intermediate_size=192), "group-divides-k"),
     (replace(ORIG, hidden_order=(0,) * 128), "hidden-order"),
-    (replace(ORIG, embedding="w4g32"), "embedding-float"),
+    (replace(ORIG, embedding="w4g32a8"), "embedding-format"),
+    (replace(ORIG, embedding="w2g32"), "embedding-format"),
 ])
 def test_broken_rules_are_named(spec, rule):
     with pytest.raises(SpecError) as ei:

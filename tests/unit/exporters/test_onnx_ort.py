@@ -127,3 +127,33 @@ def test_shared_buffer_session_matches_functional_forward(tiny_hf, tiny_base):
     assert np.abs(again - full[:, 8:]).max() < 1e-5
     with pytest.raises(ValueError, match="max_length"):
         kv.step(ids[:, :8])
+
+
+@pytest.mark.parametrize("fmt", ["w4g32", "w8g32", "w4g32z"])
+def test_quantized_embedding_gathers_exactly_and_shares_tied_weights(tiny_hf, tiny_base, fmt):
+    import dataclasses
+
+    import torch
+
+    spec = dataclasses.replace(SubnetSpec.uniform(tiny_base, fmt), embedding=fmt).validate()
+    cm = materialize(tiny_hf, spec)
+    # the torch reference embeds with the dequantized table
+    ref = tiny_hf.model.embed_tokens.weight
+    assert not torch.equal(cm.embed, ref) and torch.allclose(cm.embed, ref, atol=0.02)
+    graph = build_ort_graph(cm, max_length=64)
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.graph.node}
+    # tied lm_head in the same format: one copy of the integer weights
+    packed = [i for i in graph.graph.initializer if len(i.dims) == 3 and i.dims[0] == tiny_base.vocab_size]
+    assert len(packed) == 1
+    ort_l, t_l = run_both(cm)
+    assert np.abs(ort_l - t_l).max() < 1e-3
+
+
+def test_trt_flavour_refuses_quantized_embedding(tiny_hf, tiny_base):
+    import dataclasses
+
+    from llmshrink.exporters.onnx_trt import build_trt_graph
+
+    spec = dataclasses.replace(SubnetSpec.uniform(tiny_base, "w4g32"), embedding="w4g32")
+    with pytest.raises(UsageError, match="Embedding format"):
+        build_trt_graph(materialize(tiny_hf, spec))
