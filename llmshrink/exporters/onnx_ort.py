@@ -65,7 +65,7 @@ def _add_bias(g: GraphBuilder, y: str, lin: QuantLinear, name: str) -> str:
 
 
 def _emit_matmul(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
-    w = g.const(_init_name(name) + ".weight", lin.weight.numpy().T.astype(np.float32))
+    w = g.const(_init_name(name) + ".weight", lin.weight.numpy().T.astype(np.float32), dedupe=True)
     return _add_bias(g, g.one("MatMul", [x, w], name), lin, name)
 
 
@@ -130,8 +130,16 @@ def _emit_embedding(g: GraphBuilder, ids: str, cm: CompressedModel) -> str:
     """
     emb = cm.embedding
     if emb.quantized is None:
-        return g.one("Gather", [g.const("model.embed_tokens.weight", emb.weight.numpy()), ids],
-                     "/model/embed_tokens/Gather")
+        head = cm.lm_head
+        if (head.quantized is None and head.fmt.weight_bits == 32 and emb.fmt.weight_bits == 32
+                and head.bias is None and head.weight.shape == emb.weight.shape and bool((head.weight == emb.weight).all())):
+            # Tied fp32 table: store the lm_head's [H, V] weight once and gather from its
+            # transpose (ORT folds the Transpose at load), as onnxruntime-genai does.
+            shared = g.const("lm_head.MatMul.weight", head.weight.numpy().T.astype(np.float32), dedupe=True)
+            table = g.one("Transpose", [shared], "/model/embed_tokens/Transpose", perm=[1, 0])
+        else:
+            table = g.const("model.embed_tokens.weight", emb.weight.numpy())
+        return g.one("Gather", [table, ids], "/model/embed_tokens/Gather")
     arrays = matmul_nbits_arrays(emb.quantized)
     vocab = emb.out_features
     shared_b = g.const(f"model.embed_tokens.weight_Q{emb.fmt.weight_bits}", arrays["B"], dedupe=True)

@@ -157,3 +157,10 @@ def test_trt_flavour_refuses_quantized_embedding(tiny_hf, tiny_base):
     spec = dataclasses.replace(SubnetSpec.uniform(tiny_base, "w4g32"), embedding="w4g32")
     with pytest.raises(UsageError, match="Embedding format"):
         build_trt_graph(materialize(tiny_hf, spec))
+
+
+def test_tied_fp32_table_is_stored_once(tiny_hf, tiny_base):
+    graph = build_ort_graph(materialize(tiny_hf, SubnetSpec.original(tiny_base)), max_length=32)
+    big = [i for i in graph.graph.initializer if tiny_base.vocab_size in i.dims]
+    assert len(big) == 1 and list(big[0].dims) == [tiny_base.hidden_size, tiny_base.vocab_size]
+    assert "Transpose" in {n.op_type for n in graph.graph.node}
