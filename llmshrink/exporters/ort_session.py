@@ -24,9 +24,13 @@ class OrtDecoder:
     Args:
         model: path to a ``.onnx`` file, or serialized model bytes.
         threads: intra-op threads (None: ORT's default, all cores).
+        profile_prefix: turn on ORT's per-node profiler, writing to files with
+            this path prefix (the latency profiler reads them; see
+            ``session.end_profiling()``).
     """
 
-    def __init__(self, model: str | Path | bytes, *, threads: int | None = None) -> None:
+    def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
+                 profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -36,6 +40,9 @@ class OrtDecoder:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             so.intra_op_num_threads = threads
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         src = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         self.threads = threads
