@@ -1,4 +1,4 @@
-"""Targets: what "latency" means (Workload), deployment target profiles, and (to come) latency tables."""
+"""Targets: what "latency" means (Workload), deployment target profiles, latency tables and the predictor."""
 
 from llmshrink.targets.profile import TargetProfile, builtin_names, load_target
 from llmshrink.targets.workload import Workload, parse_workload

@@ -44,6 +44,8 @@ class TargetProfile:
     planned: tuple[str, ...] = ()
     table: str | None = None
     notes: tuple[str, ...] = ()
+    roofline: dict[str, float] = field(default_factory=dict)  # analytical-table assumptions (see targets.analytical)
+    checks: tuple[dict, ...] = ()  # published measurements the analytical table is checked against
 
     @property
     def flavour(self) -> str:
@@ -79,6 +81,8 @@ def _from_yaml(text: str, where: str) -> TargetProfile:
         memory_bytes=d.get("memory_bytes"), datasheet={k: float(v) for k, v in (d.get("datasheet") or {}).items()},
         sources=tuple(d.get("sources") or ()), planned=tuple(d.get("planned") or ()), table=d.get("table"),
         notes=tuple(d.get("notes") or ()),
+        roofline={k: float(v) for k, v in (d.get("roofline") or {}).items()},
+        checks=tuple(d.get("checks") or ()),
     )
 
 

@@ -1,0 +1,387 @@
+"""LatencyTable: what one target's ops cost, measured or analytical, and the cost models fitted to it.
+
+A table holds per-op entries keyed by a canonical op signature (op kind,
+phase, dims, format) with mean/std/n, plus provenance: ``measured`` (host,
+runtime version, date, the exact command) or ``analytical`` (the roofline
+formula and the datasheet numbers it used). A table never pretends: its
+``kind`` travels into every prediction, listing and manifest.
+
+Op kinds and their dims (``rows`` = tokens processed by the call, batch
+included; ``past`` = tokens already cached):
+
+=============  =====================================  ===========================================
+op             dims                                   cost-model features
+=============  =====================================  ===========================================
+linear         rows, k, n (+ fmt)                     1, k, n, k*n        (one model per fmt, rows)
+lm_head        rows, k, n (+ fmt)                     1, k*n              (one model per fmt)
+attention      rows, past, heads, kv_heads, head_dim  1, (h+2kv)*d*rows, kv*d*(past+rows),
+                                                      h*d*rows*(past+rows) (one model per phase)
+layer_glue     rows, hidden, mlp                      1, rows*hidden, rows*mlp
+overhead       rows, layers                           1, layers, rows      (sign free: see below)
+=============  =====================================  ===========================================
+
+Each cost model is linear in its features, so it is bilinear in a linear's
+K and N: exact for a memory-bound GEMV (bytes ~ K*N plus per-row and
+per-column terms) and for a compute-bound GEMM at fixed rows. Coefficients
+of linear/attention/glue are fitted non-negative, which makes predictions
+monotone in every width (more heads or a wider MLP is never faster). The
+``overhead`` model is the whole-call wall time minus the sum of per-node
+times; it absorbs the runtime's per-call cost and the node profiler's own
+per-node cost, so its per-layer term may be negative.
+
+A query inside the measured range of a model's dims is ``interpolated`` (or
+``measured`` on an exact entry); outside it is ``extrapolated`` and every
+prediction reports it — never silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmshrink import serde
+from llmshrink.errors import UsageError
+from llmshrink.storage import atomic_write_bytes, atomic_write_text
+
+TABLE_FORMAT = 1
+
+# Features of each op kind, written with + and * only so that they evaluate
+# on floats and on torch tensors alike (the search's expected latency uses
+# the very same functions as `predict`).
+FEATURES: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
+    "linear": lambda d: [1.0, d["k"], d["n"], d["k"] * d["n"]],
+    "lm_head": lambda d: [1.0, d["k"] * d["n"]],
+    "attention": lambda d: [1.0, (d["heads"] + 2 * d["kv_heads"]) * d["head_dim"] * d["rows"],
+                            d["kv_heads"] * d["head_dim"] * (d["past"] + d["rows"]),
+                            d["heads"] * d["head_dim"] * d["rows"] * (d["past"] + d["rows"])],
+    "layer_glue": lambda d: [1.0, d["rows"] * d["hidden"], d["rows"] * d["mlp"]],
+    "overhead": lambda d: [1.0, d["layers"], d["rows"]],
+}
+NONNEGATIVE = {"linear": True, "lm_head": True, "attention": True, "layer_glue": True, "overhead": False}
+# Dims a query must lie within (per fitted model) to count as interpolated.
+RANGE_DIMS = {"linear": ("k", "n"), "lm_head": ("rows", "k", "n"), "attention": ("rows", "past", "heads", "kv_heads", "head_dim"),
+              "layer_glue": ("rows", "hidden", "mlp"), "overhead": ("rows", "layers")}
+
+
+@serde.serializable("OpEntry")
+@dataclass(frozen=True)
+class OpEntry:
+    """One measured (or computed) op: its signature and its time."""
+
+    op: str
+    phase: str
+    dims: dict[str, int]
+    fmt: str = ""
+    mean_ms: float = 0.0
+    std_ms: float = 0.0
+    n: int = 1
+
+    def group(self) -> tuple:
+        """Which cost model this entry feeds: linears per (fmt, rows), the lm_head per fmt, the rest per phase.
+
+        The lm_head is its own kind: one [hidden x vocab] matmul, ten to a hundred
+        times a layer linear's size, on which kernels behave differently (and
+        prompts run it on one row, like decode).
+        """
+        if self.op == "linear":
+            return (self.op, self.fmt, self.dims["rows"])
+        if self.op == "lm_head":
+            return (self.op, self.fmt)
+        return (self.op, self.phase)
+
+
+@serde.serializable("TableProvenance")
+@dataclass(frozen=True)
+class Provenance:
+    """Where a table's numbers come from."""
+
+    kind: str  # "measured" | "analytical"
+    date: str = ""
+    command: str = ""
+    host: dict[str, Any] = field(default_factory=dict)  # cpu, cores, threads, runtime, versions
+    model: str = ""  # the model family the op grid was drawn from
+    formula: str = ""  # analytical tables: the roofline formula
+    datasheet: dict[str, float] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A fitted linear cost model over one op kind's features (see module docstring)."""
+
+    op: str
+    coef: tuple[float, ...]
+    lo: dict[str, float]
+    hi: dict[str, float]
+    n: int
+    rel_rmse: float  # RMS error on its own entries: relative for op times, in ms for the overhead
+
+    def features(self, dims: dict[str, Any]) -> list[Any]:
+        return FEATURES[self.op](dims)
+
+    def __call__(self, dims: dict[str, Any]) -> Any:
+        f = self.features(dims)
+        out = self.coef[0] * f[0]
+        for c, x in zip(self.coef[1:], f[1:], strict=True):
+            out = out + c * x
+        return out
+
+    def covers(self, dims: dict[str, Any]) -> bool:
+        return all(self.lo[d] <= float(dims[d]) <= self.hi[d] for d in RANGE_DIMS[self.op] if d in self.lo)
+
+
+def _sig(dims: dict[str, int]) -> tuple:
+    return tuple(sorted((k, v) for k, v in dims.items() if k != "call"))
+
+
+def kernel_class(op: str, fmt: str) -> str:
+    """The calibration class of an op: one per kernel family (and per op kind for the lm_head).
+
+    Classes, not formats, get a calibration scale: formats sharing a kernel
+    share its profiling bias, and 14 scales can be fitted from a few hundred
+    wall times where 52 could not.
+    """
+    if op not in ("linear", "lm_head"):
+        return op
+    from llmshrink.formats import parse_format
+
+    f = parse_format(fmt)
+    if f.is_float:
+        kind = f"fp{f.weight_bits}"
+    elif f.group_size is None:
+        kind = "w8a8"
+    elif f.act != "none":
+        kind = "int-a8"
+    else:
+        kind = f"int{f.weight_bits}"
+    return f"{op}:{kind}"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-phase scales from profiled op times to wall time, and the per-call overhead.
+
+    ``wall ≈ Σ_class scale[class] · Σ(op times of that class) + a + b·layers + c·rows``,
+    fitted on the table's ``wall`` entries (whole calls of the profiled
+    models; every entry of one call carries the same ``call`` number). The scales absorb what per-node profiling adds to or misses from
+    each kernel family; they are pulled toward 1 (ridge), so a class seen in
+    few models keeps its measured times.
+    """
+
+    scales: dict[str, dict[str, float]]  # phase -> class -> scale
+    overhead: dict[str, tuple[float, float, float]]  # phase -> (a, b per layer, c per row)
+    n: dict[str, int]
+    rel_rmse: dict[str, float]
+
+    def scale(self, phase: str, op: str, fmt: str = "") -> float:
+        return self.scales.get(phase, {}).get(kernel_class(op, fmt), 1.0)
+
+
+RIDGE_PER_CALL = 0.01  # pull toward 1, growing with the evidence it has to outweigh
+
+
+def _calibrate(entries: Sequence[OpEntry]) -> Calibration | None:
+    calls: dict[tuple, dict[str, float]] = {}
+    walls: dict[tuple, OpEntry] = {}
+    for e in entries:
+        if "call" not in e.dims:
+            continue
+        key = (e.phase, e.dims["call"])
+        if e.op == "wall":
+            walls[key] = e
+        elif e.op != "overhead":
+            c = calls.setdefault(key, {})
+            k = kernel_class(e.op, e.fmt)
+            c[k] = c.get(k, 0.0) + e.mean_ms
+    if not walls:
+        return None
+    scales, overhead, n, err = {}, {}, {}, {}
+    for phase in sorted({k[0] for k in walls}):
+        keys = [k for k in walls if k[0] == phase and k in calls]
+        classes = sorted({c for k in keys for c in calls[k]})
+        X = np.array([[calls[k].get(c, 0.0) for c in classes] + [1.0, walls[k].dims["layers"], walls[k].dims["rows"]]
+                      for k in keys])
+        y = np.array([walls[k].mean_ms for k in keys])
+        w = 1.0 / y
+        nc = len(classes)
+        ridge = RIDGE_PER_CALL * len(keys)
+        active = list(range(nc))
+        for _ in range(nc + 1):
+            cols = active + [nc, nc + 1, nc + 2]
+            A = X[:, cols] * w[:, None]
+            b = y * w
+            # ridge rows pull each active scale toward 1
+            R = np.zeros((len(active), len(cols)))
+            R[np.arange(len(active)), np.arange(len(active))] = np.sqrt(ridge)
+            sol, *_ = np.linalg.lstsq(np.vstack([A, R]), np.concatenate([b, np.sqrt(ridge) * np.ones(len(active))]),
+                                      rcond=None)
+            coef = np.zeros(nc + 3)
+            coef[cols] = sol
+            bad = [j for j in active if coef[j] <= 0]
+            if not bad:
+                break
+            active = [j for j in active if j not in bad]
+        scales[phase] = {c: float(coef[j]) for j, c in enumerate(classes)}
+        overhead[phase] = (float(coef[nc]), float(coef[nc + 1]), float(coef[nc + 2]))
+        n[phase] = len(keys)
+        err[phase] = float(np.sqrt(np.mean(((X @ coef - y) * w) ** 2)))
+    return Calibration(scales, overhead, n, err)
+
+
+def _fit(op: str, entries: Sequence[OpEntry]) -> CostModel:
+    """Least squares of time on features.
+
+    Non-negative kinds (op times) minimise relative error and try every
+    subset of features, keeping the best fit whose coefficients are all >= 0
+    (an exact NNLS for 3-4 features). The overhead is a difference of two
+    measurements, near zero and of either sign, so it is fitted in absolute
+    terms.
+    """
+    X = np.array([FEATURES[op](e.dims) for e in entries], dtype=np.float64)
+    y = np.array([e.mean_ms for e in entries], dtype=np.float64)
+    w = 1.0 / np.maximum(y, 1e-6) if NONNEGATIVE[op] else np.ones_like(y)
+    Xw, yw = X * w[:, None], y * w
+    scale = np.maximum(np.abs(Xw).max(0), 1e-30)  # column scaling for conditioning
+    best: tuple[float, np.ndarray] | None = None
+    cols = range(X.shape[1])
+    subsets = [c for r in range(X.shape[1], 0, -1) for c in itertools.combinations(cols, r)] if NONNEGATIVE[op] \
+        else [tuple(cols)]
+    for subset in subsets:
+        idx = list(subset)
+        sol, *_ = np.linalg.lstsq(Xw[:, idx] / scale[idx], yw, rcond=None)
+        coef = np.zeros(X.shape[1])
+        coef[idx] = sol / scale[idx]
+        if NONNEGATIVE[op] and (coef < 0).any():
+            continue
+        err = float(np.sqrt(np.mean(((X @ coef - y) * w) ** 2)))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, coef)
+    assert best is not None  # the single-feature fits include a non-negative one
+    if not NONNEGATIVE[op] and len(entries) > 8:
+        # The overhead is a difference of wall times taken on a shared machine; a
+        # burst of neighbour load doubles one now and then. Drop residuals beyond
+        # 3 robust standard deviations and refit once.
+        r = X @ best[1] - y
+        mad = 1.4826 * float(np.median(np.abs(r - np.median(r)))) or 1e-9
+        keep = np.abs(r - np.median(r)) <= 3 * mad
+        if keep.sum() >= X.shape[1] and not keep.all():
+            return _fit(op, [e for e, k in zip(entries, keep, strict=True) if k])
+    dims = RANGE_DIMS[op]
+    lo = {d: float(min(e.dims[d] for e in entries)) for d in dims}
+    hi = {d: float(max(e.dims[d] for e in entries)) for d in dims}
+    return CostModel(op, tuple(float(c) for c in best[1]), lo, hi, len(entries), best[0])
+
+
+@serde.serializable("LatencyTable")
+@dataclass(frozen=True)
+class LatencyTable:
+    """Per-op latencies for one target (see module docstring).
+
+    ``entries`` are the raw points; ``models`` fits them (or, for an
+    analytical table, ``analytical_models`` gives them in closed form).
+    """
+
+    name: str
+    target: str
+    provenance: Provenance
+    entries: tuple[OpEntry, ...] = ()
+    threads: int | None = None
+    format_version: int = TABLE_FORMAT
+
+    @property
+    def kind(self) -> str:
+        return self.provenance.kind
+
+    @cached_property
+    def models(self) -> dict[tuple, CostModel]:
+        """Cost model per group (see :meth:`OpEntry.group`); fitted once per table object."""
+        groups: dict[tuple, list[OpEntry]] = {}
+        for e in self.entries:
+            if e.op != "wall":
+                groups.setdefault(e.group(), []).append(e)
+        return {key: _fit(key[0], es) for key, es in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+    @cached_property
+    def calibration(self) -> Calibration | None:
+        """Wall-time calibration (measured tables with ``wall`` entries), else None."""
+        return _calibrate(self.entries)
+
+    @cached_property
+    def _exact(self) -> dict[tuple, float]:
+        return {(e.op, e.phase, e.fmt, _sig(e.dims)): e.mean_ms for e in self.entries if e.op != "wall"}
+
+    def is_exact(self, op: str, phase: str, fmt: str, dims: dict[str, int]) -> bool:
+        return (op, phase, fmt, _sig(dims)) in self._exact
+
+    def linear_rows(self, fmt: str) -> list[int]:
+        """The row counts a format's linear was measured at, ascending."""
+        return sorted(k[2] for k in self.models if k[0] == "linear" and k[1] == fmt)
+
+    def formats(self) -> list[str]:
+        return sorted({k[1] for k in self.models if k[0] == "linear"})
+
+    def summary(self) -> dict[str, Any]:
+        """What listings show: kind, provenance, size and fit quality."""
+        fits = self.models
+        worst = max(fits.values(), key=lambda m: m.rel_rmse) if fits else None
+        cal = self.calibration
+        return {"name": self.name, "kind": self.kind, "entries": len(self.entries), "cost_models": len(fits),
+                "calibration": None if cal is None else {"calls": cal.n, "rel_rmse": {k: round(v, 4) for k, v in
+                                                                                    cal.rel_rmse.items()},
+                                                         "scales": cal.scales},
+                "formats": self.formats(), "worst_fit": None if worst is None else
+                {"op": worst.op, "rel_rmse": round(worst.rel_rmse, 4)},
+                "provenance": serde.to_dict(self.provenance)["_data"]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON (gzip-compressed when the name ends in ``.gz``)."""
+        path = Path(path)
+        text = json.dumps(serde.to_dict(self), indent=None, separators=(",", ":")) + "\n"
+        if path.suffix == ".gz":
+            atomic_write_bytes(path, gzip.compress(text.encode(), mtime=0))
+        else:
+            atomic_write_text(path, text)
+        return path
+
+
+def load_table(path_or_name: str | Path) -> LatencyTable:
+    """A table from a JSON (or ``.json.gz``) file, or a built-in one (``targets/tables/NAME.json.gz``) by name.
+
+    Raises:
+        UsageError: no such file or built-in table, or not a LatencyTable.
+    """
+    path = Path(path_or_name).expanduser()
+    if path.suffix in (".json", ".gz"):
+        if not path.is_file():
+            raise UsageError(f"No such latency table file: {path}.",
+                             "Give a table JSON written by `llmshrink targets profile`, or a built-in table name.")
+        data = path.read_bytes()
+    else:
+        res = resources.files("llmshrink.targets").joinpath(f"tables/{path_or_name}.json.gz")
+        if not res.is_file():
+            raise UsageError(f"No built-in latency table {str(path_or_name)!r}.",
+                             "Give a table JSON written by `llmshrink targets profile`, or a built-in table name.")
+        data = res.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    try:
+        raw = json.loads(data)
+    except ValueError as e:
+        raise UsageError(f"{path_or_name} is not a latency table (not JSON: {e}).") from None
+    table = serde.from_dict(raw) if isinstance(raw, dict) and "_type" in raw else raw
+    if not isinstance(table, LatencyTable):
+        raise UsageError(f"{path_or_name} holds a {type(table).__name__}, not a LatencyTable.")
+    if table.format_version != TABLE_FORMAT:
+        raise UsageError(f"{path_or_name} is table format {table.format_version}; this llmshrink reads {TABLE_FORMAT}.",
+                         "Re-run `llmshrink targets profile` with this version.")
+    return table

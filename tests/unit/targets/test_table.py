@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from llmshrink.errors import UsageError
+from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, load_table
+
+
+def _table(entries):
+    return LatencyTable("t", "cpu", Provenance(kind="measured", command="test"), tuple(entries))
+
+
+def test_fit_recovers_a_bilinear_linear_cost_and_interpolates_off_grid():
+    truth = lambda k, n: 0.01 + 1e-5 * k + 2e-5 * n + 3e-8 * k * n  # noqa: E731
+    grid = [64, 256, 576, 1536]
+    t = _table(OpEntry("linear", "decode", {"rows": 1, "k": k, "n": n}, "fp32", truth(k, n))
+               for k in grid for n in grid)
+    cm = t.models[("linear", "fp32", 1)]
+    assert np.allclose(cm.coef, (0.01, 1e-5, 2e-5, 3e-8), rtol=1e-6)
+    assert cm.rel_rmse < 1e-9
+    assert cm({"k": 320, "n": 960}) == pytest.approx(truth(320, 960), rel=1e-9)
+    assert cm.covers({"k": 320, "n": 960}) and not cm.covers({"k": 4096, "n": 960})
+
+
+def test_op_time_fits_are_non_negative_so_predictions_are_monotone():
+    rng = np.random.default_rng(0)
+    # time truly independent of k, plus noise: an unconstrained fit would often give k a negative slope
+    entries = [OpEntry("linear", "decode", {"rows": 1, "k": int(k), "n": int(n)}, "w4g32",
+                       0.02 + 1e-5 * n * (1 + 0.05 * rng.standard_normal()))
+               for k, n in rng.integers(32, 1536, (60, 2))]
+    cm = _table(entries).models[("linear", "w4g32", 1)]
+    assert all(c >= 0 for c in cm.coef)
+
+
+def test_overhead_fit_ignores_bursts_of_machine_noise():
+    rng = np.random.default_rng(1)
+    entries = [OpEntry("overhead", "decode", {"rows": 1, "layers": L}, "", -0.5 + 0.02 * L + 0.01 * rng.standard_normal())
+               for L in range(5, 31) for _ in range(2)]
+    entries[3] = OpEntry("overhead", "decode", {"rows": 1, "layers": 6}, "", 8.0)  # a noisy neighbour
+    entries[20] = OpEntry("overhead", "decode", {"rows": 1, "layers": 15}, "", -9.0)
+    cm = _table(entries).models[("overhead", "decode")]
+    assert cm({"rows": 1, "layers": 20}) == pytest.approx(-0.5 + 0.4, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["t.json", "t.json.gz"])
+def test_table_round_trips_through_json_and_gzip(tmp_path, name):
+    t = _table([OpEntry("attention", "decode", {"rows": 1, "past": p, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                                                "batch": 1}, "", 0.01 + 1e-5 * p) for p in (8, 64, 256)])
+    back = load_table(t.save(tmp_path / name))
+    assert back == t
+    assert back.models[("attention", "decode")].coef == t.models[("attention", "decode")].coef
+
+
+def test_load_table_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(UsageError, match="No such latency table file"):
+        load_table(tmp_path / "missing.json")
+    with pytest.raises(UsageError, match="No built-in latency table"):
+        load_table("no-such-table")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not a latency table"):
+        load_table(tmp_path / "bad.json")
