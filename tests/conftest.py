@@ -48,3 +48,27 @@ def tiny_base(tiny_hf):
     from llmshrink.spec import BaseShape
 
     return BaseShape.from_config(tiny_hf.config)
+
+
+TINY_TABLE_FORMATS = ("fp32", "w4g32", "w4g32a8", "w8a8")
+
+
+@pytest.fixture(scope="session")
+def tiny_table(tiny_base, tmp_path_factory):
+    """A latency table measured (quickly) on the tiny Llama's family, and a target YAML that uses it."""
+    from llmshrink.targets.profilers.cpu import profile_cpu, quick_plan
+
+    table = profile_cpu(tiny_base, TINY_TABLE_FORMATS, model="tiny-llama", plan=quick_plan(8),
+                        command="pytest tiny_table", name="tiny")
+    d = tmp_path_factory.mktemp("tiny-target")
+    path = table.save(d / "tiny.json.gz")
+    yaml_path = d / "tiny-cpu.yaml"
+    yaml_path.write_text(f"""name: tiny-cpu
+description: this CPU, with a table measured on the tiny test Llama
+device: host CPU
+runtime: onnxruntime-cpu
+formats: [{", ".join(TINY_TABLE_FORMATS)}]
+default_workload: decode:batch=1,ctx=16
+table: {path}
+""")
+    return table, yaml_path

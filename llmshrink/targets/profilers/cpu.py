@@ -1,152 +1,331 @@
-"""Measure ONNX Runtime CPU op latencies *in context*, with the exporter's own emitters.
+"""Measure the ``cpu`` target's latency table: ONNX Runtime CPU ops timed inside whole models.
 
-Each measurement builds a small graph out of the very node patterns the ``ort``
-flavour emits (``emit_linear``, GroupQueryAttention, SkipSimplifiedLayerNorm)
-and times it like the shipped model runs: 2 threads (or as asked), warm-up,
-median of repeated runs. "In context" means the weights stream from memory as
-in the real model: a linear is measured inside a chain of many distinct
-layers whose weights together exceed the last-level cache, and attention reads
-one KV cache per layer, as many as a real model has. A cache-hot single op
-would be several times too fast on a CPU with a 32 MB L3.
+Why whole models: an op timed alone (or in a fan-out of copies) runs in a
+different context than in the shipped decoder — other caches, other
+prepacking, no neighbours — and on this machine that moved MatMulNBits at
+accuracy level 0 by up to 60 % (docs/research/latency_model.md). So the
+profiler samples random subnets of the model family (every width, every
+format of the target, kept-layer counts from a third to all), builds each
+through the real exporter (``build_ort_graph``) with random weights — same
+ops, same kernels, weights streaming from memory as in the real model — and
+runs the real workloads on it:
+
+1. a plain session times each workload's wall clock (what ``bench`` and
+   ``validate`` measure);
+2. a session with ORT's per-node profiler attributes the time to nodes,
+   which become table entries keyed by op signature (a linear's format,
+   rows, K, N; attention's heads, kv heads, head size, cached and new tokens;
+   a layer's norm/activation glue);
+3. each call's wall time (the floor of the plain session, as ``validate``
+   measures it) becomes a ``wall`` entry; the table fits per-kernel-class
+   scales and a per-call overhead from node times to wall times
+   (``table.Calibration``). The node profiler adds its own cost per node and,
+   for kernels that split work into many parallel chunks, much more (ORT logs
+   thread-pool statistics per chunk while profiling): the w8g32 lm_head at
+   accuracy level 0 reads 3x its real time. The scales take that out.
+
+The cost models fitted to the entries (``targets.table``) then predict any
+spec whose shapes fall inside the sampled ranges.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import platform
+import re
+import tempfile
 import time
-from dataclasses import dataclass
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import numpy as np
-import torch
 
-from llmshrink.compressor.model import QuantLinear
-from llmshrink.exporters.graph import FLOAT, MS_DOMAIN, GraphBuilder
+from llmshrink.exporters.timing import floor_of
 from llmshrink.formats import parse_format
+from llmshrink.progress import Progress
+from llmshrink.spec import LINEARS, BaseShape, LayerSpec, SubnetSpec
+from llmshrink.targets.table import LatencyTable, OpEntry, Provenance
+from llmshrink.targets.workload import Workload
 
-CACHE_BYTES = 96 << 20  # weights per chain: ~3x a 32 MB L3, so nothing stays cache-hot
-MAX_CHAIN = 160
-MIN_CHAIN = 8
+_LINEAR = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(qkv|q|k|v|o|gate|up|down)_proj/MatMul")
+_LAYER = re.compile(r"^/model/layers\.(\d+)/")
 
 
 @dataclass(frozen=True)
-class Timing:
-    """Median and spread of one op, from a chain of ``count`` copies."""
+class ProfilePlan:
+    """What a profile run samples. The defaults take about 12-15 minutes for SmolLM2-135M on 2 cores.
 
-    median_s: float
-    std_s: float
-    runs: int
-    count: int
+    52 models give each of the cpu target's 26 formats two lm_head samples.
+    """
+
+    models: int = 52
+    decode_contexts: tuple[int, ...] = (64, 256, 1024)
+    prefill_contexts: tuple[int, ...] = (32, 128, 256)
+    decode_runs: int = 40
+    prefill_runs: int = 12
+    blocks: int = 6
+    warmup_s: float = 1.0
+    min_layer_frac: float = 0.33
+    min_hidden_frac: float = 0.25
+    min_mlp_frac: float = 0.125
+    seed: int = 0
+
+    def workloads(self, i: int) -> list[Workload]:
+        """Model ``i``'s workloads: every decode context, the middle prefill context, and one of the others."""
+        pre = list(self.prefill_contexts)
+        mid = pre[len(pre) // 2]
+        others = [c for c in pre if c != mid]
+        chosen = [mid] + ([others[i % len(others)]] if others else [])
+        return [Workload("decode", 1, c) for c in self.decode_contexts] + [Workload("prefill", 1, c) for c in chosen]
 
 
-def _session(model_bytes: bytes, threads: int):
-    import onnxruntime as ort
+def _grid(full: int, step: int, lo_frac: float, rng: np.random.Generator, extreme: str | None) -> int:
+    choices = [w for w in range(step, full + 1, step) if w >= lo_frac * full] or [full]
+    if extreme == "min":
+        return choices[0]
+    return int(rng.choice(choices))
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+def sample_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePlan) -> SubnetSpec:
+    """Profile model ``i``: random widths and formats; model 0 has the full widths, model 1 the smallest.
+
+    Widths step by 32 (hidden, MLP) and 16 (head size) as the search's
+    candidates do; each linear draws a format among those whose group
+    divides its input width, so all of the target's kernels get sampled.
+    """
+    rng = np.random.default_rng([plan.seed, i])
+    extreme = {0: "max", 1: "min"}.get(i)
+    # The lm_head cycles through the formats, so each gets its own samples (it is
+    # one op per model, but a large one); the hidden size is then drawn among the
+    # widths that format's group divides.
+    lm_head = formats[i % len(formats)]
+    step = math.lcm(32, parse_format(lm_head).group_size or 1)
+    if extreme == "max":
+        hidden = base.hidden_size
+        if base.hidden_size % step:
+            lm_head = next(f for f in formats if base.hidden_size % (parse_format(f).group_size or 1) == 0)
+    else:
+        hidden = _grid(base.hidden_size, step, plan.min_hidden_frac, rng, extreme)
+        if hidden % step:  # the family is too narrow for this group: fall back to one that fits
+            lm_head = next(f for f in formats if hidden % (parse_format(f).group_size or 1) == 0)
+
+    def pick(k: int) -> str:
+        ok = [f for f in formats if not parse_format(f).group_size or k % parse_format(f).group_size == 0]
+        return str(rng.choice(ok)) if ok else "fp32"
+
+    n_keep = base.num_layers if extreme == "max" else int(rng.integers(
+        max(1, round(plan.min_layer_frac * base.num_layers)), base.num_layers + 1))
+    keep = set(rng.choice(base.num_layers, n_keep, replace=False).tolist())
+    layers = []
+    for j in range(base.num_layers):
+        if extreme == "max":
+            kv, per, hd, mlp = base.num_kv_heads, base.heads_per_group, base.head_dim, base.intermediate_size
+        elif extreme == "min":
+            kv, per, hd, mlp = 1, 1, _grid(base.head_dim, 16, 0.5, rng, "min"), \
+                _grid(base.intermediate_size, 32, plan.min_mlp_frac, rng, "min")
+        else:
+            kv = int(rng.integers(1, base.num_kv_heads + 1))
+            per = int(rng.integers(1, base.heads_per_group + 1))
+            hd = base.head_dim if rng.random() < 0.4 else _grid(base.head_dim, 16, 0.5, rng, None)
+            mlp = _grid(base.intermediate_size, 32, plan.min_mlp_frac, rng, None)
+        k_of = {"o_proj": kv * per * hd, "down_proj": mlp}
+        prec = {n: pick(k_of.get(n, hidden)) for n in LINEARS}
+        if rng.random() < 0.4:  # q/k/v in one format half the time: the packed qkv kernel needs samples too
+            prec["k_proj"] = prec["v_proj"] = prec["q_proj"]
+        layers.append(LayerSpec(j in keep, kv * per, kv, hd, mlp, prec))
+    return SubnetSpec(base, hidden, tuple(layers), lm_head=lm_head).validate()
 
 
-def _time(sess, feeds: dict, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        out.append(time.perf_counter() - t0)
+# ----------------------------------------------------------------- running
+def _once(kv, workload: Workload, prompt: np.ndarray, step: np.ndarray):
+    if workload.phase == "decode":
+        kv.rewind(0)
+        kv.step(prompt, last_only=True)
+
+        def run() -> None:
+            kv.rewind(workload.context)
+            kv.step(step)
+    else:
+        def run() -> None:
+            kv.rewind(0)
+            kv.step(prompt, last_only=True)
+    return run
+
+
+def _run_workloads(decoder, workloads: Sequence[Workload], runs: dict[str, int], warmup_s: float,
+                   vocab: int, blocks: int = 1) -> list[tuple[Workload, list[float], int]]:
+    """Run each workload; return (workload, timed seconds, session runs before the timed ones)."""
+    from llmshrink.exporters.timing import timed_blocks, warm_up
+
+    max_len = max(w.context for w in workloads) + 2
+    kv = decoder.kv_session(max_len)
+    rng = np.random.default_rng(0)
+    step = rng.integers(0, vocab, (1, 1), dtype=np.int64)
+    calls, out = 0, []
+    counter = {"n": 0}
+    first = True
+    for w in workloads:
+        prompt = rng.integers(0, vocab, (1, w.context), dtype=np.int64)
+        run = _once(kv, w, prompt, step)
+        calls += 1 if w.phase == "decode" else 0  # the decode setup prefill
+
+        def counted(run=run) -> None:
+            run()
+            counter["n"] += 1
+
+        counter["n"] = 0
+        warm_up(counted, 2, warmup_s if first else min(0.2, warmup_s))
+        first = False
+        calls += counter["n"]
+        times = timed_blocks(run, runs[w.phase], blocks)
+        out.append((w, times, calls))
+        calls += len(times)
     return out
 
 
-def fanout_count(k: int, n: int, fmt: str) -> int:
-    """How many distinct K->N linears a measurement needs for their weights to exceed CACHE_BYTES."""
-    per = k * n * parse_format(fmt).bits_per_weight() / 8
-    return int(min(MAX_CHAIN, max(MIN_CHAIN, np.ceil(CACHE_BYTES / per))))
+def _node_times(profile_file: str, plan_runs: list[tuple[Workload, list[float], int]],
+                blocks: int = 1) -> list[dict[str, float]]:
+    """Each node's time (ms) over each workload's timed runs, from ORT's profile JSON.
 
-
-def time_linear(k: int, n: int, fmt: str, rows: int, *, threads: int = 2, runs: int = 20, warmup: int = 3,
-                seed: int = 0) -> Timing:
-    """Per-op time of a K->N linear in ``fmt`` on ``rows`` tokens.
-
-    ``fanout_count`` distinct copies read the same input (as a layer's linears
-    read one normalized activation) and their weights together exceed the
-    cache, so each op streams its weights from memory as in a real model.
-    Each output is reduced to a scalar so that copying outputs out of the
-    session does not count; the reduction reads rows x N floats, negligible
-    next to the K x N weights.
+    The runs are split into ``blocks`` as they were timed; a node's time is
+    the fastest block's trimmed mean — the node-level counterpart of the wall
+    time's floor, so neither carries a slow spell of the machine.
     """
-    from llmshrink.exporters.onnx_ort import emit_linear
+    with open(profile_file) as f:
+        events = json.load(f)
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    starts = [r[0] for r in runs]
+    per_run: dict[int, dict[str, float]] = defaultdict(dict)
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        r = bisect_right(starts, e["ts"]) - 1
+        if r >= 0 and e["ts"] <= runs[r][1]:
+            name = e["name"][: -len("_kernel_time")]
+            per_run[r][name] = per_run[r].get(name, 0.0) + e["dur"] / 1e3
+    out = []
+    for _w, times, first in plan_runs:
+        idx = np.arange(first, first + len(times))
+        names = set().union(*(per_run[r].keys() for r in idx))
+        parts = [p for p in np.array_split(idx, max(1, min(blocks, len(idx)))) if len(p)]
+        out.append({n: min(_trimmed_mean([per_run[r].get(n, 0.0) for r in p]) for p in parts) for n in names})
+    return out
 
-    count = fanout_count(k, n, fmt)
-    g = GraphBuilder("linear_fanout")
-    x = g.input("x", FLOAT, [rows, k])
-    gen = torch.Generator().manual_seed(seed)
-    f = parse_format(fmt)
-    for i in range(count):
-        lin = QuantLinear(torch.randn(n, k, generator=gen) * 0.05, None, f)
-        y = emit_linear(g, x, lin, f"/fanout/{i}/MatMul")
-        g.output(g.one("ReduceSum", [y], f"/fanout/{i}/ReduceSum", keepdims=0), FLOAT, [])
-    sess = _session(g.model().SerializeToString(), threads)
-    feeds = {"x": np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)}
-    times = np.asarray(_time(sess, feeds, runs, warmup)) / count
-    return Timing(float(np.median(times)), float(times.std()), runs, count)
+
+def _trimmed_mean(xs: list[float], cut: float = 0.2) -> float:
+    """Mean of the middle 60 %: robust to a burst of neighbour load, and unlike a median
+    not stuck on the profiler's whole-microsecond steps for the smallest ops."""
+    a = np.sort(np.asarray(xs, dtype=np.float64))
+    k = int(len(a) * cut)
+    return float(a[k: len(a) - k].mean()) if len(a) > 2 * k else float(a.mean())
 
 
-def time_attention(num_heads: int, kv_heads: int, head_dim: int, context: int, new_tokens: int, *,
-                   layers: int = 30, threads: int = 2, runs: int = 20, warmup: int = 3, seed: int = 0) -> Timing:
-    """Per-layer time of GroupQueryAttention with rotary: ``new_tokens`` after ``context`` cached ones.
+def _entries(spec: SubnetSpec, w: Workload, nodes: dict[str, float], wall_ms: float, n: int,
+             call: int = 0) -> list[OpEntry]:
+    """Turn one workload's node times on one model into table entries (see module docstring).
 
-    ``layers`` copies each read their own KV cache (as a real model's layers
-    do) and share one packed qkv input; decode is new_tokens=1, a prompt is
-    context=0.
+    Every entry carries ``call`` (which profiled call it came from), so the
+    table can relate node times to that call's ``wall`` entry.
     """
-    g = GraphBuilder("attention")
-    total = context + new_tokens
-    width = (num_heads + 2 * kv_heads) * head_dim
-    qkv = g.input("qkv", FLOAT, [1, new_tokens, width])
-    seqlens = g.const("seqlens_k", np.array([total - 1], np.int32))
-    total_len = g.const("total_len", np.array(total, np.int32))
-    freqs = np.outer(np.arange(max(total, 1), dtype=np.float32), 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim))
-    cos = g.const("cos", np.cos(freqs).astype(np.float32))
-    sin = g.const("sin", np.sin(freqs).astype(np.float32))
-    rng = np.random.default_rng(seed)
-    feeds = {"qkv": rng.standard_normal((1, new_tokens, width)).astype(np.float32)}
-    for j in range(layers):
-        pk = g.input(f"past_k{j}", FLOAT, [1, kv_heads, context, head_dim])
-        pv = g.input(f"past_v{j}", FLOAT, [1, kv_heads, context, head_dim])
-        feeds[pk] = rng.standard_normal((1, kv_heads, context, head_dim)).astype(np.float32)
-        feeds[pv] = rng.standard_normal((1, kv_heads, context, head_dim)).astype(np.float32)
-        out = g.node("GroupQueryAttention", [qkv, "", "", pk, pv, seqlens, total_len, cos, sin], f"/attn/{j}",
-                     outputs=3, domain=MS_DOMAIN, num_heads=num_heads, kv_num_heads=kv_heads,
-                     scale=float(head_dim ** -0.5), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
-        g.output(out[0], FLOAT, [1, new_tokens, num_heads * head_dim])
-    sess = _session(g.model().SerializeToString(), threads)
-    times = np.asarray(_time(sess, feeds, runs, warmup)) / layers
-    return Timing(float(np.median(times)), float(times.std()), runs, layers)
+    kept = spec.kept_layers()
+    new, past = (1, w.context) if w.phase == "decode" else (w.context, 0)
+    rows = new * w.batch
+    h = spec.hidden_size
+    out: list[OpEntry] = []
+    glue: dict[int, float] = defaultdict(float)
+    for name, ms in nodes.items():
+        m = _LINEAR.match(name)
+        if m:
+            j, which = int(m.group(1)), m.group(2)
+            ls = spec.layers[kept[j]]
+            q, kv = ls.num_heads * ls.head_dim, ls.num_kv_heads * ls.head_dim
+            k, nn_, fmt = {"qkv": (h, q + 2 * kv, ls.precision["q_proj"]), "q": (h, q, ls.precision["q_proj"]),
+                           "k": (h, kv, ls.precision["k_proj"]), "v": (h, kv, ls.precision["v_proj"]),
+                           "o": (q, h, ls.precision["o_proj"]), "gate": (h, ls.intermediate_size, ls.precision["gate_proj"]),
+                           "up": (h, ls.intermediate_size, ls.precision["up_proj"]),
+                           "down": (ls.intermediate_size, h, ls.precision["down_proj"])}[which]
+            out.append(OpEntry("linear", w.phase, {"rows": rows, "k": k, "n": nn_, "call": call}, fmt, ms, 0.0, n))
+        elif name.startswith("/lm_head/MatMul"):
+            out.append(OpEntry("lm_head", w.phase, {"rows": w.batch, "k": h, "n": spec.base.vocab_size, "call": call},
+                               spec.lm_head, ms, 0.0, n))
+        elif (m := _LAYER.match(name)) and int(m.group(1)) < len(kept):
+            j = int(m.group(1))
+            ls = spec.layers[kept[j]]
+            if "GroupQueryAttention" in name:
+                out.append(OpEntry("attention", w.phase, {"rows": new, "past": past, "heads": ls.num_heads,
+                                                          "kv_heads": ls.num_kv_heads, "head_dim": ls.head_dim,
+                                                          "batch": w.batch, "call": call}, "", ms, 0.0, n))
+            else:
+                glue[j] += ms
+        # model-level nodes (embedding, mask, final norm, slice) are left to the calibrated overhead
+    for j, ms in sorted(glue.items()):
+        out.append(OpEntry("layer_glue", w.phase, {"rows": rows, "hidden": h, "mlp": spec.layers[kept[j]].intermediate_size,
+                                                   "call": call}, "", ms, 0.0, n))
+    out.append(OpEntry("wall", w.phase, {"rows": rows, "past": past, "layers": len(kept), "call": call}, "",
+                       wall_ms, 0.0, n))
+    return out
 
 
-def time_layer_glue(hidden: int, mlp: int, tokens: int, *, layers: int = 30, threads: int = 2, runs: int = 20,
-                    warmup: int = 3, seed: int = 0) -> Timing:
-    """Per-layer time of everything in a layer but the linears and attention.
+def host_info(threads: int | None) -> dict[str, object]:
+    import onnxruntime as ort
 
-    Two SkipSimplifiedLayerNormalization (hidden) and the SwiGLU glue
-    (Sigmoid, Mul, Mul over the MLP width), chained over ``layers`` layers.
-    """
-    g = GraphBuilder("glue")
-    rng = np.random.default_rng(seed)
-    x = g.input("x", FLOAT, [1, tokens, hidden])
-    gate = g.input("gate", FLOAT, [1, tokens, mlp])
-    up = g.input("up", FLOAT, [1, tokens, mlp])
-    residual, delta = x, x
-    for j in range(layers):
-        w = g.const(f"w{j}", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
-        for part in ("in", "post"):
-            outs = g.node("SkipSimplifiedLayerNormalization", [residual, delta, w], f"/l{j}/{part}/SkipLayerNorm",
-                          outputs=4, domain=MS_DOMAIN, epsilon=1e-5)
-            delta, residual = outs[0], outs[3]
-        act = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"/l{j}/Sigmoid")], f"/l{j}/Silu")
-        g.output(g.one("Mul", [act, up], f"/l{j}/Mul"), FLOAT, [1, tokens, mlp])
-    g.output(delta, FLOAT, [1, tokens, hidden])
-    sess = _session(g.model().SerializeToString(), threads)
-    feeds = {k: rng.standard_normal(shape).astype(np.float32)
-             for k, shape in (("x", (1, tokens, hidden)), ("gate", (1, tokens, mlp)), ("up", (1, tokens, mlp)))}
-    times = np.asarray(_time(sess, feeds, runs, warmup)) / layers
-    return Timing(float(np.median(times)), float(times.std()), runs, layers)
+    from llmshrink import __version__
+    from llmshrink.doctor import cpu_model
+
+    return {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
+            "threads": threads or "onnxruntime default", "runtime": "onnxruntime-cpu",
+            "runtime_version": ort.__version__, "llmshrink": __version__, "python": platform.python_version()}
+
+
+def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: ProfilePlan = ProfilePlan(),
+                threads: int | None = None, command: str = "", name: str = "cpu",
+                progress: Progress | None = None) -> LatencyTable:
+    """Measure a latency table for ``base``'s family on this CPU (see module docstring)."""
+    from llmshrink.compressor.synthetic import random_model
+    from llmshrink.exporters.onnx_ort import build_ort_graph
+    from llmshrink.exporters.ort_session import OrtDecoder
+
+    progress = progress or Progress()
+    entries: list[OpEntry] = []
+    call = 0
+    started = time.time()
+    max_len = max(plan.decode_contexts + plan.prefill_contexts) + 2
+    with progress.task(f"Profiling {plan.models} subnets of {model} on ONNX Runtime CPU", total=plan.models) as task, \
+            tempfile.TemporaryDirectory(prefix="llmshrink-profile-") as tmp:
+        for i in range(plan.models):
+            spec = sample_spec(base, formats, i, plan)
+            graph = build_ort_graph(random_model(spec, seed=i), max_length=max_len).SerializeToString()
+            workloads = plan.workloads(i)
+            runs = {"decode": plan.decode_runs, "prefill": plan.prefill_runs}
+            # Wall times: the floor (fastest block median) of a plain session, as
+            # `validate` measures; node times from a profiled session of the same graph.
+            plain = _run_workloads(OrtDecoder(graph, threads=threads), workloads, runs, plan.warmup_s,
+                                   base.vocab_size, blocks=plan.blocks)
+            prof = OrtDecoder(graph, threads=threads, profile_prefix=os.path.join(tmp, f"m{i}"))
+            timed = _run_workloads(prof, workloads, runs, plan.warmup_s, base.vocab_size, blocks=plan.blocks)
+            nodes = _node_times(prof.session.end_profiling(), timed, plan.blocks)
+            for (w, t, _), per_node in zip(plain, nodes, strict=True):
+                entries += _entries(spec, w, per_node, floor_of(t, plan.blocks) * 1e3, len(t), call=call)
+                call += 1
+            del prof, graph
+            task.advance(1, layers=len(spec.kept_layers()), hidden=spec.hidden_size)
+    elapsed = time.time() - started
+    prov = Provenance(kind="measured", date=datetime.now(UTC).isoformat(timespec="seconds"), command=command,
+                      host=host_info(threads), model=model,
+                      notes=(f"{plan.models} random subnets of {model} (seed {plan.seed}), built by the ort exporter "
+                             "with random weights; per-node times from ORT's profiler, wall times from a plain session.",
+                             f"decode contexts {list(plan.decode_contexts)}, prefill contexts {list(plan.prefill_contexts)}; "
+                             f"{plan.decode_runs} decode / {plan.prefill_runs} prefill runs per workload.",
+                             f"profiling took {elapsed / 60:.1f} minutes"))
+    return LatencyTable(name=name, target="cpu", provenance=prov, entries=tuple(entries), threads=threads)
+
+
+def quick_plan(models: int = 3) -> ProfilePlan:
+    """A small plan for tests: few models, short contexts, few runs."""
+    return replace(ProfilePlan(), models=models, decode_contexts=(8, 32), prefill_contexts=(8, 16), decode_runs=4,
+                   prefill_runs=2, blocks=2, warmup_s=0.0)

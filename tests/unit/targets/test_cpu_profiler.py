@@ -1,41 +1,72 @@
-import pytest
+from collections import Counter
 
-from llmshrink.targets.profilers.cpu import (
-    CACHE_BYTES,
-    MAX_CHAIN,
-    MIN_CHAIN,
-    fanout_count,
-    time_attention,
-    time_layer_glue,
-    time_linear,
-)
+from llmshrink.spec import BaseShape
+from llmshrink.targets.profilers.cpu import ProfilePlan, _entries, sample_spec
+from llmshrink.targets.workload import Workload
+
+SMOL = BaseShape(30, 576, 9, 3, 64, 1536, 49152, True)
 
 
-def test_fanout_covers_the_cache_within_bounds():
-    from llmshrink.formats import parse_format
+def _cpu_formats():
+    from llmshrink.targets import load_target
 
-    for k, n, fmt in [(576, 1536, "fp32"), (576, 1536, "w4g32a8"), (64, 64, "w2g32"), (576, 49152, "fp32")]:
-        c = fanout_count(k, n, fmt)
-        assert MIN_CHAIN <= c <= MAX_CHAIN
-        per = k * n * parse_format(fmt).bits_per_weight() / 8
-        if MIN_CHAIN < c < MAX_CHAIN:  # the fewest copies whose weights exceed the cache
-            assert (c - 1) * per < CACHE_BYTES <= c * per
-    # fewer bits per weight need more copies to stream the same bytes
-    assert fanout_count(576, 1536, "w4g32") > fanout_count(576, 1536, "fp32")
+    return load_target("cpu").formats
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "w4g32a8", "w8a8"])
-def test_linear_timing_runs_and_scales_with_size(fmt, monkeypatch):
-    import llmshrink.targets.profilers.cpu as cpu
+def test_sampled_specs_cover_every_format_every_lm_head_twice_and_the_extremes():
+    fm, plan = _cpu_formats(), ProfilePlan()
+    specs = [sample_spec(SMOL, fm, i, plan) for i in range(plan.models)]
+    full, small = specs[0], specs[1]
+    assert full.hidden_size == 576 and len(full.kept_layers()) == 30
+    assert all(ls.intermediate_size == 1536 and ls.num_heads == 9 for ls in full.layers)
+    assert small.hidden_size == 160 and all(ls.num_heads == 1 for ls in small.layers)  # a quarter, on the 32-grid
+    used = Counter(f for s in specs for i in s.kept_layers() for f in s.layers[i].precision.values())
+    assert set(used) == set(fm)
+    heads = Counter(s.lm_head for s in specs)
+    assert all(heads[f] >= 2 for f in fm), heads
+    assert min(len(s.kept_layers()) for s in specs) >= 10
 
-    monkeypatch.setattr(cpu, "CACHE_BYTES", 1 << 20)  # small and fast for a unit test
-    small = time_linear(64, 64, fmt, 1, runs=5, warmup=1)
-    big = time_linear(512, 512, fmt, 1, runs=5, warmup=1)
-    assert small.median_s > 0 and big.count >= MIN_CHAIN
-    assert big.median_s > small.median_s
+
+def test_node_times_become_entries_of_the_right_ops():
+    plan = ProfilePlan()
+    spec = sample_spec(SMOL, _cpu_formats(), 5, plan)
+    from llmshrink.compressor.synthetic import random_model
+    from llmshrink.exporters.onnx_ort import build_ort_graph
+
+    graph = build_ort_graph(random_model(spec), max_length=64)
+    nodes = {n.name: 0.01 for n in graph.graph.node}
+    w = Workload("prefill", 1, 32)
+    entries = _entries(spec, w, nodes, wall_ms=100.0, n=3, call=7)
+    kinds = Counter(e.op for e in entries)
+    kept = len(spec.kept_layers())
+    packed = sum(len({spec.layers[i].precision[n] for n in ("q_proj", "k_proj", "v_proj")}) == 1
+                 for i in spec.kept_layers())
+    assert kinds["attention"] == kinds["layer_glue"] == kept
+    assert kinds["linear"] == kept * 7 - 2 * packed
+    assert kinds["lm_head"] == kinds["wall"] == 1 and "overhead" not in kinds
+    lin = [e for e in entries if e.op == "linear"]
+    assert all(e.dims["rows"] == 32 for e in lin)
+    assert {e.fmt for e in lin} <= {f for i in spec.kept_layers() for f in spec.layers[i].precision.values()}
+    assert all(e.dims["call"] == 7 for e in entries)  # ties node times to their call's wall time
+    wall = next(e for e in entries if e.op == "wall")
+    assert wall.mean_ms == 100.0 and wall.dims["layers"] == kept and wall.dims["rows"] == 32
+    # model-level nodes (embedding, mask, final norm) are not attributed to any op
+    assert sum(e.mean_ms for e in entries if e.op != "wall") < 0.01 * len(nodes)
 
 
-def test_attention_and_glue_timings_run():
-    a = time_attention(4, 2, 16, 8, 1, layers=2, runs=3, warmup=1)
-    g = time_layer_glue(64, 128, 1, layers=2, runs=3, warmup=1)
-    assert a.median_s > 0 and g.median_s > 0 and a.count == 2
+def test_tiny_profile_is_a_measured_table_with_provenance(tiny_table):
+    table, _ = tiny_table
+    assert table.kind == "measured"
+    host = table.provenance.host
+    assert host["runtime"] == "onnxruntime-cpu" and host["cores"] and host["runtime_version"]
+    assert table.provenance.command == "pytest tiny_table" and table.provenance.date
+    keys = set(table.models)
+    for fmt in ("fp32", "w4g32", "w4g32a8", "w8a8"):
+        assert ("lm_head", fmt) in keys
+        assert table.linear_rows(fmt)[0] == 1 and len(table.linear_rows(fmt)) >= 2
+    for op in ("attention", "layer_glue"):
+        assert (op, "decode") in keys and (op, "prefill") in keys
+    cal = table.calibration
+    assert set(cal.scales) == {"decode", "prefill"} and cal.n["decode"] == 8 * 2
+    assert all(s >= 0 for ph in cal.scales.values() for s in ph.values())
+    assert all(e.mean_ms > 0 for e in table.entries)
