@@ -1,4 +1,4 @@
-"""The verbs of llmshrink as library calls: export, open a bundle, generate, bench.
+"""The verbs of llmshrink as library calls: export, open a bundle, generate, bench, validate.
 
 The CLI is a thin layer over these. They never print; long steps report to
 a :class:`~llmshrink.progress.Progress`.
@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmshrink import serde
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import (
     MODEL_FILE,
     Manifest,
     load_manifest,
+    now_iso,
     update_manifest,
     verify_bundle,
     write_bundle,
@@ -141,8 +143,27 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
                   spec_fingerprint=spec.fingerprint(), max_length=max_length, precision=precision_summary(spec),
                   num_params=cm.num_params, parity=report.as_dict(),
                   target=profile.name if profile else None, workload=profile.default_workload if profile else None)
+    if profile is not None:
+        fields.update(_prediction_fields(spec, profile))
     with progress.task(f"Writing bundle {out}"):
         return write_bundle(out, graph, tokenizer, spec, fields)
+
+
+def _prediction_fields(spec: SubnetSpec, profile) -> dict:
+    """Manifest fields for the target's predicted latency (none when the target has no table yet)."""
+    from llmshrink.targets.predict import NoTableError, predict
+
+    try:
+        p = predict(spec, profile)
+    except NoTableError as e:
+        return {"notes": (f"No predicted latency: {e.message}",)}
+    return {"predicted_latency_ms": p.total_ms, "prediction_provenance": prediction_provenance(p)}
+
+
+def prediction_provenance(p) -> str:
+    """How a prediction was made, in words a manifest keeps: table name, kind, coverage."""
+    cov = ", ".join(f"{k} {v:.0%}" for k, v in p.coverage.items())
+    return f"{p.table_kind} table {p.table} ({cov})"
 
 
 @dataclass
@@ -233,3 +254,104 @@ def bench(path: str | Path, workloads: Sequence[Workload], *, runs: int = DEFAUL
                 if not any(m.workload == r.workload and m.threads == r.threads for r in results)]
         update_manifest(path, measured=tuple(keep + results))
     return results
+
+
+@serde.serializable("Validation")
+@dataclass(frozen=True)
+class Validation:
+    """The verdict of :func:`validate`: prediction vs measurement on this machine."""
+
+    bundle: str
+    workload: Workload
+    predicted_ms: float
+    prediction_provenance: str
+    measured: LatencyMeasurement
+    error_pct: float  # (measured floor - predicted) / predicted
+    tolerance_pct: float
+    passed: bool
+    repredicted_ms: float | None = None  # the target's current table on the bundle's spec
+
+    @property
+    def measured_ms(self) -> float:
+        """What is compared: the floor (fastest block median; see exporters.timing), else the median."""
+        m = self.measured
+        return m.floor_ms if m.floor_ms is not None else m.median_ms
+
+    def summary(self) -> str:
+        verdict = "within" if self.passed else "OUTSIDE"
+        return (f"predicted {self.predicted_ms:.2f} ms, measured {self.measured_ms:.2f} ms "
+                f"(floor; median {self.measured.median_ms:.2f}) ({self.error_pct:+.1f}%, {verdict} "
+                f"±{self.tolerance_pct:g}%) — {self.workload.describe()}")
+
+
+def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | None = None,
+             workload: Workload | None = None, runs: int = 50, threads: int | None = None,
+             record: bool = True, progress: Progress = NULL_PROGRESS) -> Validation:
+    """Measure a bundle for its manifest's workload and compare with the manifest's prediction.
+
+    With ``target`` (or when the manifest has no prediction) the prediction
+    is made now from the bundle's spec and that target's table. With
+    ``record``, the measurement and the verdict are written into the manifest.
+    The measured figure is the floor (the fastest of the block medians): on a
+    shared machine neighbours lift medians by up to 30 % in spells of seconds,
+    and tables are measured the same way (see ``exporters.timing``).
+    The error is relative to the prediction: users budget by the predicted
+    number, so "10 %" means the bundle is at most 10 % off what was promised.
+
+    Raises:
+        UsageError: the bundle has no target/prediction and none was given.
+        ValidationFailedError (exit 4): the measurement is outside the tolerance.
+    """
+    from llmshrink.errors import UnknownNameError, ValidationFailedError
+    from llmshrink.exporters.timing import time_decoder
+    from llmshrink.targets.predict import NoTableError, predict
+    from llmshrink.targets.profile import load_target
+
+
+    b = open_bundle(path, threads=threads)
+    m = b.manifest
+    if target is None and m.predicted_latency_ms is None:
+        raise UsageError(f"Bundle {path} has no predicted latency (exported without a target, or the target had "
+                         "no table).", "Pass --target NAME (e.g. cpu) to predict it now, or re-export with --target.")
+    workload = workload or m.workload
+    profile = None
+    try:  # the manifest names the target; a user target's YAML may not travel with the bundle
+        profile = load_target(target or m.target) if (target or m.target) else None
+    except (UnknownNameError, UsageError):
+        if target is not None:
+            raise
+    workload = workload or (profile.default_workload if profile else None)
+    repredicted = None
+    if profile is not None:
+        try:
+            repredicted = predict(b.spec, profile, workload)
+        except NoTableError:
+            if target is not None:
+                raise
+    if target is None and workload == m.workload:
+        predicted, provenance = float(m.predicted_latency_ms), m.prediction_provenance or "manifest"
+    elif repredicted is not None:
+        predicted, provenance = repredicted.total_ms, prediction_provenance(repredicted)
+    else:
+        raise UsageError(f"The manifest predicts {m.workload}, not {workload}, and its target {m.target!r} cannot be "
+                         "loaded here to predict again.", "Pass --target with the target's name or YAML.")
+    if workload.context + workload.new_tokens + 1 > m.max_length:
+        raise UsageError(f"Workload {workload} needs more positions than the bundle's max_length {m.max_length}.")
+    with progress.task(f"Timing {workload}", total=None):
+        measured = time_decoder(b.decoder, workload, vocab_size=b.spec.base.vocab_size, runs=runs)
+    got = measured.floor_ms if measured.floor_ms is not None else measured.median_ms
+    err = (got - predicted) / predicted * 100
+    v = Validation(bundle=str(path), workload=workload, predicted_ms=predicted, prediction_provenance=provenance,
+                   measured=measured, error_pct=err, tolerance_pct=tolerance_pct, passed=abs(err) <= tolerance_pct,
+                   repredicted_ms=repredicted.total_ms if repredicted is not None else None)
+    if record:
+        keep = [x for x in m.measured if not (x.workload == measured.workload and x.threads == measured.threads)]
+        verdict = {k: v for k, v in serde.to_dict(v)["_data"].items() if k != "measured"}
+        verdict["date"] = now_iso()
+        update_manifest(path, measured=tuple(keep + [measured]), validation=verdict)
+    if not v.passed:
+        raise ValidationFailedError(f"Latency check failed: {v.summary()}.",
+                                    f"Prediction source: {provenance}. If the machine is busy, re-run; if the "
+                                    "table is stale, re-profile the target (`llmshrink targets profile`).")
+    return v
+

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "run": "llmshrink.cli.bundle:run",
     "bench": "llmshrink.cli.bundle:bench",
     "build": "llmshrink.cli.bundle:build",
+    "validate": "llmshrink.cli.bundle:validate",
     "doctor": "llmshrink.cli.doctor:doctor",
 }
 

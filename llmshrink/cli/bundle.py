@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmshrink.cli.ui import err, kv_table, out, print_json, progress
+from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
 
 
 @click.command()
@@ -48,8 +48,13 @@ def export(model_name: str, spec_path: Path | None, target: str | None, flavour:
         "spec": manifest.spec_fingerprint, "parameters": f"{manifest.num_params:,}",
         "precision": ", ".join(f"{k}×{v}" for k, v in manifest.precision.items()),
         "parity": f"{par['rule']}: max|d| {par['max_abs_diff']:.2g}, top-1 {par['top1_agreement']:.1%} ({par['tokens']} tokens)",
+        "predicted latency": (f"{manifest.predicted_latency_ms:.2f} ms — {manifest.workload.describe()} "
+                              f"({manifest.prediction_provenance})") if manifest.predicted_latency_ms else "-",
         "files": len(manifest.files),
     }, title="Exported"))
+    if manifest.predicted_latency_ms and manifest.prediction_provenance.startswith("analytical"):
+        warn("The predicted latency is ANALYTICAL (a roofline from datasheet numbers); build the engine on the "
+             "device and run `llmshrink validate` there.")
 
 
 @click.command()
@@ -93,7 +98,10 @@ def run(bundle: Path, prompt: str, max_new_tokens: int, chat: bool, sample: bool
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench(bundle: Path, workloads: tuple[str, ...], runs: int, warmup: int, threads: int | None, no_record: bool,
           as_json: bool) -> None:
-    """Measure a bundle's latency on this machine: median and p90 per workload.
+    """Measure a bundle's latency on this machine: median, floor and p90 per workload.
+
+    Runs are timed in blocks; the floor is the fastest block median (the
+    machine's uncontended speed, what latency tables and `validate` use).
 
     \b
     Examples:
@@ -112,11 +120,12 @@ def bench(bundle: Path, workloads: tuple[str, ...], runs: int, warmup: int, thre
         print_json([serde.to_dict(r)["_data"] for r in results])
         return
     t = Table(title=f"{bundle} on {results[0].host}")
-    for col in ("workload", "median ms", "p90 ms", "mean±std", "runs", "threads", "runtime"):
+    for col in ("workload", "median ms", "floor ms", "p90 ms", "mean±std", "runs", "threads", "runtime"):
         t.add_column(col)
     for r in results:
-        t.add_row(str(r.workload), f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.mean_ms:.2f} ± {r.std_ms:.2f}",
-                  str(r.runs), str(r.threads or "default"), f"{r.runtime} {r.runtime_version}")
+        t.add_row(str(r.workload), f"{r.median_ms:.2f}", f"{r.floor_ms:.2f}" if r.floor_ms else "-", f"{r.p90_ms:.2f}",
+                  f"{r.mean_ms:.2f} ± {r.std_ms:.2f}", str(r.runs), str(r.threads or "default"),
+                  f"{r.runtime} {r.runtime_version}")
     out.print(t)
     if not no_record:
         err.print("recorded in manifest.json", style="dim")
@@ -164,3 +173,67 @@ def build(bundle: Path, max_batch: int, workloads: tuple[str, ...], runs: int, a
     out.print(f"built {result.engine_path} in {result.seconds:.0f} s (TensorRT {result.tensorrt_version})")
     for m in measured:
         out.print(m.summary())
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tolerance", default="10%", show_default=True,
+              help="Largest |measured - predicted| / predicted that passes, e.g. 10% or 0.1.")
+@click.option("--target", default=None, help="Predict now with this target's table instead of the manifest's prediction.")
+@click.option("--workload", default=None, help="Workload to check (default: the manifest's).")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(5), help="Timed runs (after a 1 s warm-up).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--no-record", is_flag=True, help="Do not write the measurement and verdict into the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def validate(bundle: Path, tolerance: str, target: str | None, workload: str | None, runs: int, threads: int | None,
+             no_record: bool, as_json: bool) -> None:
+    """Check a bundle's real latency against its prediction; exit 4 when outside the tolerance.
+
+    Measures the manifest's workload on this machine (the bundle's files are
+    hash-checked first) and compares the median with the predicted latency
+    the manifest recorded at export. This is the command to run in CI on the
+    device the bundle ships to.
+
+    \b
+    Examples:
+      llmshrink validate bundles/int4
+      llmshrink validate bundles/int4 --tolerance 5% --json
+      llmshrink validate bundles/int4 --target cpu --workload prefill:ctx=128
+    """
+    from llmshrink import api, serde
+    from llmshrink.errors import ValidationFailedError
+    from llmshrink.targets.workload import parse_workload
+
+    tol = parse_tolerance(tolerance)
+    try:
+        with progress(not as_json) as p:
+            v = api.validate(bundle, tolerance_pct=tol, target=target,
+                             workload=parse_workload(workload) if workload else None, runs=runs, threads=threads,
+                             record=not no_record, progress=p)
+    except ValidationFailedError:
+        if as_json:
+            from llmshrink.exporters.bundle import load_manifest
+
+            print_json(load_manifest(bundle).validation)
+        raise
+    if as_json:
+        d = serde.to_dict(v)["_data"]
+        print_json(d)
+        return
+    out.print(f"PASS  {v.summary()}", style="green", highlight=False)
+    out.print(f"prediction: {v.prediction_provenance}", style="dim", highlight=False)
+
+
+def parse_tolerance(text: str) -> float:
+    """``10%`` or ``10`` -> 10.0; ``0.1`` (a fraction below 1) -> 10.0 (percent)."""
+    from llmshrink.errors import UsageError
+
+    t = text.strip()
+    try:
+        v = float(t.rstrip("%"))
+    except ValueError:
+        raise UsageError(f"--tolerance {text!r} is not a number.", "Write e.g. 10% or 0.1.") from None
+    pct = v if t.endswith("%") or v >= 1 else v * 100
+    if pct <= 0:
+        raise UsageError(f"--tolerance {text!r} must be positive.")
+    return pct

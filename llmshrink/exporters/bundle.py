@@ -56,6 +56,7 @@ class Manifest:
     parity: dict[str, float] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    validation: dict[str, object] = field(default_factory=dict)  # the last `llmshrink validate` verdict
 
 
 def tool_versions() -> dict[str, str]:

@@ -62,11 +62,42 @@ def test_unknown_target_suggests():
 def test_cli_list_and_show():
     runner = CliRunner()
     res = runner.invoke(cli, ["targets", "list", "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)[0]["name"] == "a100"
+    listed = json.loads(res.output)
+    assert res.exit_code == 0 and listed[0]["name"] == "a100"
+    kinds = {t["name"]: t["latency_table"]["kind"] for t in listed}
+    assert kinds["a100"] == "analytical" and kinds["cpu"] == "measured" and kinds["jetson-orin"] == "none"
     res = runner.invoke(cli, ["targets", "show", "a100", "--json"])
     data = json.loads(res.output)
-    assert data["runtime"] == "tensorrt" and data["sources"] and data["latency_table"] is None
+    assert data["runtime"] == "tensorrt" and data["sources"]
+    assert data["latency_table"]["kind"] == "analytical" and data["latency_table"]["provenance"]["sources"]
+    res = runner.invoke(cli, ["targets", "show", "cpu", "--json"])
+    table = json.loads(res.output)["latency_table"]
+    assert table["kind"] == "measured" and table["provenance"]["host"]["cpu"] and table["provenance"]["command"]
+    res = runner.invoke(cli, ["targets", "show", "cpu"])
+    assert res.exit_code == 0 and "MEASURED" in res.output and "table host" in res.output
     assert runner.invoke(cli, ["targets", "show", "nope"]).exit_code == 2
+
+
+def test_cli_predict_and_profile(tiny_llama_dir, tiny_table, tmp_path):
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape, SubnetSpec
+
+    runner = CliRunner()
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    spec = tmp_path / "s.json"
+    spec.write_text(SubnetSpec.uniform(base, "w4g32a8").to_json())
+    res = runner.invoke(cli, ["targets", "predict", "--target", str(tiny_table[1]), "--spec", str(spec),
+                              "--workload", "prefill:ctx=16", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["table_kind"] == "measured" and d["total_ms"] > 0
+    assert d["total_ms"] == pytest.approx(sum(o["ms"] for o in d["ops"]))
+    assert set(d["by_kind_ms"]) == {"linear", "attention", "layer_glue", "lm_head", "overhead"}
+    res = runner.invoke(cli, ["targets", "predict", "--target", "a100", "--model", str(tiny_llama_dir)])
+    assert res.exit_code == 0 and "ANALYTICAL" in res.output
+    # a GPU target can only be measured on its GPU
+    res = runner.invoke(cli, ["targets", "profile", "a100", "--model", str(tiny_llama_dir)])
+    assert res.exit_code == 5
 
 
 def test_export_with_target_checks_kernels_and_records_target(tiny_llama_dir, tmp_path):

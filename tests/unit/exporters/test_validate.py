@@ -1,0 +1,65 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from llmshrink import api
+from llmshrink.cli import cli
+from llmshrink.cli.bundle import parse_tolerance
+from llmshrink.errors import UsageError, ValidationFailedError
+from llmshrink.exporters.bundle import load_manifest, update_manifest, verify_bundle
+
+
+@pytest.fixture(scope="module")
+def tiny_target_bundle(tiny_llama_dir, tiny_table, tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate") / "b"
+    m = api.export(str(tiny_llama_dir), None, out, target=str(tiny_table[1]), max_length=64)
+    return out, m
+
+
+def test_export_with_a_target_records_its_prediction(tiny_target_bundle):
+    out, m = tiny_target_bundle
+    assert m.target == "tiny-cpu" and str(m.workload) == "decode:batch=1,ctx=16"
+    assert m.predicted_latency_ms > 0 and m.prediction_provenance.startswith("measured table tiny")
+
+
+def test_validate_passes_records_and_fails_a_tampered_prediction(tiny_target_bundle):
+    out, m = tiny_target_bundle
+    runner = CliRunner()
+    # generous tolerance: this checks the plumbing; the 10% claim is benchmarks/latency_model.py's
+    res = runner.invoke(cli, ["validate", str(out), "--tolerance", "300%", "--runs", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    v = json.loads(res.output)
+    assert v["passed"] and v["predicted_ms"] == pytest.approx(m.predicted_latency_ms)
+    assert v["measured"]["median_ms"] > 0
+    after = load_manifest(out)
+    assert after.validation["passed"] is True and after.measured[-1].workload == m.workload
+    verify_bundle(out)  # recording touches only the manifest
+
+    update_manifest(out, predicted_latency_ms=m.predicted_latency_ms / 1000)  # someone edits the promise
+    res = runner.invoke(cli, ["validate", str(out), "--runs", "10"])
+    assert res.exit_code == 4
+    assert "predicted" in res.output and "measured" in res.output and "OUTSIDE" in res.output
+    assert f"{m.predicted_latency_ms / 1000:.2f}" in res.output
+    assert load_manifest(out).validation["passed"] is False
+    with pytest.raises(ValidationFailedError):
+        api.validate(out, runs=5, record=False)
+
+
+def test_validate_needs_a_prediction(tiny_llama_dir, tmp_path):
+    out = tmp_path / "plain"
+    api.export(str(tiny_llama_dir), None, out, max_length=64)
+    with pytest.raises(UsageError, match="no predicted latency"):
+        api.validate(out, runs=5)
+
+
+@pytest.mark.parametrize("text,pct", [("10%", 10.0), ("0.1", 10.0), ("15", 15.0), ("2.5%", 2.5)])
+def test_parse_tolerance(text, pct):
+    assert parse_tolerance(text) == pytest.approx(pct)
+
+
+def test_parse_tolerance_rejects_nonsense():
+    with pytest.raises(UsageError):
+        parse_tolerance("ten")
+    with pytest.raises(UsageError):
+        parse_tolerance("0")
