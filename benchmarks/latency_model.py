@@ -1,0 +1,136 @@
+"""Predicted vs measured latency on the cpu target, over seeded random specs of SmolLM2-135M.
+
+For each seed, a random spec (widths, kept layers and a format per linear
+drawn from the cpu target's kernels) is materialized from the real weights
+and exported with the ``ort`` flavour; ``predict`` gives its latency from
+the target's table; ONNX Runtime measures it. Measurement interleaves the
+specs: ``--rounds`` passes over all of them, each timing ``--decode-runs`` /
+``--prefill-runs`` calls in blocks after a warm-up and keeping the floor (the
+fastest block median, what ``validate`` compares; see
+``llmshrink/exporters/timing.py``); the reported figure is the median over
+rounds. The errors against plain medians are printed too.
+
+    python benchmarks/latency_model.py [--specs 30] [--table PATH] [--json out.json]
+
+Prints one row per spec and, per workload, the mean and median absolute
+percentage error (MAPE, MdAPE), the worst error and the mean signed error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--table", default=None, help="a table JSON instead of the target's own")
+    ap.add_argument("--specs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=1000, help="first spec seed (the profiler samples its own)")
+    ap.add_argument("--workloads", nargs="+", default=["decode:ctx=256", "prefill:ctx=128"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-runs", type=int, default=40)
+    ap.add_argument("--prefill-runs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the per-spec results here")
+    args = ap.parse_args()
+
+    from llmshrink.compressor.materialize import materialize
+    from llmshrink.exporters.onnx_ort import build_ort_graph
+    from llmshrink.exporters.ort_session import OrtDecoder
+    from llmshrink.exporters.timing import time_decoder
+    from llmshrink.models import load_model, load_tokenizer, resolve_model
+    from llmshrink.spec import BaseShape, random_spec
+    from llmshrink.targets import load_target, parse_workload
+    from llmshrink.targets.predict import NoTableError, predict, table_for
+    from llmshrink.targets.table import load_table
+
+    target = load_target(args.target)
+    table = load_table(args.table) if args.table else table_for(target)
+    workloads = [parse_workload(w) for w in args.workloads]
+    source = resolve_model(args.model)
+    hf = load_model(source)
+    tok = load_tokenizer(source)
+    base = BaseShape.from_config(hf.config)
+    max_len = max(w.context + w.new_tokens for w in workloads) + 2
+
+    t0 = time.time()
+    rows, missing = [], []
+    for i in range(args.specs):
+        seed = args.seed + i
+        spec = random_spec(base, seed, target.formats, model=args.model)
+        try:
+            preds = [predict(spec, target, w, table=table) for w in workloads]
+        except NoTableError as e:  # a table gap is a failure of the table, shown as such
+            print(f"seed {seed}: no prediction ({e.message})", file=sys.stderr)
+            missing.append(seed)
+            continue
+        graph = build_ort_graph(materialize(hf, spec, tok), max_length=max_len).SerializeToString()
+        dec = OrtDecoder(graph, threads=args.threads)
+        mix = Counter(f for j in spec.kept_layers() for f in spec.layers[j].precision.values())
+        rows.append({"seed": seed, "spec": spec, "decoder": dec, "pred": preds, "meas": [[] for _ in workloads],
+                     "med": [[] for _ in workloads],
+                     "layers": len(spec.kept_layers()), "hidden": spec.hidden_size,
+                     "formats": ",".join(f"{f}:{n}" for f, n in mix.most_common(3)), "lm_head": spec.lm_head})
+        print(f"exported spec {i + 1}/{args.specs} (seed {seed})", file=sys.stderr, flush=True)
+    del hf
+    for r in range(args.rounds):
+        for row in rows:
+            for k, w in enumerate(workloads):
+                runs = args.decode_runs if w.phase == "decode" else args.prefill_runs
+                m = time_decoder(row["decoder"], w, vocab_size=base.vocab_size, runs=runs, seed=r)
+                row["meas"][k].append(m.floor_ms)
+                row["med"][k].append(m.median_ms)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# table {table.name} ({table.kind}), {table.provenance.date}; model {args.model}; "
+          f"{args.specs} specs, {args.rounds} interleaved rounds; {time.time() - t0:.0f} s")
+    head = f"{'seed':>5} {'L':>3} {'hid':>4} {'lm_head':>9} {'top formats':<34}"
+    for w in workloads:
+        head += f" | {str(w.phase)[:3]}:{w.context:<4} pred   meas    err"
+    print(head)
+    errs = [[] for _ in workloads]
+    errs_median = [[] for _ in workloads]
+    out = []
+    for row in rows:
+        line = f"{row['seed']:>5} {row['layers']:>3} {row['hidden']:>4} {row['lm_head']:>9} {row['formats'][:34]:<34}"
+        rec = {"seed": row["seed"], "fingerprint": row["spec"].fingerprint(), "layers": row["layers"],
+               "hidden": row["hidden"], "workloads": {}}
+        for k, w in enumerate(workloads):
+            pred = row["pred"][k].total_ms
+            meas = float(np.median(row["meas"][k]))
+            med = float(np.median(row["med"][k]))
+            e = (pred - meas) / meas * 100
+            errs[k].append(e)
+            errs_median[k].append((pred - med) / med * 100)
+            line += f" | {'':>8} {pred:6.2f} {meas:6.2f} {e:+6.1f}%"
+            rec["workloads"][str(w)] = {"predicted_ms": pred, "measured_ms": meas, "rounds_ms": row["meas"][k],
+                                        "median_ms": med, "rounds_median_ms": row["med"][k],
+                                        "error_pct": e, "coverage": row["pred"][k].coverage}
+        print(line)
+        out.append(rec)
+    print()
+    if missing:
+        print(f"NO PREDICTION (table gap) for seeds {missing}: {len(missing)} of {args.specs} specs")
+    for k, w in enumerate(workloads):
+        e = np.abs(errs[k])
+        print(f"{w.describe():40s} MAPE {e.mean():5.1f}%  MdAPE {np.median(e):5.1f}%  max {e.max():5.1f}%  "
+              f"mean signed {np.mean(errs[k]):+5.1f}%  within 10%: {(e <= 10).sum()}/{len(e)}")
+        em = np.abs(errs_median[k])
+        print(f"{'  (vs the plain medians instead of floors)':40s} MAPE {em.mean():5.1f}%  MdAPE {np.median(em):5.1f}%  "
+              f"mean signed {np.mean(errs_median[k]):+5.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "table": table.name, "specs": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
