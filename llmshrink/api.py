@@ -350,8 +350,14 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
         verdict["date"] = now_iso()
         update_manifest(path, measured=tuple(keep + [measured]), validation=verdict)
     if not v.passed:
-        raise ValidationFailedError(f"Latency check failed: {v.summary()}.",
-                                    f"Prediction source: {provenance}. If the machine is busy, re-run; if the "
-                                    "table is stale, re-profile the target (`llmshrink targets profile`).")
+        hint = f"Prediction source: {provenance}."
+        if v.repredicted_ms is not None and abs(v.repredicted_ms - predicted) > tolerance_pct / 100 * predicted:
+            hint += (f" The target's table predicts {v.repredicted_ms:.2f} ms for this spec now: the manifest's "
+                     "prediction does not come from it (edited, or made with another table).")
+        else:
+            hint += " If the machine is busy, re-run; if the table is stale, re-profile the target."
+        err = ValidationFailedError(f"Latency check failed: {v.summary()}.", hint)
+        err.validation = v
+        raise err
     return v
 

@@ -210,11 +210,9 @@ def validate(bundle: Path, tolerance: str, target: str | None, workload: str | N
             v = api.validate(bundle, tolerance_pct=tol, target=target,
                              workload=parse_workload(workload) if workload else None, runs=runs, threads=threads,
                              record=not no_record, progress=p)
-    except ValidationFailedError:
+    except ValidationFailedError as e:
         if as_json:
-            from llmshrink.exporters.bundle import load_manifest
-
-            print_json(load_manifest(bundle).validation)
+            print_json(serde.to_dict(e.validation)["_data"])
         raise
     if as_json:
         d = serde.to_dict(v)["_data"]

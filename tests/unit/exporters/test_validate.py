@@ -42,8 +42,8 @@ def test_validate_passes_records_and_fails_a_tampered_prediction(tiny_target_bun
     assert "predicted" in res.output and "measured" in res.output and "OUTSIDE" in res.output
     assert f"{m.predicted_latency_ms / 1000:.2f}" in res.output
     assert load_manifest(out).validation["passed"] is False
-    with pytest.raises(ValidationFailedError):
-        api.validate(out, runs=5, record=False)
+    res = runner.invoke(cli, ["validate", str(out), "--runs", "5", "--json", "--no-record"])
+    assert res.exit_code == 4 and '"passed": false' in res.output
 
 
 def test_validate_needs_a_prediction(tiny_llama_dir, tmp_path):
@@ -63,3 +63,13 @@ def test_parse_tolerance_rejects_nonsense():
         parse_tolerance("ten")
     with pytest.raises(UsageError):
         parse_tolerance("0")
+
+
+def test_a_tampered_prediction_is_named_when_the_target_loads(tiny_llama_dir, tmp_path):
+    out = tmp_path / "cpu"
+    m = api.export(str(tiny_llama_dir), None, out, target="cpu", max_length=300)
+    update_manifest(out, predicted_latency_ms=m.predicted_latency_ms * 50)
+    with pytest.raises(ValidationFailedError) as ei:
+        api.validate(out, runs=5, record=False)
+    assert ei.value.validation.repredicted_ms == pytest.approx(m.predicted_latency_ms)
+    assert "does not come from it" in ei.value.hint
