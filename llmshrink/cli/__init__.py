@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "bench": "llmshrink.cli.bundle:bench",
     "build": "llmshrink.cli.bundle:build",
     "validate": "llmshrink.cli.bundle:validate",
+    "eval": "llmshrink.cli.evaluate:evaluate",
     "doctor": "llmshrink.cli.doctor:doctor",
 }
 
