@@ -35,6 +35,8 @@ class Scorer:
         tokenizer: the model's tokenizer.
         max_length: longest sequence the backend accepts.
         forward: ids ``[T]`` (int64) -> logits ``[T, V]``.
+        generate: (prompt ids ``[T]``, max new tokens, stop ids) -> greedy new ids,
+            through the backend's KV cache.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Scorer:
     tokenizer: object
     max_length: int
     forward: Callable[[np.ndarray], np.ndarray]
+    generate: Callable[[np.ndarray, int, tuple[int, ...]], list[int]]
 
     def logprobs(self, ids: np.ndarray) -> np.ndarray:
         """Log-softmax ``[T, V]`` (float64) of the next-token distribution after each of ``ids``."""
@@ -66,7 +69,13 @@ def _bundle_scorer(path: str, *, threads: int | None = None, **_: object) -> Sco
         logits, _ = b.decoder.forward(ids[None, :])
         return logits[0]
 
-    return Scorer(str(path), "onnxruntime", b.tokenizer, b.manifest.max_length, forward)
+    def generate(ids: np.ndarray, max_new: int, stop: tuple[int, ...]) -> list[int]:
+        max_new = min(max_new, b.manifest.max_length - len(ids))
+        if max_new <= 0:
+            return []
+        return list(b.decoder.generate(ids, max_new, max_length=len(ids) + max_new + 1, stop_ids=stop))
+
+    return Scorer(str(path), "onnxruntime", b.tokenizer, b.manifest.max_length, forward, generate)
 
 
 def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, **_: object) -> Scorer:
@@ -90,7 +99,11 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, **_
         logits, _ = cm(torch.from_numpy(ids)[None, :])
         return logits[0].numpy()
 
-    return Scorer(source.describe(), "torch", tok, cm.meta.max_position_embeddings, forward)
+    def generate(ids: np.ndarray, max_new: int, stop: tuple[int, ...]) -> list[int]:
+        out = cm.generate(torch.from_numpy(ids)[None, :], max_new, stop_ids=stop)
+        return out[0].tolist()
+
+    return Scorer(source.describe(), "torch", tok, cm.meta.max_position_embeddings, forward, generate)
 
 
 SCORERS.register("onnxruntime", _bundle_scorer)
