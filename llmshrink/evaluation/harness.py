@@ -69,8 +69,8 @@ def run_tasks(target: str, tasks: list[str], *, include_path: str | None = None,
                           log_samples=False)
     out = []
     for task, metrics in sorted(res["results"].items()):
-        keep = {k.split(",")[0] + ("_stderr" if "stderr" in k else ""): float(v) for k, v in metrics.items()
-                if isinstance(v, (int, float)) and k.split(",")[0].replace("_stderr", "") in ("acc", "acc_norm")}
+        keep = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and k.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
         n = res.get("n-samples", {}).get(task, {}).get("effective")
         out.append(TaskResult(task, keep, n, limit))
     return out
