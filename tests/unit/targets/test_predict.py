@@ -108,8 +108,9 @@ def test_outside_the_table_is_flagged_never_silent(tiny_base, tiny_table):
     inside = predict(spec, target, Workload("decode", 1, 16))
     assert "extrapolated" not in inside.coverage
     far = predict(spec, target, Workload("decode", 1, 4000))
-    assert far.coverage.get("extrapolated", 0) > 0
-    assert all(o.op == "attention" for o in far.extrapolated)
+    assert "extrapolated" in far.coverage  # its share may round to 0 on the tiny model
+    assert far.extrapolated and all(o.op == "attention" for o in far.extrapolated)
+    assert len(far.extrapolated) == len(spec.kept_layers())
 
 
 def test_missing_table_or_format_is_an_error(tiny_base, tiny_table):
