@@ -56,8 +56,34 @@ def test_generate_until_matches_greedy_reference(models):
     assert bundle_lm.generate_until(reqs) == want
 
 
-def test_cli_eval_tasks_on_a_local_task_records_accuracy(models, tiny_llama_dir, tmp_path):
-    """A tiny multiple-choice task built here; the CLI's accuracy equals lm-eval's hf model on it."""
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A tiny multiple-choice lm-eval task (folder, name), built here from the tiny corpus."""
+    import json
+
+    d = tmp_path_factory.mktemp("task")
+    lines = tiny_corpus(40, seed=8)
+    docs = [{"q": a, "choices": [" " + b.split()[0], " " + c.split()[0]], "label": 0}
+            for a, b, c in zip(lines[0::3], lines[1::3], lines[2::3], strict=False)]
+    (d / "data.jsonl").write_text("\n".join(json.dumps(x) for x in docs))
+    (d / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / "data.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+""")
+    return d, "tiny_mc"
+
+
+def test_cli_eval_tasks_on_a_local_task_records_accuracy(models, tiny_task):
+    """The CLI's accuracy on a local task equals lm-eval's hf model on it."""
     import json
 
     from click.testing import CliRunner
@@ -67,31 +93,27 @@ def test_cli_eval_tasks_on_a_local_task_records_accuracy(models, tiny_llama_dir,
     from llmshrink.cli import cli
     from llmshrink.exporters.bundle import load_manifest
 
-    lines = tiny_corpus(40, seed=8)
-    docs = [{"q": a, "choices": [" " + b.split()[0], " " + c.split()[0]], "label": 0}
-            for a, b, c in zip(lines[0::3], lines[1::3], lines[2::3], strict=False)]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    (tmp_path / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / "data.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-""")
+    folder, name = tiny_task
     ref, _, bundle_lm = models
-    want = simple_evaluate(model=ref, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
-    acc = want["results"]["tiny_mc"]["acc,none"]
+    want = simple_evaluate(model=ref, tasks=[name], task_manager=TaskManager(include_path=str(folder)))
+    acc = want["results"][name]["acc,none"]
     bundle = bundle_lm.scorer.name
-    res = CliRunner().invoke(cli, ["eval", bundle, "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--json"])
+    res = CliRunner().invoke(cli, ["eval", bundle, "--tasks", name, "--include-path", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)["tasks"][0]
-    assert got["task"] == "tiny_mc" and got["metrics"]["acc"] == pytest.approx(acc)
-    assert load_manifest(bundle).quality["tiny_mc:acc"] == pytest.approx(acc)
+    assert got["task"] == name and got["metrics"]["acc"] == pytest.approx(acc)
+    assert load_manifest(bundle).quality[f"{name}:acc"] == pytest.approx(acc)
     res = CliRunner().invoke(cli, ["eval", bundle, "--tasks", "nope_local"])
     assert res.exit_code == 2 and "render.py" in res.output
+
+
+def test_lm_eval_own_cli_runs_the_llmshrink_model(models, tiny_task, monkeypatch, capsys):
+    folder, name = tiny_task
+    bundle = models[2].scorer.name
+    monkeypatch.setattr("sys.argv", ["llmshrink-lm-eval", "--model", "llmshrink", "--model_args", f"path={bundle}",
+                                     "--tasks", name, "--include_path", str(folder)])
+    from llmshrink.evaluation.lm_eval_cli import main
+
+    main()
+    out = capsys.readouterr().out
+    assert "llmshrink" in out and name in out and "acc" in out
