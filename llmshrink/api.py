@@ -274,8 +274,7 @@ class Validation:
     @property
     def measured_ms(self) -> float:
         """What is compared: the floor (fastest block median; see exporters.timing), else the median."""
-        m = self.measured
-        return m.floor_ms if m.floor_ms is not None else m.median_ms
+        return self.measured.reference_ms
 
     def summary(self) -> str:
         verdict = "within" if self.passed else "OUTSIDE"
@@ -339,8 +338,7 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
         raise UsageError(f"Workload {workload} needs more positions than the bundle's max_length {m.max_length}.")
     with progress.task(f"Timing {workload}", total=None):
         measured = time_decoder(b.decoder, workload, vocab_size=b.spec.base.vocab_size, runs=runs)
-    got = measured.floor_ms if measured.floor_ms is not None else measured.median_ms
-    err = (got - predicted) / predicted * 100
+    err = (measured.reference_ms - predicted) / predicted * 100
     v = Validation(bundle=str(path), workload=workload, predicted_ms=predicted, prediction_provenance=provenance,
                    measured=measured, error_pct=err, tolerance_pct=tolerance_pct, passed=abs(err) <= tolerance_pct,
                    repredicted_ms=repredicted.total_ms if repredicted is not None else None)

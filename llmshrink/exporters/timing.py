@@ -58,6 +58,11 @@ class LatencyMeasurement:
     floor_ms: float | None = None  # fastest block median (see DEFAULT_BLOCKS)
     blocks: int = 1
 
+    @property
+    def reference_ms(self) -> float:
+        """What predictions are compared with: the floor when measured in blocks, else the median."""
+        return self.floor_ms if self.floor_ms is not None else self.median_ms
+
     def summary(self) -> str:
         floor = f", floor {self.floor_ms:.2f}" if self.floor_ms is not None else ""
         return (f"{self.median_ms:.2f} ms median (p90 {self.p90_ms:.2f}{floor}, n={self.runs}) — "

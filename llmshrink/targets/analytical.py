@@ -37,6 +37,9 @@ _DIMS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _VOCAB = (16384, 32768, 65536, 131072, 262144)
 _DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)
 _PREFILL_ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# The overhead op's dims carry no hidden size; its embedding gather and final
+# norm are sized for a 4096-wide model (a few microseconds either way).
+_OVERHEAD_HIDDEN = 4096
 
 
 def has_roofline(target: TargetProfile) -> bool:
@@ -83,7 +86,7 @@ class Roofline:
         return self._t(2 * rows * (9 * hidden + 3 * mlp), 0.0, self.fp16, kernels=self.glue_kernels)
 
     def overhead(self, rows: int, layers: int) -> float:
-        return self.call * 1e3 + self._t(2 * rows * 4096 * 3, 0.0, self.fp16, kernels=2)
+        return self.call * 1e3 + self._t(2 * rows * _OVERHEAD_HIDDEN * 3, 0.0, self.fp16, kernels=2)
 
 
 _CACHE: dict[str, LatencyTable] = {}
@@ -141,6 +144,8 @@ def check_published(target: TargetProfile) -> list[dict]:
     published figure; the prediction is for the unpruned model in that format
     (lm_head and embedding in fp16, as the runtimes keep them).
     """
+    from dataclasses import replace
+
     from llmshrink.spec import BaseShape, SubnetSpec
     from llmshrink.targets.predict import predict
     from llmshrink.targets.workload import parse_workload
@@ -151,10 +156,7 @@ def check_published(target: TargetProfile) -> list[dict]:
         base = BaseShape(num_layers=s["layers"], hidden_size=s["hidden"], num_heads=s["heads"],
                          num_kv_heads=s["kv_heads"], head_dim=s["head_dim"], intermediate_size=s["mlp"],
                          vocab_size=s["vocab"], tied_embeddings=False)
-        spec = SubnetSpec.uniform(base, c["format"], lm_head="fp16", model=c["model"])
-        from dataclasses import replace
-
-        spec = replace(spec, embedding="fp16")
+        spec = replace(SubnetSpec.uniform(base, c["format"], lm_head="fp16", model=c["model"]), embedding="fp16")
         w = parse_workload(c["workload"])
         p = predict(spec, target, w)
         rows.append({"model": c["model"], "runtime": c["runtime"], "format": c["format"], "workload": str(w),

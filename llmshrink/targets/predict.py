@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from llmshrink import serde
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.spec import LINEARS, SubnetSpec
@@ -367,10 +365,3 @@ def one_hot_choices(spec: SubnetSpec, formats: Sequence[str]):
     return dict(hidden=hot([b.hidden_size], spec.hidden_size), layers=layers, keep=keep,
                 lm_head=hot(formats, spec.lm_head))
 
-
-def linear_grid_ms(table: LatencyTable, fmt: str, rows: int, ks: Sequence[int], ns: Sequence[int]) -> np.ndarray:
-    """Predicted linear times on a K x N grid (for `targets show` and monotonicity checks)."""
-    pr = Predictor(table, Workload("decode", 1, 1))
-    coef, _ = pr.linear_model(fmt, rows)
-    cm = CostModel("linear", coef, {}, {}, 0, 0.0)
-    return np.array([[cm({"k": k, "n": n}) for n in ns] for k in ks])

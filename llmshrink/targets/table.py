@@ -75,7 +75,11 @@ RANGE_DIMS = {"linear": ("k", "n"), "lm_head": ("rows", "k", "n"), "attention": 
 @serde.serializable("OpEntry")
 @dataclass(frozen=True)
 class OpEntry:
-    """One measured (or computed) op: its signature and its time."""
+    """One measured (or computed) op: its signature and its time.
+
+    ``std_ms`` is 0 where the source gives no spread: the cpu profiler stores
+    each node's floor (fastest block's trimmed mean), analytical tables a formula.
+    """
 
     op: str
     phase: str
