@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "build": "llmshrink.cli.bundle:build",
     "validate": "llmshrink.cli.bundle:validate",
     "eval": "llmshrink.cli.evaluate:evaluate",
+    "report": "llmshrink.cli.report:report",
     "doctor": "llmshrink.cli.doctor:doctor",
 }
 

@@ -24,12 +24,15 @@ from llmshrink.cli.ui import err, kv_table, out, print_json, progress
 @click.option("--max-tokens", default=None, type=click.IntRange(2), help="Score only the first N tokens of each file.")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With a model TARGET: evaluate this subnet (materialized in torch) instead of the original.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Choices of one question scored as one batch (torch; a bundle runs them one by one after "
+              "reading the shared context once).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (bundles).")
 @click.option("--no-record", is_flag=True, help="With a bundle TARGET: do not write the results into its manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(target: str, tasks: str | None, include_path: str | None, limit: int | None,
              ppl_files: tuple[Path, ...], context: int, stride: int, max_tokens: int | None,
-             spec_path: Path | None, threads: int | None, no_record: bool, as_json: bool) -> None:
+             spec_path: Path | None, batch_size: int, threads: int | None, no_record: bool, as_json: bool) -> None:
     """Evaluate TARGET — a bundle directory (run by ONNX Runtime, as shipped) or a model (run in torch).
 
     Tasks run through lm-evaluation-harness with llmshrink's lm-eval model
@@ -56,9 +59,10 @@ def evaluate(target: str, tasks: str | None, include_path: str | None, limit: in
     task_results = []
     if tasks:
         require_lm_eval()
-        with progress(not as_json) as p, p.task(f"lm-eval on {target}"):
+        with progress(not as_json) as p:
             task_results = run_tasks(target, expand_tasks(tasks), include_path=include_path, limit=limit,
-                                     spec=str(spec_path) if spec_path else None, threads=threads)
+                                     spec=str(spec_path) if spec_path else None, threads=threads,
+                                     batch_size=batch_size, progress=p)
     results = []
     with progress(not as_json and bool(ppl_files)) as p:
         scorer = None

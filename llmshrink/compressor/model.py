@@ -158,15 +158,26 @@ class CompressedModel(nn.Module):
 
     @property
     def num_params(self) -> int:
-        """Stored weights (embedding, linears, norms); a tied lm_head counted separately if it differs."""
-        n = self.embed.numel() + self.final_norm.numel() + self.lm_head.weight.numel()
+        """Weights (embedding, linears, norms); a tied lm_head counts once unless its format differs.
+
+        A tied, alike lm_head is the embedding table itself in the export, as in
+        the original model (134.5M for SmolLM2-135M); quantized differently, it
+        is a second tensor.
+        """
+        shared = self.spec.base.tied_embeddings and self.spec.lm_head == self.spec.embedding
+        n = self.embed.numel() + self.final_norm.numel() + (0 if shared else self.lm_head.weight.numel())
         for b in self.blocks:
             n += sum(getattr(b, name).weight.numel() for name in LINEARS) + b.input_norm.numel() + b.post_norm.numel()
         return n
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Logits ``(B, T, V)`` for ``input_ids`` ``(B, T)`` after ``past``; returns the new cache."""
+    def forward(self, input_ids: torch.Tensor, past: KVCache | None = None,
+                keep: int | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits ``(B, T, V)`` for ``input_ids`` ``(B, T)`` after ``past``; returns the new cache.
+
+        With ``keep``, only the last ``keep`` positions get logits ``(B, keep, V)``
+        (the lm_head is the costliest layer of a small model; a prompt needs one row).
+        """
         offset = past[0][0].shape[2] if past else 0
         positions = torch.arange(offset, offset + input_ids.shape[1])
         x = F.embedding(input_ids, self.embed)
@@ -174,6 +185,8 @@ class CompressedModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, positions, past[i] if past else None, self.meta)
             present.append(kv)
+        if keep is not None:
+            x = x[:, -keep:]
         x = rms_norm(x, self.final_norm, self.meta.rms_norm_eps)
         return self.lm_head(x), present
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from llmshrink import serde
 from llmshrink.errors import UsageError
+from llmshrink.progress import Progress
 
 TASK_SETS = {
     "paper": ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "mmlu"),
@@ -49,7 +50,7 @@ def require_lm_eval():
 
 def run_tasks(target: str, tasks: list[str], *, include_path: str | None = None, limit: int | None = None,
               spec: str | None = None, threads: int | None = None, max_length: int | None = None,
-              seed: int = 1234) -> list[TaskResult]:
+              seed: int = 1234, batch_size: int = 8, progress: Progress | None = None) -> list[TaskResult]:
     """Evaluate ``tasks`` on ``target`` (bundle directory or model) with lm-eval; headline metrics per task."""
     require_lm_eval()
     from lm_eval import simple_evaluate
@@ -63,7 +64,8 @@ def run_tasks(target: str, tasks: list[str], *, include_path: str | None = None,
         hint = ("Render the offline tasks with `python ../shared/evaldata/render.py DIR` and pass --include-path DIR."
                 if any(t.endswith("_local") for t in unknown) else "See `lm_eval --tasks list`.")
         raise UsageError(f"Unknown lm-eval task(s): {', '.join(unknown)}.", hint)
-    lm = LlmshrinkLM(target, spec=spec, threads=threads, max_length=max_length)
+    lm = LlmshrinkLM(target, spec=spec, threads=threads, max_length=max_length, batch_size=batch_size,
+                     progress=progress)
     res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, random_seed=seed,
                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                           log_samples=False)

@@ -6,13 +6,19 @@ the model in torch. It mirrors lm-eval's own ``hf`` model where numbers
 depend on it — tokenization (the tokenizer's defaults), the prefix token for
 an empty context (BOS, else EOS), left truncation to ``max_length + 1``,
 rolling windows for ``loglikelihood_rolling`` — so the same tasks give the
-same numbers as ``--model hf`` on the same weights. Requests run one at a
-time (the ONNX Runtime decoder takes batch 1 at its fastest).
+same numbers as ``--model hf`` on the same weights. Requests that share a
+context (the choices of a multiple-choice question) are scored together: the
+context is read once into the KV cache and only the continuations run after
+it; in torch they run as one batch of up to ``batch_size`` (the ONNX Runtime
+decoder takes batch 1 at its fastest, so a bundle runs them one by one).
 
 Needs the ``eval`` extra (``pip install 'llmshrink[eval]'``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from lm_eval.api.model import TemplateLM
@@ -20,6 +26,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llmshrink.evaluation.scoring import load_scorer
+from llmshrink.progress import Progress
 
 
 @register_model("llmshrink")
@@ -31,12 +38,18 @@ class LlmshrinkLM(TemplateLM):
         spec: with a model, a SubnetSpec JSON to materialize instead of the original.
         max_length: longest input (default: the backend's, capped at 2048).
         threads: ONNX Runtime intra-op threads for bundles.
+        batch_size: continuations of one context run together in torch (``auto``: 8).
+        progress: where request counts are reported (llmshrink's CLI passes its
+            progress bars); without one, lm-eval's usual tqdm bar.
     """
 
     def __init__(self, path: str, spec: str | None = None, max_length: int | None = None,
-                 threads: int | None = None, batch_size: int | str = 1, **_: object) -> None:
+                 threads: int | None = None, batch_size: int | str = 8, progress: Progress | None = None,
+                 **_: object) -> None:
         super().__init__()
-        self.scorer = load_scorer(path, spec=spec, threads=int(threads) if threads else None)
+        self.progress = progress
+        batch = 8 if str(batch_size).startswith("auto") else max(1, int(batch_size))
+        self.scorer = load_scorer(path, spec=spec, threads=int(threads) if threads else None, batch_size=batch)
         self.tokenizer = self.scorer.tokenizer
         self._max_length = min(int(max_length or 2048), self.scorer.max_length)
 
@@ -62,20 +75,41 @@ class LlmshrinkLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def _score(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
+        """One request, left-truncated to ``max_length + 1`` tokens in all as lm-eval's hf model does."""
         whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
-        lp = self.scorer.logprobs(np.asarray(whole[:-1], dtype=np.int64))
         n = len(continuation_enc)
-        rows = lp[-n:]
-        cont = np.asarray(continuation_enc, dtype=np.int64)
-        return float(rows[np.arange(n), cont].sum()), bool((rows.argmax(-1) == cont).all())
+        return self.scorer.score(np.asarray(whole[:-n], dtype=np.int64), [np.asarray(whole[-n:], dtype=np.int64)])[0]
+
+    @contextmanager
+    def _counter(self, description: str, total: int, disable: bool) -> Iterator[Callable[[int], object]]:
+        if self.progress is not None:
+            with self.progress.task(description, total=total) as task:
+                yield task.advance
+        else:
+            from tqdm import tqdm
+
+            with tqdm(total=total, disable=disable, desc=description) as bar:
+                yield bar.update
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_: object) -> list[tuple[float, bool]]:
-        out = []
-        for key, context_enc, continuation_enc in requests:
-            res = self._score(context_enc, continuation_enc)
-            if key is not None:
-                self.cache_hook.add_partial("loglikelihood", key, res)
-            out.append(res)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            fits = len(context_enc) + len(continuation_enc) <= self.max_length + 1
+            groups.setdefault(tuple(context_enc) if fits else ("single", i), []).append(i)
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        with self._counter("loglikelihood requests", len(requests), disable_tqdm) as advance:
+            for members in groups.values():
+                context_enc = requests[members[0]][1]
+                if len(members) == 1:
+                    res = [self._score(context_enc, requests[members[0]][2])]
+                else:
+                    res = self.scorer.score(np.asarray(context_enc, dtype=np.int64),
+                                            [np.asarray(requests[i][2], dtype=np.int64) for i in members])
+                for i, r in zip(members, res, strict=True):
+                    out[i] = r
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+                advance(len(members))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -66,6 +66,34 @@ def test_bundle_and_torch_agree_within_one_percent(tiny_llama_dir, tiny_bundle, 
     assert pb.ppl == pytest.approx(pt.ppl, rel=0.01)
 
 
+@pytest.fixture(scope="module")
+def tiny_trt_bundle(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "trt"
+    api.export(str(tiny_llama_dir), None, out, flavour="trt", max_length=128)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort", "trt"])
+@pytest.mark.parametrize("prefix_len", [1, 17])
+def test_shared_prefix_scores_equal_whole_sequence_scores(backend, prefix_len, tiny_llama_dir, tiny_bundle,
+                                                          tiny_trt_bundle, text):
+    target = {"torch": tiny_llama_dir, "ort": tiny_bundle, "trt": tiny_trt_bundle}[backend]
+    # batch 2 over 3 suffixes of different lengths: a padded batch and a batch of one (torch)
+    s = load_scorer(str(target), batch_size=2)
+    ids = s.encode(text)
+    prefix, suffixes = ids[:prefix_len], [ids[40:45], ids[50:51], ids[60:72]]
+    got = s.score(prefix, suffixes)
+    for suffix, (lp, greedy) in zip(suffixes, got, strict=True):
+        whole = np.concatenate([prefix, suffix])
+        rows = s.logprobs(whole[:-1])[-len(suffix):]
+        assert lp == pytest.approx(float(rows[np.arange(len(suffix)), suffix].sum()), abs=1e-3)
+        assert greedy == bool((rows.argmax(-1) == suffix).all())
+    # the same call twice (the bundle reuses one cache) gives the same scores
+    assert [lp for lp, _ in s.score(prefix, suffixes)] == pytest.approx([lp for lp, _ in got])
+    greedy_suffix = np.asarray(s.generate(prefix, 4, ()), dtype=np.int64)
+    assert [g for _, g in s.score(prefix, [greedy_suffix, suffixes[0]])] == [True, False]
+
+
 def test_bad_windows_are_usage_errors(tiny_bundle):
     s = load_scorer(str(tiny_bundle))
     with pytest.raises(UsageError, match="stride"):

@@ -100,3 +100,20 @@ def test_greedy_generate_is_deterministic_and_stops(tiny_hf, tiny_base):
     assert torch.equal(a, b) and a.shape[1] <= 8
     full = tiny_hf.generate(prompt, max_new_tokens=a.shape[1], do_sample=False, eos_token_id=None)
     assert torch.equal(full[0, 3:], a[0])
+
+
+def test_num_params_counts_a_tied_lm_head_once_unless_its_format_differs(tiny_hf, tiny_base):
+    assert tiny_base.tied_embeddings
+    hf_params = sum(p.numel() for p in tiny_hf.parameters())  # tied: one tensor
+    assert materialize(tiny_hf, SubnetSpec.original(tiny_base)).num_params == hf_params
+    head = tiny_base.vocab_size * tiny_base.hidden_size
+    int4_head = SubnetSpec.uniform(tiny_base, "fp32", lm_head="w4g32")
+    assert materialize(tiny_hf, int4_head).num_params == hf_params + head
+
+
+def test_keep_computes_logits_for_the_last_positions_only(tiny_hf, tiny_base, ids):
+    cm = materialize(tiny_hf, SubnetSpec.original(tiny_base))
+    full, _ = cm(ids)
+    last, _ = cm(ids, keep=3)
+    assert last.shape[1] == 3
+    torch.testing.assert_close(last, full[:, -3:])
