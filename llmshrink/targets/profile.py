@@ -46,6 +46,7 @@ class TargetProfile:
     notes: tuple[str, ...] = ()
     roofline: dict[str, float] = field(default_factory=dict)  # analytical-table assumptions (see targets.analytical)
     checks: tuple[dict, ...] = ()  # published measurements the analytical table is checked against
+    search_formats: tuple[str, ...] = ()  # the precision candidates a search uses by default (empty: all formats)
 
     @property
     def flavour(self) -> str:
@@ -71,6 +72,9 @@ def _from_yaml(text: str, where: str) -> TargetProfile:
     for f in d["formats"]:
         if parse_format(str(f)).name != f:
             raise UsageError(f"{where}: format {f!r} is not written canonically ({parse_format(str(f)).name}).")
+    stray = [f for f in d.get("search_formats") or () if f not in d["formats"]]
+    if stray:
+        raise UsageError(f"{where}: search_formats {stray} are not among its formats.")
     known = {f.name for f in TargetProfile.__dataclass_fields__.values()}
     unknown = set(d) - known
     if unknown:
@@ -83,6 +87,7 @@ def _from_yaml(text: str, where: str) -> TargetProfile:
         notes=tuple(d.get("notes") or ()),
         roofline={k: float(v) for k, v in (d.get("roofline") or {}).items()},
         checks=tuple(d.get("checks") or ()),
+        search_formats=tuple(d.get("search_formats") or ()),
     )
 
 

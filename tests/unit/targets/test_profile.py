@@ -51,6 +51,16 @@ def test_user_target_yaml(tmp_path):
     f.write_text("a: [unclosed\n")
     with pytest.raises(UsageError, match="not valid YAML"):
         load_target(str(f))
+    f.write_text("name: b\ndescription: d\ndevice: x\nruntime: onnxruntime-cpu\nformats: [fp32]\n"
+                 "search_formats: [w4g32a8]\ndefault_workload: decode\n")
+    with pytest.raises(UsageError, match="search_formats"):
+        load_target(str(f))
+
+
+def test_cpu_search_formats_are_kernels_it_has_and_fit_the_default_model():
+    cpu = load_target("cpu")
+    assert cpu.search_formats and set(cpu.search_formats) <= set(cpu.formats)
+    assert all(576 % parse_format(f).group_size == 0 for f in cpu.search_formats)
 
 
 def test_unknown_target_suggests():
