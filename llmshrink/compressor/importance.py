@@ -1,0 +1,171 @@
+"""Importance of heads, MLP neurons, hidden channels and blocks, measured on calibration text.
+
+Activation-based, as Minitron ranks width (Muralidharan et al. 2024, "Compact
+Language Models via Pruning and Knowledge Distillation"): one forward pass
+over calibration batches with hooks, no gradients.
+
+- MLP neuron ``j`` of a layer: the magnitude of its activation
+  ``act(gate_j) * up_j`` (the input of ``down_proj``).
+- Query head: the L2 norm of its attention output (its slice of ``o_proj``'s
+  input). A kv group scores the sum of its query heads; heads are ranked
+  within their group, so any number of groups x heads per group is a prefix.
+- Head size: value dimensions by their magnitude in the attention output;
+  rotary pairs ``(d, d + head_dim/2)`` by the energy of q times k on them.
+- Hidden channel: its magnitude at the output of every RMSNorm (each
+  layer's two and the final one), combined — what every consumer reads.
+- Block: ShortGPT's block influence, ``1 - cos(input, output)`` of the
+  residual stream, averaged over tokens (Men et al. 2024): a block that
+  barely turns the hidden state is the cheapest to drop.
+
+Per-token magnitudes are averaged over the sequence and combined over
+sequences by an L2 norm (Minitron's best aggregation: mean over the
+sequence, L2 over the batch). Orders put the most important first, so a
+candidate width is a prefix (weight entanglement); see :meth:`Importance.apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from llmshrink.progress import NULL_PROGRESS, Progress
+from llmshrink.spec import BaseShape, LayerOrder, SubnetSpec
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Scores (higher = more important), arrays in base coordinates.
+
+    Attributes:
+        heads: ``[layers, num_heads]``.
+        v_dims: ``[layers, head_dim]``.
+        rope_pairs: ``[layers, head_dim // 2]``.
+        mlp: ``[layers, intermediate_size]``.
+        hidden: ``[hidden_size]``.
+        blocks: ``[layers]`` block influence.
+        tokens: calibration tokens read.
+    """
+
+    base: BaseShape
+    heads: np.ndarray
+    v_dims: np.ndarray
+    rope_pairs: np.ndarray
+    mlp: np.ndarray
+    hidden: np.ndarray
+    blocks: np.ndarray
+    tokens: int
+
+    def layer_order(self, i: int) -> LayerOrder:
+        b = self.base
+        per = b.heads_per_group
+        heads = self.heads[i].reshape(b.num_kv_heads, per)
+        return LayerOrder(
+            kv_groups=_desc(heads.sum(1)),
+            heads_in_group=tuple(_desc(heads[g]) for g in range(b.num_kv_heads)),
+            rope_pairs=_desc(self.rope_pairs[i]), v_dims=_desc(self.v_dims[i]), mlp=_desc(self.mlp[i]))
+
+    def hidden_order(self) -> tuple[int, ...]:
+        return _desc(self.hidden)
+
+    def block_order(self) -> tuple[int, ...]:
+        """Blocks, most important first: keeping ``k`` blocks keeps the first ``k`` of this."""
+        return _desc(self.blocks)
+
+    def apply(self, spec: SubnetSpec, *, choose_blocks: bool = True) -> SubnetSpec:
+        """``spec`` with these importance orders; with ``choose_blocks``, its number of kept
+        blocks moved onto the most important ones (each keeping its own layer's shape)."""
+        layers = [replace(ls, order=self.layer_order(i)) for i, ls in enumerate(spec.layers)]
+        if choose_blocks:
+            n = len(spec.kept_layers())
+            keep = set(self.block_order()[:n])
+            layers = [replace(ls, keep=i in keep) for i, ls in enumerate(layers)]
+        return replace(spec, layers=tuple(layers), hidden_order=self.hidden_order())
+
+
+def _desc(x: np.ndarray) -> tuple[int, ...]:
+    # stable: ties keep base order, so equal scores give the identity
+    return tuple(int(i) for i in np.argsort(-np.asarray(x, dtype=np.float64), kind="stable"))
+
+
+class _Acc:
+    """Sum of squares over sequences of per-sequence mean magnitudes (L2 over the batch)."""
+
+    def __init__(self) -> None:
+        self.sq: torch.Tensor | None = None
+
+    def add(self, per_seq: torch.Tensor) -> None:  # [B, N]
+        s = per_seq.double().pow(2).sum(0)
+        self.sq = s if self.sq is None else self.sq + s
+
+    def value(self) -> np.ndarray:
+        return self.sq.sqrt().numpy()
+
+
+@torch.no_grad()
+def measure_importance(model, batches: Iterable[torch.Tensor], *, progress: Progress = NULL_PROGRESS,
+                       total: int | None = None) -> Importance:
+    """Run ``model`` (an HF Llama-family causal LM) over ``batches`` of token ids ``[B, T]`` and score everything.
+
+    Padding is not supported: give full-length sequences (calibration chunks).
+    """
+    base = BaseShape.from_config(model.config)
+    n_layers, hd, half = base.num_layers, base.head_dim, base.head_dim // 2
+    acc = {k: [_Acc() for _ in range(n_layers)] for k in ("heads", "v", "q", "k", "mlp")}
+    hidden, blocks = _Acc(), np.zeros(n_layers)
+    hooks = []
+
+    def on(module, kind, fn):
+        hooks.append(getattr(module, kind)(fn))
+
+    for i, layer in enumerate(model.model.layers):
+        att, mlp = layer.self_attn, layer.mlp
+
+        def o_in(_m, args, i=i):
+            x = args[0].float()
+            B, T, _ = x.shape
+            h = x.view(B, T, base.num_heads, hd)
+            acc["heads"][i].add(h.norm(dim=-1).mean(1))
+            acc["v"][i].add(h.abs().mean(2).mean(1))
+
+        def qk_out(kind, heads, i):
+            def fn(_m, _args, out):
+                x = out.float()
+                B, T, _ = x.shape
+                e = x.view(B, T, heads, hd).pow(2)
+                acc[kind][i].add((e[..., :half] + e[..., half:]).mean(2).sqrt().mean(1))
+            return fn
+
+        on(att.o_proj, "register_forward_pre_hook", o_in)
+        on(att.q_proj, "register_forward_hook", qk_out("q", base.num_heads, i))
+        on(att.k_proj, "register_forward_hook", qk_out("k", base.num_kv_heads, i))
+        on(mlp.down_proj, "register_forward_pre_hook", lambda _m, args, i=i: acc["mlp"][i].add(args[0].abs().mean(1)))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            on(norm, "register_forward_hook", lambda _m, _a, out: hidden.add(out.abs().mean(1)))
+
+        def block_io(_m, args, kwargs, out, i=i):
+            x_in = (args[0] if args else kwargs["hidden_states"]).float()
+            x_out = (out[0] if isinstance(out, tuple) else out).float()
+            blocks[i] += float((1 - torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)).sum())
+
+        hooks.append(layer.register_forward_hook(block_io, with_kwargs=True))
+    on(model.model.norm, "register_forward_hook", lambda _m, _a, out: hidden.add(out.abs().mean(1)))
+    tokens = 0
+    try:
+        with progress.task("Importance (heads, neurons, channels, blocks)", total=total) as task:
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+                tokens += ids.numel()
+                task.advance(1)
+    finally:
+        for h in hooks:
+            h.remove()
+    q = np.stack([a.value() for a in acc["q"]])
+    k = np.stack([a.value() for a in acc["k"]])
+    return Importance(base, heads=np.stack([a.value() for a in acc["heads"]]),
+                      v_dims=np.stack([a.value() for a in acc["v"]]), rope_pairs=q * k,
+                      mlp=np.stack([a.value() for a in acc["mlp"]]), hidden=hidden.value(),
+                      blocks=blocks / max(tokens, 1), tokens=tokens)
+

@@ -1,0 +1,71 @@
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from llmshrink.compressor.importance import measure_importance
+from llmshrink.compressor.materialize import materialize
+from llmshrink.spec import SubnetSpec
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 300, (2, 24), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_hf):
+    """The tiny model with one thing of each kind switched off, so its importance must be zero."""
+    m = copy.deepcopy(tiny_hf)
+    cfg = m.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        L0, L2 = m.model.layers[0], m.model.layers[2]
+        L0.mlp.gate_proj.weight[5] = 0  # neuron 5 of layer 0: act(0) * up = 0
+        L0.self_attn.v_proj.weight[hd:2 * hd] = 0  # kv group 1 of layer 0: its heads output zeros
+        for layer in m.model.layers:  # hidden channel 7: every norm outputs 0 there
+            layer.input_layernorm.weight[7] = 0
+            layer.post_attention_layernorm.weight[7] = 0
+        m.model.norm.weight[7] = 0
+        L2.self_attn.o_proj.weight.zero_()  # block 2 adds nothing to the residual stream
+        L2.mlp.down_proj.weight.zero_()
+    return m
+
+
+def test_what_is_switched_off_ranks_last(broken, tiny_base):
+    imp = measure_importance(broken, _batches())
+    assert imp.tokens == 3 * 2 * 24
+    b = tiny_base
+    per = b.heads_per_group
+    assert imp.mlp[0, 5] == 0 and imp.layer_order(0).mlp[-1] == 5
+    assert np.all(imp.heads[0, per:2 * per] == 0) and imp.layer_order(0).kv_groups[-1] == 1
+    assert imp.hidden[7] == 0 and imp.hidden_order()[-1] == 7
+    assert imp.blocks[2] == pytest.approx(0, abs=1e-6) and imp.block_order()[-1] == 2
+    assert np.all(imp.blocks[[0, 1, 3]] > 1e-3)
+    for i in range(b.num_layers):  # every order is a permutation
+        o = imp.layer_order(i)
+        assert sorted(o.mlp) == list(range(b.intermediate_size))
+        assert sorted(o.kv_groups) == list(range(b.num_kv_heads))
+        assert sorted(o.rope_pairs) == list(range(b.head_dim // 2))
+
+
+def test_applied_orders_prune_the_unimportant_parts_first(broken, tiny_base, tiny_hf):
+    imp = measure_importance(broken, _batches())
+    b = tiny_base
+    spec = SubnetSpec.original(b)
+    layers = list(spec.layers)
+    layers[3] = replace(layers[3], keep=False)  # three blocks kept: importance moves the drop onto block 2
+    layers[0] = replace(layers[0], intermediate_size=b.intermediate_size - 1,
+                        num_kv_heads=b.num_kv_heads - 1, num_heads=b.num_heads - b.heads_per_group)
+    spec = imp.apply(replace(spec, layers=tuple(layers), hidden_size=b.hidden_size - 32))
+    assert [ls.keep for ls in spec.layers] == [True, True, False, True]
+    assert 7 not in spec.hidden_channels()
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(4))
+    # removing only switched-off parts (block 2, neuron 5, group 1) changes nothing but the pruned
+    # hidden channels; compare with the same hidden pruning alone
+    full = imp.apply(replace(SubnetSpec.original(b), hidden_size=b.hidden_size - 32), choose_blocks=False)
+    a = materialize(broken, spec)(ids)[0]
+    ref = materialize(broken, full)(ids)[0]
+    torch.testing.assert_close(a, ref, atol=1e-4, rtol=1e-4)
