@@ -123,8 +123,8 @@ class SearchSpace:
 
 
 def grid_step(formats: Sequence[str]) -> int:
-    """The width grid the formats allow: the least common multiple of their group sizes (32 at least)."""
-    return math.lcm(32, *(parse_format(f).group_size or 1 for f in formats))
+    """The widths the formats allow are multiples of this: the least common multiple of their group sizes."""
+    return math.lcm(1, *(parse_format(f).group_size or 1 for f in formats))
 
 
 def _grid(full: int, step: int, lo_frac: float, n: int) -> tuple[int, ...]:
@@ -150,7 +150,7 @@ def default_space(base: BaseShape, target_formats: Sequence[str], *, search_form
     if not formats:
         raise UsageError(f"None of the target's formats ({', '.join(target_formats)}) fits widths "
                          f"{base.hidden_size}/{base.intermediate_size}.", "Give formats in a --space file.")
-    step = grid_step(formats)
+    step = math.lcm(32, grid_step(formats))  # default widths: multiples of 32 at least (kernel-friendly)
     return SearchSpace(
         base=base,
         hidden=_grid(base.hidden_size, step, 0.5, 5),

@@ -17,7 +17,7 @@ def test_default_space_for_smollm2_builds_every_extreme():
     # w4g128a8 cannot take SmolLM2's 576-wide inputs, so it is left out by default
     assert "w4g128a8" not in space.formats and "w4g64a8" in space.formats
     step = grid_step(space.formats)
-    assert step == 64
+    assert step == 64 and grid_step(("fp32", "w8a8")) == 1
     assert space.hidden[-1] == 576 and space.mlp[-1] == 1536
     assert all(h % step == 0 for h in space.hidden + space.mlp)
     assert space.hidden[0] >= 288 and space.mlp[0] >= 384

@@ -1,0 +1,395 @@
+"""Supernet: every subnet of a SearchSpace in one model, weighted by architecture probabilities.
+
+Weights are reordered once by importance (:mod:`.importance`) so that every
+candidate width is a prefix of one shared tensor (weight entanglement). Each
+decision has logits; a forward pass computes the *expected* network under
+their softmax (optionally Gumbel-perturbed, with a temperature):
+
+- widths (hidden, MLP, kv groups, heads per group): a soft mask per channel,
+  ``mask[c] = sum_i p_i * [c < w_i]`` — the probability that channel ``c``
+  survives — built for all candidates at once as ``probs @ indicator`` (no
+  loop over candidates). A query head's mask is its group's mask times its
+  rank's mask. Hidden channels are masked in the residual stream, and
+  RMSNorm divides by the expected number of kept channels, so at one-hot
+  probabilities each norm is exactly the subnet's norm over its channels.
+- depth: a block adds ``p(keep) * (attention + MLP)`` to the residual stream.
+- precision: each linear uses ``W + sum_k p_k * (Q_k(W) - W)``, the expected
+  fake-quantized weight, with the quantization residuals detached (straight-
+  through estimator: weights get the full-precision gradient, the logits
+  get ``<dL/dW, Q_k(W) - W>``). The residuals of all candidates are one
+  stacked tensor and the sum one ``einsum``. Int8 activations (``a8``
+  formats) enter the same way, weighted by the probability of an a8 format.
+
+Search-time fake quantization uses the absmax scale per group (cheap enough
+for every step); the exported model uses the clipped scales of
+:mod:`.quant`, and groups there run over kept channels in base order, so
+the search's quantization error is an estimate of the export's, not a copy.
+
+Settling: :meth:`Supernet.settle` freezes every decision whose normalized
+entropy is below a threshold at its argmax, and candidates whose
+probability falls below a floor are dropped. Compute then shrinks to the
+widest candidate still alive (weights are sliced before the matmuls), a
+dropped block is skipped, a frozen precision quantizes once — so steps get
+faster as the search settles.
+
+Head size is not searched yet (the space must offer one head size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmshrink.compressor.importance import Importance
+from llmshrink.compressor.quant import MIN_SCALE, quantize_activation
+from llmshrink.compressor.space import SearchSpace
+from llmshrink.errors import UsageError
+from llmshrink.formats import QuantFormat, parse_format
+from llmshrink.spec import LINEARS, LayerOrder, LayerSpec, SubnetSpec
+
+# decision name -> (space field, per layer?)
+WIDTHS = {"hidden": ("hidden", False), "kv": ("kv_groups", True), "hpg": ("heads_per_group", True),
+          "mlp": ("mlp", True)}
+
+
+def width_mask(probs: torch.Tensor, cands: torch.Tensor, width: int) -> torch.Tensor:
+    """``[..., n]`` probabilities over candidate widths ``cands`` ``[n]`` -> ``[..., width]``
+    survival probability of each of the first ``width`` channels (all candidates in one matmul)."""
+    ind = (torch.arange(width)[None, :] < cands[:, None]).to(probs.dtype)  # [n, width]
+    return probs @ ind
+
+
+def fake_quant(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """The float weight ``fmt`` stands for, with absmax scales (no clipping search; see module docstring)."""
+    if fmt.is_float:
+        return w.half().float() if fmt.weight_bits == 16 else w
+    n, k = w.shape
+    if fmt.group_size is None:  # per-channel int8
+        s = (w.abs().amax(1, keepdim=True) / 127).clamp_min(MIN_SCALE)
+        return torch.round(w / s).clamp(-127, 127) * s
+    wg = w.reshape(n, k // fmt.group_size, fmt.group_size)
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.weight_bits - 1) - 1
+        s = (wg.abs().amax(-1, keepdim=True) / qmax).clamp_min(MIN_SCALE)
+        return (torch.round(wg / s).clamp(-qmax - 1, qmax) * s).reshape(n, k)
+    levels = 2 ** fmt.weight_bits - 1
+    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / levels).clamp_min(MIN_SCALE)
+    z = torch.round(-lo / s).clamp(0, levels)
+    return ((torch.round(wg / s) + z).clamp(0, levels) - z).mul(s).reshape(n, k)
+
+
+def _permute_rows(w: torch.Tensor, order: list[int]) -> torch.Tensor:
+    return w[torch.tensor(order, dtype=torch.long)]
+
+
+class _Layer(nn.Module):
+    """One base layer's weights, reordered so that candidate widths are prefixes."""
+
+    def __init__(self, hf_layer, order: LayerOrder, hidden_idx: torch.Tensor, base) -> None:
+        super().__init__()
+        hd, per = base.head_dim, base.heads_per_group
+        att, mlp = hf_layer.self_attn, hf_layer.mlp
+        heads = [g * per + h for g in order.kv_groups for h in order.heads_in_group[g]]  # slot (rank g, rank r)
+        q_rows = [u * hd + d for u in heads for d in range(hd)]
+        kv_rows = [g * hd + d for g in order.kv_groups for d in range(hd)]
+        neurons = torch.tensor(order.mlp, dtype=torch.long)
+
+        def p(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().float().clone().contiguous())
+
+        self.q = p(_permute_rows(att.q_proj.weight, q_rows)[:, hidden_idx])
+        self.k = p(_permute_rows(att.k_proj.weight, kv_rows)[:, hidden_idx])
+        self.v = p(_permute_rows(att.v_proj.weight, kv_rows)[:, hidden_idx])
+        self.o = p(att.o_proj.weight[hidden_idx][:, torch.tensor(q_rows)])
+        self.gate = p(mlp.gate_proj.weight[neurons][:, hidden_idx])
+        self.up = p(mlp.up_proj.weight[neurons][:, hidden_idx])
+        self.down = p(mlp.down_proj.weight[hidden_idx][:, neurons])
+        self.ln1 = p(hf_layer.input_layernorm.weight[hidden_idx])
+        self.ln2 = p(hf_layer.post_attention_layernorm.weight[hidden_idx])
+        for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if lin.bias is not None:
+                raise UsageError("The supernet does not support biased projections yet.")
+
+    def weight(self, name: str) -> nn.Parameter:
+        return getattr(self, {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                              "up_proj": "up", "down_proj": "down"}[name])
+
+
+@dataclass
+class Probs:
+    """One forward's choice probabilities (dead candidates have probability 0)."""
+
+    hidden: torch.Tensor  # [nH]
+    keep: torch.Tensor  # [L, 2]: (drop, keep)
+    kv: torch.Tensor  # [L, nG]
+    hpg: torch.Tensor  # [L, nR]
+    mlp: torch.Tensor  # [L, nM]
+    prec: torch.Tensor  # [L, 7, nP]
+    lm_head: torch.Tensor  # [nPh]
+
+
+class Supernet(nn.Module):
+    """The expected network over a SearchSpace (see module docstring).
+
+    Args:
+        hf_model: the pretrained HF Llama-family model (left unchanged).
+        space: the decisions and their candidates.
+        importance: orders that make candidate widths prefixes (None: base order).
+    """
+
+    def __init__(self, hf_model, space: SearchSpace, importance: Importance | None = None) -> None:
+        super().__init__()
+        base = space.base
+        if len(space.head_dim) != 1 or space.head_dim[0] != base.head_dim:
+            raise UsageError("Searching the head size is not supported yet.",
+                             f"Use head_dim: [{base.head_dim}] in the space.")
+        self.space, self.base = space, base
+        self.importance = importance
+        self.orders = [importance.layer_order(i) if importance else LayerOrder.identity(base)
+                       for i in range(base.num_layers)]
+        self.hidden_order = importance.hidden_order() if importance else tuple(range(base.hidden_size))
+        hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long)
+        m = hf_model.model
+        self.layers = nn.ModuleList(_Layer(m.layers[i], self.orders[i], hidden_idx, base)
+                                    for i in range(base.num_layers))
+        self.embed = nn.Parameter(m.embed_tokens.weight[:, hidden_idx].detach().float().clone())
+        self.final_norm = nn.Parameter(m.norm.weight[hidden_idx].detach().float().clone())
+        tied = base.tied_embeddings and hf_model.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()
+        self.lm_head = self.embed if tied else nn.Parameter(
+            hf_model.lm_head.weight[:, hidden_idx].detach().float().clone())
+        rot = m.rotary_emb
+        self.register_buffer("inv_freq", rot.inv_freq.detach().float().clone())
+        self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        self.eps = float(hf_model.config.rms_norm_eps)
+        self.attn_scale = 1.0 / math.sqrt(base.head_dim)
+        L, nP = base.num_layers, len(space.formats)
+        shapes = {"hidden": (len(space.hidden),), "keep": (L, 2), "kv": (L, len(space.kv_groups)),
+                  "hpg": (L, len(space.heads_per_group)), "mlp": (L, len(space.mlp)),
+                  "prec": (L, len(LINEARS), nP), "lm_head": (len(space.lm_head_formats),)}
+        self.alpha = nn.ParameterDict({k: nn.Parameter(torch.zeros(s)) for k, s in shapes.items()})
+        for k, s in shapes.items():
+            self.register_buffer(f"alive_{k}", torch.ones(s, dtype=torch.bool))
+        if not space.depth_search:
+            self.alive_keep[:, 0] = False
+        for k, (field, _) in WIDTHS.items():
+            self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long))
+        self.fmts = [parse_format(f) for f in space.formats]
+        self.head_fmts = [parse_format(f) for f in space.lm_head_formats]
+
+    # ------------------------------------------------------------ parameters
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return list(self.alpha.values())
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def alive(self, name: str) -> torch.Tensor:
+        return getattr(self, f"alive_{name}")
+
+    def probs(self, tau: float = 1.0, gumbel: bool = False, generator: torch.Generator | None = None) -> Probs:
+        """Softmax of each decision's logits over its alive candidates, at temperature ``tau``."""
+        out = {}
+        for k, a in self.alpha.items():
+            logits = a
+            if gumbel:
+                u = torch.rand(a.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+                logits = logits - torch.log(-torch.log(u))
+            out[k] = (logits / tau).masked_fill(~self.alive(k), float("-inf")).softmax(-1)
+        return Probs(**out)
+
+    # --------------------------------------------------------------- forward
+    def _top(self, name: str, row: int | None = None) -> int:
+        """The widest alive candidate (compute never goes beyond it)."""
+        alive = self.alive(name) if row is None else self.alive(name)[row]
+        return int(getattr(self, f"cands_{name}")[alive].max())
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, n_kept: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / n_kept + self.eps) * w
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, alive: torch.Tensor,
+                fmts: list[QuantFormat]) -> torch.Tensor:
+        """``x @ E_p[Q(W)].T`` with int8 activations weighted by P(an a8 format)."""
+        idx = [i for i in range(len(fmts)) if alive[i]]
+        with torch.no_grad():
+            resid = torch.stack([fake_quant(w, fmts[i]) - w for i in idx])  # [k, out, in]
+        w_eff = w + torch.einsum("k,koi->oi", p[idx], resid)
+        a8 = [i for i in idx if fmts[i].act != "none"]
+        if a8:
+            fine = min((fmts[i] for i in a8), key=lambda f: f.group_size or 1 << 30)
+            with torch.no_grad():
+                xq = quantize_activation(x, fine) - x
+            x = x + p[a8].sum() * xq
+        return F.linear(x, w_eff)
+
+    def forward(self, ids: torch.Tensor, probs: Probs | None = None) -> torch.Tensor:
+        """Expected logits ``[B, T, V]`` of ``ids`` ``[B, T]`` (no cache: the search reads whole chunks)."""
+        pr = probs or self.probs()
+        base = self.base
+        B, T = ids.shape
+        H = self._top("hidden")
+        m_h = width_mask(pr.hidden, self.cands_hidden, H)
+        n_h = m_h.sum()
+        hd, R = base.head_dim, base.heads_per_group
+        pos = torch.arange(T, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+        x = F.embedding(ids, self.embed[:, :H]) * m_h
+        mask_g = width_mask(pr.kv, self.cands_kv, base.num_kv_heads)  # [L, G]
+        mask_r = width_mask(pr.hpg, self.cands_hpg, R)  # [L, R]
+        for i, lay in enumerate(self.layers):
+            p_keep = pr.keep[i, 1]
+            if not bool(self.alive("keep")[i, 1]):
+                continue  # dropped for good: no compute
+            G_a, R_a, I_a = self._top("kv", i), self._top("hpg", i), self._top("mlp", i)
+            alive_p, p_lin = self.alive("prec")[i], pr.prec[i]
+
+            def lin(x, name, w, i=i, alive_p=alive_p, p_lin=p_lin):
+                j = LINEARS.index(name)
+                return self._linear(x, w, p_lin[j], alive_p[j], self.fmts)
+
+            h = self._norm(x, lay.ln1[:H], n_h)
+            wq = lay.q.view(base.num_kv_heads, R, hd, -1)[:G_a, :R_a].reshape(-1, lay.q.shape[1])[:, :H]
+            wkv = slice(0, G_a * hd)
+            q = lin(h, "q_proj", wq).view(B, T, G_a, R_a, hd)
+            k = lin(h, "k_proj", lay.k[wkv, :H]).view(B, T, G_a, 1, hd)
+            v = lin(h, "v_proj", lay.v[wkv, :H]).view(B, T, G_a, 1, hd)
+            q = q * cos[None, :, None, None] + _rotate_half(q) * sin[None, :, None, None]
+            k = k * cos[None, :, None, None] + _rotate_half(k) * sin[None, :, None, None]
+            qh = q.reshape(B, T, G_a * R_a, hd).transpose(1, 2)
+            kh = k.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
+            vh = v.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
+            att = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.attn_scale)
+            head_mask = (mask_g[i, :G_a, None] * mask_r[i, None, :R_a]).reshape(-1)  # slot (g, r)
+            att = (att.transpose(1, 2) * head_mask[None, None, :, None]).reshape(B, T, -1)
+            wo = lay.o.view(-1, base.num_kv_heads, R, hd)[:H, :G_a, :R_a].reshape(H, -1)
+            x = x + p_keep * lin(att, "o_proj", wo) * m_h
+            h = self._norm(x, lay.ln2[:H], n_h)
+            m_mlp = width_mask(pr.mlp[i], self.cands_mlp, I_a)
+            a = F.silu(lin(h, "gate_proj", lay.gate[:I_a, :H])) * lin(h, "up_proj", lay.up[:I_a, :H]) * m_mlp
+            x = x + p_keep * lin(a, "down_proj", lay.down[:H, :I_a]) * m_h
+        x = self._norm(x, self.final_norm[:H], n_h)
+        return self._linear(x, self.lm_head[:, :H], pr.lm_head, self.alive("lm_head"), self.head_fmts)
+
+    # ------------------------------------------------------------- settling
+    def entropies(self) -> dict[str, torch.Tensor]:
+        """Normalized entropy (0 settled .. 1 uniform) of every decision row; 0 where one candidate is left."""
+        out = {}
+        with torch.no_grad():
+            for k, a in self.alpha.items():
+                alive = self.alive(k)
+                p = a.masked_fill(~alive, float("-inf")).softmax(-1)
+                ent = -(p * p.clamp_min(1e-12).log()).masked_fill(~alive, 0).sum(-1)
+                n = alive.sum(-1)
+                out[k] = torch.where(n > 1, ent / n.clamp_min(2).float().log(), torch.zeros_like(ent))
+        return out
+
+    def settle(self, threshold: float, floor: float = 0.0) -> int:
+        """Freeze decisions with normalized entropy below ``threshold`` at their argmax; drop
+        candidates whose probability is below ``floor``. Returns how many decisions were frozen now."""
+        frozen = 0
+        ents = self.entropies()
+        with torch.no_grad():
+            for k, a in self.alpha.items():
+                alive = self.alive(k)
+                p = a.masked_fill(~alive, float("-inf")).softmax(-1)
+                settle = (ents[k] < threshold) & (alive.sum(-1) > 1)
+                choice = p.argmax(-1)
+                if k == "keep":
+                    choice, settle = self._respect_min_layers(p, alive, choice, settle)
+                onehot = F.one_hot(choice, p.shape[-1]).bool()
+                frozen += int(settle.sum())
+                new = torch.where(settle[..., None], onehot, alive & ((p >= floor) | onehot))
+                if k == "keep":
+                    new[~settle] = alive[~settle]  # a block is kept or dropped, never left with no option
+                alive.copy_(new)
+        return frozen
+
+    def _respect_min_layers(self, p, alive, choice, settle):
+        """Freeze no more blocks to "drop" than ``min_layers`` allows; the most likely to be kept
+        of the would-be drops are frozen to "keep" instead."""
+        can_keep = alive[:, 1]
+        drops = torch.nonzero(settle & (choice == 0)).flatten()
+        room = int(can_keep.sum()) - self.space.min_layers
+        if len(drops) > room:
+            by_keep = drops[torch.argsort(p[drops, 1], stable=True)]  # least likely kept first
+            forced = by_keep[max(room, 0):]
+            choice = choice.clone()
+            choice[forced] = 1
+        return choice, settle
+
+    def settled(self) -> tuple[int, int]:
+        """(decisions with one candidate left, all decisions)."""
+        n = total = 0
+        for k in self.alpha:
+            rows = self.alive(k).sum(-1).reshape(-1)
+            n += int((rows == 1).sum())
+            total += rows.numel()
+        return n, total
+
+    # ------------------------------------------------------------ expectation
+    def choices(self, probs: Probs):
+        """The :class:`~llmshrink.targets.predict.Choice` view of ``probs`` the latency predictor reads."""
+        from llmshrink.targets.predict import Choice
+
+        s = self.space
+        hd = Choice((self.base.head_dim,), torch.ones(1))
+        layers = []
+        for i in range(self.base.num_layers):
+            d = {"kv_heads": Choice(s.kv_groups, probs.kv[i]), "heads_per_group": Choice(s.heads_per_group, probs.hpg[i]),
+                 "head_dim": hd, "mlp": Choice(s.mlp, probs.mlp[i])}
+            d.update({name: Choice(s.formats, probs.prec[i, j]) for j, name in enumerate(LINEARS)})
+            layers.append(d)
+        return dict(hidden=Choice(s.hidden, probs.hidden), layers=layers, keep=list(probs.keep[:, 1]),
+                    lm_head=Choice(s.lm_head_formats, probs.lm_head))
+
+    def expected_latency(self, table, workload, probs: Probs) -> torch.Tensor:
+        from llmshrink.targets.predict import expected_latency
+
+        return expected_latency(table, workload, vocab_size=self.base.vocab_size, **self.choices(probs))
+
+    def expected_params(self, probs: Probs) -> torch.Tensor:
+        """Expected weight count (embedding, linears; a tied lm_head in the embedding's format counts once)."""
+        c = {k: getattr(self, f"cands_{k}").double() for k in WIDTHS}
+        h = probs.hidden.double() @ c["hidden"]
+        kv, per, mlp = probs.kv.double() @ c["kv"], probs.hpg.double() @ c["hpg"], probs.mlp.double() @ c["mlp"]
+        hd = self.base.head_dim
+        per_layer = h * hd * (kv * per * 2 + kv * 2) + 3 * h * mlp
+        total = (probs.keep[:, 1].double() * per_layer).sum() + self.base.vocab_size * h
+        # the embedding stays fp32; a tied lm_head in another format is a second tensor (as num_params counts)
+        p_own = 1.0 if not self.base.tied_embeddings else 1.0 - sum(
+            probs.lm_head[i] for i, f in enumerate(self.space.lm_head_formats) if f == "fp32")
+        return total + self.base.vocab_size * h * p_own
+
+    # -------------------------------------------------------------- extract
+    def argmax_spec(self, model: str = "") -> SubnetSpec:
+        """The most probable subnet, with the importance orders; at least ``min_layers`` blocks kept
+        (the most probable to keep, by p(keep))."""
+        s, b = self.space, self.base
+        with torch.no_grad():
+            pr = self.probs()
+            keep_p = pr.keep[:, 1]
+            keep = set(int(i) for i in torch.nonzero(keep_p > 0.5).flatten())
+            if len(keep) < s.min_layers:
+                keep = set(int(i) for i in torch.argsort(keep_p, descending=True, stable=True)[:s.min_layers])
+            layers = []
+            for i in range(b.num_layers):
+                kv = s.kv_groups[int(pr.kv[i].argmax())]
+                per = s.heads_per_group[int(pr.hpg[i].argmax())]
+                prec = {name: s.formats[int(pr.prec[i, j].argmax())] for j, name in enumerate(LINEARS)}
+                layers.append(LayerSpec(i in keep, kv * per, kv, b.head_dim, s.mlp[int(pr.mlp[i].argmax())], prec,
+                                        self.orders[i]))
+            return SubnetSpec(b, s.hidden[int(pr.hidden.argmax())], tuple(layers),
+                              lm_head=s.lm_head_formats[int(pr.lm_head.argmax())],
+                              hidden_order=tuple(self.hidden_order), model=model)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)

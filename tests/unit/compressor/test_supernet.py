@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from llmshrink.compressor import quant
+from llmshrink.compressor.importance import measure_importance
+from llmshrink.compressor.materialize import materialize
+from llmshrink.compressor.space import SearchSpace
+from llmshrink.compressor.supernet import Supernet, fake_quant, width_mask
+from llmshrink.formats import parse_format
+
+FORMATS = ("fp32", "w4g32a8", "w8g32", "w4g32z", "w8a8")
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def _space(base, formats=FORMATS):
+    # the tiny Llama: 4 heads in 2 kv groups of head size 16; one head (16 wide) suits no 32-group
+    grouped = any(parse_format(f).group_size for f in formats)
+    return SearchSpace(base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,) if grouped else (1, 2),
+                       head_dim=(16,), mlp=(64, 96, 128), min_layers=2, formats=formats,
+                       lm_head_formats=formats).validate()
+
+
+def _pin(net, seed):
+    """Random logits, then freeze every decision at its argmax: probabilities exactly one-hot."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.copy_(torch.randn(a.shape, generator=g) * 3)
+    net.settle(threshold=1.01)
+    assert net.settled()[0] == net.settled()[1]
+
+
+def test_width_mask_is_survival_probability():
+    p = torch.tensor([0.2, 0.5, 0.3])
+    m = width_mask(p, torch.tensor([2, 4, 6]), 6)
+    torch.testing.assert_close(m, torch.tensor([1, 1, 0.8, 0.8, 0.3, 0.3]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_hot_supernet_is_the_extracted_fp32_subnet(tiny_hf, tiny_base, ids, seed):
+    imp = measure_importance(tiny_hf, [ids])
+    net = Supernet(tiny_hf, _space(tiny_base, ("fp32",)), imp)
+    _pin(net, seed)
+    spec = net.argmax_spec()
+    spec.validate()
+    with torch.no_grad():
+        got = net(ids)
+    want = materialize(tiny_hf, spec)(ids)[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_hot_supernet_quantizes_like_the_extracted_subnet(tiny_hf, tiny_base, ids, seed, monkeypatch):
+    # the exporter clips scales; with clipping off both quantize alike (identity orders: same groups)
+    monkeypatch.setattr(quant, "CLIP_GRID", (1.0,))
+    net = Supernet(tiny_hf, _space(tiny_base))
+    _pin(net, 10 + seed)
+    spec = net.argmax_spec()
+    with torch.no_grad():
+        got = net(ids)
+    want = materialize(tiny_hf, spec)(ids)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+def test_fake_quant_matches_the_exporters_quantizer_without_clipping(monkeypatch):
+    monkeypatch.setattr(quant, "CLIP_GRID", (1.0,))
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    for name in FORMATS[1:]:
+        f = parse_format(name)
+        torch.testing.assert_close(fake_quant(w, f), quant.quantize_weight(w, f).dequantize())
+
+
+def test_gradients_reach_weights_and_every_architecture_logit(tiny_hf, tiny_base, ids):
+    net = Supernet(tiny_hf, _space(tiny_base, ("fp32", "w8a8")))
+    pr = net.probs(tau=1.0)
+    out = net(ids, pr)
+    loss = out.pow(2).mean() + net.expected_params(pr) / 1e6
+    loss.backward()
+    for name, a in net.alpha.items():
+        assert a.grad is not None and a.grad.abs().sum() > 0, name
+    assert net.layers[0].q.grad.abs().sum() > 0 and net.embed.grad.abs().sum() > 0
+
+
+def test_settling_freezes_low_entropy_decisions_and_skips_dropped_blocks(tiny_hf, tiny_base, ids):
+    net = Supernet(tiny_hf, _space(tiny_base, ("fp32",)))
+    assert net.settled()[0] == 7 * tiny_base.num_layers + 1  # one format: every precision is settled already
+    with torch.no_grad():
+        net.alpha["keep"][1] = torch.tensor([8.0, -8.0])  # block 1: certainly dropped
+        net.alpha["mlp"][0] = torch.tensor([8.0, -8.0, -8.0])  # layer 0: certainly the narrowest MLP
+    before = net.settled()[0]
+    assert net.settle(threshold=0.05) == 2
+    assert net.settled()[0] == before + 2
+    assert not net.alive("keep")[1, 1] and net._top("mlp", 0) == 64
+    spec = net.argmax_spec()
+    assert not spec.layers[1].keep and spec.layers[0].intermediate_size == 64
+    with torch.no_grad():
+        out = net(ids)
+    assert torch.isfinite(out).all()
+
+
+def test_settling_never_drops_below_min_layers(tiny_hf, tiny_base):
+    net = Supernet(tiny_hf, _space(tiny_base, ("fp32",)))
+    with torch.no_grad():
+        net.alpha["keep"].copy_(torch.tensor([[5.0, -5.0], [5.0, -4.0], [5.0, -3.0], [5.0, -6.0]]))
+    net.settle(threshold=1.01)
+    assert net.alive("keep")[:, 1].tolist() == [False, True, True, False]  # the two likeliest kept
+    assert [ls.keep for ls in net.argmax_spec().layers] == [False, True, True, False]
+
+
+def test_expected_latency_at_one_hot_is_the_prediction_of_the_extracted_spec(tiny_hf, tiny_base, tiny_table):
+    from llmshrink.targets.predict import predict
+    from llmshrink.targets.profile import load_target
+
+    table, yaml_path = tiny_table
+    target = load_target(str(yaml_path))
+    net = Supernet(tiny_hf, _space(tiny_base, ("fp32", "w4g32a8")))
+    for seed in range(3):
+        _pin(net, 20 + seed)
+        spec = net.argmax_spec()
+        want = predict(spec, target, table=table).total_ms
+        got = net.expected_latency(table, target.default_workload, net.probs()).item()
+        assert got == pytest.approx(want, rel=1e-6)
+        params = net.expected_params(net.probs()).item()
+        assert params == materialize(tiny_hf, spec).num_params - _norms(spec)
+        net.alive_keep.fill_(True)
+        for k in ("hidden", "kv", "hpg", "mlp", "prec", "lm_head"):
+            net.alive(k).fill_(True)
+
+
+def _norms(spec):
+    """Norm weights, which the search's parameter count leaves out."""
+    return spec.hidden_size * (2 * len(spec.kept_layers()) + 1)
