@@ -1,0 +1,189 @@
+"""The differentiable search: train a Supernet's weights and architecture logits under a budget.
+
+Each step (DARTS-style, first order) makes one weight update on a batch from
+one half of the calibration sequences and one architecture update on a
+batch from the other half, with separate Adam optimizers:
+
+- weights: KD loss only (forward KL from the original model's logits);
+- architecture: KD + ``λ_lat · max(0, E[latency]/budget − 1)``
+  + ``λ_par · max(0, E[params]/params_budget − 1)``, ``E[latency]`` from the
+  target's latency table through the same predictor ``validate`` uses.
+
+The softmax temperature anneals geometrically from ``tau_start`` to
+``tau_end``. Every ``settle_every`` steps, decisions whose normalized
+entropy is below ``entropy_threshold`` are frozen (:meth:`Supernet.settle`).
+The first ``warmup_steps`` update weights only.
+
+A checkpoint (everything needed to continue bit for bit: supernet,
+optimizers, step, generator state, log) is written atomically every
+``checkpoint_every`` steps; :func:`run_search` with ``resume=True``
+continues from it, so a killed search loses at most that many steps.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmshrink import serde, storage
+from llmshrink.compressor.supernet import Supernet
+from llmshrink.errors import UsageError
+from llmshrink.progress import NULL_PROGRESS, Progress
+
+CHECKPOINT = "search.ckpt"
+
+
+@serde.serializable("SearchConfig")
+@dataclass(frozen=True)
+class SearchConfig:
+    """Knobs of :func:`run_search` (defaults sized for a 2-core CPU and a ~135M model)."""
+
+    steps: int = 120
+    batch_size: int = 4
+    seq_len: int = 128
+    weight_lr: float = 1e-5
+    arch_lr: float = 0.05
+    tau_start: float = 1.0
+    tau_end: float = 0.2
+    gumbel: bool = False
+    lambda_latency: float = 4.0
+    lambda_params: float = 4.0
+    entropy_threshold: float = 0.2
+    prune_floor: float = 0.02
+    settle_every: int = 5
+    warmup_steps: int = 5
+    kd_temperature: float = 1.0
+    checkpoint_every: int = 20
+    seed: int = 0
+
+    def tau(self, step: int) -> float:
+        if self.steps <= 1:
+            return self.tau_end
+        return self.tau_start * (self.tau_end / self.tau_start) ** (step / (self.steps - 1))
+
+
+@serde.serializable("StepLog")
+@dataclass(frozen=True)
+class StepLog:
+    """One step: losses, the expectations the penalties read, how settled the search is."""
+
+    step: int
+    kd: float
+    latency_ms: float
+    params: float
+    penalty: float
+    tau: float
+    settled: int
+    decisions: int
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    supernet: Supernet
+    history: list[StepLog] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL(teacher || student) per token, scaled by T² (Hinton et al.)."""
+    t = temperature
+    s = F.log_softmax(student.float() / t, -1).flatten(0, -2)
+    q = F.log_softmax(teacher.float() / t, -1).flatten(0, -2)
+    return F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+
+
+def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generator, history: list[StepLog],
+                      config: SearchConfig) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"net": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(), "step": step,
+                "gen": gen.get_state(), "history": [asdict(h) for h in history], "config": asdict(config)}, buf)
+    return buf.getvalue()
+
+
+def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
+               params_budget: float | None = None, config: SearchConfig = SearchConfig(),
+               checkpoint_dir: str | Path | None = None, resume: bool = False,
+               progress: Progress = NULL_PROGRESS) -> SearchResult:
+    """Search ``net`` (modified in place) against ``teacher`` (the original HF model) on ``calib`` ``[N, T]``.
+
+    Raises:
+        UsageError: too few calibration sequences for two halves of one batch, or
+            ``resume`` without a checkpoint made with the same config.
+    """
+    cfg = config
+    if calib.shape[0] < 2 * cfg.batch_size:
+        raise UsageError(f"The search needs at least {2 * cfg.batch_size} calibration sequences "
+                         f"(two halves of batch {cfg.batch_size}); got {calib.shape[0]}.")
+    calib = calib[:, : cfg.seq_len]
+    halves = calib[0::2], calib[1::2]  # weights / architecture, disjoint
+    teacher.eval()
+    opt_w = torch.optim.Adam(net.weight_parameters(), lr=cfg.weight_lr)
+    opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[StepLog] = []
+    start, resumed = 0, None
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise UsageError(f"Nothing to resume: no {CHECKPOINT} in {checkpoint_dir}.",
+                             "Run without --resume to start the search.")
+        state = torch.load(ckpt, weights_only=True)
+        if state["config"] != asdict(cfg):
+            raise UsageError("The checkpoint was made with other search settings; --resume needs the same ones.")
+        net.load_state_dict(state["net"])
+        opt_w.load_state_dict(state["opt_w"])
+        opt_a.load_state_dict(state["opt_a"])
+        gen.set_state(state["gen"])
+        history = [StepLog(**h) for h in state["history"]]
+        start = resumed = state["step"]
+    lat_budget = torch.tensor(budget_ms, dtype=torch.float64)
+    with progress.task("Search", total=cfg.steps) as task:
+        task.advance(start)
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            tau = cfg.tau(step)
+            rows = [torch.randint(len(h), (cfg.batch_size,), generator=gen) for h in halves]
+            # weights: KD on the first half
+            ids = halves[0][rows[0]]
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            pr = net.probs(tau, cfg.gumbel, gen)
+            loss_w = kd_loss(net(ids, pr), target, cfg.kd_temperature)
+            opt_w.zero_grad(set_to_none=True)
+            opt_a.zero_grad(set_to_none=True)
+            loss_w.backward()
+            opt_w.step()
+            # architecture: KD + budget penalties on the other half
+            ids = halves[1][rows[1]]
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            pr = net.probs(tau, cfg.gumbel, gen)
+            kd = kd_loss(net(ids, pr), target, cfg.kd_temperature)
+            lat = net.expected_latency(table, workload, pr)
+            params = net.expected_params(pr)
+            penalty = cfg.lambda_latency * torch.relu(lat / lat_budget - 1)
+            if params_budget:
+                penalty = penalty + cfg.lambda_params * torch.relu(params / params_budget - 1)
+            if step >= cfg.warmup_steps:
+                opt_w.zero_grad(set_to_none=True)
+                opt_a.zero_grad(set_to_none=True)
+                (kd + penalty.float()).backward()
+                opt_a.step()
+            if (step + 1) % cfg.settle_every == 0 and step >= cfg.warmup_steps:
+                net.settle(cfg.entropy_threshold, cfg.prune_floor)
+            n_settled, n_total = net.settled()
+            log = StepLog(step + 1, kd.item(), lat.item(), params.item(), penalty.item(), tau, n_settled, n_total,
+                          time.perf_counter() - t0)
+            history.append(log)
+            task.advance(1, info=f"kd {log.kd:.3f} · E[lat] {log.latency_ms:.2f}/{budget_ms:.2f} ms · "
+                                 f"settled {n_settled}/{n_total}")
+            if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                storage.atomic_write_bytes(ckpt, _checkpoint_bytes(net, opt_w, opt_a, step + 1, gen, history, cfg))
+    return SearchResult(net, history, resumed)
+

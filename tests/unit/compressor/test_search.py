@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from llmshrink.compressor.search import CHECKPOINT, SearchConfig, kd_loss, run_search
+from llmshrink.compressor.space import SearchSpace
+from llmshrink.compressor.supernet import Supernet
+from llmshrink.errors import UsageError
+from llmshrink.progress import Progress, Task
+
+
+def _space(base):
+    return SearchSpace(base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,), head_dim=(16,),
+                       mlp=(64, 96, 128), min_layers=2, formats=("fp32", "w4g32a8"),
+                       lm_head_formats=("fp32", "w4g32a8")).validate()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(3, 300, (16, 24), generator=torch.Generator().manual_seed(5))
+
+
+def _cfg(**kw):
+    base = dict(steps=6, batch_size=2, seq_len=24, weight_lr=1e-4, arch_lr=0.1, warmup_steps=1, settle_every=2,
+                checkpoint_every=3)
+    return SearchConfig(**{**base, **kw})
+
+
+def test_kd_loss_is_zero_for_the_teacher_and_positive_otherwise():
+    t = torch.randn(2, 5, 11)
+    assert float(kd_loss(t, t)) == pytest.approx(0, abs=1e-6)
+    assert float(kd_loss(torch.randn(2, 5, 11), t)) > 0
+
+
+def test_a_tight_budget_pulls_expected_latency_down(tiny_hf, tiny_base, tiny_table, calib):
+    table, _ = tiny_table
+    from llmshrink.targets.workload import Workload
+
+    wl = Workload("decode", 1, 16)
+    net = Supernet(tiny_hf, _space(tiny_base))
+    start = net.expected_latency(table, wl, net.probs()).item()
+    res = run_search(net, tiny_hf, calib, table=table, workload=wl, budget_ms=0.5 * start,
+                     config=_cfg(steps=12, lambda_latency=50.0))
+    assert res.history[-1].latency_ms < 0.8 * start
+    assert [h.step for h in res.history] == list(range(1, 13))
+    assert all(h.settled <= h.decisions for h in res.history)
+    loose = Supernet(tiny_hf, _space(tiny_base))
+    run_search(loose, tiny_hf, calib, table=table, workload=wl, budget_ms=10 * start,
+               config=_cfg(steps=12, lambda_latency=50.0))
+    assert loose.expected_latency(table, wl, loose.probs()).item() > res.history[-1].latency_ms
+
+
+class _Killer(Progress):
+    """Raises after ``n`` completed steps, like a SIGKILL between two steps."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def _make_task(self, description, total):
+        killer = self
+
+        class T(Task):
+            def advance(self, n=1, **fields):
+                super().advance(n, **fields)
+                if self.completed > killer.n:
+                    raise KeyboardInterrupt
+
+        return T(description, total)
+
+
+def test_resume_continues_from_the_checkpoint_and_ends_where_an_unbroken_run_ends(tiny_hf, tiny_base, tiny_table,
+                                                                                   calib, tmp_path):
+    table, _ = tiny_table
+    from llmshrink.targets.workload import Workload
+
+    wl, cfg = Workload("decode", 1, 16), _cfg()
+    kw = dict(table=table, workload=wl, budget_ms=0.01, config=cfg)
+    whole = Supernet(tiny_hf, _space(tiny_base))
+    run_search(whole, tiny_hf, calib, **kw)
+    broken = Supernet(tiny_hf, _space(tiny_base))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(broken, tiny_hf, calib, checkpoint_dir=tmp_path, progress=_Killer(4), **kw)
+    assert (tmp_path / CHECKPOINT).is_file()
+    fresh = Supernet(tiny_hf, _space(tiny_base))
+    res = run_search(fresh, tiny_hf, calib, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert res.resumed_from == 3 and [h.step for h in res.history] == list(range(1, 7))
+    for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(UsageError, match="other search settings"):
+        run_search(Supernet(tiny_hf, _space(tiny_base)), tiny_hf, calib, checkpoint_dir=tmp_path, resume=True,
+                   **{**kw, "config": _cfg(arch_lr=0.2)})
+    with pytest.raises(UsageError, match="Nothing to resume"):
+        run_search(Supernet(tiny_hf, _space(tiny_base)), tiny_hf, calib, checkpoint_dir=tmp_path / "x",
+                   resume=True, **kw)
