@@ -1,0 +1,134 @@
+"""Budgets: what the space can reach, and bringing a subnet under a latency budget.
+
+The search keeps the *expected* latency near the budget; the most probable
+subnet it extracts can land a little above. :func:`fit_to_budget` then takes
+the cheapest steps down — one notch narrower, a cheaper format, one block
+fewer — ranked by how much the search's preference drops per millisecond
+saved, until the table predicts the budget is met. :func:`fastest_reachable`
+is the floor: below it no subnet of the space fits, and ``compress`` says so
+before any work (exit code 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+from llmshrink.compressor.space import SearchSpace
+from llmshrink.errors import InfeasibleBudgetError
+from llmshrink.spec import LINEARS, SubnetSpec
+from llmshrink.targets.predict import predict
+
+
+@dataclass(frozen=True)
+class Move:
+    """One step down: what changed, the new spec, its predicted latency and the preference it costs."""
+
+    what: str
+    spec: SubnetSpec
+    latency_ms: float
+    cost: float
+
+
+def fastest_reachable(space: SearchSpace, target, workload, table) -> tuple[float, SubnetSpec]:
+    """The fastest subnet of the space the table knows of: the smallest widths, fewest blocks, and the
+    fastest uniform format (the lm_head's chosen on its own)."""
+    best: tuple[float, SubnetSpec] | None = None
+    for fmt in space.formats:
+        spec = space.smallest(fmt)
+        for head in space.lm_head_formats:
+            s = replace(spec, lm_head=head)
+            ms = predict(s, target, workload, table=table).total_ms
+            if best is None or ms < best[0]:
+                best = (ms, s)
+    return best
+
+
+def check_budget(space: SearchSpace, target, workload, table, budget_ms: float) -> float:
+    """Raise :class:`InfeasibleBudgetError` when no subnet reaches ``budget_ms``; else the fastest latency."""
+    fastest, _ = fastest_reachable(space, target, workload, table)
+    if budget_ms < fastest:
+        raise InfeasibleBudgetError(
+            f"A latency budget of {budget_ms:.2f} ms is below the fastest subnet the search space reaches: "
+            f"{fastest:.2f} ms ({workload.describe()}, {target.name}).",
+            f"Give --latency {fastest * 1.05:.2f}ms or more, or widen the space (--space: smaller widths, "
+            "fewer blocks, cheaper formats).")
+    return fastest
+
+
+def _smaller(values: tuple, current) -> object | None:
+    i = values.index(current) if current in values else None
+    return values[i - 1] if i else None
+
+
+def moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, SubnetSpec]]:
+    """Every single step down from ``spec`` within ``space``."""
+    h = _smaller(space.hidden, spec.hidden_size)
+    if h:
+        yield f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
+    for f in space.lm_head_formats:
+        if f != spec.lm_head:
+            yield f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
+    kept = spec.kept_layers()
+    for i in kept:
+        ls = spec.layers[i]
+
+        def at(new, i=i):
+            layers = list(spec.layers)
+            layers[i] = new
+            return replace(spec, layers=tuple(layers))
+
+        if len(kept) > space.min_layers:
+            yield f"drop block {i}", at(replace(ls, keep=False))
+        m = _smaller(space.mlp, ls.intermediate_size)
+        if m:
+            yield f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
+        per = ls.num_heads // ls.num_kv_heads
+        g = _smaller(space.kv_groups, ls.num_kv_heads)
+        if g:
+            yield f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g, num_heads=g * per))
+        r = _smaller(space.heads_per_group, per)
+        if r:
+            yield f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
+        for name in LINEARS:
+            for f in space.formats:
+                if f != ls.precision[name]:
+                    yield f"layer {i} {name} {ls.precision[name]}->{f}", at(replace(ls, precision={**ls.precision,
+                                                                                                   name: f}))
+
+
+def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
+                  preference: Callable[[SubnetSpec], float] | None = None,
+                  max_moves: int = 200) -> tuple[SubnetSpec, list[Move]]:
+    """Step ``spec`` down until its predicted latency is within ``budget_ms``.
+
+    Each step takes the move with the least preference lost per millisecond
+    saved (``preference``: higher is better, e.g. the search's log-probability;
+    None: the largest saving). Returns the final spec and the moves taken.
+
+    Raises:
+        InfeasibleBudgetError: no move helps any more and the budget is still not met.
+    """
+    taken: list[Move] = []
+    current = predict(spec, target, workload, table=table).total_ms
+    pref = preference(spec) if preference else 0.0
+    while current > budget_ms:
+        best: Move | None = None
+        best_rate = float("inf")
+        for what, new in moves(spec, space):
+            ms = predict(new, target, workload, table=table).total_ms
+            saved = current - ms
+            if saved <= 1e-9:
+                continue
+            cost = (pref - preference(new)) if preference else 0.0
+            rate = cost / saved if preference else -saved
+            if rate < best_rate:
+                best, best_rate = Move(what, new, ms, cost), rate
+        if best is None or len(taken) >= max_moves:
+            raise InfeasibleBudgetError(
+                f"Could not bring the subnet under {budget_ms:.2f} ms: it stays at {current:.2f} ms "
+                f"({workload.describe()}).", "Raise the budget or widen the search space.")
+        taken.append(best)
+        spec, current = best.spec, best.latency_ms
+        pref = preference(spec) if preference else 0.0
+    return spec, taken

@@ -1,0 +1,59 @@
+import pytest
+
+from llmshrink.compressor.budget import check_budget, fastest_reachable, fit_to_budget, moves
+from llmshrink.compressor.space import SearchSpace
+from llmshrink.errors import InfeasibleBudgetError
+from llmshrink.spec import SubnetSpec
+from llmshrink.targets.predict import predict
+from llmshrink.targets.profile import load_target
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, tiny_table):
+    table, yaml_path = tiny_table
+    target = load_target(str(yaml_path))
+    space = SearchSpace(tiny_base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,), head_dim=(16,),
+                        mlp=(64, 96, 128), min_layers=2, formats=("fp32", "w4g32a8"),
+                        lm_head_formats=("fp32", "w4g32a8")).validate()
+    return space, target, target.default_workload, table
+
+
+def test_every_move_stays_in_the_space_and_changes_one_thing(setup, tiny_base):
+    space, *_ = setup
+    spec = space.largest("fp32")
+    seen = list(moves(spec, space))
+    assert len({w for w, _ in seen}) == len(seen)
+    for what, new in seen:
+        new.validate()
+        assert new != spec, what
+    assert any(w.startswith("drop block") for w, _ in seen) and any("w4g32a8" in w for w, _ in seen)
+
+
+def test_fit_to_budget_meets_the_budget_and_follows_the_preference(setup):
+    space, target, wl, table = setup
+    spec = space.largest("fp32")
+    top = predict(spec, target, wl, table=table).total_ms
+    fastest, _ = fastest_reachable(space, target, wl, table)
+    assert fastest < top
+    budget = fastest + 0.5 * (top - fastest)
+    fitted, taken = fit_to_budget(spec, space, target, wl, table, budget)
+    assert predict(fitted, target, wl, table=table).total_ms <= budget and taken
+    # a preference that forbids dropping blocks: the fit finds its savings elsewhere
+    no_drop_floor = min(predict(space._uniform(min, f, keep=4), target, wl, table=table).total_ms
+                        for f in space.formats)
+    budget2 = max(budget, 1.05 * no_drop_floor)
+    keep_all = lambda s: -1000.0 * (len(s.layers) - len(s.kept_layers()))  # noqa: E731
+    fitted2, taken2 = fit_to_budget(spec, space, target, wl, table, budget2, preference=keep_all)
+    assert len(fitted2.kept_layers()) == len(spec.layers) and not any("drop" in m.what for m in taken2)
+    assert predict(fitted2, target, wl, table=table).total_ms <= budget2
+
+
+def test_a_budget_below_the_fastest_subnet_is_refused_with_the_floor(setup):
+    space, target, wl, table = setup
+    fastest, spec = fastest_reachable(space, target, wl, table)
+    assert check_budget(space, target, wl, table, fastest * 1.01) == fastest
+    with pytest.raises(InfeasibleBudgetError, match=f"{fastest:.2f} ms") as e:
+        check_budget(space, target, wl, table, fastest * 0.5)
+    assert e.value.exit_code == 3
+    with pytest.raises(InfeasibleBudgetError):
+        fit_to_budget(SubnetSpec.original(space.base), space, target, wl, table, fastest * 0.5)
