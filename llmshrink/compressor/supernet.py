@@ -368,6 +368,28 @@ class Supernet(nn.Module):
         return total + self.base.vocab_size * h * p_own
 
     # -------------------------------------------------------------- extract
+    def log_prob(self, spec: SubnetSpec) -> float:
+        """Log-probability of ``spec``'s choices under the current logits (a dropped block's widths and
+        formats do not count); -inf for a choice outside the space or no longer alive."""
+        s = self.space
+        with torch.no_grad():
+            pr = self.probs()
+
+            def lp(p: torch.Tensor, values, v) -> float:
+                return math.log(max(float(p[values.index(v)]), 0.0)) if v in values and p[values.index(v)] > 0 \
+                    else float("-inf")
+
+            total = lp(pr.hidden, s.hidden, spec.hidden_size) + lp(pr.lm_head, s.lm_head_formats, spec.lm_head)
+            for i, ls in enumerate(spec.layers):
+                total += lp(pr.keep[i], (False, True), ls.keep)
+                if not ls.keep:
+                    continue
+                total += lp(pr.kv[i], s.kv_groups, ls.num_kv_heads)
+                total += lp(pr.hpg[i], s.heads_per_group, ls.num_heads // ls.num_kv_heads)
+                total += lp(pr.mlp[i], s.mlp, ls.intermediate_size)
+                total += sum(lp(pr.prec[i, j], s.formats, ls.precision[n]) for j, n in enumerate(LINEARS))
+        return total
+
     def argmax_spec(self, model: str = "") -> SubnetSpec:
         """The most probable subnet, with the importance orders; at least ``min_layers`` blocks kept
         (the most probable to keep, by p(keep))."""

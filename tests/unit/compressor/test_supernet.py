@@ -134,3 +134,21 @@ def test_expected_latency_at_one_hot_is_the_prediction_of_the_extracted_spec(tin
 def _norms(spec):
     """Norm weights, which the search's parameter count leaves out."""
     return spec.hidden_size * (2 * len(spec.kept_layers()) + 1)
+
+
+def test_log_prob_is_highest_for_the_argmax_spec_and_minus_inf_outside_the_space(tiny_hf, tiny_base):
+    from dataclasses import replace
+
+    net = Supernet(tiny_hf, _space(tiny_base))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.copy_(torch.randn(a.shape, generator=g))
+    best = net.argmax_spec()
+    top = net.log_prob(best)
+    assert top < 0
+    layers = list(best.layers)
+    layers[0] = replace(layers[0], intermediate_size=96 if layers[0].intermediate_size != 96 else 64)
+    assert net.log_prob(replace(best, layers=tuple(layers))) < top
+    layers[0] = replace(layers[0], intermediate_size=100)
+    assert net.log_prob(replace(best, layers=tuple(layers))) == float("-inf")
