@@ -140,10 +140,17 @@ class Supernet(nn.Module):
         hf_model: the pretrained HF Llama-family model (left unchanged).
         space: the decisions and their candidates.
         importance: orders that make candidate widths prefixes (None: base order).
+        vectorized: False computes the same expectation the way a per-candidate
+            (DARTS mixed-op) implementation does — one sub-block per MLP width,
+            per head configuration and per format, weighted and summed — the
+            baseline the search-throughput benchmark compares with. Hidden
+            width is masked either way.
     """
 
-    def __init__(self, hf_model, space: SearchSpace, importance: Importance | None = None) -> None:
+    def __init__(self, hf_model, space: SearchSpace, importance: Importance | None = None, *,
+                 vectorized: bool = True) -> None:
         super().__init__()
+        self.vectorized = vectorized
         base = space.base
         if len(space.head_dim) != 1 or space.head_dim[0] != base.head_dim:
             raise UsageError("Searching the head size is not supported yet.",
@@ -216,6 +223,14 @@ class Supernet(nn.Module):
                 fmts: list[QuantFormat]) -> torch.Tensor:
         """``x @ E_p[Q(W)].T`` with int8 activations weighted by P(an a8 format)."""
         idx = [i for i in range(len(fmts)) if alive[i]]
+        if not self.vectorized:  # one matmul per format, each with its own activation rounding
+            out = 0
+            for i in idx:
+                with torch.no_grad():
+                    resid = fake_quant(w, fmts[i]) - w
+                    xq = quantize_activation(x, fmts[i]) - x
+                out = out + p[i] * F.linear(x + xq, w + resid)
+            return out
         with torch.no_grad():
             resid = torch.stack([fake_quant(w, fmts[i]) - w for i in idx])  # [k, out, in]
         w_eff = w + torch.einsum("k,koi->oi", p[idx], resid)
@@ -231,11 +246,11 @@ class Supernet(nn.Module):
         """Expected logits ``[B, T, V]`` of ``ids`` ``[B, T]`` (no cache: the search reads whole chunks)."""
         pr = probs or self.probs()
         base = self.base
-        B, T = ids.shape
+        T = ids.shape[1]
         H = self._top("hidden")
         m_h = width_mask(pr.hidden, self.cands_hidden, H)
         n_h = m_h.sum()
-        hd, R = base.head_dim, base.heads_per_group
+        R = base.heads_per_group
         pos = torch.arange(T, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), -1)
@@ -255,27 +270,53 @@ class Supernet(nn.Module):
                 return self._linear(x, w, p_lin[j], alive_p[j], self.fmts)
 
             h = self._norm(x, lay.ln1[:H], n_h)
-            wq = lay.q.view(base.num_kv_heads, R, hd, -1)[:G_a, :R_a].reshape(-1, lay.q.shape[1])[:, :H]
-            wkv = slice(0, G_a * hd)
-            q = lin(h, "q_proj", wq).view(B, T, G_a, R_a, hd)
-            k = lin(h, "k_proj", lay.k[wkv, :H]).view(B, T, G_a, 1, hd)
-            v = lin(h, "v_proj", lay.v[wkv, :H]).view(B, T, G_a, 1, hd)
-            q = q * cos[None, :, None, None] + _rotate_half(q) * sin[None, :, None, None]
-            k = k * cos[None, :, None, None] + _rotate_half(k) * sin[None, :, None, None]
-            qh = q.reshape(B, T, G_a * R_a, hd).transpose(1, 2)
-            kh = k.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
-            vh = v.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
-            att = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.attn_scale)
-            head_mask = (mask_g[i, :G_a, None] * mask_r[i, None, :R_a]).reshape(-1)  # slot (g, r)
-            att = (att.transpose(1, 2) * head_mask[None, None, :, None]).reshape(B, T, -1)
-            wo = lay.o.view(-1, base.num_kv_heads, R, hd)[:H, :G_a, :R_a].reshape(H, -1)
-            x = x + p_keep * lin(att, "o_proj", wo) * m_h
+            if self.vectorized:
+                att_out = self._attention(h, lay, lin, G_a, R_a, H, cos, sin,
+                                          (mask_g[i, :G_a, None] * mask_r[i, None, :R_a]).reshape(-1))
+            else:  # one attention block per (kv groups, heads per group) candidate
+                att_out = 0
+                for gi, g in enumerate(self.cands_kv.tolist()):
+                    for ri, r in enumerate(self.cands_hpg.tolist()):
+                        if self.alive("kv")[i, gi] and self.alive("hpg")[i, ri]:
+                            ones = torch.ones(g * r)
+                            att_out = att_out + pr.kv[i, gi] * pr.hpg[i, ri] * self._attention(
+                                h, lay, lin, g, r, H, cos, sin, ones)
+            x = x + p_keep * att_out * m_h
             h = self._norm(x, lay.ln2[:H], n_h)
-            m_mlp = width_mask(pr.mlp[i], self.cands_mlp, I_a)
-            a = F.silu(lin(h, "gate_proj", lay.gate[:I_a, :H])) * lin(h, "up_proj", lay.up[:I_a, :H]) * m_mlp
-            x = x + p_keep * lin(a, "down_proj", lay.down[:H, :I_a]) * m_h
+            if self.vectorized:
+                m_mlp = width_mask(pr.mlp[i], self.cands_mlp, I_a)
+                a = F.silu(lin(h, "gate_proj", lay.gate[:I_a, :H])) * lin(h, "up_proj", lay.up[:I_a, :H]) * m_mlp
+                mlp_out = lin(a, "down_proj", lay.down[:H, :I_a])
+            else:  # one MLP per width candidate
+                mlp_out = 0
+                for wi, w in enumerate(self.cands_mlp.tolist()):
+                    if self.alive("mlp")[i, wi]:
+                        a = F.silu(lin(h, "gate_proj", lay.gate[:w, :H])) * lin(h, "up_proj", lay.up[:w, :H])
+                        mlp_out = mlp_out + pr.mlp[i, wi] * lin(a, "down_proj", lay.down[:H, :w])
+            x = x + p_keep * mlp_out * m_h
         x = self._norm(x, self.final_norm[:H], n_h)
         return self._linear(x, self.lm_head[:, :H], pr.lm_head, self.alive("lm_head"), self.head_fmts)
+
+    def _attention(self, h, lay, lin, G_a: int, R_a: int, H: int, cos, sin, head_mask) -> torch.Tensor:
+        """Attention over the first ``G_a`` groups x ``R_a`` heads each, heads weighted by ``head_mask``,
+        through o_proj."""
+        base = self.base
+        B, T, _ = h.shape
+        hd, R = base.head_dim, base.heads_per_group
+        wq = lay.q.view(base.num_kv_heads, R, hd, -1)[:G_a, :R_a].reshape(-1, lay.q.shape[1])[:, :H]
+        wkv = slice(0, G_a * hd)
+        q = lin(h, "q_proj", wq).view(B, T, G_a, R_a, hd)
+        k = lin(h, "k_proj", lay.k[wkv, :H]).view(B, T, G_a, 1, hd)
+        v = lin(h, "v_proj", lay.v[wkv, :H]).view(B, T, G_a, 1, hd)
+        q = q * cos[None, :, None, None] + _rotate_half(q) * sin[None, :, None, None]
+        k = k * cos[None, :, None, None] + _rotate_half(k) * sin[None, :, None, None]
+        qh = q.reshape(B, T, G_a * R_a, hd).transpose(1, 2)
+        kh = k.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
+        vh = v.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
+        att = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.attn_scale)
+        att = (att.transpose(1, 2) * head_mask[None, None, :, None]).reshape(B, T, -1)
+        wo = lay.o.view(-1, base.num_kv_heads, R, hd)[:H, :G_a, :R_a].reshape(H, -1)
+        return lin(att, "o_proj", wo)
 
     # ------------------------------------------------------------- settling
     def entropies(self) -> dict[str, torch.Tensor]:

@@ -152,3 +152,16 @@ def test_log_prob_is_highest_for_the_argmax_spec_and_minus_inf_outside_the_space
     assert net.log_prob(replace(best, layers=tuple(layers))) < top
     layers[0] = replace(layers[0], intermediate_size=100)
     assert net.log_prob(replace(best, layers=tuple(layers))) == float("-inf")
+
+
+def test_per_candidate_loop_computes_the_same_expectation(tiny_hf, tiny_base, ids):
+    space = SearchSpace(tiny_base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,), head_dim=(16,),
+                        mlp=(64, 96, 128), min_layers=2, formats=("fp32", "w4g32", "w8g32"),
+                        lm_head_formats=("fp32", "w8g32")).validate()
+    vec, loop = Supernet(tiny_hf, space), Supernet(tiny_hf, space, vectorized=False)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for a, b in zip(vec.arch_parameters(), loop.arch_parameters(), strict=True):
+            a.copy_(torch.randn(a.shape, generator=g))
+            b.copy_(a)
+    torch.testing.assert_close(vec(ids), loop(ids), atol=1e-4, rtol=1e-4)
