@@ -106,6 +106,36 @@ def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generat
     return buf.getvalue()
 
 
+def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor, opt_w, opt_a,
+               cfg: SearchConfig, *, tau: float, generator: torch.Generator, table, workload, budget_ms: float,
+               params_budget: float | None = None, update_arch: bool = True):
+    """One search step: a weight update (KD) on ``ids_w``, then an architecture update (KD + penalties)
+    on ``ids_a``. Returns the architecture half's (kd, E[latency], E[params], penalty) tensors."""
+    with torch.no_grad():
+        target = teacher(input_ids=ids_w, use_cache=False).logits
+    pr = net.probs(tau, cfg.gumbel, generator)
+    loss_w = kd_loss(net(ids_w, pr), target, cfg.kd_temperature)
+    opt_w.zero_grad(set_to_none=True)
+    opt_a.zero_grad(set_to_none=True)
+    loss_w.backward()
+    opt_w.step()
+    with torch.no_grad():
+        target = teacher(input_ids=ids_a, use_cache=False).logits
+    pr = net.probs(tau, cfg.gumbel, generator)
+    kd = kd_loss(net(ids_a, pr), target, cfg.kd_temperature)
+    lat = net.expected_latency(table, workload, pr)
+    params = net.expected_params(pr)
+    penalty = cfg.lambda_latency * torch.relu(lat / budget_ms - 1)
+    if params_budget:
+        penalty = penalty + cfg.lambda_params * torch.relu(params / params_budget - 1)
+    if update_arch:
+        opt_w.zero_grad(set_to_none=True)
+        opt_a.zero_grad(set_to_none=True)
+        (kd + penalty.float()).backward()
+        opt_a.step()
+    return kd, lat, params, penalty
+
+
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
                checkpoint_dir: str | Path | None = None, resume: bool = False,
@@ -142,39 +172,16 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         gen.set_state(state["gen"])
         history = [StepLog(**h) for h in state["history"]]
         start = resumed = state["step"]
-    lat_budget = torch.tensor(budget_ms, dtype=torch.float64)
     with progress.task("Search", total=cfg.steps) as task:
         task.advance(start)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             tau = cfg.tau(step)
             rows = [torch.randint(len(h), (cfg.batch_size,), generator=gen) for h in halves]
-            # weights: KD on the first half
-            ids = halves[0][rows[0]]
-            with torch.no_grad():
-                target = teacher(input_ids=ids, use_cache=False).logits
-            pr = net.probs(tau, cfg.gumbel, gen)
-            loss_w = kd_loss(net(ids, pr), target, cfg.kd_temperature)
-            opt_w.zero_grad(set_to_none=True)
-            opt_a.zero_grad(set_to_none=True)
-            loss_w.backward()
-            opt_w.step()
-            # architecture: KD + budget penalties on the other half
-            ids = halves[1][rows[1]]
-            with torch.no_grad():
-                target = teacher(input_ids=ids, use_cache=False).logits
-            pr = net.probs(tau, cfg.gumbel, gen)
-            kd = kd_loss(net(ids, pr), target, cfg.kd_temperature)
-            lat = net.expected_latency(table, workload, pr)
-            params = net.expected_params(pr)
-            penalty = cfg.lambda_latency * torch.relu(lat / lat_budget - 1)
-            if params_budget:
-                penalty = penalty + cfg.lambda_params * torch.relu(params / params_budget - 1)
-            if step >= cfg.warmup_steps:
-                opt_w.zero_grad(set_to_none=True)
-                opt_a.zero_grad(set_to_none=True)
-                (kd + penalty.float()).backward()
-                opt_a.step()
+            kd, lat, params, penalty = train_step(
+                net, teacher, halves[0][rows[0]], halves[1][rows[1]], opt_w, opt_a, cfg, tau=tau, generator=gen,
+                table=table, workload=workload, budget_ms=budget_ms, params_budget=params_budget,
+                update_arch=step >= cfg.warmup_steps)
             if (step + 1) % cfg.settle_every == 0 and step >= cfg.warmup_steps:
                 net.settle(cfg.entropy_threshold, cfg.prune_floor)
             n_settled, n_total = net.settled()
