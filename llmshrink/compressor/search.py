@@ -59,7 +59,14 @@ class SearchConfig:
     warmup_steps: int = 5
     kd_temperature: float = 1.0
     checkpoint_every: int = 20
+    requant_every: int = 10  # steps between refreshes of the cached quantization residuals
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every % self.requant_every:
+            # a checkpoint is taken right after a refresh, so a resumed search quantizes like an unbroken one
+            raise UsageError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of requant_every "
+                             f"({self.requant_every}).")
 
     def tau(self, step: int) -> float:
         if self.steps <= 1:
@@ -136,6 +143,12 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
     return kd, lat, params, penalty
 
 
+def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Separate Adam optimizers for weights and architecture logits (multi-tensor: one kernel per op)."""
+    return (torch.optim.Adam(net.weight_parameters(), lr=cfg.weight_lr, foreach=True),
+            torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr, foreach=True))
+
+
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
                checkpoint_dir: str | Path | None = None, resume: bool = False,
@@ -153,8 +166,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
     calib = calib[:, : cfg.seq_len]
     halves = calib[0::2], calib[1::2]  # weights / architecture, disjoint
     teacher.eval()
-    opt_w = torch.optim.Adam(net.weight_parameters(), lr=cfg.weight_lr)
-    opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr)
+    opt_w, opt_a = optimizers(net, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
     start, resumed = 0, None
@@ -172,6 +184,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         gen.set_state(state["gen"])
         history = [StepLog(**h) for h in state["history"]]
         start = resumed = state["step"]
+    net.refresh_quant()
     with progress.task("Search", total=cfg.steps) as task:
         task.advance(start)
         for step in range(start, cfg.steps):
@@ -182,6 +195,8 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
                 net, teacher, halves[0][rows[0]], halves[1][rows[1]], opt_w, opt_a, cfg, tau=tau, generator=gen,
                 table=table, workload=workload, budget_ms=budget_ms, params_budget=params_budget,
                 update_arch=step >= cfg.warmup_steps)
+            if (step + 1) % cfg.requant_every == 0:
+                net.refresh_quant()
             if (step + 1) % cfg.settle_every == 0 and step >= cfg.warmup_steps:
                 net.settle(cfg.entropy_threshold, cfg.prune_floor)
             n_settled, n_total = net.settled()

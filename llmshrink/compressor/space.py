@@ -119,6 +119,9 @@ class SearchSpace:
         if bad:
             raise UsageError(f"Search space: attention widths heads x head_dim {bad} are not multiples of {group} "
                              "(o_proj's K).", "Restrict head_dim or heads_per_group, or use smaller groups.")
+        if len(self.heads_per_group) > 1 and any(d % group for d in self.head_dim):
+            raise UsageError(f"Search space: head_dim {list(self.head_dim)} must be a multiple of {group} when heads "
+                             "per group are searched (o_proj's quantization groups must not straddle heads).")
         return self
 
 

@@ -219,21 +219,50 @@ class Supernet(nn.Module):
     def _norm(self, x: torch.Tensor, w: torch.Tensor, n_kept: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / n_kept + self.eps) * w
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, alive: torch.Tensor,
+    @torch.no_grad()
+    def refresh_quant(self) -> None:
+        """Recompute every linear's quantization residuals ``Q_k(W) - W`` for all formats.
+
+        Quantizing 135M weights in three formats costs far more than a step's
+        matmuls, and at search learning rates the weights barely move between
+        steps, so residuals are cached and refreshed every
+        ``SearchConfig.requant_every`` steps (and whenever asked). Groups run
+        along K and widths are cut at group boundaries, so a candidate's
+        residual is a slice of the full one (per-channel formats, whose scale
+        spans the row, are recomputed on the slice).
+        """
+        self._resid = {}
+        for lay in self.layers:
+            for name in LINEARS:
+                w = lay.weight(name)
+                self._resid[id(w)] = torch.stack([fake_quant(w, f) - w for f in self.fmts])
+        self._resid[id(self.lm_head)] = torch.stack([fake_quant(self.lm_head, f) - self.lm_head
+                                                     for f in self.head_fmts])
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, cut, p: torch.Tensor, alive: torch.Tensor,
                 fmts: list[QuantFormat]) -> torch.Tensor:
-        """``x @ E_p[Q(W)].T`` with int8 activations weighted by P(an a8 format)."""
+        """``x @ E_p[Q(cut(w))].T`` with int8 activations weighted by P(an a8 format).
+
+        ``cut`` slices an ``[..., out, in]`` tensor to the live widths (the weight
+        and its stacked residuals alike).
+        """
+        if not hasattr(self, "_resid"):
+            self.refresh_quant()
         idx = [i for i in range(len(fmts)) if alive[i]]
+        wc, resid = cut(w), cut(self._resid[id(w)])
+        if any(fmts[i].group_size is None and not fmts[i].is_float for i in idx):
+            # a per-channel scale spans the whole row: a slice of it is not the sliced weight's
+            with torch.no_grad():
+                resid = torch.stack([resid[i] if fmts[i].group_size or fmts[i].is_float
+                                     else fake_quant(wc, fmts[i]) - wc for i in range(len(fmts))])
         if not self.vectorized:  # one matmul per format, each with its own activation rounding
             out = 0
             for i in idx:
                 with torch.no_grad():
-                    resid = fake_quant(w, fmts[i]) - w
                     xq = quantize_activation(x, fmts[i]) - x
-                out = out + p[i] * F.linear(x + xq, w + resid)
+                out = out + p[i] * F.linear(x + xq, wc + resid[i])
             return out
-        with torch.no_grad():
-            resid = torch.stack([fake_quant(w, fmts[i]) - w for i in idx])  # [k, out, in]
-        w_eff = w + torch.einsum("k,koi->oi", p[idx], resid)
+        w_eff = wc + (resid[idx[0]] if len(idx) == 1 else torch.einsum("k,koi->oi", p[idx], resid[idx]))
         a8 = [i for i in idx if fmts[i].act != "none"]
         if a8:
             fine = min((fmts[i] for i in a8), key=lambda f: f.group_size or 1 << 30)
@@ -265,9 +294,9 @@ class Supernet(nn.Module):
             G_a, R_a, I_a = self._top("kv", i), self._top("hpg", i), self._top("mlp", i)
             alive_p, p_lin = self.alive("prec")[i], pr.prec[i]
 
-            def lin(x, name, w, i=i, alive_p=alive_p, p_lin=p_lin):
+            def lin(x, name, cut, lay=lay, alive_p=alive_p, p_lin=p_lin):
                 j = LINEARS.index(name)
-                return self._linear(x, w, p_lin[j], alive_p[j], self.fmts)
+                return self._linear(x, lay.weight(name), cut, p_lin[j], alive_p[j], self.fmts)
 
             h = self._norm(x, lay.ln1[:H], n_h)
             if self.vectorized:
@@ -285,17 +314,19 @@ class Supernet(nn.Module):
             h = self._norm(x, lay.ln2[:H], n_h)
             if self.vectorized:
                 m_mlp = width_mask(pr.mlp[i], self.cands_mlp, I_a)
-                a = F.silu(lin(h, "gate_proj", lay.gate[:I_a, :H])) * lin(h, "up_proj", lay.up[:I_a, :H]) * m_mlp
-                mlp_out = lin(a, "down_proj", lay.down[:H, :I_a])
+                rows = lambda t, I_a=I_a: t[..., :I_a, :H]  # noqa: E731
+                a = F.silu(lin(h, "gate_proj", rows)) * lin(h, "up_proj", rows) * m_mlp
+                mlp_out = lin(a, "down_proj", lambda t, I_a=I_a: t[..., :H, :I_a])
             else:  # one MLP per width candidate
                 mlp_out = 0
                 for wi, w in enumerate(self.cands_mlp.tolist()):
                     if self.alive("mlp")[i, wi]:
-                        a = F.silu(lin(h, "gate_proj", lay.gate[:w, :H])) * lin(h, "up_proj", lay.up[:w, :H])
-                        mlp_out = mlp_out + pr.mlp[i, wi] * lin(a, "down_proj", lay.down[:H, :w])
+                        rows = lambda t, w=w: t[..., :w, :H]  # noqa: E731
+                        a = F.silu(lin(h, "gate_proj", rows)) * lin(h, "up_proj", rows)
+                        mlp_out = mlp_out + pr.mlp[i, wi] * lin(a, "down_proj", lambda t, w=w: t[..., :H, :w])
             x = x + p_keep * mlp_out * m_h
         x = self._norm(x, self.final_norm[:H], n_h)
-        return self._linear(x, self.lm_head[:, :H], pr.lm_head, self.alive("lm_head"), self.head_fmts)
+        return self._linear(x, self.lm_head, lambda t: t[..., :H], pr.lm_head, self.alive("lm_head"), self.head_fmts)
 
     def _attention(self, h, lay, lin, G_a: int, R_a: int, H: int, cos, sin, head_mask) -> torch.Tensor:
         """Attention over the first ``G_a`` groups x ``R_a`` heads each, heads weighted by ``head_mask``,
@@ -303,11 +334,12 @@ class Supernet(nn.Module):
         base = self.base
         B, T, _ = h.shape
         hd, R = base.head_dim, base.heads_per_group
-        wq = lay.q.view(base.num_kv_heads, R, hd, -1)[:G_a, :R_a].reshape(-1, lay.q.shape[1])[:, :H]
-        wkv = slice(0, G_a * hd)
-        q = lin(h, "q_proj", wq).view(B, T, G_a, R_a, hd)
-        k = lin(h, "k_proj", lay.k[wkv, :H]).view(B, T, G_a, 1, hd)
-        v = lin(h, "v_proj", lay.v[wkv, :H]).view(B, T, G_a, 1, hd)
+        G = base.num_kv_heads
+        q = lin(h, "q_proj", lambda t: t.unflatten(-2, (G, R, hd))[..., :G_a, :R_a, :, :H].flatten(-4, -2))
+        q = q.view(B, T, G_a, R_a, hd)
+        kv = lambda t: t[..., :G_a * hd, :H]  # noqa: E731
+        k = lin(h, "k_proj", kv).view(B, T, G_a, 1, hd)
+        v = lin(h, "v_proj", kv).view(B, T, G_a, 1, hd)
         q = q * cos[None, :, None, None] + _rotate_half(q) * sin[None, :, None, None]
         k = k * cos[None, :, None, None] + _rotate_half(k) * sin[None, :, None, None]
         qh = q.reshape(B, T, G_a * R_a, hd).transpose(1, 2)
@@ -315,8 +347,7 @@ class Supernet(nn.Module):
         vh = v.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
         att = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.attn_scale)
         att = (att.transpose(1, 2) * head_mask[None, None, :, None]).reshape(B, T, -1)
-        wo = lay.o.view(-1, base.num_kv_heads, R, hd)[:H, :G_a, :R_a].reshape(H, -1)
-        return lin(att, "o_proj", wo)
+        return lin(att, "o_proj", lambda t: t.unflatten(-1, (G, R, hd))[..., :H, :G_a, :R_a, :].flatten(-3))
 
     # ------------------------------------------------------------- settling
     def entropies(self) -> dict[str, torch.Tensor]:

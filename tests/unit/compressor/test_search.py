@@ -21,7 +21,7 @@ def calib():
 
 def _cfg(**kw):
     base = dict(steps=6, batch_size=2, seq_len=24, weight_lr=1e-4, arch_lr=0.1, warmup_steps=1, settle_every=2,
-                checkpoint_every=3)
+                checkpoint_every=3, requant_every=3)
     return SearchConfig(**{**base, **kw})
 
 
