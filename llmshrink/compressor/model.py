@@ -170,13 +170,14 @@ class CompressedModel(nn.Module):
             n += sum(getattr(b, name).weight.numel() for name in LINEARS) + b.input_norm.numel() + b.post_norm.numel()
         return n
 
-    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, past: KVCache | None = None,
                 keep: int | None = None) -> tuple[torch.Tensor, KVCache]:
         """Logits ``(B, T, V)`` for ``input_ids`` ``(B, T)`` after ``past``; returns the new cache.
 
         With ``keep``, only the last ``keep`` positions get logits ``(B, keep, V)``
         (the lm_head is the costliest layer of a small model; a prompt needs one row).
+        Weights are buffers, so no autograd graph is built; recovery swaps in
+        trainable linears and trains through this same forward.
         """
         offset = past[0][0].shape[2] if past else 0
         positions = torch.arange(offset, offset + input_ids.shape[1])
