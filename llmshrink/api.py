@@ -97,11 +97,8 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
         SpecError / UsageError: the spec does not fit the model or the flavour.
         ParityError: the exported graph does not reproduce the torch model.
     """
-    import numpy as np
 
     from llmshrink.compressor.materialize import materialize
-    from llmshrink.exporters.ort_session import OrtDecoder
-    from llmshrink.exporters.parity import PARITY_TEXT, check_parity
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
 
@@ -128,6 +125,29 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
     with progress.task("Materializing and quantizing the subnet"):
         cm = materialize(hf, spec, tokenizer)
+    return export_compressed(cm, tokenizer, out, flavour=flavour, target=profile, model_source=source.describe(),
+                             model_fingerprint=fingerprint(source), max_length=max_length, progress=progress)
+
+
+def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=None, workload: Workload | None = None,
+                      model_source: str = "", model_fingerprint: str = "", max_length: int = 2048,
+                      notes: tuple[str, ...] = (), progress: Progress = NULL_PROGRESS) -> Manifest:
+    """Export a materialized (possibly recovered) :class:`CompressedModel`: graph, parity check, bundle.
+
+    ``target`` (a TargetProfile) and ``workload`` (default: the target's) set the
+    manifest's predicted latency.
+
+    Raises:
+        ParityError: the exported graph does not reproduce the torch model.
+    """
+    import numpy as np
+
+    from llmshrink.exporters.ort_session import OrtDecoder
+    from llmshrink.exporters.parity import PARITY_TEXT, check_parity
+
+    fl = FLAVOURS.get(flavour)()
+    spec = cm.spec
+    fl.check_spec(spec)
     with progress.task(f"Building the {flavour} ONNX graph"):
         graph = fl.build(cm, max_length=max_length)
         fl.check_graph(graph)
@@ -139,22 +159,25 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
         raise ParityError(f"The exported graph does not match the torch model ({report.rule}): max |d| "
                           f"{report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.1%} over {report.tokens} tokens.",
                           "This is a bug in llmshrink; please report it with the spec.")
-    fields = dict(flavour=flavour, model_source=source.describe(), model_fingerprint=fingerprint(source),
+    workload = workload or (target.default_workload if target else None)
+    fields = dict(flavour=flavour, model_source=model_source, model_fingerprint=model_fingerprint,
                   spec_fingerprint=spec.fingerprint(), max_length=max_length, precision=precision_summary(spec),
                   num_params=cm.num_params, parity=report.as_dict(),
-                  target=profile.name if profile else None, workload=profile.default_workload if profile else None)
-    if profile is not None:
-        fields.update(_prediction_fields(spec, profile))
+                  target=target.name if target else None, workload=workload, notes=tuple(notes))
+    if target is not None:
+        pred = _prediction_fields(spec, target, workload)
+        fields["notes"] = fields["notes"] + pred.pop("notes", ())
+        fields.update(pred)
     with progress.task(f"Writing bundle {out}"):
         return write_bundle(out, graph, tokenizer, spec, fields)
 
 
-def _prediction_fields(spec: SubnetSpec, profile) -> dict:
+def _prediction_fields(spec: SubnetSpec, profile, workload: Workload | None = None) -> dict:
     """Manifest fields for the target's predicted latency (none when the target has no table yet)."""
     from llmshrink.targets.predict import NoTableError, predict
 
     try:
-        p = predict(spec, profile)
+        p = predict(spec, profile, workload)
     except NoTableError as e:
         return {"notes": (f"No predicted latency: {e.message}",)}
     return {"predicted_latency_ms": p.total_ms, "prediction_provenance": prediction_provenance(p)}
