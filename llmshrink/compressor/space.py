@@ -142,11 +142,12 @@ def _grid(full: int, step: int, lo_frac: float, n: int) -> tuple[int, ...]:
 
 
 def default_space(base: BaseShape, target_formats: Sequence[str], *, search_formats: Sequence[str] | None = None,
-                  min_layers_frac: float = 0.6) -> SearchSpace:
+                  min_layers_frac: float = 0.6, check: bool = True) -> SearchSpace:
     """The default space for ``base`` on a target: widths ~50-100 %, ≥ 60 % of the blocks, the target's formats.
 
     Without ``search_formats``, the target's formats whose group divides the
     model's full widths (a 128-group format cannot quantize a 576-wide input).
+    ``check=False`` skips validation (for a --space file to override first).
     """
     full = math.gcd(base.hidden_size, base.intermediate_size)
     formats = tuple(search_formats or (f for f in target_formats if full % (parse_format(f).group_size or 1) == 0))
@@ -154,7 +155,7 @@ def default_space(base: BaseShape, target_formats: Sequence[str], *, search_form
         raise UsageError(f"None of the target's formats ({', '.join(target_formats)}) fits widths "
                          f"{base.hidden_size}/{base.intermediate_size}.", "Give formats in a --space file.")
     step = math.lcm(32, grid_step(formats))  # default widths: multiples of 32 at least (kernel-friendly)
-    return SearchSpace(
+    space = SearchSpace(
         base=base,
         hidden=_grid(base.hidden_size, step, 0.5, 5),
         kv_groups=tuple(range(1, base.num_kv_heads + 1)),
@@ -163,7 +164,8 @@ def default_space(base: BaseShape, target_formats: Sequence[str], *, search_form
         mlp=_grid(base.intermediate_size, step, 0.25, 6),
         min_layers=max(1, math.ceil(min_layers_frac * base.num_layers)),
         formats=formats, lm_head_formats=formats,
-    ).validate(target_formats)
+    )
+    return space.validate(target_formats) if check else space
 
 
 def load_space(path: str | Path, base: BaseShape, target_formats: Sequence[str], *,
@@ -182,7 +184,7 @@ def load_space(path: str | Path, base: BaseShape, target_formats: Sequence[str],
     if not isinstance(d, dict) or set(d) - known:
         raise UsageError(f"{path}: unknown fields {', '.join(sorted(set(d) - known)) if isinstance(d, dict) else d}.",
                          f"A space file may set: {', '.join(sorted(known))}.")
-    space = default_space(base, target_formats, search_formats=d.get("formats") or search_formats)
+    space = default_space(base, target_formats, search_formats=d.get("formats") or search_formats, check=False)
     changes = {k: (int(v) if k == "min_layers" else tuple(str(x) if "formats" in k else int(x) for x in v))
                for k, v in d.items()}
     if "formats" in changes and "lm_head_formats" not in changes:

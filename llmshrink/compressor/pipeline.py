@@ -1,0 +1,248 @@
+"""``compress``: importance → joint search → extraction and fit → recovery → export → measurement → report.
+
+One run directory holds everything (see :mod:`llmshrink.rundir`)::
+
+    RUN_DIR/compress.json           the request (CompressConfig) and each phase's outcome
+    RUN_DIR/importance.npz          importance scores (reused by --resume and every budget)
+    RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec per budget
+    RUN_DIR/candidates/<budget>/    the bundle for each budget
+    RUN_DIR/run.json, report.md, pareto.png
+
+Budgets are checked against the fastest subnet the space reaches before any
+weights load (exit 3). A killed run continues with ``resume=True``: finished
+phases are read back from their files, an interrupted search continues from
+its last checkpoint. Where the target's hardware is absent (a GPU target on
+this CPU machine), bundles carry the target's flavour and predicted latency,
+and their manifests say the engine must be built on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from llmshrink import serde, storage
+from llmshrink.compressor.recover import RecoveryConfig
+from llmshrink.compressor.search import SearchConfig
+from llmshrink.errors import UsageError, ValidationFailedError
+from llmshrink.progress import NULL_PROGRESS, Progress
+from llmshrink.targets.workload import Workload
+
+log = logging.getLogger("llmshrink")
+
+RECORD = "compress.json"
+MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
+
+
+@serde.serializable("CompressConfig")
+@dataclass(frozen=True)
+class CompressConfig:
+    """What ``compress`` was asked to do (everything that changes the result)."""
+
+    model: str
+    target: str
+    budgets_ms: tuple[float, ...]
+    params_budget: float | None = None
+    workload: Workload | None = None
+    space: str | None = None  # a --space YAML
+    calib_data: str = "self"
+    n_calib: int = 128
+    search: SearchConfig = field(default_factory=SearchConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    tolerance_pct: float = 10.0
+    max_length: int = 2048
+    seed: int = 0
+
+
+@serde.serializable("CandidateOutcome")
+@dataclass(frozen=True)
+class CandidateOutcome:
+    """One budget's result."""
+
+    label: str
+    budget_ms: float
+    bundle: str  # relative to the run directory
+    spec_fingerprint: str
+    predicted_ms: float
+    expected_ms_at_end: float  # the search's E[latency] at its last step
+    fit_moves: tuple[str, ...]
+    kd_before_recovery: float | None
+    kd_after_recovery: float | None
+    measured_ms: float | None = None  # floor (see exporters.timing); None where the hardware is absent
+    validation_passed: bool | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@serde.serializable("CompressRecord")
+@dataclass(frozen=True)
+class CompressRecord:
+    config: CompressConfig
+    fastest_ms: float
+    candidates: tuple[CandidateOutcome, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class CompressResult:
+    run_dir: Path
+    record: CompressRecord
+    report: Path | None = None
+
+
+def budget_label(ms: float) -> str:
+    return f"{ms:g}ms"
+
+
+def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecord | None:
+    rec_path = out / RECORD
+    if resume:
+        if not rec_path.is_file():
+            raise UsageError(f"Nothing to resume in {out} (no {RECORD}).", "Run without --resume to start.")
+        rec = serde.loads(rec_path.read_text(), expect=CompressRecord)
+        if rec.config != config:
+            raise UsageError(f"{out} holds a run with other settings; --resume needs the same command.",
+                             f"Its settings are in {rec_path}.")
+        return rec
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} already exists and is not empty.",
+                         "Pass --resume to continue the run in it, or choose another --out.")
+    return None
+
+
+def _save(out: Path, rec: CompressRecord) -> None:
+    storage.atomic_write_text(out / RECORD, serde.dumps(rec))
+
+
+def _importance(hf, calib, out: Path, progress: Progress):
+    from llmshrink.compressor.importance import Importance, measure_importance
+    from llmshrink.spec import BaseShape
+
+    path = out / "importance.npz"
+    base = BaseShape.from_config(hf.config)
+    if path.is_file():
+        z = np.load(path)
+        return Importance(base, **{k: z[k] for k in ("heads", "v_dims", "rope_pairs", "mlp", "hidden", "blocks")},
+                          tokens=int(z["tokens"]))
+    batches = [calib[i:i + 4] for i in range(0, len(calib), 4)]
+    imp = measure_importance(hf, batches, progress=progress, total=len(batches))
+    tmp = out / "importance.tmp.npz"
+    np.savez(tmp, heads=imp.heads, v_dims=imp.v_dims, rope_pairs=imp.rope_pairs, mlp=imp.mlp, hidden=imp.hidden,
+             blocks=imp.blocks, tokens=imp.tokens)
+    tmp.replace(path)
+    return imp
+
+
+def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
+             progress: Progress = NULL_PROGRESS) -> CompressResult:
+    """Run the whole pipeline for every budget (see module docstring).
+
+    Raises:
+        InfeasibleBudgetError: a budget is below the fastest subnet of the space (before any weights load).
+        UsageError: bad input, or ``out`` holds another run (or nothing to resume).
+    """
+    from llmshrink.api import export_compressed, validate
+    from llmshrink.compressor.budget import check_budget, fit_to_budget
+    from llmshrink.compressor.recover import recover
+    from llmshrink.compressor.search import run_search
+    from llmshrink.compressor.space import default_space, load_space
+    from llmshrink.compressor.supernet import Supernet
+    from llmshrink.evaluation.report import write_report
+    from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
+    from llmshrink.models.data import self_cache_path, token_splits
+    from llmshrink.models.load import fingerprint
+    from llmshrink.rundir import RunEntry, RunRecord, write_record
+    from llmshrink.spec import BaseShape
+    from llmshrink.targets.predict import predict, table_for
+    from llmshrink.targets.profile import load_target
+
+    out = Path(out)
+    if not config.budgets_ms or any(b <= 0 for b in config.budgets_ms):
+        raise UsageError("Give at least one positive latency budget (e.g. --latency 30ms).")
+    previous = _check_out(out, config, resume)
+    target = load_target(config.target)
+    table = table_for(target)
+    workload = config.workload or target.default_workload
+    source = resolve_model(config.model)
+    base = BaseShape.from_config(load_config(source, progress=progress))
+    fmts = target.search_formats or target.formats
+    space = (load_space(config.space, base, target.formats, search_formats=fmts) if config.space
+             else default_space(base, target.formats, search_formats=fmts))
+    fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
+    out.mkdir(parents=True, exist_ok=True)
+    measurable = target.runtime in MEASURABLE_RUNTIMES
+    notes = () if measurable else (
+        f"{target.name} hardware is not present here: latencies are predicted from its "
+        f"{table.kind} table, not measured. Build and time the engine on the device: "
+        "`llmshrink build RUN_DIR/candidates/<budget>`.",)
+    rec = previous or CompressRecord(config, fastest, notes=notes)
+    _save(out, rec)
+
+    hf = load_model(source, progress=progress).float().eval()
+    tok = load_tokenizer(source, progress=progress)
+    fp = fingerprint(source)
+    seq = config.search.seq_len
+    with progress.task("Calibration text"):
+        splits = token_splits(config.calib_data, tok, model=hf, seq_len=seq, n_calib=config.n_calib, n_eval=8,
+                              seed=config.seed, progress=progress,
+                              cache_path=self_cache_path(fp, seq_len=seq, n=config.n_calib + 8, seed=config.seed))
+    calib = splits.calib
+    imp = _importance(hf, calib, out, progress)
+    done = {c.label: c for c in rec.candidates}
+    outcomes = []
+    for budget in sorted(config.budgets_ms):
+        label = budget_label(budget)
+        if label in done and (out / done[label].bundle / "manifest.json").is_file():
+            outcomes.append(done[label])
+            continue
+        secs: dict[str, float] = {}
+        t0 = time.perf_counter()
+        net = Supernet(hf, space, imp)
+        sdir = out / f"search-{label}"
+        ckpt_exists = (sdir / "search.ckpt").is_file()
+        result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
+                            params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
+                            resume=resume and ckpt_exists, progress=progress)
+        secs["search"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spec = replace(net.argmax_spec(model=source.describe()), notes={"budget_ms": f"{budget:g}"})
+        storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
+        spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+        storage.atomic_write_text(sdir / "spec.json", spec.to_json())
+        del net
+        secs["fit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rr = recover(hf, spec, calib, config=config.recovery, tokenizer=tok, progress=progress)
+        secs["recovery"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bundle = Path("candidates") / label
+        m = export_compressed(rr.model, tok, out / bundle, flavour=target.flavour, target=target, workload=workload,
+                              model_source=source.describe(), model_fingerprint=fp, max_length=config.max_length,
+                              notes=notes, progress=progress)
+        secs["export"] = time.perf_counter() - t0
+        measured = passed = None
+        if measurable:
+            t0 = time.perf_counter()
+            try:
+                v = validate(out / bundle, tolerance_pct=config.tolerance_pct, progress=progress)
+                measured, passed = v.measured_ms, v.passed
+            except ValidationFailedError as e:  # recorded in the manifest and the outcome; the run goes on
+                measured, passed = e.validation.measured_ms, False
+            secs["measure"] = time.perf_counter() - t0
+        outcome = CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint,
+                                   predict(spec, target, workload, table=table).total_ms,
+                                   result.history[-1].latency_ms if result.history else float("nan"),
+                                   tuple(mv.what for mv in moves), rr.kd_before, rr.kd_after, measured, passed, secs)
+        outcomes.append(outcome)
+        rec = replace(rec, candidates=tuple([c for c in rec.candidates if c.label != label] + [outcome]))
+        _save(out, rec)
+    best = max(outcomes, key=lambda c: c.budget_ms)
+    entries = tuple(RunEntry(c.bundle, "selected" if c is best else "candidate", c.label) for c in outcomes)
+    write_record(out, RunRecord(entries, model=source.describe(), target=target.name, strategy="joint",
+                                budgets_ms=tuple(sorted(config.budgets_ms)), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                notes=rec.notes))
+    _, md, _ = write_report(out)
+    return CompressResult(out, rec, md)

@@ -1,0 +1,69 @@
+import pytest
+
+from llmshrink.compressor.budget import fastest_reachable
+from llmshrink.compressor.pipeline import RECORD, CompressConfig, compress
+from llmshrink.compressor.recover import RecoveryConfig
+from llmshrink.compressor.search import SearchConfig
+from llmshrink.compressor.space import load_space
+from llmshrink.errors import InfeasibleBudgetError, UsageError
+from llmshrink.exporters.bundle import load_manifest
+from llmshrink.rundir import load_run
+from llmshrink.targets.predict import predict
+from llmshrink.targets.profile import load_target
+
+SPACE = "hidden: [32, 64]\nheads_per_group: [2]\nmlp: [64, 128]\nmin_layers: 2\nformats: [fp32, w4g32a8]\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir, tiny_base, tiny_table, tmp_path_factory):
+    d = tmp_path_factory.mktemp("compress")
+    space_yaml = d / "space.yaml"
+    space_yaml.write_text(SPACE)
+    table, target_yaml = tiny_table
+    target = load_target(str(target_yaml))
+    space = load_space(space_yaml, tiny_base, target.formats)
+    fastest, _ = fastest_reachable(space, target, target.default_workload, table)
+    top = predict(space.largest("fp32"), target, table=table).total_ms
+    cfg = CompressConfig(
+        model=str(tiny_llama_dir), target=str(target_yaml), budgets_ms=(round(fastest + 0.6 * (top - fastest), 4),),
+        space=str(space_yaml), n_calib=16, max_length=64,
+        search=SearchConfig(steps=4, batch_size=2, seq_len=24, checkpoint_every=2, requant_every=2, settle_every=2,
+                            warmup_steps=1),
+        recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24))
+    return d, cfg, target, table, fastest
+
+
+def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup):
+    d, cfg, target, table, _ = setup
+    res = compress(cfg, d / "run")
+    (c,) = res.record.candidates
+    assert c.predicted_ms <= cfg.budgets_ms[0]
+    m = load_manifest(d / "run" / c.bundle)
+    assert m.target == "tiny-cpu" and m.predicted_latency_ms == pytest.approx(c.predicted_ms)
+    assert c.measured_ms is not None and m.measured and m.validation  # cpu: measured here
+    assert set(c.seconds) == {"search", "fit", "recovery", "export", "measure"}
+    record, bundles = load_run(d / "run")
+    assert record.strategy == "joint" and [b.entry.role for b in bundles] == ["selected"]
+    assert (d / "run" / "report.md").is_file() and (d / "run" / "search-" f"{c.label}" / "spec.json").is_file()
+    # a finished run resumes to the same outcome without searching again
+    again = compress(cfg, d / "run", resume=True)
+    assert again.record.candidates == res.record.candidates
+    with pytest.raises(UsageError, match="not empty"):
+        compress(cfg, d / "run")
+    with pytest.raises(UsageError, match="other settings"):
+        from dataclasses import replace
+
+        compress(replace(cfg, seed=1), d / "run", resume=True)
+
+
+def test_a_budget_below_the_fastest_subnet_fails_before_weights_load(setup, monkeypatch):
+    d, cfg, *_, fastest = setup
+    from dataclasses import replace
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("llmshrink.models.load_model", no_weights)
+    with pytest.raises(InfeasibleBudgetError, match=f"{fastest:.2f} ms"):
+        compress(replace(cfg, budgets_ms=(fastest / 2,)), d / "infeasible")
+    assert not (d / "infeasible" / RECORD).exists()
