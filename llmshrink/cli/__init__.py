@@ -18,6 +18,7 @@ from llmshrink.errors import LlmshrinkError
 
 # name -> "module:attr", in the order `--help` lists them.
 COMMANDS: dict[str, str] = {
+    "compress": "llmshrink.cli.compress:compress",
     "models": "llmshrink.cli.models:models",
     "data": "llmshrink.cli.data:data",
     "targets": "llmshrink.cli.targets:targets",
@@ -93,6 +94,7 @@ def cli(verbose: int) -> None:
 
     \b
     Examples:
+      llmshrink compress --target cpu --latency 3ms   # the whole job on the default model
       llmshrink doctor                        # what this machine can do
       llmshrink models list                   # built-in and cached models
       llmshrink models info smollm2-135m      # architecture of the default model

@@ -162,7 +162,6 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     out = Path(out)
     if not config.budgets_ms or any(b <= 0 for b in config.budgets_ms):
         raise UsageError("Give at least one positive latency budget (e.g. --latency 30ms).")
-    previous = _check_out(out, config, resume)
     target = load_target(config.target)
     table = table_for(target)
     workload = config.workload or target.default_workload
@@ -172,6 +171,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     space = (load_space(config.space, base, target.formats, search_formats=fmts) if config.space
              else default_space(base, target.formats, search_formats=fmts))
     fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
+    previous = _check_out(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
     measurable = target.runtime in MEASURABLE_RUNTIMES
     notes = () if measurable else (

@@ -67,3 +67,28 @@ def test_a_budget_below_the_fastest_subnet_fails_before_weights_load(setup, monk
     with pytest.raises(InfeasibleBudgetError, match=f"{fastest:.2f} ms"):
         compress(replace(cfg, budgets_ms=(fastest / 2,)), d / "infeasible")
     assert not (d / "infeasible" / RECORD).exists()
+
+
+def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from llmshrink.cli import cli
+    from llmshrink.cli.compress import parse_count, parse_latencies
+
+    assert parse_latencies("4ms, 6ms,0.008s") == (4.0, 6.0, 8.0) and parse_latencies("30") == (30.0,)
+    assert parse_count("100M") == 100e6 and parse_count("1.5b") == 1.5e9
+    for bad in ("fast", "-3ms", ""):
+        with pytest.raises(UsageError):
+            parse_latencies(bad)
+    d, cfg, *_ = setup
+    args = ["compress", "--model", cfg.model, "--target", cfg.target, "--latency", f"{cfg.budgets_ms[0]}ms",
+            "--space", cfg.space, "--steps", "3", "--recovery-steps", "1", "--out", str(tmp_path / "r"), "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    (c,) = data["candidates"]
+    assert c["predicted_ms"] <= cfg.budgets_ms[0] and (tmp_path / "r" / "report.md").is_file()
+    res = CliRunner().invoke(cli, args[:-3] + ["--out", str(tmp_path / "r2"), "--latency", "0.000001ms"])
+    assert res.exit_code == 3 and "fastest subnet" in res.output

@@ -1,0 +1,125 @@
+"""`llmshrink compress`: the whole pipeline, from a model and a latency budget to a validated bundle."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from llmshrink.cli.ui import err, out, print_json, progress
+
+_UNITS_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3}
+_UNITS_COUNT = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
+
+
+def parse_latencies(text: str) -> tuple[float, ...]:
+    """``30ms`` / ``30`` / ``0.03s`` / ``4ms,6ms,8ms`` -> milliseconds."""
+    from llmshrink.errors import UsageError
+
+    vals = []
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ms|s|us)?", part)
+        if not m or float(m.group(1)) <= 0:
+            raise UsageError(f"--latency {text!r}: {part!r} is not a positive latency.", "Write e.g. 30ms or 4ms,6ms,8ms.")
+        vals.append(float(m.group(1)) * _UNITS_MS[m.group(2) or "ms"])
+    if not vals:
+        raise UsageError("--latency is empty.", "Write e.g. 30ms.")
+    return tuple(dict.fromkeys(vals))
+
+
+def parse_count(text: str) -> float:
+    """``100M`` / ``1.5B`` / ``500k`` / ``123456`` -> a number."""
+    from llmshrink.errors import UsageError
+
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmb]?)", text.strip().lower())
+    if not m:
+        raise UsageError(f"--params-budget {text!r} is not a count.", "Write e.g. 100M.")
+    return float(m.group(1)) * _UNITS_COUNT[m.group(2)]
+
+
+@click.command("compress")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Built-in name, local directory, .gguf file or hub id.")
+@click.option("--target", required=True, help="Built-in target (a100, h100, l4, jetson-orin, cpu) or a target YAML.")
+@click.option("--latency", "latency", required=True,
+              help="Latency budget for the target's workload, e.g. 30ms; several (4ms,6ms,8ms) give a Pareto front.")
+@click.option("--params-budget", default=None, help="Also keep the parameter count under this, e.g. 100M.")
+@click.option("--workload", default=None, help="What latency means, e.g. decode:ctx=256 (default: the target's).")
+@click.option("--space", "space_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Search-space YAML overriding the default candidates (see docs: hidden, mlp, formats, ...).")
+@click.option("--steps", default=None, type=click.IntRange(1), help="Search steps (default 120).")
+@click.option("--recovery-steps", default=None, type=click.IntRange(0), help="Recovery (KD + LoRA) steps (default 100).")
+@click.option("--calib-data", default="self", show_default=True,
+              help="Calibration text: `self` (sampled from the model), a .txt/.jsonl/.parquet file, or a dataset id.")
+@click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/MODEL-TARGET-BUDGETS).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from where it stopped.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+def compress(model: str, target: str, latency: str, params_budget: str | None, workload: str | None,
+             space_path: str | None, steps: int | None, recovery_steps: int | None, calib_data: str, tolerance: str,
+             seed: int, out_dir: Path | None, resume: bool, as_json: bool) -> None:
+    """Search architecture and per-layer precision jointly under a latency budget, then ship the result.
+
+    Phases: calibration text, importance ranking, the joint search (its
+    expected latency read from the target's latency table), extraction and a
+    fit under the budget, recovery (distillation from the original through
+    quantization-aware LoRA), export in the target's flavour, and — where the
+    target's hardware is this machine — measurement and validation against
+    the prediction. The run directory gets one bundle per budget, run.json,
+    report.md and pareto.png.
+
+    A budget below the fastest subnet the space reaches stops at once (exit
+    3) and names that floor. For a GPU target on a machine without it, the
+    search uses the target's table, the bundle is in its flavour, and the
+    output says the engine must be built on the device (exit 0).
+
+    \b
+    Examples:
+      llmshrink compress --target cpu --latency 3ms
+      llmshrink compress --target cpu --latency 2.5ms,3ms,3.5ms --out runs/front
+      llmshrink compress --target a100 --latency 30ms --model ./my-llama
+      llmshrink compress --target cpu --latency 3ms --out runs/x --resume   # after an interruption
+    """
+    from llmshrink import serde
+    from llmshrink.cli.bundle import parse_tolerance
+    from llmshrink.compressor.pipeline import CompressConfig, budget_label
+    from llmshrink.compressor.pipeline import compress as run
+    from llmshrink.compressor.recover import RecoveryConfig
+    from llmshrink.compressor.search import SearchConfig
+    from llmshrink.targets.workload import parse_workload
+
+    budgets = parse_latencies(latency)
+    search = SearchConfig() if steps is None else SearchConfig(steps=steps)
+    recovery = RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps)
+    cfg = CompressConfig(model=model, target=target, budgets_ms=budgets,
+                         params_budget=parse_count(params_budget) if params_budget else None,
+                         workload=parse_workload(workload) if workload else None,
+                         space=str(Path(space_path).resolve()) if space_path else None, calib_data=calib_data,
+                         search=search, recovery=recovery, tolerance_pct=parse_tolerance(tolerance), seed=seed)
+    if out_dir is None:
+        name = Path(model).name if Path(model).exists() else model.replace("/", "_")
+        out_dir = Path("runs") / f"{name}-{Path(target).stem}-{'_'.join(budget_label(b) for b in budgets)}"
+    with progress(not as_json) as p:
+        res = run(cfg, out_dir, resume=resume, progress=p)
+    rec = res.record
+    if as_json:
+        print_json({"run_dir": str(out_dir), "report": str(res.report), **serde.to_dict(rec)["_data"]})
+        return
+    from rich.table import Table
+
+    wl = cfg.workload.describe() if cfg.workload else "the target's default workload"
+    t = Table(title=f"{model} on {target}: {wl}")
+    for col in ("budget", "predicted", "measured", "validation", "KD before → after recovery", "bundle"):
+        t.add_column(col)
+    for c in rec.candidates:
+        meas = f"{c.measured_ms:.2f} ms" if c.measured_ms is not None else "not here"
+        verdict = {True: "PASS", False: "FAIL", None: "build on device"}[c.validation_passed]
+        kd = (f"{c.kd_before_recovery:.3f} → {c.kd_after_recovery:.3f}" if c.kd_before_recovery is not None else "-")
+        t.add_row(f"{c.budget_ms:g} ms", f"{c.predicted_ms:.2f} ms", meas, verdict, kd, str(out_dir / c.bundle))
+    out.print(t)
+    for n in rec.notes:
+        err.print(f"warning: {n}", style="yellow")
+    err.print(f"report: {res.report}")
