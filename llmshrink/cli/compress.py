@@ -53,6 +53,9 @@ def parse_count(text: str) -> float:
 @click.option("--calib-data", default="self", show_default=True,
               help="Calibration text: `self` (sampled from the model), a .txt/.jsonl/.parquet file, or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")
+@click.option("--strategy", type=click.Choice(["joint", "sequential"]), default="joint", show_default=True,
+              help="joint: architecture and precision searched together (the method); sequential: architecture "
+                   "at full precision, then per-layer precision by sensitivity (the baseline).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/MODEL-TARGET-BUDGETS).")
@@ -60,7 +63,7 @@ def parse_count(text: str) -> float:
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def compress(model: str, target: str, latency: str, params_budget: str | None, workload: str | None,
              space_path: str | None, steps: int | None, recovery_steps: int | None, calib_data: str, tolerance: str,
-             seed: int, out_dir: Path | None, resume: bool, as_json: bool) -> None:
+             strategy: str, seed: int, out_dir: Path | None, resume: bool, as_json: bool) -> None:
     """Search architecture and per-layer precision jointly under a latency budget, then ship the result.
 
     Phases: calibration text, importance ranking, the joint search (its
@@ -98,10 +101,11 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
                          params_budget=parse_count(params_budget) if params_budget else None,
                          workload=parse_workload(workload) if workload else None,
                          space=str(Path(space_path).resolve()) if space_path else None, calib_data=calib_data,
-                         search=search, recovery=recovery, tolerance_pct=parse_tolerance(tolerance), seed=seed)
+                         search=search, recovery=recovery, tolerance_pct=parse_tolerance(tolerance), seed=seed,
+                         strategy=strategy)
     if out_dir is None:
         name = Path(model).name if Path(model).exists() else model.replace("/", "_")
-        out_dir = Path("runs") / f"{name}-{Path(target).stem}-{'_'.join(budget_label(b) for b in budgets)}"
+        out_dir = Path("runs") / f"{name}-{Path(target).stem}-{strategy}-{'_'.join(budget_label(b) for b in budgets)}"
     with progress(not as_json) as p:
         res = run(cfg, out_dir, resume=resume, progress=p)
     rec = res.record

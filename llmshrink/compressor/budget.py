@@ -61,14 +61,24 @@ def _smaller(values: tuple, current) -> object | None:
     return values[i - 1] if i else None
 
 
-def moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, SubnetSpec]]:
-    """Every single step down from ``spec`` within ``space``."""
+MOVE_KINDS = ("width", "depth", "precision")
+
+
+def moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KINDS
+          ) -> Iterator[tuple[str, SubnetSpec]]:
+    """Every single step down from ``spec`` within ``space``, of the given kinds."""
+    for kind, what, new in _moves(spec, space):
+        if kind in kinds:
+            yield what, new
+
+
+def _moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, str, SubnetSpec]]:
     h = _smaller(space.hidden, spec.hidden_size)
     if h:
-        yield f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
+        yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
     for f in space.lm_head_formats:
         if f != spec.lm_head:
-            yield f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
+            yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
     kept = spec.kept_layers()
     for i in kept:
         ls = spec.layers[i]
@@ -79,32 +89,34 @@ def moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, SubnetSpe
             return replace(spec, layers=tuple(layers))
 
         if len(kept) > space.min_layers:
-            yield f"drop block {i}", at(replace(ls, keep=False))
+            yield "depth", f"drop block {i}", at(replace(ls, keep=False))
         m = _smaller(space.mlp, ls.intermediate_size)
         if m:
-            yield f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
+            yield "width", f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
         per = ls.num_heads // ls.num_kv_heads
         g = _smaller(space.kv_groups, ls.num_kv_heads)
         if g:
-            yield f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g, num_heads=g * per))
+            yield "width", f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g,
+                                                                                     num_heads=g * per))
         r = _smaller(space.heads_per_group, per)
         if r:
-            yield f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
+            yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
         for name in LINEARS:
             for f in space.formats:
                 if f != ls.precision[name]:
-                    yield f"layer {i} {name} {ls.precision[name]}->{f}", at(replace(ls, precision={**ls.precision,
-                                                                                                   name: f}))
+                    yield "precision", f"layer {i} {name} {ls.precision[name]}->{f}", at(
+                        replace(ls, precision={**ls.precision, name: f}))
 
 
 def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
-                  preference: Callable[[SubnetSpec], float] | None = None,
-                  max_moves: int = 200) -> tuple[SubnetSpec, list[Move]]:
+                  preference: Callable[[SubnetSpec], float] | None = None, kinds: tuple[str, ...] = MOVE_KINDS,
+                  max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
     """Step ``spec`` down until its predicted latency is within ``budget_ms``.
 
     Each step takes the move with the least preference lost per millisecond
     saved (``preference``: higher is better, e.g. the search's log-probability;
-    None: the largest saving). Returns the final spec and the moves taken.
+    None: the largest saving), among moves of ``kinds`` (width, depth,
+    precision). Returns the final spec and the moves taken.
 
     Raises:
         InfeasibleBudgetError: no move helps any more and the budget is still not met.
@@ -115,7 +127,7 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
     while current > budget_ms:
         best: Move | None = None
         best_rate = float("inf")
-        for what, new in moves(spec, space):
+        for what, new in moves(spec, space, kinds):
             ms = predict(new, target, workload, table=table).total_ms
             saved = current - ms
             if saved <= 1e-9:

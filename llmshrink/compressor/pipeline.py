@@ -14,6 +14,13 @@ phases are read back from their files, an interrupted search continues from
 its last checkpoint. Where the target's hardware is absent (a GPU target on
 this CPU machine), bundles carry the target's flavour and predicted latency,
 and their manifests say the engine must be built on the device.
+
+``strategy="sequential"`` is the baseline the joint search is measured
+against, through the same machinery, data, steps and budget: the
+architecture is searched at full precision, its latency priced as if every
+linear ran in the fastest candidate format (what it will be quantized to);
+then a precision per linear is assigned by sensitivity
+(:mod:`.sensitivity`) under the same table and budget; recovery is the same.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from llmshrink.targets.workload import Workload
 log = logging.getLogger("llmshrink")
 
 RECORD = "compress.json"
+STRATEGIES = ("joint", "sequential")
 MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
 
 
@@ -56,6 +64,11 @@ class CompressConfig:
     tolerance_pct: float = 10.0
     max_length: int = 2048
     seed: int = 0
+    strategy: str = "joint"  # or "sequential": architecture at full precision, then a precision assignment
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
 
 
 @serde.serializable("CandidateOutcome")
@@ -136,6 +149,13 @@ def _importance(hf, calib, out: Path, progress: Progress):
     return imp
 
 
+def _fastest_format(space, target, workload, table) -> str:
+    """The candidate format whose uniform, unpruned model the table predicts fastest."""
+    from llmshrink.targets.predict import predict
+
+    return min(space.formats, key=lambda f: predict(space.largest(f), target, workload, table=table).total_ms)
+
+
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
              progress: Progress = NULL_PROGRESS) -> CompressResult:
     """Run the whole pipeline for every budget (see module docstring).
@@ -200,7 +220,11 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
             continue
         secs: dict[str, float] = {}
         t0 = time.perf_counter()
-        net = Supernet(hf, space, imp)
+        if config.strategy == "joint":
+            net = Supernet(hf, space, imp)
+        else:
+            net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
+                           latency_format=_fastest_format(space, target, workload, table))
         sdir = out / f"search-{label}"
         ckpt_exists = (sdir / "search.ckpt").is_file()
         result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
@@ -210,7 +234,14 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         t0 = time.perf_counter()
         spec = replace(net.argmax_spec(model=source.describe()), notes={"budget_ms": f"{budget:g}"})
         storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
-        spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+        if config.strategy == "joint":
+            spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+        else:
+            from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
+
+            batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
+            sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
+            spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
         storage.atomic_write_text(sdir / "spec.json", spec.to_json())
         del net
         secs["fit"] = time.perf_counter() - t0
@@ -241,7 +272,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         _save(out, rec)
     best = max(outcomes, key=lambda c: c.budget_ms)
     entries = tuple(RunEntry(c.bundle, "selected" if c is best else "candidate", c.label) for c in outcomes)
-    write_record(out, RunRecord(entries, model=source.describe(), target=target.name, strategy="joint",
+    write_record(out, RunRecord(entries, model=source.describe(), target=target.name, strategy=config.strategy,
                                 budgets_ms=tuple(sorted(config.budgets_ms)), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 notes=rec.notes))
     _, md, _ = write_report(out)

@@ -148,9 +148,10 @@ class Supernet(nn.Module):
     """
 
     def __init__(self, hf_model, space: SearchSpace, importance: Importance | None = None, *,
-                 vectorized: bool = True) -> None:
+                 vectorized: bool = True, latency_format: str | None = None) -> None:
         super().__init__()
         self.vectorized = vectorized
+        self.latency_format = latency_format
         base = space.base
         if len(space.head_dim) != 1 or space.head_dim[0] != base.head_dim:
             raise UsageError("Searching the head size is not supported yet.",
@@ -416,10 +417,14 @@ class Supernet(nn.Module):
         for i in range(self.base.num_layers):
             d = {"kv_heads": Choice(s.kv_groups, probs.kv[i]), "heads_per_group": Choice(s.heads_per_group, probs.hpg[i]),
                  "head_dim": hd, "mlp": Choice(s.mlp, probs.mlp[i])}
-            d.update({name: Choice(s.formats, probs.prec[i, j]) for j, name in enumerate(LINEARS)})
+            if self.latency_format:
+                d.update(dict.fromkeys(LINEARS, Choice((self.latency_format,), torch.ones(1))))
+            else:
+                d.update({name: Choice(s.formats, probs.prec[i, j]) for j, name in enumerate(LINEARS)})
             layers.append(d)
-        return dict(hidden=Choice(s.hidden, probs.hidden), layers=layers, keep=list(probs.keep[:, 1]),
-                    lm_head=Choice(s.lm_head_formats, probs.lm_head))
+        head = (Choice((self.latency_format,), torch.ones(1)) if self.latency_format
+                else Choice(s.lm_head_formats, probs.lm_head))
+        return dict(hidden=Choice(s.hidden, probs.hidden), layers=layers, keep=list(probs.keep[:, 1]), lm_head=head)
 
     def expected_latency(self, table, workload, probs: Probs) -> torch.Tensor:
         from llmshrink.targets.predict import expected_latency

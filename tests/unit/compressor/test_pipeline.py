@@ -92,3 +92,20 @@ def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
     assert c["predicted_ms"] <= cfg.budgets_ms[0] and (tmp_path / "r" / "report.md").is_file()
     res = CliRunner().invoke(cli, args[:-3] + ["--out", str(tmp_path / "r2"), "--latency", "0.000001ms"])
     assert res.exit_code == 3 and "fastest subnet" in res.output
+
+
+def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(setup):
+    from dataclasses import replace
+
+    from llmshrink.spec import SubnetSpec
+
+    d, cfg, target, table, _ = setup
+    res = compress(replace(cfg, strategy="sequential"), d / "seq")
+    (c,) = res.record.candidates
+    assert c.predicted_ms <= cfg.budgets_ms[0]
+    argmax = SubnetSpec.from_json((d / "seq" / f"search-{c.label}" / "argmax_spec.json").read_text())
+    assert argmax.formats_used() == {"fp32"}  # the architecture search ran at full precision
+    final = SubnetSpec.from_json((d / "seq" / f"search-{c.label}" / "spec.json").read_text())
+    assert final.formats_used() - {"fp32"}  # then formats were assigned under the budget
+    with pytest.raises(UsageError, match="strategy"):
+        replace(cfg, strategy="both")
