@@ -149,6 +149,17 @@ def _importance(hf, calib, out: Path, progress: Progress):
     return imp
 
 
+def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, workload, budget: float,
+                progress: Progress) -> None:
+    """The weight warm-up (no architecture updates, so no budget involved) all budgets start from: run once."""
+    from llmshrink.compressor.search import CHECKPOINT, run_search
+
+    warm = out / "warmup"
+    if not (warm / CHECKPOINT).is_file():
+        run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget, params_budget=config.params_budget,
+                   config=config.search, checkpoint_dir=warm, stop_after=config.search.warmup_steps, progress=progress)
+
+
 def _fastest_format(space, target, workload, table) -> str:
     """The candidate format whose uniform, unpruned model the table predicts fastest."""
     from llmshrink.targets.predict import predict
@@ -226,10 +237,13 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
             net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
                            latency_format=_fastest_format(space, target, workload, table))
         sdir = out / f"search-{label}"
+        if len(config.budgets_ms) > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
+            _warm_start(net, hf, calib, out, config, table, workload, budget, progress)
+            storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
         ckpt_exists = (sdir / "search.ckpt").is_file()
         result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                             params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
-                            resume=resume and ckpt_exists, progress=progress)
+                            resume=ckpt_exists, progress=progress)
         secs["search"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         spec = replace(net.argmax_spec(model=source.describe()), notes={"budget_ms": f"{budget:g}"})

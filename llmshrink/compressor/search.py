@@ -151,9 +151,12 @@ def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Adam, torc
 
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
-               checkpoint_dir: str | Path | None = None, resume: bool = False,
+               checkpoint_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
                progress: Progress = NULL_PROGRESS) -> SearchResult:
     """Search ``net`` (modified in place) against ``teacher`` (the original HF model) on ``calib`` ``[N, T]``.
+
+    ``stop_after`` ends the search after that many steps (with a checkpoint):
+    several budgets share one weight warm-up this way, each resuming from it.
 
     Raises:
         UsageError: too few calibration sequences for two halves of one batch, or
@@ -185,9 +188,11 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         history = [StepLog(**h) for h in state["history"]]
         start = resumed = state["step"]
     net.refresh_quant()
-    with progress.task("Search", total=cfg.steps) as task:
+    stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    with progress.task("Search" if stop == cfg.steps else "Search warm-up (shared by the budgets)",
+                       total=stop) as task:
         task.advance(start)
-        for step in range(start, cfg.steps):
+        for step in range(start, stop):
             t0 = time.perf_counter()
             tau = cfg.tau(step)
             rows = [torch.randint(len(h), (cfg.batch_size,), generator=gen) for h in halves]
@@ -205,7 +210,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             history.append(log)
             task.advance(1, info=f"kd {log.kd:.3f} · E[lat] {log.latency_ms:.2f}/{budget_ms:.2f} ms · "
                                  f"settled {n_settled}/{n_total}")
-            if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
                 storage.atomic_write_bytes(ckpt, _checkpoint_bytes(net, opt_w, opt_a, step + 1, gen, history, cfg))
     return SearchResult(net, history, resumed)
 

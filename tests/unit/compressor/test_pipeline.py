@@ -109,3 +109,22 @@ def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(set
     assert final.formats_used() - {"fp32"}  # then formats were assigned under the budget
     with pytest.raises(UsageError, match="strategy"):
         replace(cfg, strategy="both")
+
+
+def test_several_budgets_share_one_warm_up_and_give_a_front(setup):
+    from dataclasses import replace
+
+    import torch
+
+    d, cfg, target, table, fastest = setup
+    b = cfg.budgets_ms[0]
+    budgets = (round(fastest + 0.5 * (b - fastest), 4), b)
+    res = compress(replace(cfg, budgets_ms=budgets), d / "front")
+    assert [c.budget_ms for c in res.record.candidates] == sorted(budgets)
+    assert all(c.predicted_ms <= c.budget_ms for c in res.record.candidates)
+    hist = [torch.load(d / "front" / f"search-{c.label}" / "search.ckpt", weights_only=True)["history"]
+            for c in res.record.candidates]
+    w = cfg.search.warmup_steps
+    assert hist[0][:w] == hist[1][:w] and (d / "front" / "warmup" / "search.ckpt").is_file()
+    record, bundles = load_run(d / "front")
+    assert [x.entry.role for x in bundles] == ["candidate", "selected"] and record.budgets_ms == tuple(sorted(budgets))
