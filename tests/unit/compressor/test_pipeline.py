@@ -17,6 +17,8 @@ SPACE = "hidden: [32, 64]\nheads_per_group: [2]\nmlp: [64, 128]\nmin_layers: 2\n
 @pytest.fixture(scope="module")
 def setup(tiny_llama_dir, tiny_base, tiny_table, tmp_path_factory):
     d = tmp_path_factory.mktemp("compress")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLMSHRINK_HOME", str(d / "home"))  # self-sampled calibration text is cached there, not in ~
     space_yaml = d / "space.yaml"
     space_yaml.write_text(SPACE)
     table, target_yaml = tiny_table
@@ -30,7 +32,8 @@ def setup(tiny_llama_dir, tiny_base, tiny_table, tmp_path_factory):
         search=SearchConfig(steps=4, batch_size=2, seq_len=24, checkpoint_every=2, requant_every=2, settle_every=2,
                             warmup_steps=1),
         recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24))
-    return d, cfg, target, table, fastest
+    yield d, cfg, target, table, fastest
+    mp.undo()
 
 
 def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup):
