@@ -41,6 +41,16 @@ def layer_indices(spec: SubnetSpec, i: int) -> dict[str, torch.Tensor]:
             "pairs": torch.tensor(pairs, dtype=torch.long)}
 
 
+def linear_slices(spec: SubnetSpec, i: int, hf_layer, hidden: torch.Tensor) -> dict[str, tuple]:
+    """Per linear of layer ``i``: (the HF module, kept rows, kept columns) in base coordinates."""
+    idx = layer_indices(spec, i)
+    att, mlp = hf_layer.self_attn, hf_layer.mlp
+    return {"q_proj": (att.q_proj, idx["q_rows"], hidden), "k_proj": (att.k_proj, idx["k_rows"], hidden),
+            "v_proj": (att.v_proj, idx["v_rows"], hidden), "o_proj": (att.o_proj, hidden, idx["o_cols"]),
+            "gate_proj": (mlp.gate_proj, idx["mlp"], hidden), "up_proj": (mlp.up_proj, idx["mlp"], hidden),
+            "down_proj": (mlp.down_proj, hidden, idx["mlp"])}
+
+
 def _rope(model) -> tuple[torch.Tensor, float]:
     """Base inverse frequencies (head_dim/2,) and attention scaling of the HF model's rotary embedding."""
     rotary = model.model.rotary_emb
@@ -86,13 +96,7 @@ def materialize(model, spec: SubnetSpec, tokenizer=None) -> CompressedModel:
     blocks = []
     for i in spec.kept_layers():
         ls, idx, L = spec.layers[i], layer_indices(spec, i), hf_layers[i]
-        att, mlp = L.self_attn, L.mlp
-        rows_cols = {
-            "q_proj": (att.q_proj, idx["q_rows"], hidden), "k_proj": (att.k_proj, idx["k_rows"], hidden),
-            "v_proj": (att.v_proj, idx["v_rows"], hidden), "o_proj": (att.o_proj, hidden, idx["o_cols"]),
-            "gate_proj": (mlp.gate_proj, idx["mlp"], hidden), "up_proj": (mlp.up_proj, idx["mlp"], hidden),
-            "down_proj": (mlp.down_proj, hidden, idx["mlp"]),
-        }
+        rows_cols = linear_slices(spec, i, L, hidden)
         linears = {}
         for name in LINEARS:
             lin, r, c = rows_cols[name]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmshrink import serde
-from llmshrink.compressor.materialize import layer_indices, materialize
+from llmshrink.compressor.materialize import linear_slices, materialize
 from llmshrink.compressor.model import CompressedModel
 from llmshrink.compressor.quant import quantize_activation
 from llmshrink.compressor.search import kd_loss
@@ -127,12 +127,7 @@ def _write_back(teacher, spec: SubnetSpec, student: CompressedModel):
     hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
     with torch.no_grad():
         for i, block in zip(spec.kept_layers(), student.blocks, strict=True):
-            idx, L = layer_indices(spec, i), hf.model.layers[i]
-            att, mlp = L.self_attn, L.mlp
-            where = {"q_proj": (att.q_proj, idx["q_rows"], hidden), "k_proj": (att.k_proj, idx["k_rows"], hidden),
-                     "v_proj": (att.v_proj, idx["v_rows"], hidden), "o_proj": (att.o_proj, hidden, idx["o_cols"]),
-                     "gate_proj": (mlp.gate_proj, idx["mlp"], hidden), "up_proj": (mlp.up_proj, idx["mlp"], hidden),
-                     "down_proj": (mlp.down_proj, hidden, idx["mlp"])}
+            where = linear_slices(spec, i, hf.model.layers[i], hidden)
             for name in LINEARS:
                 lin, r, c = where[name]
                 lin.weight[r[:, None], c[None, :]] = getattr(block, name).weight.to(lin.weight.dtype)
