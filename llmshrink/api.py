@@ -382,3 +382,36 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
         raise err
     return v
 
+
+
+def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | Sequence[float],
+             out: str | Path, params_budget: float | None = None, workload: Workload | str | None = None,
+             strategy: str = "joint", space: str | Path | None = None, steps: int | None = None,
+             recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
+             seed: int = 0, resume: bool = False, progress: Progress = NULL_PROGRESS):
+    """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
+
+    The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
+    Returns a :class:`~llmshrink.compressor.pipeline.CompressResult`: ``.record.candidates``
+    holds per budget the bundle path, predicted and measured latency and validation verdict;
+    ``.report`` the report.md path.
+
+    Raises:
+        InfeasibleBudgetError: a budget is below the fastest subnet of the space (exit code 3).
+        UsageError: bad input, or ``out`` holds another run.
+    """
+    from llmshrink.compressor.pipeline import CompressConfig
+    from llmshrink.compressor.pipeline import compress as run
+    from llmshrink.compressor.recover import RecoveryConfig
+    from llmshrink.compressor.search import SearchConfig
+    from llmshrink.targets.workload import parse_workload
+
+    budgets = (float(latency_ms),) if isinstance(latency_ms, (int, float)) else tuple(float(b) for b in latency_ms)
+    cfg = CompressConfig(
+        model=model, target=target, budgets_ms=budgets, params_budget=params_budget,
+        workload=parse_workload(workload) if isinstance(workload, str) else workload,
+        space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
+        search=SearchConfig() if steps is None else SearchConfig(steps=steps),
+        recovery=RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps),
+        tolerance_pct=tolerance_pct, seed=seed, strategy=strategy)
+    return run(cfg, out, resume=resume, progress=progress)

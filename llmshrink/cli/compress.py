@@ -86,36 +86,29 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
       llmshrink compress --target a100 --latency 30ms --model ./my-llama
       llmshrink compress --target cpu --latency 3ms --out runs/x --resume   # after an interruption
     """
-    from llmshrink import serde
+    from llmshrink import api, serde
     from llmshrink.cli.bundle import parse_tolerance
-    from llmshrink.compressor.pipeline import CompressConfig, budget_label
-    from llmshrink.compressor.pipeline import compress as run
-    from llmshrink.compressor.recover import RecoveryConfig
-    from llmshrink.compressor.search import SearchConfig
+    from llmshrink.compressor.pipeline import budget_label
     from llmshrink.targets.workload import parse_workload
 
     budgets = parse_latencies(latency)
-    search = SearchConfig() if steps is None else SearchConfig(steps=steps)
-    recovery = RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps)
-    cfg = CompressConfig(model=model, target=target, budgets_ms=budgets,
-                         params_budget=parse_count(params_budget) if params_budget else None,
-                         workload=parse_workload(workload) if workload else None,
-                         space=str(Path(space_path).resolve()) if space_path else None, calib_data=calib_data,
-                         search=search, recovery=recovery, tolerance_pct=parse_tolerance(tolerance), seed=seed,
-                         strategy=strategy)
     if out_dir is None:
         name = Path(model).name if Path(model).exists() else model.replace("/", "_")
         out_dir = Path("runs") / f"{name}-{Path(target).stem}-{strategy}-{'_'.join(budget_label(b) for b in budgets)}"
+    wl = parse_workload(workload) if workload else None
     with progress(not as_json) as p:
-        res = run(cfg, out_dir, resume=resume, progress=p)
+        res = api.compress(model, target=target, latency_ms=budgets, out=out_dir,
+                           params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
+                           strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
+                           calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
+                           resume=resume, progress=p)
     rec = res.record
     if as_json:
         print_json({"run_dir": str(out_dir), "report": str(res.report), **serde.to_dict(rec)["_data"]})
         return
     from rich.table import Table
 
-    wl = cfg.workload.describe() if cfg.workload else "the target's default workload"
-    t = Table(title=f"{model} on {target}: {wl}")
+    t = Table(title=f"{model} on {target}: {wl.describe() if wl else 'the target default workload'}")
     for col in ("budget", "predicted", "measured", "validation", "KD before → after recovery", "bundle"):
         t.add_column(col)
     for c in rec.candidates:
