@@ -109,7 +109,12 @@ def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(set
     argmax = SubnetSpec.from_json((d / "seq" / f"search-{c.label}" / "argmax_spec.json").read_text())
     assert argmax.formats_used() == {"fp32"}  # the architecture search ran at full precision
     final = SubnetSpec.from_json((d / "seq" / f"search-{c.label}" / "spec.json").read_text())
-    assert final.formats_used() - {"fp32"}  # then formats were assigned under the budget
+    # then formats are assigned under the budget: none needed if the fp32 architecture already fits (the tiny
+    # table is measured per test session), else cheaper formats (or, failing those, smaller architecture)
+    if predict(argmax, target, table=table).total_ms <= cfg.budgets_ms[0]:
+        assert final.formats_used() == {"fp32"}
+    else:
+        assert final.formats_used() - {"fp32"} or len(final.kept_layers()) < len(argmax.kept_layers())
     with pytest.raises(UsageError, match="strategy"):
         replace(cfg, strategy="both")
 
