@@ -184,8 +184,10 @@ def choose_metric(bundles: Sequence[RunBundle], key: str | None = None) -> Quali
     """The quality figure to compare bundles by.
 
     With ``key``: that manifest quality key (``ppl:...`` keys are lower-is-better).
-    Otherwise the mean ``acc`` over the tasks every evaluated bundle has, else a
-    perplexity they all have, else None (nothing recorded).
+    Otherwise a perplexity every evaluated bundle has (the most sensitive
+    figure, and monotone in damage), else the mean ``acc`` over the tasks they
+    all have, else None (nothing recorded). The results table shows the other
+    of the two beside it.
 
     Raises:
         UsageError: ``key`` is not recorded for any bundle.
@@ -200,12 +202,18 @@ def choose_metric(bundles: Sequence[RunBundle], key: str | None = None) -> Quali
     if not evaluated:
         return None
     common = set.intersection(*(set(q) for q in evaluated))
-    accs = sorted(k for k in common if k.split(":")[1:2] == ["acc"])
-    if accs:
-        tasks = ", ".join(k.split(":")[0] for k in accs)
-        return QualityMetric(accs[0] if len(accs) == 1 else f"mean acc ({tasks})", tuple(accs), True)
     ppls = sorted(k for k in common if k.startswith("ppl:"))
-    return QualityMetric(ppls[0], (ppls[0],), False) if ppls else None
+    if ppls:
+        return QualityMetric(ppls[0], (ppls[0],), False)
+    return _mean_acc(common)
+
+
+def _mean_acc(keys: set[str]) -> QualityMetric | None:
+    accs = sorted(k for k in keys if k.split(":")[1:2] == ["acc"])
+    if not accs:
+        return None
+    tasks = ", ".join(k.split(":")[0] for k in accs)
+    return QualityMetric(accs[0] if len(accs) == 1 else f"mean acc ({tasks})", tuple(accs), True)
 
 
 def build_report(run_dir: str | Path, *, metric: str | None = None) -> Report:
@@ -248,20 +256,38 @@ def fmt_delta(r: ReportRow, original: ReportRow | None, metric: QualityMetric | 
 COMPACT = ("bundle", "role", "size", "predicted", "measured", "error")  # the terminal's columns, then quality
 
 
+def _side_metric(report: Report) -> QualityMetric | None:
+    """The figure shown beside the primary one: mean accuracy beside a perplexity, and vice versa."""
+    if report.metric is None:
+        return None
+    evaluated = [r.quality for r in report.rows if r.quality]
+    common = set.intersection(*(set(q) for q in evaluated)) if evaluated else set()
+    if report.metric.name.startswith("ppl:"):
+        return _mean_acc(common)
+    ppl = sorted(k for k in common if k.startswith("ppl:"))
+    return QualityMetric(ppl[0], (ppl[0],), False) if ppl else None
+
+
 def result_columns(report: Report, *, compact: bool = False) -> list[str]:
     """Column names of the results table; ``compact`` (the terminal) leaves out shape and precision."""
     q = report.metric.name if report.metric else "quality"
     cols = ["bundle", "role", "layers", "hidden", "params", "size", "precision", "predicted", "measured", "error",
             q, "vs original"]
-    return [c for c in cols if not compact or c in COMPACT or c in (q, "vs original")]
+    side = _side_metric(report)
+    if side:
+        cols.append(side.name)
+    return [c for c in cols if not compact or c in COMPACT or c in (q, "vs original") or (side and c == side.name)]
 
 
 def result_cells(report: Report, r: ReportRow, *, compact: bool = False) -> list[str]:
     err = "—" if r.error_pct is None else f"{r.error_pct:+.1f}%"
-    cells = dict(zip(result_columns(report), [
-        r.label, r.role, f"{r.layers_kept}/{r.layers_total}", r.hidden, f"{r.params / 1e6:.1f}M",
-        fmt_size(r.size_bytes), r.precision, fmt_ms(r.predicted_ms), fmt_ms(r.measured_ms), err,
-        fmt_metric(r.metric, report.metric), fmt_delta(r, report.original, report.metric)], strict=True))
+    side = _side_metric(report)
+    values = [r.label, r.role, f"{r.layers_kept}/{r.layers_total}", r.hidden, f"{r.params / 1e6:.1f}M",
+              fmt_size(r.size_bytes), r.precision, fmt_ms(r.predicted_ms), fmt_ms(r.measured_ms), err,
+              fmt_metric(r.metric, report.metric), fmt_delta(r, report.original, report.metric)]
+    if side:
+        values.append(fmt_metric(side.value(r.quality), side))
+    cells = dict(zip(result_columns(report), values, strict=True))
     return [cells[c] for c in result_columns(report, compact=compact)]
 
 
@@ -311,18 +337,32 @@ def render_markdown(report: Report, *, plot: str | None = PLOT_FILE) -> str:
                   f"hidden {extras['hidden']} · lm_head {extras['lm_head']} · embedding {extras['embedding']}", ""]
         lines += _md_table(["layers", "attention", "MLP", "q/k/v/o precision", "gate/up/down precision"],
                            [[p.layers, p.attention, p.mlp, p.attn_precision, p.mlp_precision] for p in plan])
-    keys = sorted({k for r in rows for k in r.quality})
+    keys = sorted({k for r in rows for k in r.quality if not _is_stderr(k)})
     if keys:
-        lines += ["", "## Quality figures", "", "Accuracies in %, perplexities as they are; `—`: not evaluated.", ""]
+        lines += ["", "## Quality figures", "",
+                  "Accuracies in % (± standard error), perplexities as they are; `—`: not evaluated.", ""]
         lines += _md_table(["figure"] + [r.label for r in rows],
-                           [[k] + [_quality_cell(k, r.quality.get(k)) for r in rows] for k in keys])
+                           [[k] + [_quality_cell(k, r.quality.get(k), r.quality.get(_stderr_key(k))) for r in rows]
+                            for k in keys])
     return "\n".join(lines) + "\n"
 
 
-def _quality_cell(key: str, v: float | None) -> str:
+def _is_stderr(key: str) -> bool:
+    return "_stderr" in key.split(":")[1] if ":" in key else False
+
+
+def _stderr_key(key: str) -> str:
+    """``task:acc:limitN`` -> ``task:acc_stderr:limitN`` (how eval records standard errors)."""
+    parts = key.split(":")
+    return ":".join([parts[0], parts[1] + "_stderr", *parts[2:]]) if len(parts) > 1 else key
+
+
+def _quality_cell(key: str, v: float | None, stderr: float | None = None) -> str:
     if v is None:
         return "—"
-    return f"{v:.3f}" if key.startswith("ppl:") else f"{100 * v:.2f}"
+    if key.startswith("ppl:"):
+        return f"{v:.3f}"
+    return f"{100 * v:.2f}" + (f" ± {100 * stderr:.2f}" if stderr is not None else "")
 
 
 MARKERS = {"original": ("*", 260), "baseline": ("s", 110), "candidate": ("o", 80), "selected": ("D", 110)}
