@@ -45,15 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmshrink.compressor.importance import Importance
+from llmshrink.compressor.model import rotate_half
 from llmshrink.compressor.quant import MIN_SCALE, quantize_activation
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.errors import UsageError
 from llmshrink.formats import QuantFormat, parse_format
 from llmshrink.spec import LINEARS, LayerOrder, LayerSpec, SubnetSpec
 
-# decision name -> (space field, per layer?)
-WIDTHS = {"hidden": ("hidden", False), "kv": ("kv_groups", True), "hpg": ("heads_per_group", True),
-          "mlp": ("mlp", True)}
+# width decision -> the SearchSpace field holding its candidates
+WIDTHS = {"hidden": "hidden", "kv": "kv_groups", "hpg": "heads_per_group", "mlp": "mlp"}
 
 
 def width_mask(probs: torch.Tensor, cands: torch.Tensor, width: int) -> torch.Tensor:
@@ -184,7 +184,7 @@ class Supernet(nn.Module):
             self.register_buffer(f"alive_{k}", torch.ones(s, dtype=torch.bool))
         if not space.depth_search:
             self.alive_keep[:, 0] = False
-        for k, (field, _) in WIDTHS.items():
+        for k, field in WIDTHS.items():
             self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long))
         self.fmts = [parse_format(f) for f in space.formats]
         self.head_fmts = [parse_format(f) for f in space.lm_head_formats]
@@ -341,8 +341,8 @@ class Supernet(nn.Module):
         kv = lambda t: t[..., :G_a * hd, :H]  # noqa: E731
         k = lin(h, "k_proj", kv).view(B, T, G_a, 1, hd)
         v = lin(h, "v_proj", kv).view(B, T, G_a, 1, hd)
-        q = q * cos[None, :, None, None] + _rotate_half(q) * sin[None, :, None, None]
-        k = k * cos[None, :, None, None] + _rotate_half(k) * sin[None, :, None, None]
+        q = q * cos[None, :, None, None] + rotate_half(q) * sin[None, :, None, None]
+        k = k * cos[None, :, None, None] + rotate_half(k) * sin[None, :, None, None]
         qh = q.reshape(B, T, G_a * R_a, hd).transpose(1, 2)
         kh = k.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
         vh = v.expand(B, T, G_a, R_a, hd).reshape(B, T, G_a * R_a, hd).transpose(1, 2)
@@ -488,7 +488,3 @@ class Supernet(nn.Module):
                               lm_head=s.lm_head_formats[int(pr.lm_head.argmax())],
                               hidden_order=tuple(self.hidden_order), model=model)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
