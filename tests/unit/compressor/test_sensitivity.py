@@ -4,7 +4,7 @@ import torch
 from llmshrink.compressor.sensitivity import HEAD, assign_precision, measure_sensitivity
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.spec import LINEARS, SubnetSpec
-from llmshrink.targets.predict import predict
+from llmshrink.targets.predict import predict, table_for
 from llmshrink.targets.profile import load_target
 
 FORMATS = ("fp32", "w8g32", "w4g32", "w2g32", "w4g32a8")
@@ -27,9 +27,11 @@ def test_fewer_bits_cost_more_and_int8_activations_add_error(sens, tiny_base):
     assert sens.error(spec) == pytest.approx(sum(v for (i, n, f), v in sens.scores.items() if f == "w4g32"))
 
 
-def test_assignment_meets_the_budget_spending_bits_where_they_matter(sens, tiny_base, tiny_table):
-    table, yaml_path = tiny_table
-    target = load_target(str(yaml_path))
+def test_assignment_meets_the_budget_spending_bits_where_they_matter(sens, tiny_base):
+    # the shipped cpu table (deterministic, unlike the tiny table measured per test session,
+    # where int4 is not always faster than fp32 for a 64-wide model)
+    target = load_target("cpu")
+    table = table_for(target)
     space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,), mlp=(128,),
                         min_layers=4, formats=("fp32", "w4g32a8"), lm_head_formats=("fp32", "w4g32a8")).validate()
     wl = target.default_workload
