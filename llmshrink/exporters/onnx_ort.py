@@ -85,11 +85,16 @@ def _emit_nbits(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
 def _emit_dqmm(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
     q = lin.quantized
     base = _init_name(name)
-    w = g.const(f"{base}.weight_int8", q.codes.numpy().T.astype(np.int8))
+    # Weights go in as uint8 with zero point 128 (codes -127..127 -> 1..255, exactly the same values):
+    # ORT's u8s8 kernel on AVX2 CPUs without VNNI sums pairs of u8*s8 products in saturating int16
+    # (vpmaddubsw), which clips large activations times large weights; u8u8 widens first and is exact
+    # on every x86 CPU.
+    w = g.const(f"{base}.weight_uint8", (q.codes.numpy().T.astype(np.int16) + 128).astype(np.uint8))
     s = g.const(f"{base}.weight_scale", q.scales.numpy().reshape(-1).astype(np.float32))
-    inputs = [x, w, s]
+    zp = g.const(f"{base}.weight_zp", np.full(q.scales.numel(), 128, dtype=np.uint8))
+    inputs = [x, w, s, zp]
     if lin.bias is not None:
-        inputs += ["", g.const(f"{base}.bias", lin.bias.numpy().astype(np.float32))]
+        inputs.append(g.const(f"{base}.bias", lin.bias.numpy().astype(np.float32)))
     return g.one("DynamicQuantizeMatMul", inputs, name, domain=MS_DOMAIN)
 
 
