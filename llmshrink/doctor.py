@@ -30,6 +30,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# ISA extensions that change which ONNX Runtime CPU kernels are fast (int8 dot products above all):
+# two CPUs with the same name but different sets time the same graph differently.
+LATENCY_ISA = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
+               "asimddp", "i8mm", "sve", "sme")
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The LATENCY_ISA flags this CPU reports (from /proc/cpuinfo on Linux; empty where unreadable)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return tuple(f for f in LATENCY_ISA if f in flags)
+
+
+def cpu_id() -> str:
+    """Vendor family/model/stepping (e.g. ``AuthenticAMD 25/1/1``): tells apart CPUs that share a name."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
+        return platform.machine()
+    return (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/"
+            f"{fields.get('stepping', '?')}")
+
+
 def memory_bytes() -> int | None:
     """Total physical memory, or None where it cannot be read."""
     try:
@@ -47,7 +83,8 @@ def machine_report() -> dict[str, dict]:
 
     report: dict[str, dict] = {
         "llmshrink": {"version": __version__},
-        "system": {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "system": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_id": cpu_id(),
+                   "isa": list(cpu_features()), "cores": os.cpu_count(),
                    "memory_bytes": memory_bytes(), "python": sys.version.split()[0]},
         "packages": {d: _version(d) for d in ("torch", "transformers", "onnx", "onnxruntime",
                                               "onnxruntime-gpu", "peft", "gguf", "lm-eval")},

@@ -217,8 +217,8 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
 
     from llmshrink.models import load_config, resolve_model
     from llmshrink.spec import BaseShape
-    from llmshrink.storage import home
     from llmshrink.targets.profile import load_target
+    from llmshrink.targets.table import profiled_table_path
 
     p = load_target(target)
     if p.runtime != "onnxruntime-cpu":
@@ -236,12 +236,13 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
 
     source = resolve_model(model_name)
     base = BaseShape.from_config(load_config(source))
-    out_path = out_path or home() / "tables" / f"{p.name}-{source.describe().replace('/', '_')}.json"
+    short = source.describe().removeprefix("builtin:").replace("/", "_").replace(":", "_")
+    out_path = out_path or profiled_table_path(f"{p.name}-{short}")
     command = "llmshrink " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmshrink") else " ".join(sys.argv)
     plan = replace(ProfilePlan(), models=n_models, seed=seed)
     with progress(not as_json) as prog:
         table = profile_cpu(base, p.formats, model=source.describe(), plan=plan, threads=threads,
-                            command=command, name=out_path.name.split(".")[0], progress=prog)
+                            command=command, name=out_path.name.split(".")[0], target=p.name, progress=prog)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     table.save(out_path)
     summary = table.summary()
@@ -252,5 +253,9 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     out.print(kv_table({"table": str(out_path), "entries": summary["entries"], "cost models": summary["cost_models"],
                         "worst fit": f"{summary['worst_fit']['op']} {summary['worst_fit']['rel_rmse']:.1%}",
                         "took": table.provenance.notes[-1]}, title=f"Measured latency table for {p.name}"))
-    out.print(f"Use it: add `table: {out_path}` to a target YAML, or pass --table to `targets predict`.",
-              highlight=False)
+    if p.table and out_path == profiled_table_path(p.table):
+        out.print(f"{p.name} now predicts with this table (it takes precedence over the built-in {p.table}).",
+                  highlight=False)
+    else:
+        out.print(f"Use it: add `table: {out_path}` to a target YAML, or pass --table to `targets predict`.",
+                  highlight=False)

@@ -167,6 +167,33 @@ def _fastest_format(space, target, workload, table) -> str:
     return min(space.formats, key=lambda f: predict(space.largest(f), target, workload, table=table).total_ms)
 
 
+def held_out_key(calib_data: str, ids) -> str:
+    """The manifest quality key of :func:`_record_held_out_ppl` (a ``ppl:`` key the report reads)."""
+    name = "self-generated" if calib_data == "self" else Path(calib_data).name.replace(":", "_")
+    return f"ppl:held-out {name} text:seqs{ids.shape[0]}x{ids.shape[1]}:tokens{ids.shape[0] * (ids.shape[1] - 1)}"
+
+
+def _record_held_out_ppl(bundle: Path, ids, calib_data: str, progress: Progress) -> float:
+    """Perplexity of the bundle (ONNX Runtime, as shipped) on the held-out sequences ``ids`` ``[N, T]``
+    (never seen by the search or recovery), each scored on its own; written into the manifest's quality."""
+    from llmshrink.evaluation import load_scorer
+    from llmshrink.exporters.bundle import load_manifest, update_manifest
+
+    scorer = load_scorer(str(bundle))
+    nll, n = 0.0, 0
+    with progress.task("Held-out perplexity", total=len(ids)) as task:
+        for row in ids.numpy():
+            lp = scorer.logprobs(row)
+            nll -= float(lp[np.arange(len(row) - 1), row[1:]].sum())
+            n += len(row) - 1
+            task.advance(1)
+    ppl = float(np.exp(nll / n))
+    quality = dict(load_manifest(bundle).quality)
+    quality[held_out_key(calib_data, ids)] = ppl
+    update_manifest(bundle, quality=quality)
+    return ppl
+
+
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
              progress: Progress = NULL_PROGRESS) -> CompressResult:
     """Run the whole pipeline for every budget (see module docstring).
@@ -189,6 +216,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     from llmshrink.spec import BaseShape
     from llmshrink.targets.predict import predict, table_for
     from llmshrink.targets.profile import load_target
+    from llmshrink.targets.table import host_mismatch
 
     out = Path(out)
     if not config.budgets_ms or any(b <= 0 for b in config.budgets_ms):
@@ -209,6 +237,8 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         f"{target.name} hardware is not present here: latencies are predicted from its "
         f"{table.kind} table, not measured. Build and time the engine on the device: "
         "`llmshrink build RUN_DIR/candidates/<budget>`.",)
+    if measurable and (why := host_mismatch(table)):
+        notes += (why,)  # bundles will likely miss their budgets here; say so where the results are read
     rec = previous or CompressRecord(config, fastest, notes=notes)
     _save(out, rec)
 
@@ -277,6 +307,9 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
             except ValidationFailedError as e:  # recorded in the manifest and the outcome; the run goes on
                 measured, passed = e.validation.measured_ms, False
             secs["measure"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _record_held_out_ppl(out / bundle, splits.eval, config.calib_data, progress)
+        secs["quality"] = time.perf_counter() - t0
         outcome = CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint,
                                    predict(spec, target, workload, table=table).total_ms,
                                    result.history[-1].latency_ms if result.history else float("nan"),

@@ -24,6 +24,7 @@ so it is predicted exactly as that many steps at the mean cache length.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ from llmshrink.spec import LINEARS, SubnetSpec
 from llmshrink.targets.profile import TargetProfile
 from llmshrink.targets.table import CostModel, LatencyTable
 from llmshrink.targets.workload import Workload
+
+log = logging.getLogger("llmshrink")
 
 STATUS_ORDER = ("measured", "interpolated", "analytical", "extrapolated")
 
@@ -86,6 +89,9 @@ class Prediction:
         return f"{self.total_ms:.2f} ms predicted ({label} {self.table}{extra}) — {self.workload.describe()}"
 
 
+_WARNED: set[str] = set()  # each mismatch is said once per process
+
+
 def table_for(target: TargetProfile) -> LatencyTable:
     """The latency table a target predicts with: its shipped table, or its analytical roofline.
 
@@ -93,10 +99,15 @@ def table_for(target: TargetProfile) -> LatencyTable:
         NoTableError: the target names no table and has no roofline datasheet.
     """
     from llmshrink.targets import analytical
-    from llmshrink.targets.table import load_table
+    from llmshrink.targets.table import host_mismatch, load_table
 
     if target.table:
-        return load_table(target.table)
+        table = load_table(target.table)
+        why = host_mismatch(table)
+        if why and why not in _WARNED:
+            _WARNED.add(why)
+            log.warning(why)
+        return table
     if analytical.has_roofline(target):
         return analytical.roofline_table(target)
     raise NoTableError(f"Target {target.name} has no latency table.",

@@ -13,7 +13,7 @@ datasheet number sits in ``datasheet`` with its ``sources``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -106,7 +106,11 @@ def load_target(name_or_path: str) -> TargetProfile:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise UsageError(f"No such target file: {path}.")
-        return _from_yaml(path.read_text(), str(path))
+        prof = _from_yaml(path.read_text(), str(path))
+        if prof.table and Path(prof.table).suffix in (".json", ".gz") and not Path(prof.table).expanduser().is_absolute():
+            # a table file named in a target file sits beside it (wherever the command runs from)
+            prof = replace(prof, table=str(path.resolve().parent / prof.table))
+        return prof
     if name_or_path in BUILTIN_ORDER:
         text = resources.files("llmshrink.targets").joinpath(f"builtin/{name_or_path}.yaml").read_text()
         return _from_yaml(text, f"built-in target {name_or_path}")

@@ -358,8 +358,50 @@ class LatencyTable:
         return path
 
 
+def host_mismatch(table: LatencyTable) -> str | None:
+    """Why this machine is not the one a measured ONNX Runtime CPU table was taken on; None when it
+    is (as far as the table recorded its host), or when the table is not a CPU measurement.
+
+    The same graph times differently on CPUs with other int8 instructions (VNNI or not) or core
+    counts, so a prediction from another machine's table is a guess about this one.
+    """
+    import os
+
+    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
+
+    prov = table.provenance
+    host = prov.host
+    if prov.kind != "measured" or host.get("runtime") != "onnxruntime-cpu":
+        return None
+    here = {"cpu": cpu_model(), "cpu_id": cpu_id(), "isa": sorted(cpu_features()), "cores": os.cpu_count()}
+    diffs = [f"{k} {host[k] if k != 'isa' else sorted(host[k])} vs {here[k]} here" for k in here
+             if k in host and (sorted(host[k]) if k == "isa" else host[k]) != here[k]]
+    if not diffs:
+        return None
+    return (f"latency table {table.name} was measured on another CPU ({'; '.join(map(str, diffs))}): its "
+            f"predictions are not this machine's. Profile this one with `llmshrink targets profile {table.target}` "
+            "(written where the target finds it).")
+
+
+def profiled_table_path(name: str) -> Path:
+    """Where ``targets profile`` writes the table called ``name`` by default; a table there takes
+    precedence over the built-in one of the same name (this machine's own measurement wins)."""
+    from llmshrink.storage import home
+
+    return home() / "tables" / f"{name}.json"
+
+
+def _profiled(name: str) -> Path | None:
+    p = profiled_table_path(name)
+    for cand in (p, p.with_suffix(".json.gz")):
+        if cand.is_file():
+            return cand
+    return None
+
+
 def load_table(path_or_name: str | Path) -> LatencyTable:
-    """A table from a JSON (or ``.json.gz``) file, or a built-in one (``targets/tables/NAME.json.gz``) by name.
+    """A table from a JSON (or ``.json.gz``) file, or by name: the one ``targets profile`` wrote on
+    this machine (:func:`profiled_table_path`), else the built-in ``targets/tables/NAME.json.gz``.
 
     Raises:
         UsageError: no such file or built-in table, or not a LatencyTable.
@@ -370,6 +412,8 @@ def load_table(path_or_name: str | Path) -> LatencyTable:
             raise UsageError(f"No such latency table file: {path}.",
                              "Give a table JSON written by `llmshrink targets profile`, or a built-in table name.")
         data = path.read_bytes()
+    elif (mine := _profiled(str(path_or_name))) is not None:
+        data = mine.read_bytes()
     else:
         res = resources.files("llmshrink.targets").joinpath(f"tables/{path_or_name}.json.gz")
         if not res.is_file():

@@ -275,15 +275,16 @@ def host_info(threads: int | None) -> dict[str, object]:
     import onnxruntime as ort
 
     from llmshrink import __version__
-    from llmshrink.doctor import cpu_model
+    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
 
-    return {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "isa": list(cpu_features()), "machine": platform.machine(),
+            "cores": os.cpu_count(),
             "threads": threads or "onnxruntime default", "runtime": "onnxruntime-cpu",
             "runtime_version": ort.__version__, "llmshrink": __version__, "python": platform.python_version()}
 
 
 def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: ProfilePlan = ProfilePlan(),
-                threads: int | None = None, command: str = "", name: str = "cpu",
+                threads: int | None = None, command: str = "", name: str = "cpu", target: str = "cpu",
                 progress: Progress | None = None) -> LatencyTable:
     """Measure a latency table for ``base``'s family on this CPU (see module docstring)."""
     from llmshrink.compressor.synthetic import random_model
@@ -322,7 +323,7 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
                              f"decode contexts {list(plan.decode_contexts)}, prefill contexts {list(plan.prefill_contexts)}; "
                              f"{plan.decode_runs} decode / {plan.prefill_runs} prefill runs per workload.",
                              f"profiling took {elapsed / 60:.1f} minutes"))
-    return LatencyTable(name=name, target="cpu", provenance=prov, entries=tuple(entries), threads=threads)
+    return LatencyTable(name=name, target=target, provenance=prov, entries=tuple(entries), threads=threads)
 
 
 def quick_plan(models: int = 3) -> ProfilePlan:

@@ -42,6 +42,8 @@ def test_user_target_yaml(tmp_path):
                  "formats: [fp32, w4g32a8]\ndefault_workload: prefill:ctx=64\n")
     p = load_target(str(f))
     assert p.formats == ("fp32", "w4g32a8") and p.default_workload.phase == "prefill"
+    f.write_text(f.read_text() + "table: tables/board.json\n")
+    assert load_target(str(f)).table == str(tmp_path / "tables" / "board.json")  # beside the YAML, not the cwd
     f.write_text("name: board\n")
     with pytest.raises(UsageError, match="missing"):
         load_target(str(f))

@@ -58,3 +58,32 @@ def test_load_table_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UsageError, match="not a latency table"):
         load_table(tmp_path / "bad.json")
+
+
+def _cpu_table(**host):
+    return LatencyTable("cpu-x", "cpu", Provenance(kind="measured", host={"runtime": "onnxruntime-cpu", **host}), ())
+
+
+def test_host_mismatch_names_what_differs_from_this_machine():
+    import os
+
+    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
+    from llmshrink.targets.table import host_mismatch
+
+    here = dict(cpu=cpu_model(), cpu_id=cpu_id(), isa=list(cpu_features()), cores=os.cpu_count())
+    assert host_mismatch(_cpu_table(**here)) is None
+    assert host_mismatch(_cpu_table(cpu=cpu_model())) is None  # an older table that recorded less
+    other_isa = [f for f in ("avx2", "avx512_vnni") if f not in here["isa"]] + [f for f in here["isa"] if f != "avx2"]
+    why = host_mismatch(_cpu_table(**{**here, "isa": other_isa, "cores": os.cpu_count() + 6}))
+    assert why and "isa" in why and "cores" in why and "targets profile cpu" in why
+    gpu = LatencyTable("a100-x", "a100", Provenance(kind="analytical", host={"cpu": "elsewhere"}), ())
+    assert host_mismatch(gpu) is None
+
+
+def test_a_table_profiled_on_this_machine_overrides_the_built_in_one(llmshrink_home):
+    from llmshrink.targets.table import profiled_table_path
+
+    builtin = load_table("cpu-smollm2-135m")
+    mine = LatencyTable("cpu-smollm2-135m", "cpu", Provenance(kind="measured", command="mine"), builtin.entries[:50])
+    mine.save(profiled_table_path("cpu-smollm2-135m"))
+    assert load_table("cpu-smollm2-135m").provenance.command == "mine"
