@@ -5,9 +5,10 @@ compute the same expectation (tests/unit/compressor/test_supernet.py checks
 that); they differ only in how: the vectorized one builds one survival mask
 per decision and one expected weight per linear, the loop one runs a
 sub-block per MLP width, per head configuration and per format and sums
-them. A step is what the search runs (``search.train_step``): teacher
-forward, a weight update on one batch, an architecture update with the
-latency and parameter penalties on another. Steps alternate between the two
+them. A step is what the search runs (``search.train_step``): a weight update
+on one batch, an architecture update with the latency and parameter
+penalties on another (teacher targets are computed before the timed step,
+as the search caches them). Steps alternate between the two
 implementations so machine noise hits both alike; the table gives the
 median step time, tokens per second (both halves' tokens) and the ratio.
 Quantization residuals are cached in both (refreshed every few steps by the
@@ -68,10 +69,12 @@ def main() -> None:
     for step in range(args.steps + 1):
         ids_w = torch.randint(100, vocab, (args.batch, args.seq), generator=gen)
         ids_a = torch.randint(100, vocab, (args.batch, args.seq), generator=gen)
+        with torch.no_grad():  # the search reads cached teacher targets (compressor.teacher), so steps do here too
+            targets = tuple(hf(input_ids=i, use_cache=False).logits for i in (ids_w, ids_a))
         for name, net in nets.items():
             t0 = time.perf_counter()
             train_step(net, hf, ids_w, ids_a, *opts[name], cfg, tau=1.0, generator=gen, table=table,
-                       workload=target.default_workload, budget_ms=budget, params_budget=None)
+                       workload=target.default_workload, budget_ms=budget, params_budget=None, targets=targets)
             dt = time.perf_counter() - t0
             if step:  # the first step of each is a warm-up
                 times[name].append(dt)

@@ -157,7 +157,8 @@ def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=No
         report = check_parity(cm, decoder, ids, fp16_activations=fl.fp16_activations)
     if not report.passed:
         raise ParityError(f"The exported graph does not match the torch model ({report.rule}): max |d| "
-                          f"{report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.1%} over {report.tokens} tokens.",
+                          f"{report.max_abs_diff:.3g}, top-1 agreement {report.top1_agreement:.1%} (in the top 5: "
+                          f"{report.top1_in_top5:.1%}) over {report.tokens} tokens.",
                           "This is a bug in llmshrink; please report it with the spec.")
     workload = workload or (target.default_workload if target else None)
     fields = dict(flavour=flavour, model_source=model_source, model_fingerprint=model_fingerprint,

@@ -14,6 +14,9 @@ REPORT=${REPORT:-latency-validation.json}
 
 status=0
 llmshrink validate "$BUNDLE" --tolerance "${TOLERANCE:-10%}" --json > "$REPORT" || status=$?
+if [[ ! -s "$REPORT" ]]; then  # no verdict (bad input, missing hardware): llmshrink said why on stderr
+  exit "$status"
+fi
 python3 - "$REPORT" <<'PY'
 import json, sys
 v = json.load(open(sys.argv[1]))

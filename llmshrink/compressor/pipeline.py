@@ -4,7 +4,7 @@ One run directory holds everything (see :mod:`llmshrink.rundir`)::
 
     RUN_DIR/compress.json           the request (CompressConfig) and each phase's outcome
     RUN_DIR/importance.npz          importance scores (reused by --resume and every budget)
-    RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec per budget
+    RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec, recovered/ model per budget
     RUN_DIR/candidates/<budget>/    the bundle for each budget
     RUN_DIR/run.json, report.md, pareto.png
 
@@ -25,6 +25,7 @@ then a precision per linear is assigned by sensitivity
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from llmshrink.targets.workload import Workload
 log = logging.getLogger("llmshrink")
 
 RECORD = "compress.json"
+RECOVERY_RECORD = "recovery.json"  # [KD before, KD after] beside the recovered model
 STRATEGIES = ("joint", "sequential")
 MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
 
@@ -149,7 +151,7 @@ def _importance(hf, calib, out: Path, progress: Progress):
     return imp
 
 
-def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, workload, budget: float,
+def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, workload, budget: float, targets,
                 progress: Progress) -> None:
     """The weight warm-up (no architecture updates, so no budget involved) all budgets start from: run once."""
     from llmshrink.compressor.search import CHECKPOINT, run_search
@@ -157,7 +159,8 @@ def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, worklo
     warm = out / "warmup"
     if not (warm / CHECKPOINT).is_file():
         run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget, params_budget=config.params_budget,
-                   config=config.search, checkpoint_dir=warm, stop_after=config.search.warmup_steps, progress=progress)
+                   config=config.search, checkpoint_dir=warm, stop_after=config.search.warmup_steps, targets=targets,
+                   progress=progress)
 
 
 def _fastest_format(space, target, workload, table) -> str:
@@ -204,6 +207,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     """
     from llmshrink.api import export_compressed, validate
     from llmshrink.compressor.budget import check_budget, fit_to_budget
+    from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
     from llmshrink.compressor.search import run_search
     from llmshrink.compressor.space import default_space, load_space
@@ -252,6 +256,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
                               cache_path=self_cache_path(fp, seq_len=seq, n=config.n_calib + 8, seed=config.seed))
     calib = splits.calib
     imp = _importance(hf, calib, out, progress)
+    targets = None  # the teacher's log-probabilities on calib, computed once, when a search or recovery runs
     done = {c.label: c for c in rec.candidates}
     outcomes = []
     for budget in sorted(config.budgets_ms):
@@ -260,6 +265,12 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
             outcomes.append(done[label])
             continue
         secs: dict[str, float] = {}
+        if targets is None:
+            from llmshrink.compressor.teacher import TeacherTargets
+
+            t0 = time.perf_counter()
+            targets = TeacherTargets(hf, calib[:, :seq], batch_size=config.search.batch_size, progress=progress)
+            secs["teacher"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if config.strategy == "joint":
             net = Supernet(hf, space, imp)
@@ -268,12 +279,12 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
                            latency_format=_fastest_format(space, target, workload, table))
         sdir = out / f"search-{label}"
         if len(config.budgets_ms) > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
-            _warm_start(net, hf, calib, out, config, table, workload, budget, progress)
+            _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
             storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
         ckpt_exists = (sdir / "search.ckpt").is_file()
         result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                             params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
-                            resume=ckpt_exists, progress=progress)
+                            resume=ckpt_exists, targets=targets, progress=progress)
         secs["search"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         spec = replace(net.argmax_spec(model=source.describe()), notes={"budget_ms": f"{budget:g}"})
@@ -290,11 +301,20 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         del net
         secs["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rr = recover(hf, spec, calib, config=config.recovery, tokenizer=tok, progress=progress)
+        rdir = sdir / "recovered"  # kept so that a resumed run never repeats a finished recovery
+        if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
+            cm = CompressedModel.load(rdir)
+            kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
+        else:
+            shared = targets if config.recovery.seq_len == seq else None  # else recover computes its own
+            rr = recover(hf, spec, calib, config=config.recovery, tokenizer=tok, targets=shared, progress=progress)
+            cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
+            cm.save(rdir)
+            storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after]))
         secs["recovery"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         bundle = Path("candidates") / label
-        m = export_compressed(rr.model, tok, out / bundle, flavour=target.flavour, target=target, workload=workload,
+        m = export_compressed(cm, tok, out / bundle, flavour=target.flavour, target=target, workload=workload,
                               model_source=source.describe(), model_fingerprint=fp, max_length=config.max_length,
                               notes=notes, progress=progress)
         secs["export"] = time.perf_counter() - t0
@@ -313,7 +333,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         outcome = CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint,
                                    predict(spec, target, workload, table=table).total_ms,
                                    result.history[-1].latency_ms if result.history else float("nan"),
-                                   tuple(mv.what for mv in moves), rr.kd_before, rr.kd_after, measured, passed, secs)
+                                   tuple(mv.what for mv in moves), kd_before, kd_after, measured, passed, secs)
         outcomes.append(outcome)
         rec = replace(rec, candidates=tuple([c for c in rec.candidates if c.label != label] + [outcome]))
         _save(out, rec)

@@ -34,6 +34,7 @@ from llmshrink.compressor.model import CompressedModel
 from llmshrink.compressor.quant import quantize_activation
 from llmshrink.compressor.search import kd_loss
 from llmshrink.compressor.supernet import fake_quant
+from llmshrink.compressor.teacher import TeacherTargets
 from llmshrink.formats import QuantFormat, parse_format
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.spec import LINEARS, SubnetSpec
@@ -44,7 +45,7 @@ from llmshrink.spec import LINEARS, SubnetSpec
 class RecoveryConfig:
     """Knobs of :func:`recover` (defaults sized for a 2-core CPU and a ~135M model)."""
 
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 2e-4
@@ -135,13 +136,22 @@ def _write_back(teacher, spec: SubnetSpec, student: CompressedModel):
 
 
 def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryConfig = RecoveryConfig(),
-            tokenizer=None, progress: Progress = NULL_PROGRESS) -> RecoveryResult:
-    """KD-with-LoRA recovery of ``spec`` from ``teacher`` on ``calib`` ``[N, T]``; the quantized result."""
+            tokenizer=None, targets: TeacherTargets | None = None,
+            progress: Progress = NULL_PROGRESS) -> RecoveryResult:
+    """KD-with-LoRA recovery of ``spec`` from ``teacher`` on ``calib`` ``[N, T]``; the quantized result.
+
+    ``targets``: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
+    (the search's); computed here otherwise.
+    """
     from peft import LoraConfig, get_peft_model
 
     cfg = config
     teacher.eval()
     calib = calib[:, : cfg.seq_len]
+    if targets is None:
+        targets = TeacherTargets(teacher, calib, batch_size=cfg.batch_size, progress=progress)
+    elif not torch.equal(targets.calib, calib):
+        raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
     student = _student(teacher, spec)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(LINEARS))
     qat_lora = _lora_linear_class()
@@ -154,21 +164,18 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / max(cfg.steps, 1)))  # warm-up, then linear decay
     gen = torch.Generator().manual_seed(cfg.seed)
-    held = calib[: cfg.batch_size]  # a fixed batch to report the KD before and after
+    held = torch.arange(min(cfg.batch_size, len(calib)))  # a fixed batch to report the KD before and after
 
-    def kd_on(ids: torch.Tensor, grad: bool) -> torch.Tensor:
-        with torch.no_grad():
-            target = teacher(input_ids=ids, use_cache=False).logits
+    def kd_on(rows: torch.Tensor, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad):
-            return kd_loss(model(ids)[0], target, cfg.kd_temperature)
+            return kd_loss(model(calib[rows])[0], targets[rows], cfg.kd_temperature)
 
     kd_before = kd_on(held, False).item()
     history = []
     with progress.task("Recovery (KD + LoRA, quantization-aware)", total=cfg.steps) as task:
         for step in range(cfg.steps):
             t0 = time.perf_counter()
-            ids = calib[torch.randint(len(calib), (cfg.batch_size,), generator=gen)]
-            loss = kd_on(ids, True)
+            loss = kd_on(torch.randint(len(calib), (cfg.batch_size,), generator=gen), True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -11,7 +11,8 @@ batch from the other half, with separate Adam optimizers:
 
 The softmax temperature anneals geometrically from ``tau_start`` to
 ``tau_end``. Every ``settle_every`` steps, decisions whose normalized
-entropy is below ``entropy_threshold`` are frozen (:meth:`Supernet.settle`).
+entropy at the current temperature is below ``entropy_threshold`` are frozen
+(:meth:`Supernet.settle`).
 The first ``warmup_steps`` update weights only.
 
 A checkpoint (everything needed to continue bit for bit: supernet,
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from llmshrink import serde, storage
 from llmshrink.compressor.supernet import Supernet
+from llmshrink.compressor.teacher import TeacherTargets
 from llmshrink.errors import UsageError
 from llmshrink.progress import NULL_PROGRESS, Progress
 
@@ -43,7 +45,7 @@ CHECKPOINT = "search.ckpt"
 class SearchConfig:
     """Knobs of :func:`run_search` (defaults sized for a 2-core CPU and a ~135M model)."""
 
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 4
     seq_len: int = 128
     weight_lr: float = 1e-5
@@ -115,19 +117,24 @@ def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generat
 
 def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor, opt_w, opt_a,
                cfg: SearchConfig, *, tau: float, generator: torch.Generator, table, workload, budget_ms: float,
-               params_budget: float | None = None, update_arch: bool = True):
+               params_budget: float | None = None, update_arch: bool = True,
+               targets: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One search step: a weight update (KD) on ``ids_w``, then an architecture update (KD + penalties)
-    on ``ids_a``. Returns the architecture half's (kd, E[latency], E[params], penalty) tensors."""
-    with torch.no_grad():
-        target = teacher(input_ids=ids_w, use_cache=False).logits
+    on ``ids_a``. ``targets`` are the teacher's logits (or log-probabilities) for the two batches when
+    already known (:class:`~.teacher.TeacherTargets`); otherwise ``teacher`` computes them.
+    Returns the architecture half's (kd, E[latency], E[params], penalty) tensors."""
+    if targets is None:
+        with torch.no_grad():
+            targets = (teacher(input_ids=ids_w, use_cache=False).logits,
+                       teacher(input_ids=ids_a, use_cache=False).logits)
+    target = targets[0]
     pr = net.probs(tau, cfg.gumbel, generator)
     loss_w = kd_loss(net(ids_w, pr), target, cfg.kd_temperature)
     opt_w.zero_grad(set_to_none=True)
     opt_a.zero_grad(set_to_none=True)
     loss_w.backward()
     opt_w.step()
-    with torch.no_grad():
-        target = teacher(input_ids=ids_a, use_cache=False).logits
+    target = targets[1]
     pr = net.probs(tau, cfg.gumbel, generator)
     kd = kd_loss(net(ids_a, pr), target, cfg.kd_temperature)
     lat = net.expected_latency(table, workload, pr)
@@ -152,8 +159,11 @@ def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Adam, torc
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
                checkpoint_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
-               progress: Progress = NULL_PROGRESS) -> SearchResult:
+               targets: TeacherTargets | None = None, progress: Progress = NULL_PROGRESS) -> SearchResult:
     """Search ``net`` (modified in place) against ``teacher`` (the original HF model) on ``calib`` ``[N, T]``.
+
+    ``targets``: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
+    (several budgets and recovery share them); computed here otherwise.
 
     ``stop_after`` ends the search after that many steps (with a checkpoint):
     several budgets share one weight warm-up this way, each resuming from it.
@@ -167,8 +177,12 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         raise UsageError(f"The search needs at least {2 * cfg.batch_size} calibration sequences "
                          f"(two halves of batch {cfg.batch_size}); got {calib.shape[0]}.")
     calib = calib[:, : cfg.seq_len]
+    if targets is None:
+        targets = TeacherTargets(teacher, calib, batch_size=cfg.batch_size, progress=progress)
+    elif not torch.equal(targets.calib, calib):
+        raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
     halves = calib[0::2], calib[1::2]  # weights / architecture, disjoint
-    teacher.eval()
+    half_targets = targets.take(slice(0, None, 2)), targets.take(slice(1, None, 2))
     opt_w, opt_a = optimizers(net, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
@@ -199,11 +213,11 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             kd, lat, params, penalty = train_step(
                 net, teacher, halves[0][rows[0]], halves[1][rows[1]], opt_w, opt_a, cfg, tau=tau, generator=gen,
                 table=table, workload=workload, budget_ms=budget_ms, params_budget=params_budget,
-                update_arch=step >= cfg.warmup_steps)
+                update_arch=step >= cfg.warmup_steps, targets=(half_targets[0][rows[0]], half_targets[1][rows[1]]))
             if (step + 1) % cfg.requant_every == 0:
                 net.refresh_quant()
             if (step + 1) % cfg.settle_every == 0 and step >= cfg.warmup_steps:
-                net.settle(cfg.entropy_threshold, cfg.prune_floor)
+                net.settle(cfg.entropy_threshold, cfg.prune_floor, tau)
             n_settled, n_total = net.settled()
             log = StepLog(step + 1, kd.item(), lat.item(), params.item(), penalty.item(), tau, n_settled, n_total,
                           time.perf_counter() - t0)

@@ -351,27 +351,30 @@ class Supernet(nn.Module):
         return lin(att, "o_proj", lambda t: t.unflatten(-1, (G, R, hd))[..., :H, :G_a, :R_a, :].flatten(-3))
 
     # ------------------------------------------------------------- settling
-    def entropies(self) -> dict[str, torch.Tensor]:
-        """Normalized entropy (0 settled .. 1 uniform) of every decision row; 0 where one candidate is left."""
+    def entropies(self, tau: float = 1.0) -> dict[str, torch.Tensor]:
+        """Normalized entropy (0 settled .. 1 uniform) of every decision row at temperature ``tau``
+        (the distribution the forward pass samples from); 0 where one candidate is left."""
         out = {}
         with torch.no_grad():
             for k, a in self.alpha.items():
                 alive = self.alive(k)
-                p = a.masked_fill(~alive, float("-inf")).softmax(-1)
+                p = (a / tau).masked_fill(~alive, float("-inf")).softmax(-1)
                 ent = -(p * p.clamp_min(1e-12).log()).masked_fill(~alive, 0).sum(-1)
                 n = alive.sum(-1)
                 out[k] = torch.where(n > 1, ent / n.clamp_min(2).float().log(), torch.zeros_like(ent))
         return out
 
-    def settle(self, threshold: float, floor: float = 0.0) -> int:
+    def settle(self, threshold: float, floor: float = 0.0, tau: float = 1.0) -> int:
         """Freeze decisions with normalized entropy below ``threshold`` at their argmax; drop
-        candidates whose probability is below ``floor``. Returns how many decisions were frozen now."""
+        candidates whose probability is below ``floor``; both judged at temperature ``tau``, the one
+        the forward pass currently uses (as it anneals, decisions settle). Returns how many decisions
+        were frozen now."""
         frozen = 0
-        ents = self.entropies()
+        ents = self.entropies(tau)
         with torch.no_grad():
             for k, a in self.alpha.items():
                 alive = self.alive(k)
-                p = a.masked_fill(~alive, float("-inf")).softmax(-1)
+                p = (a / tau).masked_fill(~alive, float("-inf")).softmax(-1)
                 settle = (ents[k] < threshold) & (alive.sum(-1) > 1)
                 choice = p.argmax(-1)
                 if k == "keep":

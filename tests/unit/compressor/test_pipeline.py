@@ -44,7 +44,7 @@ def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup):
     m = load_manifest(d / "run" / c.bundle)
     assert m.target == "tiny-cpu" and m.predicted_latency_ms == pytest.approx(c.predicted_ms)
     assert c.measured_ms is not None and m.measured and m.validation  # cpu: measured here
-    assert set(c.seconds) == {"search", "fit", "recovery", "export", "measure", "quality"}
+    assert set(c.seconds) == {"teacher", "search", "fit", "recovery", "export", "measure", "quality"}
     (key,) = [k for k in m.quality if k.startswith("ppl:held-out self-generated text")]
     assert 1 < m.quality[key] < float("inf")  # scored by the bundle on sequences the search never saw
     assert (d / "run" / "pareto.png").is_file()

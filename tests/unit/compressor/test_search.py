@@ -61,7 +61,7 @@ class _Killer(Progress):
         class T(Task):
             def advance(self, n=1, **fields):
                 super().advance(n, **fields)
-                if self.completed > killer.n:
+                if description.startswith("Search") and self.completed > killer.n:
                     raise KeyboardInterrupt
 
         return T(description, total)

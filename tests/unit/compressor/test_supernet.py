@@ -165,3 +165,12 @@ def test_per_candidate_loop_computes_the_same_expectation(tiny_hf, tiny_base, id
             a.copy_(torch.randn(a.shape, generator=g))
             b.copy_(a)
     torch.testing.assert_close(vec(ids), loop(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_settling_judges_the_tempered_distribution_the_forward_uses(tiny_hf, tiny_base):
+    net = Supernet(tiny_hf, _space(tiny_base, ("fp32",)))
+    with torch.no_grad():
+        net.alpha["mlp"][0] = torch.tensor([1.5, 0.0, 0.0])  # a lean, not a certainty, at temperature 1
+    assert net.settle(threshold=0.2, tau=1.0) == 0 and int(net.alive("mlp")[0].sum()) == 3
+    assert net.entropies(0.2)["mlp"][0] < 0.2 < net.entropies(1.0)["mlp"][0]
+    assert net.settle(threshold=0.2, tau=0.2) == 1 and net._top("mlp", 0) == int(net.cands_mlp[0])
