@@ -72,3 +72,23 @@ default_workload: decode:batch=1,ctx=16
 table: {path}
 """)
     return table, yaml_path
+
+
+@pytest.fixture(scope="session")
+def steady_table(tmp_path_factory):
+    """The shipped cpu table (fixed, unlike ``tiny_table``, which is re-measured each session from a few
+    noisy calls and can even predict fewer layers slower) behind a target YAML with the tiny formats: for
+    tests whose budgets must sit strictly between the fastest and the largest subnet's predictions."""
+    from llmshrink.targets.table import load_table
+
+    d = tmp_path_factory.mktemp("steady-target")
+    yaml_path = d / "steady-cpu.yaml"
+    yaml_path.write_text(f"""name: steady-cpu
+description: this CPU, predicted from the shipped SmolLM2-family table (extrapolated to tiny shapes)
+device: host CPU
+runtime: onnxruntime-cpu
+formats: [{", ".join(TINY_TABLE_FORMATS)}]
+default_workload: decode:batch=1,ctx=16
+table: cpu-smollm2-135m
+""")
+    return load_table("cpu-smollm2-135m"), yaml_path

@@ -25,7 +25,7 @@ SPACE = "hidden: [32, 64]\nheads_per_group: [2]\nmlp: [64, 128]\nmin_layers: 2\n
 
 
 @pytest.fixture(scope="module")
-def env(tiny_llama_dir, tiny_table, tmp_path_factory):
+def env(tiny_llama_dir, steady_table, tmp_path_factory):
     d = tmp_path_factory.mktemp("examples")
     e = dict(os.environ, LLMSHRINK_HOME=str(d / "home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}"
              f"{os.environ.get('PATH', '')}", MODEL=str(tiny_llama_dir))
@@ -33,8 +33,8 @@ def env(tiny_llama_dir, tiny_table, tmp_path_factory):
     return d, e
 
 
-def _budget(tiny_base, tiny_table, d: Path, frac: float = 0.6) -> float:
-    table, target_yaml = tiny_table
+def _budget(tiny_base, steady_table, d: Path, frac: float = 0.6) -> float:
+    table, target_yaml = steady_table
     target = load_target(str(target_yaml))
     space = load_space(d / "space.yaml", tiny_base, target.formats)
     fastest, _ = fastest_reachable(space, target, target.default_workload, table)
@@ -48,10 +48,10 @@ def _run(cmd, env, cwd, ok=(0,)):
     return r
 
 
-def test_quickstart_compresses_reports_validates_and_answers(env, tiny_base, tiny_table):
+def test_quickstart_compresses_reports_validates_and_answers(env, tiny_base, steady_table):
     d, e = env
-    budget = _budget(tiny_base, tiny_table, d)
-    e = dict(e, TARGET=str(tiny_table[1]), LATENCY=f"{budget}ms", OUT=str(d / "quick"), TOLERANCE="100000%",
+    budget = _budget(tiny_base, steady_table, d)
+    e = dict(e, TARGET=str(steady_table[1]), LATENCY=f"{budget}ms", OUT=str(d / "quick"), TOLERANCE="100000%",
              MAX_NEW_TOKENS="4", EXTRA=f"--space {d / 'space.yaml'} --steps 3 --recovery-steps 1")
     r = _run(["bash", str(EXAMPLES / "quickstart.sh")], e, d)
     assert (d / "quick" / "report.md").is_file() and (d / "quick" / "pareto.png").is_file()  # quality: held-out ppl
@@ -60,10 +60,10 @@ def test_quickstart_compresses_reports_validates_and_answers(env, tiny_base, tin
     assert "PASS" in r.stdout + r.stderr  # validate's verdict
 
 
-def test_python_api_example_prints_every_budget(env, tiny_base, tiny_table):
+def test_python_api_example_prints_every_budget(env, tiny_base, steady_table):
     d, e = env
-    budgets = [str(_budget(tiny_base, tiny_table, d, f)) for f in (0.5, 0.8)]
-    r = _run([sys.executable, str(EXAMPLES / "python_api.py"), "--model", e["MODEL"], "--target", str(tiny_table[1]),
+    budgets = [str(_budget(tiny_base, steady_table, d, f)) for f in (0.5, 0.8)]
+    r = _run([sys.executable, str(EXAMPLES / "python_api.py"), "--model", e["MODEL"], "--target", str(steady_table[1]),
               "--latency", *budgets, "--steps", "3", "--recovery-steps", "1", "--space", str(d / "space.yaml"),
               "--out", str(d / "api")], e, d)
     rows = [ln for ln in r.stdout.splitlines() if ln.strip().endswith(("ms", "")) and "/candidates/" in ln]
@@ -89,11 +89,11 @@ def test_custom_target_is_profiled_beside_its_yaml_and_compressed_for(env, tiny_
     assert c["predicted_ms"] <= c["budget_ms"]
 
 
-def test_ci_validate_script_passes_and_fails_with_llmshrink_exit_codes(env, tiny_table):
+def test_ci_validate_script_passes_and_fails_with_llmshrink_exit_codes(env, steady_table):
     d, e = env
     spec = d / "spec.json"
     _run(["llmshrink", "spec", "new", "--model", e["MODEL"], "--uniform", "w4g32a8", "--out", str(spec)], e, d)
-    _run(["llmshrink", "export", "--model", e["MODEL"], "--spec", str(spec), "--target", str(tiny_table[1]),
+    _run(["llmshrink", "export", "--model", e["MODEL"], "--spec", str(spec), "--target", str(steady_table[1]),
           "--flavour", "ort", "--out", str(d / "bundle")], e, d)
     script = str(EXAMPLES / "ci" / "validate_bundle.sh")
     r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="100000%", REPORT=str(d / "ok.json")), d)

@@ -9,8 +9,8 @@ from llmshrink.targets.profile import load_target
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_base, tiny_table):
-    table, yaml_path = tiny_table
+def setup(tiny_base, steady_table):
+    table, yaml_path = steady_table
     target = load_target(str(yaml_path))
     space = SearchSpace(tiny_base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,), head_dim=(16,),
                         mlp=(64, 96, 128), min_layers=2, formats=("fp32", "w4g32a8"),

@@ -15,13 +15,13 @@ SPACE = "hidden: [32, 64]\nheads_per_group: [2]\nmlp: [64, 128]\nmin_layers: 2\n
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llama_dir, tiny_base, tiny_table, tmp_path_factory):
+def setup(tiny_llama_dir, tiny_base, steady_table, tmp_path_factory):
     d = tmp_path_factory.mktemp("compress")
     mp = pytest.MonkeyPatch()
     mp.setenv("LLMSHRINK_HOME", str(d / "home"))  # self-sampled calibration text is cached there, not in ~
     space_yaml = d / "space.yaml"
     space_yaml.write_text(SPACE)
-    table, target_yaml = tiny_table
+    table, target_yaml = steady_table
     target = load_target(str(target_yaml))
     space = load_space(space_yaml, tiny_base, target.formats)
     fastest, _ = fastest_reachable(space, target, target.default_workload, table)
@@ -42,7 +42,7 @@ def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup):
     (c,) = res.record.candidates
     assert c.predicted_ms <= cfg.budgets_ms[0]
     m = load_manifest(d / "run" / c.bundle)
-    assert m.target == "tiny-cpu" and m.predicted_latency_ms == pytest.approx(c.predicted_ms)
+    assert m.target == "steady-cpu" and m.predicted_latency_ms == pytest.approx(c.predicted_ms)
     assert c.measured_ms is not None and m.measured and m.validation  # cpu: measured here
     assert set(c.seconds) == {"teacher", "search", "fit", "recovery", "export", "measure", "quality"}
     (key,) = [k for k in m.quality if k.startswith("ppl:held-out self-generated text")]
