@@ -31,16 +31,21 @@ def test_kd_loss_is_zero_for_the_teacher_and_positive_otherwise():
     assert float(kd_loss(torch.randn(2, 5, 11), t)) > 0
 
 
-def test_a_tight_budget_pulls_expected_latency_down(tiny_hf, tiny_base, tiny_table, calib):
-    table, _ = tiny_table
+def test_a_tight_budget_pulls_expected_latency_down(tiny_hf, tiny_base, steady_table, calib):
+    table, yaml_path = steady_table  # the per-session tiny table can rank subnets wrongly (see conftest)
+    from llmshrink.compressor.budget import fastest_reachable
+    from llmshrink.targets import load_target
     from llmshrink.targets.workload import Workload
 
     wl = Workload("decode", 1, 16)
     net = Supernet(tiny_hf, _space(tiny_base))
     start = net.expected_latency(table, wl, net.probs()).item()
-    res = run_search(net, tiny_hf, calib, table=table, workload=wl, budget_ms=0.5 * start,
+    fastest, _ = fastest_reachable(net.space, load_target(str(yaml_path)), wl, table)
+    assert fastest < start
+    res = run_search(net, tiny_hf, calib, table=table, workload=wl, budget_ms=fastest,
                      config=_cfg(steps=12, lambda_latency=50.0))
-    assert res.history[-1].latency_ms < 0.8 * start
+    # at least half of the reachable way down (a tiny model's latency is mostly fixed overhead)
+    assert res.history[-1].latency_ms < start - 0.5 * (start - fastest)
     assert [h.step for h in res.history] == list(range(1, 13))
     assert all(h.settled <= h.decisions for h in res.history)
     loose = Supernet(tiny_hf, _space(tiny_base))

@@ -24,9 +24,14 @@ def test_export_with_a_target_records_its_prediction(tiny_target_bundle):
 
 
 def test_validate_passes_records_and_fails_a_tampered_prediction(tiny_target_bundle):
-    out, m = tiny_target_bundle
+    out, _ = tiny_target_bundle
+    # This checks the plumbing, not the table: the tiny table is fitted each session from a few sub-ms
+    # calls and once predicted 0.06 ms for a 0.25 ms bundle. So the promise is set from a measurement
+    # of the bundle made just now; the accuracy claim is benchmarks/latency_model.py's.
+    floor = api.bench(out, [load_manifest(out).workload], runs=10, record=False)[0].reference_ms
+    update_manifest(out, predicted_latency_ms=floor)
+    m = load_manifest(out)
     runner = CliRunner()
-    # generous tolerance: this checks the plumbing; the 10% claim is benchmarks/latency_model.py's
     res = runner.invoke(cli, ["validate", str(out), "--tolerance", "300%", "--runs", "10", "--json"])
     assert res.exit_code == 0, res.output
     v = json.loads(res.output)
