@@ -51,7 +51,8 @@ def main() -> None:
     hf = load_model(args.model).float().eval()
     base = BaseShape.from_config(hf.config)
     space = default_space(base, target.formats, search_formats=target.search_formats)
-    cfg = SearchConfig(batch_size=args.batch, seq_len=args.seq)
+    # the expected (soft) network of the paper: a hard-sampled step weights one candidate per decision
+    cfg = SearchConfig(batch_size=args.batch, seq_len=args.seq, sampling="soft")
     gen = torch.Generator().manual_seed(args.seed)
     vocab = hf.config.vocab_size
     nets = {"vectorized masks": Supernet(hf, space), "per-candidate loop": Supernet(hf, space, vectorized=False)}

@@ -108,6 +108,80 @@ def _moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, str, Sub
                         replace(ls, precision={**ls.precision, name: f}))
 
 
+def _larger(values: tuple, current) -> object | None:
+    i = values.index(current) if current in values else None
+    return values[i + 1] if i is not None and i + 1 < len(values) else None
+
+
+def up_moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, SubnetSpec]]:
+    """Every single step up from ``spec`` within ``space``: one notch wider, a dropped block back (in the
+    shape it was extracted with), another format (the caller keeps those that cost time)."""
+    h = _larger(space.hidden, spec.hidden_size)
+    if h:
+        yield f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
+    for f in space.lm_head_formats:
+        if f != spec.lm_head:
+            yield f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
+    for i, ls in enumerate(spec.layers):
+        def at(new, i=i):
+            layers = list(spec.layers)
+            layers[i] = new
+            return replace(spec, layers=tuple(layers))
+
+        if not ls.keep:
+            yield f"keep block {i}", at(replace(ls, keep=True))
+            continue
+        m = _larger(space.mlp, ls.intermediate_size)
+        if m:
+            yield f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
+        per = ls.num_heads // ls.num_kv_heads
+        g = _larger(space.kv_groups, ls.num_kv_heads)
+        if g:
+            yield f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g, num_heads=g * per))
+        r = _larger(space.heads_per_group, per)
+        if r:
+            yield f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
+        for name in LINEARS:
+            for f in space.formats:
+                if f != ls.precision[name]:
+                    yield f"layer {i} {name} {ls.precision[name]}->{f}", at(
+                        replace(ls, precision={**ls.precision, name: f}))
+
+
+def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
+                   preference: Callable[[SubnetSpec], float], max_moves: int = 500
+                   ) -> tuple[SubnetSpec, list[Move]]:
+    """Spend what ``spec`` leaves of ``budget_ms``: add capacity back while the table predicts it fits.
+
+    A search overshoots (its penalty acts only above the budget, and annealing sharpens the choices
+    after the multiplier has pushed them), and the most probable subnet can land well under the budget
+    — time the user gave and quality left on the table. Each step takes the step up (see
+    :func:`up_moves`) that fits and loses the least ``preference`` per millisecond it costs (gains
+    first); it stops when none fits. ``Move.cost`` is the preference lost (negative: gained).
+    """
+    taken: list[Move] = []
+    current = predict(spec, target, workload, table=table).total_ms
+    pref = preference(spec)
+    while len(taken) < max_moves:
+        best: Move | None = None
+        best_rate = float("inf")
+        for what, new in up_moves(spec, space):
+            ms = predict(new, target, workload, table=table).total_ms
+            added = ms - current
+            if added <= 1e-9 or ms > budget_ms:
+                continue
+            cost = pref - preference(new)
+            rate = cost / added
+            if rate < best_rate:
+                best, best_rate = Move(what, new, ms, cost), rate
+        if best is None:
+            break
+        taken.append(best)
+        spec, current = best.spec, best.latency_ms
+        pref = preference(spec)
+    return spec, taken
+
+
 def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
                   preference: Callable[[SubnetSpec], float] | None = None, kinds: tuple[str, ...] = MOVE_KINDS,
                   max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:

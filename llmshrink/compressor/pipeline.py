@@ -8,6 +8,12 @@ One run directory holds everything (see :mod:`llmshrink.rundir`)::
     RUN_DIR/candidates/<budget>/    the bundle for each budget
     RUN_DIR/run.json, report.md, pareto.png
 
+Extraction (joint): the most probable subnet, brought under the budget by
+the cheapest steps down if it lands above (``fit_to_budget``), then given
+back what it leaves of the budget by the steps up the search's logits mind
+least (``grow_to_budget``): searches overshoot, and unspent milliseconds are
+quality thrown away.
+
 Budgets are checked against the fastest subnet the space reaches before any
 weights load (exit 3). A killed run continues with ``resume=True``: finished
 phases are read back from their files, an interrupted search continues from
@@ -29,6 +35,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +213,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         UsageError: bad input, or ``out`` holds another run (or nothing to resume).
     """
     from llmshrink.api import export_compressed, validate
-    from llmshrink.compressor.budget import check_budget, fit_to_budget
+    from llmshrink.compressor.budget import check_budget, fit_to_budget, grow_to_budget
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
     from llmshrink.compressor.search import run_search
@@ -291,6 +298,9 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
         if config.strategy == "joint":
             spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+            spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
+                                         preference=partial(net.log_prob, alive_only=False))
+            moves = moves + grown
         else:
             from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
 

@@ -9,8 +9,24 @@ batch from the other half, with separate Adam optimizers:
   + ``λ_par · max(0, E[params]/params_budget − 1)``, ``E[latency]`` from the
   target's latency table through the same predictor ``validate`` uses.
 
-The softmax temperature anneals geometrically from ``tau_start`` to
-``tau_end``. Every ``settle_every`` steps, decisions whose normalized
+The architecture step is a Lagrangian one: plain SGD (with momentum) keeps
+the gradients' sizes, so each decision moves as much as its KD cost and its
+latency saving say — at the fixed point the KD cost per millisecond saved is
+the same λ for every decision. (Adam divides each logit's gradient by its
+own scale: the latency term, the only one with a steady sign, then pushed
+every decision toward its cheapest candidate at the same rate, and a
+SmolLM2 search ended at hidden 320 with one head in many layers.) λ_lat is
+a multiplier raised by dual ascent, ``λ ← λ · exp(η · (E[lat]/budget − 1))``
+(``lambda_lr`` = η), until the budget is met, so no λ needs tuning per model.
+
+With ``sampling="hard"`` (the default) each forward runs one subnet drawn
+from the tempered distribution with straight-through Gumbel-softmax
+gradients (:meth:`Supernet.sample`), while the penalties read the
+expectation over that distribution; ``"soft"`` runs the expected network
+(soft masks everywhere, optionally Gumbel-perturbed). A fresh search starts
+every block's keep logit at ``keep_prior`` plus its block influence
+(:meth:`Supernet.init_keep_logits`). The softmax temperature anneals
+geometrically from ``tau_start`` to ``tau_end``. Every ``settle_every`` steps, decisions whose normalized
 entropy at the current temperature is below ``entropy_threshold`` are frozen
 (:meth:`Supernet.settle`).
 The first ``warmup_steps`` update weights only.
@@ -24,6 +40,7 @@ continues from it, so a killed search loses at most that many steps.
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +55,7 @@ from llmshrink.errors import UsageError
 from llmshrink.progress import NULL_PROGRESS, Progress
 
 CHECKPOINT = "search.ckpt"
+SAMPLINGS = ("hard", "soft")
 
 
 @serde.serializable("SearchConfig")
@@ -49,10 +67,15 @@ class SearchConfig:
     batch_size: int = 4
     seq_len: int = 128
     weight_lr: float = 1e-5
-    arch_lr: float = 0.05
+    arch_optimizer: str = "sgd"  # "sgd" (Lagrangian: gradient sizes kept) or "adam"
+    arch_lr: float = 0.5
+    lambda_lr: float = 0.3  # dual ascent on λ_lat (0: fixed λ)
+    width_prior: float = 2.0  # initial logit of a width: width_prior * width / widest (see init_width_logits)
     tau_start: float = 1.0
     tau_end: float = 0.2
-    gumbel: bool = False
+    sampling: str = "hard"  # "hard": one sampled subnet per forward (straight-through); "soft": expected network
+    gumbel: bool = False  # soft sampling only: perturb the logits with Gumbel noise
+    keep_prior: float = 1.5  # initial keep logit (p(keep) = 0.82) before block influence; see init_keep_logits
     lambda_latency: float = 4.0
     lambda_params: float = 4.0
     entropy_threshold: float = 0.2
@@ -69,6 +92,10 @@ class SearchConfig:
             # a checkpoint is taken right after a refresh, so a resumed search quantizes like an unbroken one
             raise UsageError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of requant_every "
                              f"({self.requant_every}).")
+        if self.arch_optimizer not in ("sgd", "adam"):
+            raise UsageError(f"Unknown arch_optimizer {self.arch_optimizer!r}; choose sgd or adam.")
+        if self.sampling not in SAMPLINGS:
+            raise UsageError(f"Unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}.")
 
     def tau(self, step: int) -> float:
         if self.steps <= 1:
@@ -90,6 +117,7 @@ class StepLog:
     settled: int
     decisions: int
     seconds: float
+    lambda_latency: float = 0.0  # the multiplier this step used
 
 
 @dataclass
@@ -118,7 +146,7 @@ def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generat
 def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor, opt_w, opt_a,
                cfg: SearchConfig, *, tau: float, generator: torch.Generator, table, workload, budget_ms: float,
                params_budget: float | None = None, update_arch: bool = True,
-               targets: tuple[torch.Tensor, torch.Tensor] | None = None):
+               targets: tuple[torch.Tensor, torch.Tensor] | None = None, lambda_latency: float | None = None):
     """One search step: a weight update (KD) on ``ids_w``, then an architecture update (KD + penalties)
     on ``ids_a``. ``targets`` are the teacher's logits (or log-probabilities) for the two batches when
     already known (:class:`~.teacher.TeacherTargets`); otherwise ``teacher`` computes them.
@@ -127,19 +155,24 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
         with torch.no_grad():
             targets = (teacher(input_ids=ids_w, use_cache=False).logits,
                        teacher(input_ids=ids_a, use_cache=False).logits)
+    def draw():
+        return net.sample(tau, generator) if cfg.sampling == "hard" else net.probs(tau, cfg.gumbel, generator)
+
     target = targets[0]
-    pr = net.probs(tau, cfg.gumbel, generator)
-    loss_w = kd_loss(net(ids_w, pr), target, cfg.kd_temperature)
+    loss_w = kd_loss(net(ids_w, draw()), target, cfg.kd_temperature)
     opt_w.zero_grad(set_to_none=True)
     opt_a.zero_grad(set_to_none=True)
     loss_w.backward()
     opt_w.step()
     target = targets[1]
-    pr = net.probs(tau, cfg.gumbel, generator)
+    pr = draw()
     kd = kd_loss(net(ids_a, pr), target, cfg.kd_temperature)
+    if cfg.sampling == "hard":
+        pr = net.probs(tau)  # the penalties read the expectation over the distribution the samples come from
     lat = net.expected_latency(table, workload, pr)
     params = net.expected_params(pr)
-    penalty = cfg.lambda_latency * torch.relu(lat / budget_ms - 1)
+    lam = cfg.lambda_latency if lambda_latency is None else lambda_latency
+    penalty = lam * torch.relu(lat / budget_ms - 1)
     if params_budget:
         penalty = penalty + cfg.lambda_params * torch.relu(params / params_budget - 1)
     if update_arch:
@@ -150,10 +183,19 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
     return kd, lat, params, penalty
 
 
+def _next_lambda(cfg: SearchConfig, lam: float, step: int, latency_ms: float, budget_ms: float) -> float:
+    """Dual ascent on the latency multiplier after ``step``: up while over budget, down while under."""
+    if step < cfg.warmup_steps or not cfg.lambda_lr:
+        return lam
+    return min(max(lam * math.exp(cfg.lambda_lr * (latency_ms / budget_ms - 1)), 1e-3), 1e4)
+
+
 def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Separate Adam optimizers for weights and architecture logits (multi-tensor: one kernel per op)."""
-    return (torch.optim.Adam(net.weight_parameters(), lr=cfg.weight_lr, foreach=True),
-            torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr, foreach=True))
+    """Separate optimizers: Adam for weights, ``cfg.arch_optimizer`` for architecture logits (see module
+    docstring for why SGD)."""
+    arch = (torch.optim.SGD(net.arch_parameters(), lr=cfg.arch_lr, momentum=0.9, foreach=True)
+            if cfg.arch_optimizer == "sgd" else torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr, foreach=True))
+    return torch.optim.Adam(net.weight_parameters(), lr=cfg.weight_lr, foreach=True), arch
 
 
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
@@ -201,6 +243,13 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         gen.set_state(state["gen"])
         history = [StepLog(**h) for h in state["history"]]
         start = resumed = state["step"]
+    else:
+        net.init_width_logits(cfg.width_prior)
+        if net.space.depth_search:
+            net.init_keep_logits(cfg.keep_prior)
+    lam = cfg.lambda_latency
+    if history and history[-1].lambda_latency:  # resumed: the multiplier after the last logged step
+        lam = _next_lambda(cfg, history[-1].lambda_latency, start - 1, history[-1].latency_ms, budget_ms)
     net.refresh_quant()
     stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     with progress.task("Search" if stop == cfg.steps else "Search warm-up (shared by the budgets)",
@@ -213,14 +262,16 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             kd, lat, params, penalty = train_step(
                 net, teacher, halves[0][rows[0]], halves[1][rows[1]], opt_w, opt_a, cfg, tau=tau, generator=gen,
                 table=table, workload=workload, budget_ms=budget_ms, params_budget=params_budget,
-                update_arch=step >= cfg.warmup_steps, targets=(half_targets[0][rows[0]], half_targets[1][rows[1]]))
+                update_arch=step >= cfg.warmup_steps, targets=(half_targets[0][rows[0]], half_targets[1][rows[1]]),
+                lambda_latency=lam)
+            used, lam = lam, _next_lambda(cfg, lam, step, lat.item(), budget_ms)
             if (step + 1) % cfg.requant_every == 0:
                 net.refresh_quant()
             if (step + 1) % cfg.settle_every == 0 and step >= cfg.warmup_steps:
                 net.settle(cfg.entropy_threshold, cfg.prune_floor, tau)
             n_settled, n_total = net.settled()
             log = StepLog(step + 1, kd.item(), lat.item(), params.item(), penalty.item(), tau, n_settled, n_total,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, used)
             history.append(log)
             task.advance(1, info=f"kd {log.kd:.3f} · E[lat] {log.latency_ms:.2f}/{budget_ms:.2f} ms · "
                                  f"settled {n_settled}/{n_total}")

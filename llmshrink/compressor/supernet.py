@@ -211,6 +211,47 @@ class Supernet(nn.Module):
             out[k] = (logits / tau).masked_fill(~self.alive(k), float("-inf")).softmax(-1)
         return Probs(**out)
 
+    def sample(self, tau: float, generator: torch.Generator) -> Probs:
+        """One subnet drawn from ``softmax(logits / tau)`` (Gumbel-max), as one-hot "probabilities" whose
+        gradient is the relaxed sample's (straight-through Gumbel-softmax, as GDAS does).
+
+        The forward then runs a real subnet — a block is in or out, a linear has one format — so the KD
+        loss sees what extraction will ship; with expected (soft) masks a block at p(keep) = 0.5 adds
+        half its output, the loss barely tells keeping from dropping, and the argmax flips undecided
+        blocks at extraction. Sampling from the tempered distribution makes the draws settle as the
+        temperature anneals."""
+        out = {}
+        for k, a in self.alpha.items():
+            u = torch.rand(a.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+            z = (a / tau - torch.log(-torch.log(u))).masked_fill(~self.alive(k), float("-inf"))
+            soft = z.softmax(-1)
+            hard = F.one_hot(z.argmax(-1), a.shape[-1]).to(soft.dtype)
+            out[k] = hard - soft.detach() + soft
+        return Probs(**out)
+
+    def init_width_logits(self, prior: float) -> None:
+        """Start every width decision (hidden, kv groups, heads per group, MLP) at logits
+        ``prior * width / widest``: the full width most probable, each narrower one less so. A
+        decision the search leaves undecided is then extracted at the pretrained width, not at
+        whichever candidate a tie happens to put first."""
+        with torch.no_grad():
+            for k in WIDTHS:
+                c = getattr(self, f"cands_{k}").float()
+                self.alpha[k].copy_((prior * c / c.max()).expand_as(self.alpha[k]))
+
+    def init_keep_logits(self, prior: float) -> None:
+        """Start each block's keep-vs-drop logit at ``prior`` (p(keep) = sigmoid(prior)) plus its
+        log block influence relative to the median block's, clipped to ±1 (:mod:`.importance`;
+        ShortGPT's measure), so a search starts from "keep everything, the redundant middle blocks
+        least surely" instead of a coin flip per block."""
+        with torch.no_grad():
+            bonus = torch.zeros(self.base.num_layers)
+            if self.importance is not None:
+                b = torch.as_tensor(self.importance.blocks, dtype=torch.float32).clamp_min(1e-6)
+                bonus = (b / b.median()).log().clamp(-1.0, 1.0)
+            self.alpha["keep"].zero_()
+            self.alpha["keep"][:, 1] = prior + bonus
+
     # --------------------------------------------------------------- forward
     def _top(self, name: str, row: int | None = None) -> int:
         """The widest alive candidate (compute never goes beyond it)."""
@@ -448,12 +489,13 @@ class Supernet(nn.Module):
         return total + self.base.vocab_size * h * p_own
 
     # -------------------------------------------------------------- extract
-    def log_prob(self, spec: SubnetSpec) -> float:
+    def log_prob(self, spec: SubnetSpec, *, alive_only: bool = True) -> float:
         """Log-probability of ``spec``'s choices under the current logits (a dropped block's widths and
-        formats do not count); -inf for a choice outside the space or no longer alive."""
+        formats do not count); -inf for a choice outside the space or (with ``alive_only``) no longer
+        alive. ``alive_only=False`` scores pruned candidates by the logits they had when pruned."""
         s = self.space
         with torch.no_grad():
-            pr = self.probs()
+            pr = self.probs() if alive_only else Probs(**{k: a.softmax(-1) for k, a in self.alpha.items()})
 
             def lp(p: torch.Tensor, values, v) -> float:
                 return math.log(max(float(p[values.index(v)]), 0.0)) if v in values and p[values.index(v)] > 0 \

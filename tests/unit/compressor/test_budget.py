@@ -1,6 +1,13 @@
 import pytest
 
-from llmshrink.compressor.budget import check_budget, fastest_reachable, fit_to_budget, moves
+from llmshrink.compressor.budget import (
+    check_budget,
+    fastest_reachable,
+    fit_to_budget,
+    grow_to_budget,
+    moves,
+    up_moves,
+)
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.errors import InfeasibleBudgetError
 from llmshrink.spec import SubnetSpec
@@ -57,3 +64,24 @@ def test_a_budget_below_the_fastest_subnet_is_refused_with_the_floor(setup):
     assert e.value.exit_code == 3
     with pytest.raises(InfeasibleBudgetError):
         fit_to_budget(SubnetSpec.original(space.base), space, target, wl, table, fastest * 0.5)
+
+
+def test_grow_to_budget_spends_what_is_left_and_follows_the_preference(setup):
+    space, target, wl, table = setup
+    fastest, small = fastest_reachable(space, target, wl, table)
+    top = predict(space.largest("fp32"), target, wl, table=table).total_ms
+    budget = fastest + 0.5 * (top - fastest)
+    grown, taken = grow_to_budget(small, space, target, wl, table, budget, preference=lambda s: 0.0)
+    ms = predict(grown, target, wl, table=table).total_ms
+    assert taken and fastest < ms <= budget and taken[-1].latency_ms == pytest.approx(ms)
+    # maximal: no single step up still fits
+    assert all(predict(new, target, wl, table=table).total_ms > budget or
+               predict(new, target, wl, table=table).total_ms <= ms + 1e-9 for _, new in up_moves(grown, space))
+    # a preference against blocks: capacity goes to widths and bits first
+    few_blocks = lambda s: -1000.0 * len(s.kept_layers())  # noqa: E731
+    grown2, taken2 = grow_to_budget(small, space, target, wl, table, budget, preference=few_blocks)
+    assert len(grown2.kept_layers()) == len(small.kept_layers()) and not any("keep block" in m.what for m in taken2)
+    assert predict(grown2, target, wl, table=table).total_ms <= budget
+    # nothing to spend: unchanged
+    same, none = grow_to_budget(grown, space, target, wl, table, ms, preference=lambda s: 0.0)
+    assert same == grown and none == []

@@ -46,6 +46,9 @@ def test_a_tight_budget_pulls_expected_latency_down(tiny_hf, tiny_base, steady_t
                      config=_cfg(steps=12, lambda_latency=50.0))
     # at least half of the reachable way down (a tiny model's latency is mostly fixed overhead)
     assert res.history[-1].latency_ms < start - 0.5 * (start - fastest)
+    # dual ascent: the multiplier grows while the expectation is over budget, shrinks while under
+    for a, b in zip(res.history[1:-1], res.history[2:], strict=True):
+        assert (b.lambda_latency > a.lambda_latency) == (a.latency_ms > fastest), (a, b)
     assert [h.step for h in res.history] == list(range(1, 13))
     assert all(h.settled <= h.decisions for h in res.history)
     loose = Supernet(tiny_hf, _space(tiny_base))

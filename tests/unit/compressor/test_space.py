@@ -18,9 +18,10 @@ def test_default_space_for_smollm2_builds_every_extreme():
     assert "w4g128a8" not in space.formats and "w4g64a8" in space.formats
     step = grid_step(space.formats)
     assert step == 64 and grid_step(("fp32", "w8a8")) == 1
-    assert space.hidden[-1] == 576 and space.mlp[-1] == 1536
-    assert all(h % step == 0 for h in space.hidden + space.mlp)
-    assert space.hidden[0] >= 288 and space.mlp[0] >= 384
+    assert space.hidden == (576,) and space.mlp[-1] == 1536  # the residual width is not searched by default
+    assert all(m % step == 0 for m in space.mlp) and space.mlp[0] >= 384
+    wide = default_space(SMOL, CPU, hidden_frac=0.5).hidden
+    assert wide[-1] == 576 and wide[0] >= 288 and len(wide) > 2 and all(h % step == 0 for h in wide)
     assert space.kv_groups == (1, 2, 3) and space.heads_per_group == (1, 2, 3)
     assert space.min_layers == 18 and space.depth_search
     for fmt in space.formats:

@@ -174,3 +174,48 @@ def test_settling_judges_the_tempered_distribution_the_forward_uses(tiny_hf, tin
     assert net.settle(threshold=0.2, tau=1.0) == 0 and int(net.alive("mlp")[0].sum()) == 3
     assert net.entropies(0.2)["mlp"][0] < 0.2 < net.entropies(1.0)["mlp"][0]
     assert net.settle(threshold=0.2, tau=0.2) == 1 and net._top("mlp", 0) == int(net.cands_mlp[0])
+
+
+def test_a_sample_is_one_subnet_drawn_from_the_tempered_distribution_with_soft_gradients(tiny_hf, tiny_base):
+    net = Supernet(tiny_hf, _space(tiny_base))
+    with torch.no_grad():
+        net.alpha["mlp"][0] = torch.tensor([0.0, 1.0, 2.0])
+    net.alive("mlp")[1, 2] = False  # a pruned candidate is never drawn
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draws = [net.sample(0.5, gen) for _ in range(800)]
+    for name in ("hidden", "keep", "mlp", "prec", "lm_head"):
+        v = getattr(draws[0], name).detach()
+        assert torch.equal(v.sum(-1), torch.ones(v.shape[:-1])) and set(v.unique().tolist()) <= {0.0, 1.0}, name
+    freq = torch.stack([d.mlp[0].detach() for d in draws]).mean(0)
+    torch.testing.assert_close(freq, net.probs(0.5).mlp[0].detach(), atol=0.05, rtol=0)  # softmax(alpha / tau)
+    assert all(float(d.mlp[1, 2]) == 0 for d in draws)
+    # straight-through: the logits get the relaxed sample's gradient
+    d = net.sample(0.5, gen)
+    (d.mlp[0] * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert net.alpha["mlp"].grad[0].abs().sum() > 0
+
+
+def test_keep_logits_start_confident_and_ordered_by_block_influence(tiny_hf, tiny_base, ids):
+    imp = measure_importance(tiny_hf, [ids])
+    net = Supernet(tiny_hf, _space(tiny_base), imp)
+    net.init_keep_logits(1.5)
+    p = net.probs().keep[:, 1].detach()
+    b = torch.as_tensor(imp.blocks, dtype=torch.float32)
+    more = b[:, None] > b[None, :]
+    assert bool((p[:, None] >= p[None, :])[more].all()) and p.max() > p.min()  # more influence, surer keep
+    assert bool(((p > 0.5) & (p < 0.93)).all())  # confident, never settled by the prior alone
+    plain = Supernet(tiny_hf, _space(tiny_base))
+    plain.init_keep_logits(1.5)
+    torch.testing.assert_close(plain.probs().keep[:, 1].detach(), torch.full((tiny_base.num_layers,), 0.8176),
+                               atol=1e-4, rtol=0)
+
+
+def test_a_fresh_search_extracts_the_pretrained_widths_until_it_learns_otherwise(tiny_hf, tiny_base):
+    net = Supernet(tiny_hf, _space(tiny_base))
+    assert net.argmax_spec().layers[0].intermediate_size == 64  # zero logits: a tie goes to the first (narrowest)
+    net.init_width_logits(2.0)
+    spec, widest = net.argmax_spec(), net.space.largest(net.space.formats[0])
+    assert spec.hidden_size == widest.hidden_size
+    assert [(ls.num_heads, ls.num_kv_heads, ls.intermediate_size) for ls in spec.layers] == \
+        [(ls.num_heads, ls.num_kv_heads, ls.intermediate_size) for ls in widest.layers]
