@@ -36,6 +36,7 @@ prediction reports it — never silently.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import json
@@ -399,6 +400,19 @@ def _profiled(name: str) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _parse(data: bytes, name: str):
+    """The table in ``data`` — cached by content: tables are frozen, and parsing and fitting the shipped
+    cpu table took seconds per call (every ``predict`` without ``table=``, every CLI step)."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    try:
+        raw = json.loads(data)
+    except ValueError as e:
+        raise UsageError(f"{name} is not a latency table (not JSON: {e}).") from None
+    return serde.from_dict(raw) if isinstance(raw, dict) and "_type" in raw else raw
+
+
 def load_table(path_or_name: str | Path) -> LatencyTable:
     """A table from a JSON (or ``.json.gz``) file, or by name: the one ``targets profile`` wrote on
     this machine (:func:`profiled_table_path`), else the built-in ``targets/tables/NAME.json.gz``.
@@ -420,13 +434,7 @@ def load_table(path_or_name: str | Path) -> LatencyTable:
             raise UsageError(f"No built-in latency table {str(path_or_name)!r}.",
                              "Give a table JSON written by `llmshrink targets profile`, or a built-in table name.")
         data = res.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    try:
-        raw = json.loads(data)
-    except ValueError as e:
-        raise UsageError(f"{path_or_name} is not a latency table (not JSON: {e}).") from None
-    table = serde.from_dict(raw) if isinstance(raw, dict) and "_type" in raw else raw
+    table = _parse(data, str(path_or_name))
     if not isinstance(table, LatencyTable):
         raise UsageError(f"{path_or_name} holds a {type(table).__name__}, not a LatencyTable.")
     if table.format_version != TABLE_FORMAT:
