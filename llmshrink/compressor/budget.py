@@ -11,6 +11,7 @@ before any work (exit code 3).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -200,16 +201,18 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
     pref = preference(spec) if preference else 0.0
     while current > budget_ms:
         best: Move | None = None
-        best_rate = float("inf")
+        best_key = (2, 0.0)
         for what, new in moves(spec, space, kinds):
             ms = predict(new, target, workload, table=table).total_ms
             saved = current - ms
             if saved <= 1e-9:
                 continue
             cost = (pref - preference(new)) if preference else 0.0
-            rate = cost / saved if preference else -saved
-            if rate < best_rate:
-                best, best_rate = Move(what, new, ms, cost), rate
+            # a move the preference rules out (cost inf: a candidate the search pruned) only as a last
+            # resort, the largest saving first; a search that settled everything wide must still fit
+            key = (1, -saved) if not math.isfinite(cost) else (0, cost / saved if preference else -saved)
+            if key < best_key:
+                best, best_key = Move(what, new, ms, cost), key
         if best is None or len(taken) >= max_moves:
             raise InfeasibleBudgetError(
                 f"Could not bring the subnet under {budget_ms:.2f} ms: it stays at {current:.2f} ms "

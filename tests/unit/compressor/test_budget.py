@@ -85,3 +85,15 @@ def test_grow_to_budget_spends_what_is_left_and_follows_the_preference(setup):
     # nothing to spend: unchanged
     same, none = grow_to_budget(grown, space, target, wl, table, ms, preference=lambda s: 0.0)
     assert same == grown and none == []
+
+
+def test_fit_to_budget_takes_a_ruled_out_move_only_when_nothing_else_fits(setup):
+    space, target, wl, table = setup
+    spec = space.largest("fp32")
+    top = predict(spec, target, wl, table=table).total_ms
+    fastest, _ = fastest_reachable(space, target, wl, table)
+    budget = fastest + 0.5 * (top - fastest)
+    # the search pruned every narrower candidate: each move is -inf to it (Supernet.log_prob)
+    only_start = lambda s: 0.0 if s == spec else float("-inf")  # noqa: E731
+    fitted, taken = fit_to_budget(spec, space, target, wl, table, budget, preference=only_start)
+    assert predict(fitted, target, wl, table=table).total_ms <= budget and taken
