@@ -57,9 +57,12 @@ def check_budget(space: SearchSpace, target, workload, table, budget_ms: float) 
     return fastest
 
 
-def _smaller(values: tuple, current) -> object | None:
-    i = values.index(current) if current in values else None
-    return values[i - 1] if i else None
+def _neighbour(values: tuple, current, step: int) -> object | None:
+    """The candidate ``step`` (-1: next smaller, +1: next larger) from ``current`` in sorted ``values``."""
+    if current not in values:
+        return None
+    j = values.index(current) + step
+    return values[j] if 0 <= j < len(values) else None
 
 
 MOVE_KINDS = ("width", "depth", "precision")
@@ -68,61 +71,29 @@ MOVE_KINDS = ("width", "depth", "precision")
 def moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KINDS
           ) -> Iterator[tuple[str, SubnetSpec]]:
     """Every single step down from ``spec`` within ``space``, of the given kinds."""
-    for kind, what, new in _moves(spec, space):
+    for kind, what, new in _steps(spec, space, -1):
         if kind in kinds:
             yield what, new
-
-
-def _moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, str, SubnetSpec]]:
-    h = _smaller(space.hidden, spec.hidden_size)
-    if h:
-        yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
-    for f in space.lm_head_formats:
-        if f != spec.lm_head:
-            yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
-    kept = spec.kept_layers()
-    for i in kept:
-        ls = spec.layers[i]
-
-        def at(new, i=i):
-            layers = list(spec.layers)
-            layers[i] = new
-            return replace(spec, layers=tuple(layers))
-
-        if len(kept) > space.min_layers:
-            yield "depth", f"drop block {i}", at(replace(ls, keep=False))
-        m = _smaller(space.mlp, ls.intermediate_size)
-        if m:
-            yield "width", f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
-        per = ls.num_heads // ls.num_kv_heads
-        g = _smaller(space.kv_groups, ls.num_kv_heads)
-        if g:
-            yield "width", f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g,
-                                                                                     num_heads=g * per))
-        r = _smaller(space.heads_per_group, per)
-        if r:
-            yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
-        for name in LINEARS:
-            for f in space.formats:
-                if f != ls.precision[name]:
-                    yield "precision", f"layer {i} {name} {ls.precision[name]}->{f}", at(
-                        replace(ls, precision={**ls.precision, name: f}))
-
-
-def _larger(values: tuple, current) -> object | None:
-    i = values.index(current) if current in values else None
-    return values[i + 1] if i is not None and i + 1 < len(values) else None
 
 
 def up_moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, SubnetSpec]]:
     """Every single step up from ``spec`` within ``space``: one notch wider, a dropped block back (in the
     shape it was extracted with), another format (the caller keeps those that cost time)."""
-    h = _larger(space.hidden, spec.hidden_size)
+    for _, what, new in _steps(spec, space, +1):
+        yield what, new
+
+
+def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[str, str, SubnetSpec]]:
+    """(kind, description, new spec) of every one-notch change of ``spec`` in direction ``step``: widths
+    one candidate narrower (-1) or wider (+1); a kept block dropped while ``min_layers`` allows (-1) or a
+    dropped block kept (+1); any other format for any linear or the lm_head (either direction)."""
+    h = _neighbour(space.hidden, spec.hidden_size, step)
     if h:
-        yield f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
+        yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
     for f in space.lm_head_formats:
         if f != spec.lm_head:
-            yield f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
+            yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
+    can_drop = len(spec.kept_layers()) > space.min_layers
     for i, ls in enumerate(spec.layers):
         def at(new, i=i):
             layers = list(spec.layers)
@@ -130,22 +101,26 @@ def up_moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, Subnet
             return replace(spec, layers=tuple(layers))
 
         if not ls.keep:
-            yield f"keep block {i}", at(replace(ls, keep=True))
+            if step > 0:
+                yield "depth", f"keep block {i}", at(replace(ls, keep=True))
             continue
-        m = _larger(space.mlp, ls.intermediate_size)
+        if step < 0 and can_drop:
+            yield "depth", f"drop block {i}", at(replace(ls, keep=False))
+        m = _neighbour(space.mlp, ls.intermediate_size, step)
         if m:
-            yield f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
+            yield "width", f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
         per = ls.num_heads // ls.num_kv_heads
-        g = _larger(space.kv_groups, ls.num_kv_heads)
+        g = _neighbour(space.kv_groups, ls.num_kv_heads, step)
         if g:
-            yield f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g, num_heads=g * per))
-        r = _larger(space.heads_per_group, per)
+            yield "width", f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g,
+                                                                                     num_heads=g * per))
+        r = _neighbour(space.heads_per_group, per, step)
         if r:
-            yield f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
+            yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
         for name in LINEARS:
             for f in space.formats:
                 if f != ls.precision[name]:
-                    yield f"layer {i} {name} {ls.precision[name]}->{f}", at(
+                    yield "precision", f"layer {i} {name} {ls.precision[name]}->{f}", at(
                         replace(ls, precision={**ls.precision, name: f}))
 
 

@@ -148,10 +148,7 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     cfg = config
     teacher.eval()
     calib = calib[:, : cfg.seq_len]
-    if targets is None:
-        targets = TeacherTargets(teacher, calib, batch_size=cfg.batch_size, progress=progress)
-    elif not torch.equal(targets.calib, calib):
-        raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
+    targets = TeacherTargets.reuse(targets, teacher, calib, batch_size=cfg.batch_size, progress=progress)
     student = _student(teacher, spec)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(LINEARS))
     qat_lora = _lora_linear_class()

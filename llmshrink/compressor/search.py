@@ -2,7 +2,8 @@
 
 Each step (DARTS-style, first order) makes one weight update on a batch from
 one half of the calibration sequences and one architecture update on a
-batch from the other half, with separate Adam optimizers:
+batch from the other half, with separate optimizers (Adam for weights, SGD
+for architecture logits: see below):
 
 - weights: KD loss only (forward KL from the original model's logits);
 - architecture: KD + ``λ_lat · max(0, E[latency]/budget − 1)``
@@ -24,10 +25,12 @@ from the tempered distribution with straight-through Gumbel-softmax
 gradients (:meth:`Supernet.sample`), while the penalties read the
 expectation over that distribution; ``"soft"`` runs the expected network
 (soft masks everywhere, optionally Gumbel-perturbed). A fresh search starts
-every block's keep logit at ``keep_prior`` plus its block influence
-(:meth:`Supernet.init_keep_logits`). The softmax temperature anneals
-geometrically from ``tau_start`` to ``tau_end``. Every ``settle_every`` steps, decisions whose normalized
-entropy at the current temperature is below ``entropy_threshold`` are frozen
+every width at the pretrained one (``width_prior``,
+:meth:`Supernet.init_width_logits`) and every block's keep logit at
+``keep_prior`` plus its block influence (:meth:`Supernet.init_keep_logits`).
+The softmax temperature anneals geometrically from ``tau_start`` to
+``tau_end``. Every ``settle_every`` steps, decisions whose normalized entropy
+at the current temperature is below ``entropy_threshold`` are frozen
 (:meth:`Supernet.settle`).
 The first ``warmup_steps`` update weights only.
 
@@ -155,6 +158,7 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
         with torch.no_grad():
             targets = (teacher(input_ids=ids_w, use_cache=False).logits,
                        teacher(input_ids=ids_a, use_cache=False).logits)
+
     def draw():
         return net.sample(tau, generator) if cfg.sampling == "hard" else net.probs(tau, cfg.gumbel, generator)
 
@@ -190,7 +194,7 @@ def _next_lambda(cfg: SearchConfig, lam: float, step: int, latency_ms: float, bu
     return min(max(lam * math.exp(cfg.lambda_lr * (latency_ms / budget_ms - 1)), 1e-3), 1e4)
 
 
-def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """Separate optimizers: Adam for weights, ``cfg.arch_optimizer`` for architecture logits (see module
     docstring for why SGD)."""
     arch = (torch.optim.SGD(net.arch_parameters(), lr=cfg.arch_lr, momentum=0.9, foreach=True)
@@ -219,10 +223,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         raise UsageError(f"The search needs at least {2 * cfg.batch_size} calibration sequences "
                          f"(two halves of batch {cfg.batch_size}); got {calib.shape[0]}.")
     calib = calib[:, : cfg.seq_len]
-    if targets is None:
-        targets = TeacherTargets(teacher, calib, batch_size=cfg.batch_size, progress=progress)
-    elif not torch.equal(targets.calib, calib):
-        raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
+    targets = TeacherTargets.reuse(targets, teacher, calib, batch_size=cfg.batch_size, progress=progress)
     halves = calib[0::2], calib[1::2]  # weights / architecture, disjoint
     half_targets = targets.take(slice(0, None, 2)), targets.take(slice(1, None, 2))
     opt_w, opt_a = optimizers(net, cfg)

@@ -20,6 +20,11 @@ their softmax (optionally Gumbel-perturbed, with a temperature):
   stacked tensor and the sum one ``einsum``. Int8 activations (``a8``
   formats) enter the same way, weighted by the probability of an a8 format.
 
+:meth:`Supernet.sample` gives the same forward a one-hot draw instead of
+the probabilities (straight-through Gumbel-softmax): one real subnet runs,
+through the same masks and expected weights, and the logits get the relaxed
+sample's gradient.
+
 Search-time fake quantization uses the absmax scale per group (cheap enough
 for every step); the exported model uses the clipped scales of
 :mod:`.quant`, and groups there run over kept channels in base order, so

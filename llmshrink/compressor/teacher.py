@@ -43,6 +43,20 @@ class TeacherTargets:
                 self.logp[i:i + len(ids)] = F.log_softmax(logits, -1).half()
                 task.advance(len(ids))
 
+    @classmethod
+    def reuse(cls, targets: TeacherTargets | None, teacher, calib: torch.Tensor, *, batch_size: int = 4,
+              progress: Progress = NULL_PROGRESS) -> TeacherTargets:
+        """``targets`` if given (they must be for exactly ``calib``), else computed now for ``calib``.
+
+        Raises:
+            ValueError: ``targets`` were computed for other sequences.
+        """
+        if targets is None:
+            return cls(teacher, calib, batch_size=batch_size, progress=progress)
+        if not torch.equal(targets.calib, calib):
+            raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
+        return targets
+
     def __len__(self) -> int:
         return len(self.calib)
 
