@@ -48,8 +48,8 @@ def parse_count(text: str) -> float:
 @click.option("--workload", default=None, help="What latency means, e.g. decode:ctx=256 (default: the target's).")
 @click.option("--space", "space_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Search-space YAML overriding the default candidates (see docs: hidden, mlp, formats, ...).")
-@click.option("--steps", default=None, type=click.IntRange(1), help="Search steps (default 120).")
-@click.option("--recovery-steps", default=None, type=click.IntRange(0), help="Recovery (KD + LoRA) steps (default 100).")
+@click.option("--steps", default=None, type=click.IntRange(1), help="Search steps (default 100).")
+@click.option("--recovery-steps", default=None, type=click.IntRange(0), help="Recovery (KD + LoRA) steps (default 80).")
 @click.option("--calib-data", default="self", show_default=True,
               help="Calibration text: `self` (sampled from the model), a .txt/.jsonl/.parquet file, or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")

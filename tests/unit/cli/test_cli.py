@@ -94,3 +94,13 @@ def test_doctor_json(run, llmshrink_home):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "llmshrink", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "llmshrink" in res.stdout
+
+
+def test_compress_help_states_the_real_step_defaults(run):
+    """The defaults live in the dataclasses (the CLI passes None); the help must not drift from them."""
+    from llmshrink.compressor.recover import RecoveryConfig
+    from llmshrink.compressor.search import SearchConfig
+
+    text = " ".join(run("compress", "--help").output.split())
+    assert f"Search steps (default {SearchConfig().steps})" in text
+    assert f"Recovery (KD + LoRA) steps (default {RecoveryConfig().steps})" in text
