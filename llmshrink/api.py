@@ -86,18 +86,22 @@ def precision_summary(spec: SubnetSpec) -> dict[str, int]:
 
 def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str | None = None,
            target: str | None = None, max_length: int = 2048, trust_remote_code: bool = False,
-           progress: Progress = NULL_PROGRESS) -> Manifest:
+           calib_data: str = "self", progress: Progress = NULL_PROGRESS) -> Manifest:
     """Materialize ``spec`` of ``model``, export it, check parity, and write a bundle at ``out``.
 
     The spec is checked against the model's shape, the target's kernels (when
     a target is given) and the flavour's kernels before any weights are loaded.
     The flavour defaults to the target's (``ort`` without a target).
+    ``calib_data`` (as ``compress --calib-data``) is read only when the spec has
+    static activation scales (``w8a8s``): they are calibrated on its first
+    :data:`EXPORT_CALIB_ROWS` sequences, the same sequences ``compress`` calibrates on.
 
     Raises:
         SpecError / UsageError: the spec does not fit the model or the flavour.
         ParityError: the exported graph does not reproduce the torch model.
     """
 
+    from llmshrink.compressor.calibrate import needs_calibration
     from llmshrink.compressor.materialize import materialize
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
@@ -123,10 +127,29 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     fl.check_spec(spec)
     hf = load_model(source, trust_remote_code=trust_remote_code, progress=progress)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
+    calib = calibration_tokens(hf, tokenizer, source, calib_data, progress) if needs_calibration(spec) else None
     with progress.task("Materializing and quantizing the subnet"):
-        cm = materialize(hf, spec, tokenizer)
+        cm = materialize(hf, spec, tokenizer, calib=calib)
     return export_compressed(cm, tokenizer, out, flavour=flavour, target=profile, model_source=source.describe(),
                              model_fingerprint=fingerprint(source), max_length=max_length, progress=progress)
+
+
+EXPORT_CALIB_ROWS = 32
+
+
+def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
+    """The first EXPORT_CALIB_ROWS calibration sequences ``compress`` would use (same split, seed and cache)."""
+    from llmshrink.compressor.pipeline import CompressConfig
+    from llmshrink.models.data import self_cache_path, token_splits
+    from llmshrink.models.load import fingerprint
+
+    c = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,))  # its defaults, nothing run
+    seq, n = c.search.seq_len, c.n_calib
+    with progress.task("Calibration text (static activation scales)"):
+        splits = token_splits(calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=c.seed,
+                              progress=progress,
+                              cache_path=self_cache_path(fingerprint(source), seq_len=seq, n=n + 8, seed=c.seed))
+    return splits.calib[:EXPORT_CALIB_ROWS]
 
 
 def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=None, workload: Workload | None = None,

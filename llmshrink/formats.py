@@ -9,8 +9,10 @@ A format is written as a short string users can read and hand-edit:
 ``w{b}g{G}a8``     the same with int8 activations, quantized per block of G
                    along K (ONNX Runtime MatMulNBits, accuracy_level 4)
 ``w8a8``           int8 per-output-channel weights, int8 activations quantized
-                   dynamically per tensor (ONNX Runtime DynamicQuantizeMatMul,
-                   TensorRT INT8 Q/DQ)
+                   dynamically per tensor (ONNX Runtime DynamicQuantizeMatMul)
+``w8a8s``          int8 per-output-channel weights, int8 activations with one
+                   *static* symmetric scale per tensor, calibrated on text
+                   before export (TensorRT INT8 Q/DQ, which needs constant scales)
 suffix ``z``       asymmetric weights (a zero point per group), e.g. ``w4g32z``
 =================  ==========================================================
 
@@ -30,7 +32,7 @@ from llmshrink.registry import suggest
 
 WEIGHT_BITS = (2, 4, 8)
 GROUP_SIZES = (32, 64, 128)
-ActQuant = Literal["none", "int8-block", "int8-tensor"]
+ActQuant = Literal["none", "int8-block", "int8-tensor", "int8-static"]
 
 _PATTERN = re.compile(r"^w(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<act>a8)?(?P<asym>z)?$")
 
@@ -45,7 +47,8 @@ class QuantFormat:
         symmetric: False when each group also has a zero point.
         act: activation quantization: ``none``, ``int8-block`` (per token and
             block of ``group_size`` along K, symmetric) or ``int8-tensor``
-            (dynamic, per tensor, asymmetric uint8).
+            (dynamic, per tensor, asymmetric uint8) or ``int8-static`` (one
+            calibrated symmetric int8 scale per tensor, constant at run time).
     """
 
     weight_bits: int
@@ -62,7 +65,7 @@ class QuantFormat:
         if self.is_float:
             return f"fp{self.weight_bits}"
         if self.group_size is None:
-            return "w8a8"
+            return "w8a8s" if self.act == "int8-static" else "w8a8"
         return (f"w{self.weight_bits}g{self.group_size}" + ("a8" if self.act != "none" else "")
                 + ("" if self.symmetric else "z"))
 
@@ -99,22 +102,24 @@ def parse_format(name: str) -> QuantFormat:
         return QuantFormat(int(name[2:]))
     if name == "w8a8":
         return QuantFormat(8, None, True, "int8-tensor")
+    if name == "w8a8s":
+        return QuantFormat(8, None, True, "int8-static")
     m = _PATTERN.match(name)
     if m and m["group"]:
         bits, group = int(m["bits"]), int(m["group"])
         if bits in WEIGHT_BITS and group in GROUP_SIZES:
             return QuantFormat(bits, group, symmetric=not m["asym"], act="int8-block" if m["act"] else "none")
-    examples = ["fp32", "fp16", "w4g32", "w4g32a8", "w8g128", "w2g64a8", "w4g32z", "w8a8", *ALIASES]
+    examples = ["fp32", "fp16", "w4g32", "w4g32a8", "w8g128", "w2g64a8", "w4g32z", "w8a8", "w8a8s", *ALIASES]
     raise UsageError(
         f"Unknown precision format {raw!r}.",
-        f"Formats are fp32, fp16, w8a8, or w{{2,4,8}}g{{32,64,128}}[a8][z]; e.g. {', '.join(examples[:7])}; "
+        f"Formats are fp32, fp16, w8a8, w8a8s, or w{{2,4,8}}g{{32,64,128}}[a8][z]; e.g. {', '.join(examples[:7])}; "
         f"aliases: {', '.join(ALIASES)}. Nearest: {', '.join(suggest(raw, examples))}.",
     )
 
 
 def all_formats() -> list[QuantFormat]:
     """Every format this module can express (targets pick their subset)."""
-    out = [QuantFormat(32), QuantFormat(16), parse_format("w8a8")]
+    out = [QuantFormat(32), QuantFormat(16), parse_format("w8a8"), parse_format("w8a8s")]
     for bits in WEIGHT_BITS:
         for g in GROUP_SIZES:
             for act in ("none", "int8-block"):

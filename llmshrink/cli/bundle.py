@@ -15,13 +15,16 @@ from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
               help="SubnetSpec JSON (default: the unpruned fp32 model).")
 @click.option("--target", default=None, help="Target name or YAML (see `llmshrink targets list`): checks the spec's formats against its kernels and picks the flavour.")
 @click.option("--flavour", type=click.Choice(["ort", "trt"]), default=None,
-              help="ort: ONNX Runtime contrib ops (CPU). trt: standard ONNX for TensorRT (fp16, w4g* formats), checked statically. Default: the target's, else ort.")
+              help="ort: ONNX Runtime contrib ops (CPU). trt: standard ONNX for TensorRT (fp16, w4g*, w8a8s formats), checked statically. Default: the target's, else ort.")
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(16), help="Longest prompt + generation the bundle supports.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write (replaced if it exists).")
+@click.option("--calib-data", default="self", show_default=True,
+              help="Text the static activation scales of w8a8s layers are calibrated on (as compress's "
+                   "--calib-data: `self`, a .txt/.jsonl/.parquet file or a dataset id); unused by other formats.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,
-           out_dir: Path, trust_remote_code: bool, as_json: bool) -> None:
+           out_dir: Path, calib_data: str, trust_remote_code: bool, as_json: bool) -> None:
     """Build a bundle (ONNX model + tokenizer + spec + manifest) from a spec.
 
     The spec is validated against the model before any weights are loaded;
@@ -33,12 +36,13 @@ def export(model_name: str, spec_path: Path | None, target: str | None, flavour:
       llmshrink export --out bundles/fp32
       llmshrink spec new --uniform int4 --out int4.json && llmshrink export --spec int4.json --out bundles/int4
       llmshrink spec new --uniform w4g64 --lm-head fp16 --out trt.json && llmshrink export --spec trt.json --target a100 --out bundles/a100
+      llmshrink spec new --uniform w8a8s --lm-head fp16 --out w8.json && llmshrink export --spec w8.json --target a100 --out bundles/a100-int8
     """
     from llmshrink import api, serde
 
     with progress(not as_json) as p:
         manifest = api.export(model_name, spec_path, out_dir, flavour=flavour, target=target, max_length=max_length,
-                              trust_remote_code=trust_remote_code, progress=p)
+                              trust_remote_code=trust_remote_code, calib_data=calib_data, progress=p)
     if as_json:
         print_json(serde.to_dict(manifest)["_data"])
         return

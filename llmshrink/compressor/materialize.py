@@ -77,12 +77,24 @@ def model_meta(model, tokenizer=None) -> ModelMeta:
 
 
 @torch.no_grad()
-def materialize(model, spec: SubnetSpec, tokenizer=None) -> CompressedModel:
+def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | None = None) -> CompressedModel:
     """Build the :class:`CompressedModel` of ``spec`` from an HF model.
+
+    Args:
+        calib: calibration ids ``[N, T]``; required when the spec has static activation
+            scales (``w8a8s``), which are calibrated on them after quantizing the weights.
 
     Raises:
         SpecError: the spec breaks a rule, or was made for another shape.
+        UsageError: the spec needs calibration tokens and none were given.
     """
+    from llmshrink.compressor.calibrate import calibrate_activations, needs_calibration
+
+    if needs_calibration(spec) and calib is None:
+        from llmshrink.errors import UsageError
+
+        raise UsageError("This spec uses w8a8s (static int8 activation scales), which are calibrated on text.",
+                         "Pass calibration tokens (the CLI's --calib-data; `self` samples them from the model).")
     check_supported(model.config)
     spec.validate()
     if BaseShape.from_config(model.config) != spec.base:
@@ -110,5 +122,8 @@ def materialize(model, spec: SubnetSpec, tokenizer=None) -> CompressedModel:
     head_w = model.lm_head.weight[:, hidden]
     head_b = model.lm_head.bias if getattr(model.lm_head, "bias", None) is not None else None
     lm_head = QuantLinear(head_w, head_b, parse_format(spec.lm_head))
-    return CompressedModel(spec, model_meta(model, tokenizer), embedding, blocks,
-                           model.model.norm.weight[hidden], lm_head).eval()
+    cm = CompressedModel(spec, model_meta(model, tokenizer), embedding, blocks,
+                         model.model.norm.weight[hidden], lm_head).eval()
+    if needs_calibration(spec):
+        calibrate_activations(cm, calib)
+    return cm

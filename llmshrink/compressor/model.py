@@ -45,11 +45,20 @@ class QuantLinear(nn.Module):
 
     The integer codes are kept as buffers (the exporters pack them); the
     dequantized float weight is kept too so the forward pass is one matmul.
+    A format with static activation scales (``w8a8s``) also needs
+    ``act_scale``, set by :func:`llmshrink.compressor.calibrate.calibrate_activations`;
+    until then the layer refuses to run (it would not be the model that ships),
+    except under a calibration ``observer``, which sees the float input and
+    lets it through unrounded.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: QuantFormat) -> None:
+    act_scale: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: QuantFormat,
+                 act_scale: float | None = None) -> None:
         super().__init__()
         self.fmt = fmt
+        self._init_act(act_scale)
         self.out_features, self.in_features = weight.shape
         if fmt.is_float:
             w = weight.detach().float()
@@ -63,17 +72,35 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None) -> QuantLinear:
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None,
+                       act_scale: float | None = None) -> QuantLinear:
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.fmt = q.fmt
+        self._init_act(act_scale)
         self.out_features, self.in_features = q.codes.shape
         self.quantized = q
         self.register_buffer("weight", q.dequantize().contiguous())
         self.register_buffer("bias", bias)
         return self
 
+    def _init_act(self, act_scale: float | None) -> None:
+        self.observer = None
+        self.register_buffer("act_scale", None if act_scale is None else torch.tensor(float(act_scale)))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.fmt.act == "int8-static" and self.act_scale is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.act == "int8-static":
+            if self.observer is not None:
+                self.observer(x)
+                return F.linear(x, self.weight, self.bias)
+            if self.act_scale is None:
+                raise RuntimeError(f"{self.fmt} layer without a calibrated activation scale: run "
+                                   "llmshrink.compressor.calibrate.calibrate_activations on the model first.")
+            return F.linear(quantize_activation(x, self.fmt, float(self.act_scale)), self.weight, self.bias)
         return F.linear(quantize_activation(x, self.fmt), self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -262,14 +289,18 @@ def _linear_state(t: dict[str, torch.Tensor], prefix: str, lin: QuantLinear) -> 
             t[prefix + ".zeros"] = lin.quantized.zeros
     if lin.bias is not None:
         t[prefix + ".bias"] = lin.bias
+    if lin.act_scale is not None:
+        t[prefix + ".act_scale"] = lin.act_scale
 
 
 def _linear_from_state(t: dict[str, torch.Tensor], prefix: str, fmt: QuantFormat) -> QuantLinear:
     bias = t.get(prefix + ".bias")
+    act = t.get(prefix + ".act_scale")
+    act = None if act is None else float(act)
     if fmt.is_float:  # fp16 rounding of a saved (already rounded) weight is idempotent
-        return QuantLinear(t[prefix + ".weight"], bias, fmt)
+        return QuantLinear(t[prefix + ".weight"], bias, fmt, act)
     q = QuantizedWeight(t[prefix + ".codes"], t[prefix + ".scales"], t.get(prefix + ".zeros"), fmt)
-    return QuantLinear.from_quantized(q, bias)
+    return QuantLinear.from_quantized(q, bias, act)
 
 
 def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

@@ -9,7 +9,7 @@ Weight codes (``QuantizedWeight.codes``, int16 so every format fits):
 
 * grouped symmetric (``w4g32``): codes in [-2^(b-1), 2^(b-1)-1], value = code * scale;
 * grouped asymmetric (``w4g32z``): codes and zeros in [0, 2^b-1], value = (code - zero) * scale;
-* per-channel int8 (``w8a8``): codes in [-127, 127], value = code * scale.
+* per-channel int8 (``w8a8``, ``w8a8s``): codes in [-127, 127], value = code * scale.
 """
 
 from __future__ import annotations
@@ -103,16 +103,33 @@ def _quantize_asymmetric(wg: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
                            zero.squeeze(-1).to(torch.int16), fmt)
 
 
-def quantize_activation(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def static_scale(amax: float) -> float:
+    """The int8 scale a max calibrator gives activations with absolute maximum ``amax``.
+
+    Rounded to float16, the precision the trt flavour stores it in, so the torch
+    reference divides by exactly the number the graph does.
+    """
+    return float(torch.tensor(max(amax / 127, MIN_SCALE)).half().float())
+
+
+def quantize_activation(x: torch.Tensor, fmt: QuantFormat, scale: float | None = None) -> torch.Tensor:
     """Round activations the way the target kernel does (identity for ``act == 'none'``).
 
     ``int8-block``: per token and block of ``group_size`` along the last dim,
     symmetric, scale = amax / 127 (ONNX Runtime MatMulNBits accuracy_level 4).
     ``int8-tensor``: one asymmetric uint8 scale/zero point over the whole
     tensor, as ONNX's DynamicQuantizeLinear computes it.
+    ``int8-static``: ``clamp(round(x / scale), -128, 127) * scale`` with the
+    calibrated ``scale`` (ONNX QuantizeLinear/DequantizeLinear, zero point 0).
+    Without ``scale`` — the search, sensitivity and recovery, which see a
+    layer before it is calibrated — this tensor's own max-calibrated scale
+    stands in for it.
     """
     if fmt.act == "none":
         return x
+    if fmt.act == "int8-static":
+        s = static_scale(float(x.detach().abs().max())) if scale is None else scale
+        return torch.round(x / s).clamp(-128, 127) * s
     if fmt.act == "int8-block":
         g = fmt.group_size
         shape = x.shape

@@ -108,6 +108,11 @@ def _lora_linear_class():
     return QATLoraLinear
 
 
+# Calibration rows for static activation scales (w8a8s) of the recovered model: a max calibrator
+# settles within a few thousand tokens, and the recovered weights are what the scales must fit.
+CALIB_ROWS = 32
+
+
 def _student(teacher, spec: SubnetSpec) -> CompressedModel:
     """The subnet with trainable, quantization-aware linears in its kept layers (lm_head and embedding frozen)."""
     fp32 = replace(spec, layers=tuple(replace(ls, precision=dict.fromkeys(LINEARS, "fp32")) for ls in spec.layers))
@@ -182,5 +187,5 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     kd_after = kd_on(held, False).item()
     merged = model.merge_and_unload()
     with progress.task("Quantizing the recovered subnet"):
-        result = materialize(_write_back(teacher, spec, merged), spec, tokenizer)
+        result = materialize(_write_back(teacher, spec, merged), spec, tokenizer, calib=calib[:CALIB_ROWS])
     return RecoveryResult(result, history, kd_before, kd_after)

@@ -136,7 +136,15 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, bat
     tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
     base = BaseShape.from_config(hf.config)
     spec = SubnetSpec.original(base, model=source.describe()) if spec is None else load_spec(spec)
-    cm = materialize(hf, spec, tok)
+    from llmshrink.compressor.calibrate import needs_calibration
+
+    calib = None
+    if needs_calibration(spec):  # static activation scales: calibrated as `export` does, on the same text
+        from llmshrink.api import calibration_tokens
+        from llmshrink.progress import NULL_PROGRESS
+
+        calib = calibration_tokens(hf, tok, source, "self", NULL_PROGRESS)
+    cm = materialize(hf, spec, tok, calib=calib)
     del hf
 
     @torch.no_grad()

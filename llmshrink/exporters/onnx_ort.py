@@ -50,6 +50,9 @@ def ort_kernel(fmt: QuantFormat) -> str:
         return "MatMul"
     if fmt.weight_bits == 16:
         raise UsageError(f"{fmt} has no ONNX Runtime CPU kernel.", "Use fp32, w8a8 or w{2,4,8}g* formats for the ort flavour.")
+    if fmt.act == "int8-static":
+        raise UsageError(f"{fmt} (static int8 activation scales) is a TensorRT pattern; the ort flavour has none.",
+                         "Use w8a8 (dynamic activation scales, DynamicQuantizeMatMul) for the ort flavour.")
     return "DynamicQuantizeMatMul" if fmt.group_size is None else "MatMulNBits"
 
 

@@ -1,9 +1,12 @@
 """The ``trt`` flavour: a CompressedModel as a standard-ONNX decoder TensorRT 10 accepts.
 
 Only default-domain opset-21 operators: no contrib ops. Linear layers are
-fp16 MatMuls, fp32 MatMuls, or W4A16 (symmetric blockwise INT4 weights
+fp16 MatMuls, fp32 MatMuls, W4A16 (symmetric blockwise INT4 weights
 through ``DequantizeLinear`` with ``block_size`` along K, the pattern
-TensorRT fuses into its INT4 weight-only GEMM). Matmul inputs and the KV
+TensorRT fuses into its INT4 weight-only GEMM) or W8A8 (``w8a8s``: the fp16
+input through QuantizeLinear/DequantizeLinear with its calibrated per-tensor
+scale, int8 weights through a per-output-channel DequantizeLinear — the
+explicit-quantization pattern TensorRT runs as an INT8 GEMM). Matmul inputs and the KV
 cache are fp16; the residual stream, the RMS norms and the softmax run in
 fp32. The same graph runs in ONNX Runtime CPU, which is how it is checked
 against the torch model here.
@@ -25,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from llmshrink.compressor.model import CompressedModel, QuantLinear
 from llmshrink.errors import UsageError
@@ -35,21 +38,22 @@ from llmshrink.registry import Registry
 
 FP16 = TensorProto.FLOAT16
 INT4 = TensorProto.INT4
-TRT_FORMATS = ("fp32", "fp16", "w4g32", "w4g64", "w4g128")
+TRT_FORMATS = ("fp32", "fp16", "w4g32", "w4g64", "w4g128", "w8a8s")
 
 LinearEmitter = Callable[[GraphBuilder, str, QuantLinear, str], str]
 TRT_KERNELS: Registry[LinearEmitter] = Registry("TensorRT linear pattern")
 
 
 def trt_pattern(fmt: QuantFormat) -> str:
-    """The TensorRT pattern that runs ``fmt``: ``fp16``, ``fp32`` or ``w4a16``."""
+    """The TensorRT pattern that runs ``fmt``: ``fp16``, ``fp32``, ``w4a16`` or ``w8a8``."""
     if fmt.name in ("fp32", "fp16"):
         return fmt.name
     if fmt.weight_bits == 4 and fmt.group_size and fmt.symmetric and fmt.act == "none":
         return "w4a16"
-    raise UsageError(
-        f"{fmt} has no TensorRT pattern in the trt flavour.",
-        f"Use {', '.join(TRT_FORMATS)}. (INT8 W8A8 needs calibrated static activation scales, not built yet.)")
+    if fmt.act == "int8-static":
+        return "w8a8"
+    hint = " (w8a8 quantizes activations dynamically; TensorRT needs static scales: w8a8s)" if fmt.name == "w8a8" else ""
+    raise UsageError(f"{fmt} has no TensorRT pattern in the trt flavour{hint}.", f"Use {', '.join(TRT_FORMATS)}.")
 
 
 def check_spec(spec) -> None:
@@ -90,6 +94,27 @@ def _emit_w4a16(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
     return _bias(g, g.one("MatMul", [x, deq], name), lin, name)
 
 
+def _emit_w8a8(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
+    """INT8 GEMM: activations through Q/DQ with the calibrated per-tensor scale, weights int8 per channel.
+
+    Zero points are int8 zeros (they fix QuantizeLinear's output type; TensorRT requires them zero).
+    """
+    if lin.act_scale is None:
+        raise UsageError(f"{name}: a w8a8s layer without a calibrated activation scale.",
+                         "Materialize with calibration tokens (calibrate_activations) before exporting.")
+    base, q = _base(name), lin.quantized
+    # True scalars (GraphBuilder.const makes arrays at least 1-D): TensorRT reads a rank-0 scale as per-tensor.
+    s_x, zp = base + ".input_scale", "/model/constants/INT8/scalar0"
+    g.initializers[s_x] = numpy_helper.from_array(np.array(float(lin.act_scale), np.float16), s_x)
+    g.initializers.setdefault(zp, numpy_helper.from_array(np.array(0, np.int8), zp))
+    xq = g.one("QuantizeLinear", [x, s_x, zp], name + "/InputQuantizeLinear")
+    xd = g.one("DequantizeLinear", [xq, s_x, zp], name + "/InputDequantizeLinear")
+    w = g.const(base + ".weight_int8", q.codes.numpy().T.astype(np.int8))  # [K, N], codes in [-127, 127]
+    s_w = g.const(base + ".weight_scale", q.scales.numpy().reshape(-1).astype(np.float16))  # [N]
+    wd = g.one("DequantizeLinear", [w, s_w], name + "/DequantizeLinear", axis=1)
+    return _bias(g, g.one("MatMul", [xd, wd], name), lin, name)
+
+
 def _pack_int4(codes: np.ndarray) -> np.ndarray:
     """ONNX INT4 raw data: two's-complement nibbles, element 2i in the low nibble of byte i."""
     flat = (codes.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
@@ -108,6 +133,7 @@ def _bias(g: GraphBuilder, y: str, lin: QuantLinear, name: str) -> str:
 TRT_KERNELS.register("fp16", _emit_fp16)
 TRT_KERNELS.register("fp32", _emit_fp32)
 TRT_KERNELS.register("w4a16", _emit_w4a16)
+TRT_KERNELS.register("w8a8", _emit_w8a8)
 
 
 def emit_linear(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:

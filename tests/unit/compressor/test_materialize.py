@@ -117,3 +117,28 @@ def test_keep_computes_logits_for_the_last_positions_only(tiny_hf, tiny_base, id
     last, _ = cm(ids, keep=3)
     assert last.shape[1] == 3
     torch.testing.assert_close(last, full[:, -3:])
+
+
+def test_static_activation_scales_are_calibrated_max_and_saved(tiny_hf, tiny_base, ids, tmp_path):
+    from llmshrink.compressor.model import rms_norm
+    from llmshrink.errors import UsageError
+
+    spec = SubnetSpec.uniform(tiny_base, "w8a8s", lm_head="fp32")
+    with pytest.raises(UsageError, match="calibrated on text"):
+        materialize(tiny_hf, spec)
+    calib = torch.randint(3, 300, (6, 24), generator=torch.Generator().manual_seed(1))
+    cm = materialize(tiny_hf, spec, calib=calib)
+    b0 = cm.blocks[0]
+    # q_proj of the first block reads the normed embeddings: its scale is their max / 127, in fp16.
+    h = rms_norm(torch.nn.functional.embedding(calib, cm.embed), b0.input_norm, cm.meta.rms_norm_eps)
+    expect = float(torch.tensor(float(h.abs().max()) / 127).half().float())
+    assert float(b0.q_proj.act_scale) == pytest.approx(expect, rel=1e-6)
+    assert all(getattr(b, n).act_scale is not None for b in cm.blocks for n in ("q_proj", "o_proj", "down_proj"))
+    assert cm.lm_head.act_scale is None  # fp32: nothing to calibrate
+    y = cm(ids)[0]
+    loaded = CompressedModel.load(cm.save(tmp_path / "m"))
+    assert torch.equal(loaded(ids)[0], y)
+    # A layer whose scale is missing refuses to run rather than run unquantized.
+    loaded.blocks[0].q_proj.act_scale = None
+    with pytest.raises(RuntimeError, match="calibrated activation scale"):
+        loaded(ids)

@@ -64,3 +64,16 @@ def test_int8_block_activation_is_per_token_per_block():
     y = quantize_activation(x, parse_format("w4g32a8"))
     assert torch.allclose(y[0, :32], x[0, :32], atol=1 / 127)
     assert torch.equal(y[1], x[1])
+
+
+def test_int8_static_activation_uses_the_given_scale_and_saturates_like_quantize_linear():
+    fmt = parse_format("w8a8s")
+    assert fmt.act == "int8-static" and fmt.name == "w8a8s" and fmt.group_size is None
+    x = torch.tensor([[0.0, 0.05, 0.26, -0.26, 20.0, -20.0]])
+    y = quantize_activation(x, fmt, scale=0.1)
+    # round half to even (0.5 -> 0, 2.6 -> 3), then int8 saturation at -128 and 127 (not a symmetric 127)
+    assert torch.allclose(y, torch.tensor([[0.0, 0.0, 0.3, -0.3, 12.7, -12.8]]))
+    # Without a scale (the search, before calibration) the tensor's own max calibration stands in for it.
+    z = torch.randn(3, 64)
+    s = float(torch.tensor(float(z.abs().max()) / 127).half().float())
+    assert torch.equal(quantize_activation(z, fmt), torch.round(z / s).clamp(-128, 127) * s)

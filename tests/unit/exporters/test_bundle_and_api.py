@@ -233,3 +233,29 @@ def test_int8_activation_parity_tolerates_near_tie_flips_but_not_wrong_tokens(ti
     assert near.top1_agreement == 0 and near.top1_in_top5 == 1 and near.passed
     wrong = check_parity(Ref(), graph(20), ids)  # every top-1 replaced by a low-ranked token
     assert wrong.top1_in_top5 == 0 and not wrong.passed
+
+
+def test_w8a8s_export_for_a100_calibrates_on_the_given_text(tiny_llama_dir, tmp_path, llmshrink_home):
+    import onnx
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    words = ["paris", "river", "the", "city", "of", "light", "bridge", "north", "stone", "music", "old", "new"]
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(words, 300)) for _ in range(200)))
+    spec = tmp_path / "w8.json"
+    run = CliRunner().invoke
+    assert run(cli, ["spec", "new", "--model", str(tiny_llama_dir), "--uniform", "w8a8s", "--lm-head", "fp16",
+                     "--out", str(spec)]).exit_code == 0
+    res = run(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec), "--target", "a100",
+                    "--calib-data", str(text), "--max-length", "64", "--out", str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.output)
+    assert m["flavour"] == "trt" and m["parity"]["passed"] and m["predicted_latency_ms"] > 0
+    g = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    scales = [numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith(".input_scale")]
+    assert len(scales) == 7 * len(api.load_spec(spec).kept_layers()) and all(s > 0 for s in scales)
+    # The ort flavour has no static-scale kernel: refused before any weights load, with the alternative.
+    res = run(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec), "--flavour", "ort",
+                    "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "w8a8 (dynamic activation scales" in res.output

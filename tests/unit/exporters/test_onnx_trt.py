@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from llmshrink.compressor.materialize import materialize
@@ -90,3 +91,41 @@ def test_formats_without_trt_pattern_are_refused_before_building(tiny_hf, tiny_b
     for fmt in ("w4g32a8", "w8a8", "w4g32z", "w8g32"):
         with pytest.raises(UsageError, match="no TensorRT pattern"):
             build_trt_graph(materialize(tiny_hf, SubnetSpec.uniform(tiny_base, fmt)))
+    with pytest.raises(UsageError, match="static scales: w8a8s"):
+        build_trt_graph(materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w8a8")))
+
+
+CALIB = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: SubnetSpec.uniform(b, "w8a8s", lm_head="fp16"),
+    lambda b: random_spec(b, 5, formats=("w8a8s", "w4g32", "fp16")),
+])
+def test_w8a8_is_int8_qdq_with_the_calibrated_scales_and_matches_torch(tiny_hf, tiny_base, make):
+    cm = materialize(tiny_hf, make(tiny_base), calib=CALIB)
+    graph = build_trt_graph(cm, max_length=64)
+    assert check_model(graph) == []
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    q_nodes = {n.name: n for n in graph.graph.node if n.op_type == "QuantizeLinear"}
+    static = [(j, name) for j, b in enumerate(cm.blocks) for name in ("q_proj", "k_proj", "v_proj", "o_proj",
+              "gate_proj", "up_proj", "down_proj") if getattr(b, name).fmt.name == "w8a8s"]
+    assert static and len(q_nodes) == len(static)
+    for j, name in static:
+        part = "attn" if name[0] in "qkvo" else "mlp"
+        node = q_nodes[f"/model/layers.{j}/{part}/{name}/MatMul/InputQuantizeLinear"]
+        scale, zp = inits[node.input[1]], inits[node.input[2]]
+        assert scale.shape == () and scale.dtype == np.float16 and zp.dtype == np.int8 and zp == 0
+        assert float(scale) == float(getattr(cm.blocks[j], name).act_scale)  # the torch reference's own scale
+        wdq = next(n for n in graph.graph.node if n.name == f"/model/layers.{j}/{part}/{name}/MatMul/DequantizeLinear")
+        w, ws = inits[wdq.input[0]], inits[wdq.input[1]]
+        assert w.dtype == np.int8 and w.shape == (getattr(cm.blocks[j], name).in_features, ws.shape[0])
+        assert {a.name: helper.get_attribute_value(a) for a in wdq.attribute} == {"axis": 1}
+    report = check_parity(cm, OrtDecoder(graph.SerializeToString()), IDS, fp16_activations=True)
+    assert report.passed and report.top1_agreement >= 0.9, report
+
+
+def test_w8a8s_is_refused_by_the_ort_flavour(tiny_hf, tiny_base):
+    cm = materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w8a8s"), calib=CALIB)
+    with pytest.raises(UsageError, match="TensorRT pattern; the ort flavour has none"):
+        build_ort_graph(cm, max_length=32)
