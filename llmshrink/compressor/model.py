@@ -86,6 +86,7 @@ class QuantLinear(nn.Module):
 
     def _init_act(self, act_scale: float | None) -> None:
         self.observer = None
+        self.round_input: torch.dtype | None = None  # parity's perturbation probe (exporters.parity.rounded_inputs)
         self.register_buffer("act_scale", None if act_scale is None else torch.tensor(float(act_scale)))
 
     @property
@@ -93,6 +94,8 @@ class QuantLinear(nn.Module):
         return self.fmt.act == "int8-static" and self.act_scale is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.round_input is not None:
+            x = x.to(self.round_input).to(x.dtype)
         if self.fmt.act == "int8-static":
             if self.observer is not None:
                 self.observer(x)

@@ -129,3 +129,22 @@ def test_w8a8s_is_refused_by_the_ort_flavour(tiny_hf, tiny_base):
     cm = materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w8a8s"), calib=CALIB)
     with pytest.raises(UsageError, match="TensorRT pattern; the ort flavour has none"):
         build_ort_graph(cm, max_length=32)
+
+
+def test_static_int8_parity_is_judged_against_the_references_own_fp16_stability(tiny_hf, tiny_base):
+    from llmshrink.exporters.parity import STATIC_RULE
+
+    cm = materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w8a8s", lm_head="fp16"), calib=CALIB)
+    graph = build_trt_graph(cm, max_length=64)
+    good = check_parity(cm, OrtDecoder(graph.SerializeToString()), IDS, fp16_activations=True)
+    assert good.rule == STATIC_RULE and good.passed and 0 < good.reference_stability <= 1, good
+    # A graph whose outputs are wrong (here: logits shifted along the vocabulary) fails, whatever the floor.
+    dec = OrtDecoder(graph.SerializeToString())
+
+    class Shifted:
+        def forward(self, ids, past=None):
+            logits, present = dec.forward(ids, past)
+            return np.roll(logits, 7, axis=-1), present
+
+    bad = check_parity(cm, Shifted(), IDS, fp16_activations=True)
+    assert not bad.passed and bad.top1_in_top5 < 0.5, bad
