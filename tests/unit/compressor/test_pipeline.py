@@ -139,3 +139,25 @@ def test_several_budgets_share_one_warm_up_and_give_a_front(setup):
     assert hist[0][:w] == hist[1][:w] and (d / "front" / "warmup" / "search.ckpt").is_file()
     record, bundles = load_run(d / "front")
     assert [x.entry.role for x in bundles] == ["candidate", "selected"] and record.budgets_ms == tuple(sorted(budgets))
+
+
+def test_gpu_target_run_searches_its_table_and_ships_a_calibrated_trt_bundle(setup):
+    """--target a100 here: predicted from the a100 table, trt flavour, w8a8s scales calibrated, not measured."""
+    from dataclasses import replace
+
+    import onnx
+    from onnx import numpy_helper
+
+    d, cfg, *_ = setup
+    space = d / "a100-space.yaml"
+    space.write_text("hidden: [64]\nheads_per_group: [2]\nmlp: [64, 128]\nmin_layers: 2\nformats: [w8a8s]\n"
+                     "lm_head_formats: [fp16]\n")
+    res = compress(replace(cfg, target="a100", space=str(space), budgets_ms=(10.0,)), d / "a100")
+    (c,) = res.record.candidates
+    assert c.measured_ms is None and c.validation_passed is None and c.predicted_ms <= 10.0
+    assert any("must" in n or "not present" in n for n in res.record.notes)
+    m = load_manifest(d / "a100" / c.bundle)
+    assert m.flavour == "trt" and m.parity["passed"] and m.parity["reference_stability"] is not None
+    g = onnx.load(str(d / "a100" / c.bundle / "model.onnx"))
+    scales = [float(numpy_helper.to_array(i)) for i in g.graph.initializer if i.name.endswith(".input_scale")]
+    assert scales and all(s > 0 for s in scales)
