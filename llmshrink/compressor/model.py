@@ -89,10 +89,6 @@ class QuantLinear(nn.Module):
         self.round_input: torch.dtype | None = None  # parity's perturbation probe (exporters.parity.rounded_inputs)
         self.register_buffer("act_scale", None if act_scale is None else torch.tensor(float(act_scale)))
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.fmt.act == "int8-static" and self.act_scale is None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.round_input is not None:
             x = x.to(self.round_input).to(x.dtype)
