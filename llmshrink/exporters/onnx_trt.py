@@ -58,7 +58,7 @@ def trt_pattern(fmt: QuantFormat) -> str:
 
 def check_spec(spec) -> None:
     """Raise UsageError if ``spec`` uses a format the trt flavour cannot express."""
-    for name in spec.formats_used() - {spec.embedding}:
+    for name in sorted(spec.formats_used() - {spec.embedding}):  # sorted: the same complaint on every run
         trt_pattern(parse_format(name))
     if not parse_format(spec.embedding).is_float:
         raise UsageError(f"Embedding format {spec.embedding} has no TensorRT pattern (Gather on INT4/INT8 tables).",

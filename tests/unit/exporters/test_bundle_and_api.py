@@ -256,6 +256,8 @@ def test_w8a8s_export_for_a100_calibrates_on_the_given_text(tiny_llama_dir, tmp_
     scales = [numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith(".input_scale")]
     assert len(scales) == 7 * len(api.load_spec(spec).kept_layers()) and all(s > 0 for s in scales)
     # The ort flavour has no static-scale kernel: refused before any weights load, with the alternative.
-    res = run(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec), "--flavour", "ort",
-                    "--out", str(tmp_path / "o")])
+    assert run(cli, ["spec", "new", "--model", str(tiny_llama_dir), "--uniform", "w8a8s", "--lm-head", "fp32",
+                     "--out", str(tmp_path / "w8-fp32-head.json")]).exit_code == 0
+    res = run(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(tmp_path / "w8-fp32-head.json"),
+                    "--flavour", "ort", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "w8a8 (dynamic activation scales" in res.output
