@@ -123,11 +123,12 @@ def main() -> None:
 def recorded_quality(path: str, limit: int, ppl_tokens: int) -> tuple[dict[str, float], float] | None:
     """(accuracy per task, WikiText-2 ppl) that ``llmshrink eval`` recorded in the bundle's manifest at these
     settings, or None if any is missing (so a rerun of the benchmark evaluates nothing twice)."""
+    from llmshrink.evaluation.harness import task_key
+    from llmshrink.evaluation.perplexity import ppl_key
+
     q = json.loads((Path(path) / "manifest.json").read_text())["_data"].get("quality") or {}
-    suffix = f":limit{limit}" if limit else ""
-    acc = {t: q.get(f"{t}:acc{suffix}") for t in TASKS}
-    # the first token has no prediction: N tokens give N - 1 scored
-    ppl = q.get(f"ppl:wiki.test.raw:ctx512:stride256:tokens{ppl_tokens - 1}")
+    acc = {t: q.get(task_key(t, "acc", limit or None)) for t in TASKS}
+    ppl = q.get(ppl_key("wiki.test.raw", 512, 256, ppl_tokens - 1))  # the first of N tokens is not scored
     return None if ppl is None or None in acc.values() else (acc, ppl)
 
 

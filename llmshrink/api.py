@@ -139,17 +139,12 @@ EXPORT_CALIB_ROWS = 32
 
 def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
     """The first EXPORT_CALIB_ROWS calibration sequences ``compress`` would use (same split, seed and cache)."""
-    from llmshrink.compressor.pipeline import CompressConfig
-    from llmshrink.models.data import self_cache_path, token_splits
+    from llmshrink.compressor.pipeline import CompressConfig, calibration_splits
     from llmshrink.models.load import fingerprint
 
-    c = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,))  # its defaults, nothing run
-    seq, n = c.search.seq_len, c.n_calib
+    config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
     with progress.task("Calibration text (static activation scales)"):
-        splits = token_splits(calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=c.seed,
-                              progress=progress,
-                              cache_path=self_cache_path(fingerprint(source), seq_len=seq, n=n + 8, seed=c.seed))
-    return splits.calib[:EXPORT_CALIB_ROWS]
+        return calibration_splits(config, hf, tokenizer, fingerprint(source), progress).calib[:EXPORT_CALIB_ROWS]
 
 
 def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=None, workload: Workload | None = None,

@@ -79,10 +79,9 @@ def evaluate(target: str, tasks: str | None, include_path: str | None, limit: in
 
         quality = dict(load_manifest(target).quality)
         for r in results:
-            quality[f"ppl:{Path(r.source).name}:ctx{r.context}:stride{r.stride}:tokens{r.tokens}"] = r.ppl
+            quality[r.quality_key] = r.ppl
         for t in task_results:
-            for k, v in t.metrics.items():
-                quality[f"{t.task}:{k}" + (f":limit{t.limit}" if t.limit else "")] = v
+            quality.update(t.quality_keys())
         update_manifest(target, quality=quality)
     backend = "onnxruntime" if is_bundle(target) else "torch"
     if as_json:

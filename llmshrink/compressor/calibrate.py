@@ -12,8 +12,6 @@ depend on the order layers are calibrated in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from llmshrink.compressor.model import CompressedModel, QuantLinear
@@ -36,12 +34,12 @@ def static_layers(cm: CompressedModel) -> dict[str, QuantLinear]:
 
 
 @torch.no_grad()
-def calibrate_activations(cm: CompressedModel, tokens: torch.Tensor | Iterable[torch.Tensor]) -> dict[str, float]:
+def calibrate_activations(cm: CompressedModel, tokens: torch.Tensor) -> dict[str, float]:
     """Set ``act_scale`` of every static-scale layer of ``cm`` from its inputs on ``tokens``; return the scales.
 
     Args:
-        tokens: ids ``[N, T]`` (run in batches of :data:`BATCH` rows) or an iterable of ``[B, T]`` batches.
-            Use text the model will see (the run's calibration split), not the evaluation data.
+        tokens: ids ``[N, T]``, run in batches of :data:`BATCH` rows. Use text the model will see
+            (the run's calibration split), not the evaluation data.
 
     Raises:
         ValueError: no tokens, or a layer saw only zeros (its scale would be meaningless).
@@ -56,13 +54,12 @@ def calibrate_activations(cm: CompressedModel, tokens: torch.Tensor | Iterable[t
             amax[name] = max(amax[name], float(x.detach().abs().max()))
         return see
 
-    batches = list(tokens.split(BATCH)) if isinstance(tokens, torch.Tensor) else list(tokens)
-    if not batches or not sum(b.numel() for b in batches):
+    if not tokens.numel():
         raise ValueError("calibrating activation scales needs at least one token")
     for n, m in layers.items():
         m.observer, m.act_scale = observer(n), None
     try:
-        for b in batches:
+        for b in tokens.split(BATCH):
             cm(b)
     finally:
         for m in layers.values():

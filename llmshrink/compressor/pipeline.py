@@ -204,6 +204,20 @@ def _record_held_out_ppl(bundle: Path, ids, calib_data: str, progress: Progress)
     return ppl
 
 
+def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint: str,
+                       progress: Progress = NULL_PROGRESS):
+    """The calibration and held-out sequences of ``config`` (``--calib-data``, seed, search length), cached.
+
+    ``export`` calibrates static activation scales on the first of these, so both see the same text.
+    """
+    from llmshrink.models.data import self_cache_path, token_splits
+
+    seq, n = config.search.seq_len, config.n_calib
+    return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=config.seed,
+                        progress=progress,
+                        cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
+
+
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
              progress: Progress = NULL_PROGRESS) -> CompressResult:
     """Run the whole pipeline for every budget (see module docstring).
@@ -221,7 +235,6 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     from llmshrink.compressor.supernet import Supernet
     from llmshrink.evaluation.report import write_report
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
-    from llmshrink.models.data import self_cache_path, token_splits
     from llmshrink.models.load import fingerprint
     from llmshrink.rundir import RunEntry, RunRecord, write_record
     from llmshrink.spec import BaseShape
@@ -258,9 +271,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     fp = fingerprint(source)
     seq = config.search.seq_len
     with progress.task("Calibration text"):
-        splits = token_splits(config.calib_data, tok, model=hf, seq_len=seq, n_calib=config.n_calib, n_eval=8,
-                              seed=config.seed, progress=progress,
-                              cache_path=self_cache_path(fp, seq_len=seq, n=config.n_calib + 8, seed=config.seed))
+        splits = calibration_splits(config, hf, tok, fp, progress)
     calib = splits.calib
     imp = _importance(hf, calib, out, progress)
     targets = None  # the teacher's log-probabilities on calib, computed once, when a search or recovery runs

@@ -31,6 +31,15 @@ class TaskResult:
     samples: int | None = None
     limit: int | None = None
 
+    def quality_keys(self) -> dict[str, float]:
+        """The metrics under the manifest's names (``llmshrink eval`` records them so)."""
+        return {task_key(self.task, k, self.limit): v for k, v in self.metrics.items()}
+
+
+def task_key(task: str, metric: str, limit: int | None) -> str:
+    """Manifest quality key of a task metric: ``{task}:{metric}[:limit{N}]``."""
+    return f"{task}:{metric}" + (f":limit{limit}" if limit else "")
+
 
 def expand_tasks(text: str) -> list[str]:
     out: list[str] = []

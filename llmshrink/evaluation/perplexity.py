@@ -12,6 +12,7 @@ each prediction more context and costs more windows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,9 +34,22 @@ class PerplexityResult:
     windows: int
     source: str = ""
 
+    @property
+    def quality_key(self) -> str:
+        """The manifest's name for this figure (``llmshrink eval`` records it under this key)."""
+        return ppl_key(self.source, self.context, self.stride, self.tokens)
+
     def summary(self) -> str:
         return (f"perplexity {self.ppl:.3f} over {self.tokens:,} tokens (sliding window: context {self.context}, "
                 f"stride {self.stride}, {self.windows} windows)")
+
+
+def ppl_key(source: str, context: int, stride: int, scored_tokens: int) -> str:
+    """Manifest quality key of a perplexity: ``ppl:{file name}:ctx{context}:stride{stride}:tokens{scored}``.
+
+    ``scored_tokens`` is one less than the tokens read (the first has no prediction).
+    """
+    return f"ppl:{Path(source).name}:ctx{context}:stride{stride}:tokens{scored_tokens}"
 
 
 def perplexity(scorer, ids: np.ndarray, *, context: int = 512, stride: int = 256, source: str = "",

@@ -30,8 +30,14 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
 
     def const(self, name: str, array: np.ndarray, *, dedupe: bool = False) -> str:
-        """Add an initializer; with ``dedupe``, return an existing one holding the same bytes."""
-        array = np.ascontiguousarray(array)
+        """Add an initializer (at least 1-D); with ``dedupe``, return an existing one holding the same bytes."""
+        return self._initializer(name, np.ascontiguousarray(array), dedupe)
+
+    def scalar(self, name: str, value: float, dtype, *, dedupe: bool = False) -> str:
+        """Add a rank-0 initializer (``const`` would store shape [1]; Q/DQ read rank 0 as per-tensor)."""
+        return self._initializer(name, np.array(value, dtype), dedupe)
+
+    def _initializer(self, name: str, array: np.ndarray, dedupe: bool) -> str:
         if dedupe:
             key = hashlib.sha256(array.tobytes() + str((array.dtype, array.shape)).encode()).hexdigest()
             if key in self._by_hash:

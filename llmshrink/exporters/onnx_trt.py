@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from llmshrink.compressor.model import CompressedModel, QuantLinear
 from llmshrink.errors import UsageError
@@ -103,10 +103,8 @@ def _emit_w8a8(g: GraphBuilder, x: str, lin: QuantLinear, name: str) -> str:
         raise UsageError(f"{name}: a w8a8s layer without a calibrated activation scale.",
                          "Materialize with calibration tokens (calibrate_activations) before exporting.")
     base, q = _base(name), lin.quantized
-    # True scalars (GraphBuilder.const makes arrays at least 1-D): TensorRT reads a rank-0 scale as per-tensor.
-    s_x, zp = base + ".input_scale", "/model/constants/INT8/scalar0"
-    g.initializers[s_x] = numpy_helper.from_array(np.array(float(lin.act_scale), np.float16), s_x)
-    g.initializers.setdefault(zp, numpy_helper.from_array(np.array(0, np.int8), zp))
+    s_x = g.scalar(base + ".input_scale", float(lin.act_scale), np.float16)
+    zp = g.scalar("/model/constants/INT8/scalar0", 0, np.int8, dedupe=True)
     xq = g.one("QuantizeLinear", [x, s_x, zp], name + "/InputQuantizeLinear")
     xd = g.one("DequantizeLinear", [xq, s_x, zp], name + "/InputDequantizeLinear")
     w = g.const(base + ".weight_int8", q.codes.numpy().T.astype(np.int8))  # [K, N], codes in [-127, 127]
