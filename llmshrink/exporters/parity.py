@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 
@@ -93,7 +94,8 @@ def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8,
     ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
     split = ids.shape[1] - decode_steps
     a = _logits(decoder.forward, ids, split)
-    b = _logits(lambda x, past=None: _torch_step(cm, x, past), ids, split)
+    reference = partial(_torch_step, cm)
+    b = _logits(reference, ids, split)
     diff = float(np.abs(a - b).max())
     agree = float((a.argmax(-1) == b.argmax(-1)).mean())
     in_top5 = _top1_in_top5(a, b)
@@ -101,7 +103,7 @@ def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8,
     own = None
     if rule == STATIC_RULE:
         with rounded_inputs(cm, torch.float16):
-            own = _top1_in_top5(_logits(lambda x, past=None: _torch_step(cm, x, past), ids, split), b)
+            own = _top1_in_top5(_logits(reference, ids, split), b)
         min_top5 = own - STATIC_MARGIN
     passed = ((max_diff is None or diff <= max_diff) and (min_top1 is None or agree >= min_top1)
               and (min_top5 is None or in_top5 >= min_top5))
@@ -118,7 +120,7 @@ def _logits(step, ids: np.ndarray, split: int) -> np.ndarray:
     return np.concatenate(out, 1)
 
 
-def _torch_step(cm, ids: np.ndarray, past):
+def _torch_step(cm, ids: np.ndarray, past=None):
     import torch
 
     with torch.no_grad():
