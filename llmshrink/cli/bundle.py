@@ -187,22 +187,34 @@ def build(bundle: Path, max_batch: int, workloads: tuple[str, ...], runs: int, a
 @click.option("--workload", default=None, help="Workload to check (default: the manifest's).")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(5), help="Timed runs (after a 1 s warm-up).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Check the latency relative to this bundle instead (both timed in turn, both predicted now "
+                   "by the target's table): for shared machines whose speed drifts.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
+              help="With --reference: rounds of timing both bundles in turn (the median ratio is compared).")
 @click.option("--no-record", is_flag=True, help="Do not write the measurement and verdict into the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def validate(bundle: Path, tolerance: str, target: str | None, workload: str | None, runs: int, threads: int | None,
-             no_record: bool, as_json: bool) -> None:
+             reference: Path | None, rounds: int, no_record: bool, as_json: bool) -> None:
     """Check a bundle's real latency against its prediction; exit 4 when outside the tolerance.
 
     Measures the manifest's workload on this machine (the bundle's files are
-    hash-checked first) and compares the median with the predicted latency
-    the manifest recorded at export. This is the command to run in CI on the
-    device the bundle ships to.
+    hash-checked first) and compares the floor (fastest block median) with the
+    predicted latency the manifest recorded at export. This is the command to
+    run in CI on the device the bundle ships to.
+
+    On a shared machine (a cloud VM, a CI runner) the same graph can time tens
+    of percent apart from one hour to the next, so an absolute check fails on
+    the neighbours. --reference checks the prediction relative to another
+    bundle of the same target instead (say, the uniform int4 export): both are
+    timed in turn and the measured ratio must match the predicted one.
 
     \b
     Examples:
       llmshrink validate bundles/int4
       llmshrink validate bundles/int4 --tolerance 5% --json
       llmshrink validate bundles/int4 --target cpu --workload prefill:ctx=128
+      llmshrink validate runs/x/candidates/5.3ms --reference bundles/int4
     """
     from llmshrink import api, serde
     from llmshrink.errors import ValidationFailedError
@@ -213,7 +225,7 @@ def validate(bundle: Path, tolerance: str, target: str | None, workload: str | N
         with progress(not as_json) as p:
             v = api.validate(bundle, tolerance_pct=tol, target=target,
                              workload=parse_workload(workload) if workload else None, runs=runs, threads=threads,
-                             record=not no_record, progress=p)
+                             reference=reference, rounds=rounds, record=not no_record, progress=p)
     except ValidationFailedError as e:
         if as_json:
             print_json(serde.to_dict(e.validation)["_data"])

@@ -103,3 +103,9 @@ def test_ci_validate_script_passes_and_fails_with_llmshrink_exit_codes(env, stea
     assert "FAIL" in r.stdout and json.loads((d / "bad.json").read_text())["passed"] is False
     r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="0%", REPORT=str(d / "none.json")), d, ok=(2,))
     assert "must be positive" in r.stderr  # llmshrink's own message, no traceback from the script
+    shutil.copytree(d / "bundle", d / "ref")  # relative check against the same graph: predicted ratio 1
+    r = _run(["bash", script, str(d / "bundle")], dict(e, TOLERANCE="100000%", REFERENCE=str(d / "ref"),
+                                                       TARGET=str(steady_table[1]), REPORT=str(d / "rel.json")), d)
+    rel = json.loads((d / "rel.json").read_text())
+    assert "PASS" in r.stdout and "latency / " in r.stdout
+    assert rel["reference"] == str(d / "ref") and rel["predicted_ratio"] == pytest.approx(1.0)

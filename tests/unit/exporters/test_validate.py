@@ -78,3 +78,67 @@ def test_a_tampered_prediction_is_named_when_the_target_loads(tiny_llama_dir, tm
         api.validate(out, runs=5, record=False)
     assert ei.value.validation.repredicted_ms == pytest.approx(m.predicted_latency_ms)
     assert "does not come from it" in ei.value.hint
+
+
+def _copy_bundle(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_validate_against_a_reference_compares_ratios(tiny_target_bundle, tiny_table, tmp_path):
+    out, _ = tiny_target_bundle
+    ref = _copy_bundle(out, tmp_path / "ref")  # the same graph: predicted ratio exactly 1
+    runner = CliRunner()
+    # Plumbing, not timing: a sub-ms tiny graph timed 5 times floors tens of percent apart on a busy machine,
+    # so the tolerance is wide; the verdict logic is checked with controlled timings below.
+    args = ["validate", str(out), "--reference", str(ref), "--rounds", "3", "--runs", "5", "--tolerance", "900%",
+            "--json", "--no-record"]
+    res = runner.invoke(cli, args)  # the manifest names tiny-cpu, a YAML target that did not travel with it
+    assert res.exit_code == 2 and "cannot be loaded here" in res.output and "--target" in res.output
+    res = runner.invoke(cli, [*args, "--target", str(tiny_table[1])])
+    assert res.exit_code == 0, res.output
+    v = json.loads(res.output)
+    assert v["reference"] == str(ref) and v["rounds"] == 3
+    assert v["predicted_ratio"] == pytest.approx(1.0)
+    assert v["reference_predicted_ms"] == pytest.approx(v["predicted_ms"])
+    assert 0.1 < v["measured_ratio"] < 10 and v["passed"]
+    assert v["error_pct"] == pytest.approx((v["measured_ratio"] - 1) * 100)
+
+
+def test_validate_against_a_reference_fails_on_the_ratio_not_the_absolute(tiny_target_bundle, tiny_table, tmp_path,
+                                                                          monkeypatch):
+    import dataclasses
+
+    from llmshrink.exporters import timing
+
+    out, _ = tiny_target_bundle
+    ref = _copy_bundle(out, tmp_path / "ref")
+    real = timing.time_decoder
+    calls = []
+
+    def fake(decoder, workload, **kw):  # this bundle 2-4x the reference's time, whatever the machine's speed
+        m = real(decoder, workload, **{**kw, "runs": 5})
+        calls.append(1)
+        r, mine = divmod(len(calls) - 1, 2)[0], len(calls) % 2 == 1  # per round: this bundle, then the reference
+        speed, ratio = (1.0, 5.0, 2.0)[r], (3.0, 4.0, 2.0)[r]  # the machine drifts between rounds
+        floor = speed * (ratio if mine else 1.0)
+        return dataclasses.replace(m, floor_ms=floor, median_ms=floor)
+
+    monkeypatch.setattr(timing, "time_decoder", fake)
+    with pytest.raises(ValidationFailedError) as ei:
+        api.validate(out, reference=ref, rounds=3, record=False, target=str(tiny_table[1]))
+    v = ei.value.validation
+    assert v.measured_ratio == pytest.approx(3.0) and v.predicted_ratio == pytest.approx(1.0)
+    assert v.error_pct == pytest.approx(200.0)
+    assert v.measured.reference_ms == pytest.approx(3.0)  # this bundle's measurement in the median round
+    assert len(calls) == 6
+    assert "relative to" in str(ei.value) and "re-profile" in ei.value.hint
+
+
+def test_validate_against_a_reference_needs_a_target(tiny_llama_dir, tiny_target_bundle, tmp_path):
+    plain = tmp_path / "plain"
+    api.export(str(tiny_llama_dir), None, plain, max_length=64)
+    with pytest.raises(UsageError, match="needs one table"):
+        api.validate(plain, reference=tiny_target_bundle[0], runs=5)
