@@ -22,13 +22,21 @@ def test_int4_bundle_answers_paris_and_validates_against_the_cpu_table(tmp_path)
                               "--max-new-tokens", "16"])
     assert res.exit_code == 0 and "Paris" in res.output, res.output
     # The built-in cpu table against the real thing, end to end. Accuracy is the
-    # benchmark's claim (benchmarks/latency_model.py: MAPE <= 10%), not a test's:
-    # a busy CI machine can double a latency, so this only catches a table that is
-    # off by more than 2x.
-    res = runner.invoke(cli, ["validate", str(tmp_path / "b"), "--tolerance", "100%", "--json"])
+    # benchmark's claim (benchmarks/latency_model.py: MAPE <= 10%), not a test's.
+    # Absolute milliseconds are not checked: a busy machine measured this bundle at
+    # 20 ms against 7.5 predicted (a CI run beside a benchmark). The ratio to the
+    # fp32 export timed in turn does not move with the load; this catches a table
+    # that ranks int4 against fp32 wrong by more than 1.5x.
+    assert runner.invoke(cli, ["spec", "new", "--uniform", "fp32", "--out", str(tmp_path / "fp32.json")]).exit_code == 0
+    res = runner.invoke(cli, ["export", "--spec", str(tmp_path / "fp32.json"), "--target", "cpu",
+                              "--out", str(tmp_path / "fp32"), "--max-length", "300", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["validate", str(tmp_path / "b"), "--reference", str(tmp_path / "fp32"),
+                              "--rounds", "3", "--tolerance", "50%", "--json"])
     assert res.exit_code == 0, res.output
     v = json.loads(res.output)
     assert v["passed"] and v["workload"]["context"] == 256
+    assert 0.15 < v["predicted_ratio"] < 0.5  # int4 decode is memory-bound: a fraction of fp32's time
 
 
 def test_trt_flavour_export_passes_static_check_and_parity(tmp_path):
