@@ -438,6 +438,8 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
     from llmshrink.errors import ValidationFailedError
     from llmshrink.exporters.timing import time_decoder
 
+    if reference is not None and rounds < 1:
+        raise UsageError(f"rounds must be at least 1, not {rounds}.")
     b = open_bundle(path, threads=threads)
     m = b.manifest
     if reference is not None and target is None:
@@ -454,8 +456,6 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
                        tolerance_pct=tolerance_pct, passed=abs(err) <= tolerance_pct,
                        repredicted_ms=pred.repredicted_ms)
     else:
-        if rounds < 1:
-            raise UsageError(f"rounds must be at least 1, not {rounds}.")
         rb = open_bundle(reference, threads=threads)
         rpred = _bundle_prediction(rb, reference, target, workload)
         mine: list = []
@@ -468,7 +468,7 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
                 ratios.append(a.reference_ms / r.reference_ms)
                 task.advance()
         got, want = statistics.median(ratios), predicted / rpred.predicted_ms
-        measured = mine[sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]]
+        measured = mine[sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]]  # the median round's
         err = (got - want) / want * 100
         v = Validation(bundle=str(path), workload=workload, predicted_ms=predicted,
                        prediction_provenance=pred.provenance, measured=measured, error_pct=err,

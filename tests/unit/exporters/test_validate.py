@@ -121,7 +121,7 @@ def test_validate_against_a_reference_fails_on_the_ratio_not_the_absolute(tiny_t
     def fake(decoder, workload, **kw):  # this bundle 2-4x the reference's time, whatever the machine's speed
         m = real(decoder, workload, **{**kw, "runs": 5})
         calls.append(1)
-        r, mine = divmod(len(calls) - 1, 2)[0], len(calls) % 2 == 1  # per round: this bundle, then the reference
+        r, mine = (len(calls) - 1) // 2, len(calls) % 2 == 1  # per round: this bundle, then the reference
         speed, ratio = (1.0, 5.0, 2.0)[r], (3.0, 4.0, 2.0)[r]  # the machine drifts between rounds
         floor = speed * (ratio if mine else 1.0)
         return dataclasses.replace(m, floor_ms=floor, median_ms=floor)
