@@ -304,9 +304,10 @@ class Validation:
     """The verdict of :func:`validate`: prediction vs measurement on this machine.
 
     Absolute (no reference): ``error_pct`` is the measured floor against the predicted latency.
-    Relative (``reference`` set): the bundle and the reference were timed in turn, round after
-    round, and ``error_pct`` is the measured ratio bundle/reference (median over rounds) against the
-    predicted ratio; ``measured`` is then the bundle's measurement from the median round.
+    Relative (``reference`` set): the bundle and the reference were timed in turn, block of runs
+    by block of runs, for several rounds, and ``error_pct`` is the measured ratio bundle/reference
+    (median over rounds of each round's median block-pair ratio) against the predicted ratio;
+    ``measured`` is then the bundle's measurement from the median round.
     """
 
     bundle: str
@@ -321,7 +322,7 @@ class Validation:
     reference: str | None = None
     reference_predicted_ms: float | None = None
     predicted_ratio: float | None = None  # predicted_ms / reference_predicted_ms
-    measured_ratio: float | None = None  # median over rounds of (bundle floor / reference floor), timed in turn
+    measured_ratio: float | None = None  # median over rounds of the median block-pair ratio bundle/reference
     rounds: int | None = None
 
     @property
@@ -421,9 +422,11 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
     number, so "10 %" means the bundle is at most 10 % off what was promised.
 
     With ``reference`` (another bundle of the same target, e.g. the uniform
-    int4 export), the check is relative: both bundles are timed in turn for
-    ``rounds`` rounds and the measured ratio bundle/reference (median over
-    rounds) is compared with the predicted ratio. On a shared machine whose
+    int4 export), the check is relative: both bundles are timed in turn,
+    block of runs by block of runs (:func:`~llmshrink.exporters.timing.time_in_turn`),
+    for ``rounds`` rounds, and the measured ratio bundle/reference (median
+    over rounds of each round's median block-pair ratio) is compared with the
+    predicted ratio. On a shared machine whose
     speed drifts by tens of percent within the hour (ours does), an absolute
     check fails on the neighbours, not on the prediction; the ratio of two
     graphs timed seconds apart does not move with them. It checks the table's
@@ -436,7 +439,7 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
     import statistics
 
     from llmshrink.errors import ValidationFailedError
-    from llmshrink.exporters.timing import time_decoder
+    from llmshrink.exporters.timing import time_decoder, time_in_turn
 
     if reference is not None and rounds < 1:
         raise UsageError(f"rounds must be at least 1, not {rounds}.")
@@ -462,10 +465,10 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
         ratios: list[float] = []
         with progress.task(f"Timing {workload}, in turn with {reference}", total=rounds) as task:
             for _ in range(rounds):
-                a = time_decoder(b.decoder, workload, vocab_size=b.spec.base.vocab_size, runs=runs)
-                r = time_decoder(rb.decoder, workload, vocab_size=rb.spec.base.vocab_size, runs=runs)
-                mine.append(a)
-                ratios.append(a.reference_ms / r.reference_ms)
+                p = time_in_turn(b.decoder, rb.decoder, workload, runs=runs,
+                                 vocab_sizes=(b.spec.base.vocab_size, rb.spec.base.vocab_size))
+                mine.append(p.first)
+                ratios.append(p.ratio)
                 task.advance()
         got, want = statistics.median(ratios), predicted / rpred.predicted_ms
         measured = mine[sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]]  # the median round's

@@ -188,7 +188,7 @@ def build(bundle: Path, max_batch: int, workloads: tuple[str, ...], runs: int, a
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(5), help="Timed runs (after a 1 s warm-up).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Check the latency relative to this bundle instead (both timed in turn, both predicted now "
+              help="Check the latency relative to this bundle instead (blocks of runs of both timed in turn, both predicted now "
                    "by the target's table): for shared machines whose speed drifts.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
               help="With --reference: rounds of timing both bundles in turn (the median ratio is compared).")
@@ -207,7 +207,8 @@ def validate(bundle: Path, tolerance: str, target: str | None, workload: str | N
     of percent apart from one hour to the next, so an absolute check fails on
     the neighbours. --reference checks the prediction relative to another
     bundle of the same target instead (say, the uniform int4 export): both are
-    timed in turn and the measured ratio must match the predicted one.
+    timed in turn, a block of runs of one beside a block of the other, and the
+    measured ratio must match the predicted one.
 
     \b
     Examples:

@@ -103,19 +103,71 @@ def time_decoder(decoder, workload: Workload, *, vocab_size: int, runs: int = DE
     """
     import onnxruntime as ort
 
-    rng = np.random.default_rng(seed)
-    b = workload.batch
-    prompt = rng.integers(0, vocab_size, size=(b, workload.context), dtype=np.int64)
-    step = rng.integers(0, vocab_size, size=(b, 1), dtype=np.int64)
-    if decoder.shared_buffer:
-        once = _shared_buffer_run(decoder, workload, prompt, step)
-    else:
-        once = _growing_cache_run(decoder, workload, prompt, step)
-
+    once = _timed_unit(decoder, workload, vocab_size, seed)
     warm_up(once, warmup, warmup_s)
     times = timed_blocks(once, runs, blocks)
     return summarize(times, workload, warmup=warmup, threads=decoder.threads,
                      runtime="onnxruntime-cpu", runtime_version=ort.__version__, blocks=min(blocks, runs))
+
+
+@dataclass(frozen=True)
+class PairedTiming:
+    """Two decoders timed in turn, block by block (see :func:`time_in_turn`)."""
+
+    first: LatencyMeasurement
+    second: LatencyMeasurement
+    block_ratios: tuple[float, ...]  # per block pair: median of first's block / median of second's block
+
+    @property
+    def ratio(self) -> float:
+        """Median over block pairs of first/second: what the two graphs' speeds compare as."""
+        return float(np.median(self.block_ratios))
+
+
+def time_in_turn(first, second, workload: Workload, *, vocab_sizes: tuple[int, int], runs: int = DEFAULT_RUNS,
+                 warmup: int = DEFAULT_WARMUP, warmup_s: float = DEFAULT_WARMUP_S, blocks: int = DEFAULT_BLOCKS,
+                 seed: int = 0) -> PairedTiming:
+    """Time ``workload`` on two decoders with their blocks of runs interleaved.
+
+    Block k of one decoder runs right beside block k of the other (order
+    alternating, first-second then second-first, so a drift within a pair
+    favours neither), and the ratio is the median over block pairs. On a
+    machine whose speed swings in spells of seconds, two graphs timed a
+    block apart see the same neighbours; timed one after the other (each
+    ``runs`` long) they do not, and their ratio moves by tens of percent.
+    Each decoder's own :class:`LatencyMeasurement` is returned as well.
+    """
+    import onnxruntime as ort
+
+    onces = [_timed_unit(d, workload, v, seed) for d, v in zip((first, second), vocab_sizes, strict=True)]
+    for once in onces:
+        warm_up(once, warmup, warmup_s)
+    n = max(1, min(blocks, runs))
+    times: tuple[list[list[float]], list[list[float]]] = ([], [])
+    for k, chunk in enumerate(np.array_split(np.arange(runs), n)):
+        for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+            time.sleep(BLOCK_PAUSE_S)
+            block = []
+            for _ in chunk:
+                t0 = time.perf_counter()
+                onces[i]()
+                block.append(time.perf_counter() - t0)
+            times[i].append(block)
+    ratios = tuple(float(np.median(a) / np.median(b)) for a, b in zip(*times, strict=True))
+    first_m, second_m = (
+        summarize([t for blk in ts for t in blk], workload, warmup=warmup, threads=d.threads,
+                  runtime="onnxruntime-cpu", runtime_version=ort.__version__, blocks=n)
+        for ts, d in zip(times, (first, second), strict=True))
+    return PairedTiming(first=first_m, second=second_m, block_ratios=ratios)
+
+
+def _timed_unit(decoder, workload: Workload, vocab_size: int, seed: int):
+    """The callable one timed run makes, on seeded random token ids (see :func:`time_decoder`)."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, vocab_size, size=(workload.batch, workload.context), dtype=np.int64)
+    step = rng.integers(0, vocab_size, size=(workload.batch, 1), dtype=np.int64)
+    run = _shared_buffer_run if decoder.shared_buffer else _growing_cache_run
+    return run(decoder, workload, prompt, step)
 
 
 def timed_blocks(once, runs: int, blocks: int) -> list[float]:

@@ -115,25 +115,24 @@ def test_validate_against_a_reference_fails_on_the_ratio_not_the_absolute(tiny_t
 
     out, _ = tiny_target_bundle
     ref = _copy_bundle(out, tmp_path / "ref")
-    real = timing.time_decoder
+    real = timing.time_in_turn
     calls = []
 
-    def fake(decoder, workload, **kw):  # this bundle 2-4x the reference's time, whatever the machine's speed
-        m = real(decoder, workload, **{**kw, "runs": 5})
+    def fake(first, second, workload, **kw):  # this bundle 2-4x the reference's time, whatever the machine's speed
+        p = real(first, second, workload, **{**kw, "runs": 5})
         calls.append(1)
-        r, mine = (len(calls) - 1) // 2, len(calls) % 2 == 1  # per round: this bundle, then the reference
-        speed, ratio = (1.0, 5.0, 2.0)[r], (3.0, 4.0, 2.0)[r]  # the machine drifts between rounds
-        floor = speed * (ratio if mine else 1.0)
-        return dataclasses.replace(m, floor_ms=floor, median_ms=floor)
+        speed, ratio = (1.0, 5.0, 2.0)[len(calls) - 1], (3.0, 4.0, 2.0)[len(calls) - 1]  # drifting between rounds
+        mine = dataclasses.replace(p.first, floor_ms=speed * ratio, median_ms=speed * ratio)
+        return dataclasses.replace(p, first=mine, block_ratios=(ratio, ratio, 0.5 * ratio))
 
-    monkeypatch.setattr(timing, "time_decoder", fake)
+    monkeypatch.setattr(timing, "time_in_turn", fake)
     with pytest.raises(ValidationFailedError) as ei:
         api.validate(out, reference=ref, rounds=3, record=False, target=str(tiny_table[1]))
     v = ei.value.validation
     assert v.measured_ratio == pytest.approx(3.0) and v.predicted_ratio == pytest.approx(1.0)
     assert v.error_pct == pytest.approx(200.0)
     assert v.measured.reference_ms == pytest.approx(3.0)  # this bundle's measurement in the median round
-    assert len(calls) == 6
+    assert len(calls) == 3
     assert "relative to" in str(ei.value) and "re-profile" in ei.value.hint
 
 
