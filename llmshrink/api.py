@@ -501,13 +501,16 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
 
 
 
-def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | Sequence[float],
+def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | str | Sequence[float | str],
              out: str | Path, params_budget: float | None = None, workload: Workload | str | None = None,
              strategy: str = "joint", space: str | Path | None = None, steps: int | None = None,
              recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
              seed: int = 0, resume: bool = False, progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
+    A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
+    export of the model (``"0.7xint4"``: 70 % of what the target's table
+    predicts for it; the run's notes say what it resolved to).
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
     Returns a :class:`~llmshrink.compressor.pipeline.CompressResult`: ``.record.candidates``
     holds per budget the bundle path, predicted and measured latency and validation verdict;
@@ -523,12 +526,33 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | Se
     from llmshrink.compressor.search import SearchConfig
     from llmshrink.targets.workload import parse_workload
 
-    budgets = (float(latency_ms),) if isinstance(latency_ms, (int, float)) else tuple(float(b) for b in latency_ms)
+    wl = parse_workload(workload) if isinstance(workload, str) else workload
+    budgets, notes = _resolve_budgets(latency_ms, model, target, wl, progress)
     cfg = CompressConfig(
-        model=model, target=target, budgets_ms=budgets, params_budget=params_budget,
-        workload=parse_workload(workload) if isinstance(workload, str) else workload,
+        model=model, target=target, budgets_ms=budgets, params_budget=params_budget, workload=wl,
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps),
         tolerance_pct=tolerance_pct, seed=seed, strategy=strategy)
-    return run(cfg, out, resume=resume, progress=progress)
+    return run(cfg, out, resume=resume, progress=progress, notes=notes)
+
+
+def _resolve_budgets(latency, model: str, target: str, workload: Workload | None,
+                     progress: Progress) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """Budgets in ms, and for each relative one a note saying what it resolved to."""
+    from llmshrink.compressor.budget import Budget, parse_budgets
+
+    items = [latency] if isinstance(latency, (int, float, str)) else list(latency)
+    terms = [t for x in items for t in (parse_budgets(x) if isinstance(x, str) else (Budget(float(x)),))]
+    if not any(t.relative_to for t in terms):
+        return tuple(t.value for t in terms), ()
+    from llmshrink.models import load_config, resolve_model
+    from llmshrink.spec import BaseShape
+    from llmshrink.targets.predict import table_for
+    from llmshrink.targets.profile import load_target
+
+    tgt = load_target(target)
+    table = table_for(tgt)
+    base = BaseShape.from_config(load_config(resolve_model(model), progress=progress))
+    resolved = [t.resolve(base, tgt, workload or tgt.default_workload, table) for t in terms]
+    return tuple(dict.fromkeys(ms for ms, _ in resolved)), tuple(n for _, n in resolved if n)

@@ -9,23 +9,7 @@ import click
 
 from llmshrink.cli.ui import err, out, print_json, progress
 
-_UNITS_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3}
 _UNITS_COUNT = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
-
-
-def parse_latencies(text: str) -> tuple[float, ...]:
-    """``30ms`` / ``30`` / ``0.03s`` / ``4ms,6ms,8ms`` -> milliseconds."""
-    from llmshrink.errors import UsageError
-
-    vals = []
-    for part in filter(None, (p.strip().lower() for p in text.split(","))):
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ms|s|us)?", part)
-        if not m or float(m.group(1)) <= 0:
-            raise UsageError(f"--latency {text!r}: {part!r} is not a positive latency.", "Write e.g. 30ms or 4ms,6ms,8ms.")
-        vals.append(float(m.group(1)) * _UNITS_MS[m.group(2) or "ms"])
-    if not vals:
-        raise UsageError("--latency is empty.", "Write e.g. 30ms.")
-    return tuple(dict.fromkeys(vals))
 
 
 def parse_count(text: str) -> float:
@@ -43,7 +27,9 @@ def parse_count(text: str) -> float:
               help="Built-in name, local directory, .gguf file or hub id.")
 @click.option("--target", required=True, help="Built-in target (a100, h100, l4, jetson-orin, cpu) or a target YAML.")
 @click.option("--latency", "latency", required=True,
-              help="Latency budget for the target's workload, e.g. 30ms; several (4ms,6ms,8ms) give a Pareto front.")
+              help="Latency budget for the target's workload, e.g. 30ms, or relative to a uniform export: 0.7xint4 "
+                   "(70% of the table's prediction for the unpruned model in int4). Several (4ms,6ms,8ms) give a "
+                   "Pareto front.")
 @click.option("--params-budget", default=None, help="Also keep the parameter count under this, e.g. 100M.")
 @click.option("--workload", default=None, help="What latency means, e.g. decode:ctx=256 (default: the target's).")
 @click.option("--space", "space_path", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -82,22 +68,23 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
     \b
     Examples:
       llmshrink compress --target cpu --latency 3ms
+      llmshrink compress --target cpu --latency 0.7xw4g32a8     # 70% of the uniform int4 export
       llmshrink compress --target cpu --latency 2.5ms,3ms,3.5ms --out runs/front
       llmshrink compress --target a100 --latency 30ms --model ./my-llama
       llmshrink compress --target cpu --latency 3ms --out runs/x --resume   # after an interruption
     """
     from llmshrink import api, serde
     from llmshrink.cli.bundle import parse_tolerance
-    from llmshrink.compressor.pipeline import budget_label
+    from llmshrink.compressor.budget import parse_budgets
     from llmshrink.targets.workload import parse_workload
 
-    budgets = parse_latencies(latency)
+    budgets = parse_budgets(latency)  # a typo fails here, before anything loads
     if out_dir is None:
         name = Path(model).name if Path(model).exists() else model.replace("/", "_")
-        out_dir = Path("runs") / f"{name}-{Path(target).stem}-{strategy}-{'_'.join(budget_label(b) for b in budgets)}"
+        out_dir = Path("runs") / f"{name}-{Path(target).stem}-{strategy}-{'_'.join(map(str, budgets))}"
     wl = parse_workload(workload) if workload else None
     with progress(not as_json) as p:
-        res = api.compress(model, target=target, latency_ms=budgets, out=out_dir,
+        res = api.compress(model, target=target, latency_ms=latency, out=out_dir,
                            params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
                            strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
                            calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,

@@ -7,18 +7,79 @@ fewer — ranked by how much the search's preference drops per millisecond
 saved, until the table predicts the budget is met. :func:`fastest_reachable`
 is the floor: below it no subnet of the space fits, and ``compress`` says so
 before any work (exit code 3).
+
+A budget is absolute (``30ms``) or relative to a uniform export of the same
+model (``0.7xint4``: 70 % of the latency the target's table predicts for the
+unpruned model with every linear layer in int4). :func:`parse_budgets` reads
+both; :meth:`Budget.resolve` turns a relative one into milliseconds.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from llmshrink.compressor.space import SearchSpace
-from llmshrink.errors import InfeasibleBudgetError
+from llmshrink.errors import InfeasibleBudgetError, UsageError
 from llmshrink.spec import LINEARS, SubnetSpec
 from llmshrink.targets.predict import predict
+
+_UNITS_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One latency budget: ``value`` ms, or ``value`` × the predicted latency of the uniform ``relative_to`` export.
+
+    A relative budget says what a user compares against ("70 % of the int4
+    export") and holds on a machine whose absolute speed drifts: the table's
+    *ratios* between two graphs are what it predicts best (see ``validate
+    --reference``).
+    """
+
+    value: float
+    relative_to: str | None = None  # a format name or alias (int4, w4g32a8, fp32, ...)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x{self.relative_to}" if self.relative_to else f"{self.value:g}ms"
+
+    def resolve(self, base, target, workload, table) -> tuple[float, str]:
+        """Milliseconds, and a sentence saying where they come from (empty for an absolute budget)."""
+        if self.relative_to is None:
+            return self.value, ""
+        ref = predict(SubnetSpec.uniform(base, self.relative_to), target, workload, table=table).total_ms
+        ms = round(self.value * ref, 3)
+        return ms, (f"budget {self} = {ms:g} ms: {self.value:g} × {ref:.3f} ms, the latency {target.name}'s table "
+                    f"predicts for the unpruned model in uniform {self.relative_to} ({workload.describe()})")
+
+
+def parse_budgets(text: str) -> tuple[Budget, ...]:
+    """``30ms`` / ``30`` / ``0.03s`` / ``0.7xint4`` / ``4ms,6ms,8ms`` -> budgets, in order, without repeats.
+
+    Raises:
+        UsageError: a term is neither a positive latency nor ``FACTORxFORMAT`` with a known format.
+    """
+    from llmshrink.formats import parse_format
+
+    out = []
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        if m := re.fullmatch(r"([0-9]*\.?[0-9]+)\s*x\s*([a-z0-9_-]+)", part):
+            parse_format(m.group(2))  # an unknown format fails here, with the formats named
+            b = Budget(float(m.group(1)), m.group(2))
+        elif m := re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ms|s|us)?", part):
+            b = Budget(float(m.group(1)) * _UNITS_MS[m.group(2) or "ms"])
+        else:
+            b = None
+        if b is None or b.value <= 0:
+            raise UsageError(f"--latency {text!r}: {part!r} is not a positive latency.",
+                             "Write e.g. 30ms, 4ms,6ms,8ms, or 0.7xint4 (70% of the uniform int4 export's "
+                             "predicted latency).")
+        out.append(b)
+    if not out:
+        raise UsageError("--latency is empty.", "Write e.g. 30ms or 0.7xint4.")
+    return tuple(dict.fromkeys(out))
 
 
 @dataclass(frozen=True)

@@ -219,8 +219,10 @@ def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint:
 
 
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
-             progress: Progress = NULL_PROGRESS) -> CompressResult:
+             progress: Progress = NULL_PROGRESS, notes: tuple[str, ...] = ()) -> CompressResult:
     """Run the whole pipeline for every budget (see module docstring).
+
+    ``notes`` (e.g. how a relative budget resolved) go into the run record and report.
 
     Raises:
         InfeasibleBudgetError: a budget is below the fastest subnet of the space (before any weights load).
@@ -257,7 +259,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     previous = _check_out(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
     measurable = target.runtime in MEASURABLE_RUNTIMES
-    notes = () if measurable else (
+    notes += () if measurable else (
         f"{target.name} hardware is not present here: latencies are predicted from its "
         f"{table.kind} table, not measured. Build and time the engine on the device: "
         "`llmshrink build RUN_DIR/candidates/<budget>`.",)

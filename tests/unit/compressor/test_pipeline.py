@@ -81,13 +81,15 @@ def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
     from click.testing import CliRunner
 
     from llmshrink.cli import cli
-    from llmshrink.cli.compress import parse_count, parse_latencies
+    from llmshrink.cli.compress import parse_count
+    from llmshrink.compressor.budget import Budget, parse_budgets
 
-    assert parse_latencies("4ms, 6ms,0.008s") == (4.0, 6.0, 8.0) and parse_latencies("30") == (30.0,)
+    assert [b.value for b in parse_budgets("4ms, 6ms,0.008s")] == [4.0, 6.0, 8.0] and parse_budgets("30") == (Budget(30.0),)
+    assert parse_budgets("0.7xINT4, 5ms") == (Budget(0.7, "int4"), Budget(5.0))
     assert parse_count("100M") == 100e6 and parse_count("1.5b") == 1.5e9
-    for bad in ("fast", "-3ms", ""):
+    for bad in ("fast", "-3ms", "", "0.7xint5", "0xint4"):
         with pytest.raises(UsageError):
-            parse_latencies(bad)
+            parse_budgets(bad)
     d, cfg, *_ = setup
     args = ["compress", "--model", cfg.model, "--target", cfg.target, "--latency", f"{cfg.budgets_ms[0]}ms",
             "--space", cfg.space, "--steps", "3", "--recovery-steps", "1", "--out", str(tmp_path / "r"), "--json"]
@@ -98,6 +100,23 @@ def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
     assert c["predicted_ms"] <= cfg.budgets_ms[0] and (tmp_path / "r" / "report.md").is_file()
     res = CliRunner().invoke(cli, args[:-3] + ["--out", str(tmp_path / "r2"), "--latency", "0.000001ms"])
     assert res.exit_code == 3 and "fastest subnet" in res.output
+    # a relative budget resolves through the target's table: 1% of the unpruned fp32 model is out of reach too
+    res = CliRunner().invoke(cli, args[:-3] + ["--out", str(tmp_path / "r3"), "--latency", "0.01xfp32"])
+    assert res.exit_code == 3 and "fastest subnet" in res.output
+
+
+def test_a_relative_budget_is_a_fraction_of_the_uniform_export_prediction(setup, tiny_base):
+    from llmshrink.api import _resolve_budgets
+    from llmshrink.progress import NULL_PROGRESS
+    from llmshrink.spec import SubnetSpec
+
+    d, cfg, target, table, _ = setup
+    want = predict(SubnetSpec.uniform(tiny_base, "w4g32a8"), target, table=table).total_ms
+    assert want != pytest.approx(predict(SubnetSpec.uniform(tiny_base, "fp32"), target, table=table).total_ms)
+    ms, notes = _resolve_budgets(["0.5xw4g32a8", 3.0], cfg.model, cfg.target, None, NULL_PROGRESS)
+    assert ms == (pytest.approx(0.5 * want, abs=1e-3), 3.0)
+    assert len(notes) == 1 and "0.5xw4g32a8" in notes[0] and f"{want:.3f} ms" in notes[0]
+    assert _resolve_budgets("2ms,2", cfg.model, cfg.target, None, NULL_PROGRESS) == ((2.0,), ())
 
 
 def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(setup):
