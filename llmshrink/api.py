@@ -527,25 +527,30 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     from llmshrink.targets.workload import parse_workload
 
     wl = parse_workload(workload) if isinstance(workload, str) else workload
-    budgets, notes = _resolve_budgets(latency_ms, model, target, wl, progress)
+    budgets, notes, reference = _resolve_budgets(latency_ms, model, target, wl, progress)
     cfg = CompressConfig(
         model=model, target=target, budgets_ms=budgets, params_budget=params_budget, workload=wl,
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps),
-        tolerance_pct=tolerance_pct, seed=seed, strategy=strategy)
+        tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference)
     return run(cfg, out, resume=resume, progress=progress, notes=notes)
 
 
 def _resolve_budgets(latency, model: str, target: str, workload: Workload | None,
-                     progress: Progress) -> tuple[tuple[float, ...], tuple[str, ...]]:
-    """Budgets in ms, and for each relative one a note saying what it resolved to."""
+                     progress: Progress) -> tuple[tuple[float, ...], tuple[str, ...], str | None]:
+    """Budgets in ms, a note per relative one saying what it resolved to, and the format validated against.
+
+    The first relative budget's format (its canonical name) becomes the run's reference: bundles are
+    validated relative to the unpruned model exported in it (see ``CompressConfig.reference``).
+    """
     from llmshrink.compressor.budget import Budget, parse_budgets
+    from llmshrink.formats import parse_format
 
     items = [latency] if isinstance(latency, (int, float, str)) else list(latency)
     terms = [t for x in items for t in (parse_budgets(x) if isinstance(x, str) else (Budget(float(x)),))]
     if not any(t.relative_to for t in terms):
-        return tuple(t.value for t in terms), ()
+        return tuple(dict.fromkeys(t.value for t in terms)), (), None
     from llmshrink.models import load_config, resolve_model
     from llmshrink.spec import BaseShape
     from llmshrink.targets.predict import table_for
@@ -555,4 +560,5 @@ def _resolve_budgets(latency, model: str, target: str, workload: Workload | None
     table = table_for(tgt)
     base = BaseShape.from_config(load_config(resolve_model(model), progress=progress))
     resolved = [t.resolve(base, tgt, workload or tgt.default_workload, table) for t in terms]
-    return tuple(dict.fromkeys(ms for ms, _ in resolved)), tuple(n for _, n in resolved if n)
+    reference = parse_format(next(t.relative_to for t in terms if t.relative_to)).name
+    return tuple(dict.fromkeys(ms for ms, _ in resolved)), tuple(n for _, n in resolved if n), reference

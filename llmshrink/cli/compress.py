@@ -104,6 +104,13 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
         kd = (f"{c.kd_before_recovery:.3f} → {c.kd_after_recovery:.3f}" if c.kd_before_recovery is not None else "-")
         t.add_row(f"{c.budget_ms:g} ms", f"{c.predicted_ms:.2f} ms", meas, verdict, kd, str(out_dir / c.bundle))
     out.print(t)
+    from llmshrink.exporters.bundle import load_manifest
+
+    for c in rec.candidates:  # a relative check (a relative budget's reference) is judged on the ratio: show it
+        v = load_manifest(out_dir / c.bundle).validation or {}
+        if v.get("reference"):
+            err.print(f"{c.label}: latency relative to {v['reference']} predicted {v['predicted_ratio']:.3f}×, "
+                      f"measured {v['measured_ratio']:.3f}× ({v['error_pct']:+.1f}%, blocks timed in turn)")
     for n in rec.notes:
         err.print(f"warning: {n}", style="yellow")
     err.print(f"report: {res.report}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -74,6 +75,9 @@ class CompressConfig:
     max_length: int = 2048
     seed: int = 0
     strategy: str = "joint"  # or "sequential": architecture at full precision, then a precision assignment
+    # A uniform format (e.g. w4g32a8) to validate against: where the target is measurable here, bundles are
+    # checked relative to the unpruned model exported in it, timed in turn (set by a relative budget, 0.7xint4).
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -133,6 +137,21 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
         raise UsageError(f"{out} already exists and is not empty.",
                          "Pass --resume to continue the run in it, or choose another --out.")
     return None
+
+
+def _reference_bundle(out: Path, config: CompressConfig, base, source, progress: Progress) -> Path:
+    """The unpruned model exported in uniform ``config.reference`` (made once per run), to validate against."""
+    from llmshrink.api import export
+    from llmshrink.spec import SubnetSpec
+
+    ref = out / "reference" / config.reference
+    if not (ref / "manifest.json").is_file():
+        if ref.exists():
+            shutil.rmtree(ref)  # an export killed half-way; it is remade whole
+        spec = SubnetSpec.uniform(base, config.reference, model=source.describe())
+        export(config.model, spec, ref, target=config.target, max_length=config.max_length,
+               calib_data=config.calib_data, progress=progress)
+    return ref
 
 
 def _save(out: Path, rec: CompressRecord) -> None:
@@ -345,7 +364,9 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         if measurable:
             t0 = time.perf_counter()
             try:
-                v = validate(out / bundle, tolerance_pct=config.tolerance_pct, progress=progress)
+                ref = _reference_bundle(out, config, base, source, progress) if config.reference else None
+                v = validate(out / bundle, tolerance_pct=config.tolerance_pct, reference=ref,
+                             target=config.target if ref else None, progress=progress)
                 measured, passed = v.measured_ms, v.passed
             except ValidationFailedError as e:  # recorded in the manifest and the outcome; the run goes on
                 measured, passed = e.validation.measured_ms, False

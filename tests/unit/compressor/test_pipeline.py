@@ -105,18 +105,33 @@ def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
     assert res.exit_code == 3 and "fastest subnet" in res.output
 
 
+def test_a_relative_budget_validates_against_the_uniform_export_timed_in_turn(setup):
+    from dataclasses import replace
+
+    d, cfg, *_ = setup
+    res = compress(replace(cfg, reference="w4g32a8"), d / "relative", notes=("how the budget resolved",))
+    assert res.record.notes[0] == "how the budget resolved"
+    (c,) = res.record.candidates
+    v = load_manifest(d / "relative" / c.bundle).validation
+    ref = d / "relative" / "reference" / "w4g32a8"
+    assert v["reference"] == str(ref) and (ref / "manifest.json").is_file()
+    assert v["predicted_ratio"] == pytest.approx(c.predicted_ms / v["reference_predicted_ms"])
+    assert v["passed"] == (abs(v["error_pct"]) <= cfg.tolerance_pct) and c.validation_passed == v["passed"]
+
+
 def test_a_relative_budget_is_a_fraction_of_the_uniform_export_prediction(setup, tiny_base):
     from llmshrink.api import _resolve_budgets
     from llmshrink.progress import NULL_PROGRESS
     from llmshrink.spec import SubnetSpec
 
-    d, cfg, target, table, _ = setup
-    want = predict(SubnetSpec.uniform(tiny_base, "w4g32a8"), target, table=table).total_ms
-    assert want != pytest.approx(predict(SubnetSpec.uniform(tiny_base, "fp32"), target, table=table).total_ms)
-    ms, notes = _resolve_budgets(["0.5xw4g32a8", 3.0], cfg.model, cfg.target, None, NULL_PROGRESS)
-    assert ms == (pytest.approx(0.5 * want, abs=1e-3), 3.0)
+    d, cfg, target, *_ = setup
+    # the target's table as compress finds it (a table `targets profile` wrote in the home takes precedence)
+    want = predict(SubnetSpec.uniform(tiny_base, "w4g32a8"), target).total_ms
+    assert want != pytest.approx(predict(SubnetSpec.uniform(tiny_base, "fp32"), target).total_ms)
+    ms, notes, ref = _resolve_budgets(["0.5xw4g32a8", 3.0], cfg.model, cfg.target, None, NULL_PROGRESS)
+    assert ms == (pytest.approx(0.5 * want, abs=1e-3), 3.0) and ref == "w4g32a8"
     assert len(notes) == 1 and "0.5xw4g32a8" in notes[0] and f"{want:.3f} ms" in notes[0]
-    assert _resolve_budgets("2ms,2", cfg.model, cfg.target, None, NULL_PROGRESS) == ((2.0,), ())
+    assert _resolve_budgets("2ms,2", cfg.model, cfg.target, None, NULL_PROGRESS) == ((2.0,), (), None)
 
 
 def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(setup):
