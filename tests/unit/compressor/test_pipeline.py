@@ -195,3 +195,45 @@ def test_gpu_target_run_searches_its_table_and_ships_a_calibrated_trt_bundle(set
     g = onnx.load(str(d / "a100" / c.bundle / "model.onnx"))
     scales = [float(numpy_helper.to_array(i)) for i in g.graph.initializer if i.name.endswith(".input_scale")]
     assert scales and all(s > 0 for s in scales)
+
+
+def test_a_sigkilled_compress_resumes_from_its_last_checkpoint(setup, tmp_path):
+    """The acceptance of issue 6, on the tiny model: SIGKILL the CLI mid-search, rerun with --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    d, cfg, *_ = setup
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "llmshrink", "compress", "--model", cfg.model, "--target", cfg.target,
+           "--latency", f"{cfg.budgets_ms[0]}ms", "--space", cfg.space, "--steps", "60", "--recovery-steps", "1",
+           "--out", str(out), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    ckpt = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.glob("search-*/search.ckpt"))
+        if found:
+            ckpt = found[0]
+            break
+        time.sleep(0.02)
+    assert ckpt is not None, proc.communicate()[1].decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    before = torch.load(ckpt, weights_only=False)
+    assert 0 < before["step"] < 60 and not list(out.glob("candidates/*/manifest.json"))
+    importance_mtime = (out / "importance.npz").stat().st_mtime_ns
+
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    after = torch.load(ckpt, weights_only=False)
+    assert after["step"] == 60 and [h["step"] for h in after["history"]] == list(range(1, 61))
+    # continued, not restarted: the steps before the kill keep their logged wall times
+    assert after["history"][:before["step"]] == before["history"]
+    assert (out / "importance.npz").stat().st_mtime_ns == importance_mtime
+    assert list(out.glob("candidates/*/manifest.json"))
