@@ -9,6 +9,13 @@ Each random seed gives three specs: fp32, integer weights with float
 activations (fp32/w4g32/w8g32/w4g64z/w2g32), and the same plus int8-activation
 formats (w4g32a8, w2g32a8, w8a8).
 
+Float specs are also run in float64 (the same CompressedModel, ``.double()``)
+as the exact reference: the table shows how far each fp32 runtime is from it,
+because on pruned SmolLM2 specs whose residual stream grows to |x| ~ 3000
+(massive activations) torch's own fp32 misses float64 by more than 1e-3, and
+the ORT-vs-torch difference is then the sum of two rounding errors, not a graph
+error.
+
 Rules: float formats max |d| <= 1e-3; integer weights top-1 >= 99%. With int8
 activations, rounding is discontinuous, so the table also shows the torch
 model's agreement with itself after a 1e-6 relative perturbation of its
@@ -21,6 +28,7 @@ spec passes when ORT agrees with torch within 2 points of that floor, or >= 99%.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -83,9 +91,11 @@ def main() -> None:
         d_pre, d_dec = np.abs(a[:split] - b[:split]).max(), np.abs(a[split:] - b[split:]).max()
         agree = float((a.argmax(-1) == b.argmax(-1)).mean())
         fmts = [parse_format(f) for f in spec.formats_used()]
-        floor = None
+        floor = exact = None
         if all(f.is_float for f in fmts):
             ok, rule = max(d_pre, d_dec) <= 1e-3, "max|d|<=1e-3"
+            c = run_torch(copy.deepcopy(cm).double(), ids, split)
+            exact = (float(np.abs(a - c).max()), float(np.abs(b - c).max()))
         elif all(f.act == "none" for f in fmts):
             ok, rule = agree >= 0.99, "top1>=99%"
         else:
@@ -96,17 +106,24 @@ def main() -> None:
             cm.embed.copy_(saved)
             ok, rule = agree >= min(0.99, floor - 0.02), "top1>=min(99%, floor-2pt)"
         rows.append((name, len(spec.kept_layers()), spec.hidden_size, ",".join(sorted(spec.formats_used())),
-                     d_pre, d_dec, agree, floor, rule, ok, time.time() - t0))
+                     d_pre, d_dec, agree, floor, rule, ok, exact, time.time() - t0))
         print(f"{name}: done in {rows[-1][-1]:.0f} s", flush=True)
     print(f"\n# Parity ORT vs torch — SmolLM2-135M, {args.tokens} WikiText-2 test tokens: prefill {split}, "
           f"then {args.decode} decode steps with KV cache")
     print(f"# command: python benchmarks/parity.py --data-dir {args.data_dir} --specs {args.specs}\n")
-    print("| spec | layers | hidden | formats | max|d| prefill | max|d| decode | top-1 | torch noise floor | rule | pass |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| spec | layers | hidden | formats | max|d| prefill | max|d| decode | top-1 | torch noise floor "
+          "| ORT vs float64 | torch fp32 vs float64 | rule | pass |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = f"{r[7]:.1%}" if r[7] is not None else "-"
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2e} | {r[5]:.2e} | {r[6]:.1%} | {floor} | {r[8]} | {'yes' if r[9] else 'NO'} |")
+        ex = (f"{r[10][0]:.2e} | {r[10][1]:.2e}") if r[10] is not None else "- | -"
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2e} | {r[5]:.2e} | {r[6]:.1%} | {floor} | {ex} "
+              f"| {r[8]} | {'yes' if r[9] else 'NO'} |")
     print(f"\n{sum(r[9] for r in rows)}/{len(rows)} specs pass")
+    fl = [r for r in rows if r[10] is not None]
+    print(f"float specs: torch fp32 itself misses float64 by more than 1e-3 in {sum(r[10][1] > 1e-3 for r in fl)}"
+          f"/{len(fl)}; ORT is within 2x of torch's own distance from float64 in "
+          f"{sum(r[10][0] <= 2 * r[10][1] for r in fl)}/{len(fl)}")
 
 
 if __name__ == "__main__":
