@@ -147,12 +147,7 @@ def time_in_turn(first, second, workload: Workload, *, vocab_sizes: tuple[int, i
     for k, chunk in enumerate(np.array_split(np.arange(runs), n)):
         for i in ((0, 1) if k % 2 == 0 else (1, 0)):
             time.sleep(BLOCK_PAUSE_S)
-            block = []
-            for _ in chunk:
-                t0 = time.perf_counter()
-                onces[i]()
-                block.append(time.perf_counter() - t0)
-            times[i].append(block)
+            times[i].append(timed_blocks(onces[i], len(chunk), 1))
     ratios = tuple(float(np.median(a) / np.median(b)) for a, b in zip(*times, strict=True))
     first_m, second_m = (
         summarize([t for blk in ts for t in blk], workload, warmup=warmup, threads=d.threads,
