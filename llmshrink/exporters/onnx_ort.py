@@ -163,6 +163,18 @@ def _emit_embedding(g: GraphBuilder, ids: str, cm: CompressedModel) -> str:
                  bits=emb.fmt.weight_bits, block_size=emb.fmt.group_size, gather_axis=0, quantize_axis=1)
 
 
+def _skip_norm(g: GraphBuilder, residual: str, delta: str, weight: str, name: str, eps: float) -> tuple[str, str]:
+    """SkipSimplifiedLayerNormalization: (normalized, residual + delta).
+
+    Outputs 1 and 2 (mean, inverse std) stay unnamed, as onnxruntime-genai's
+    builder leaves them: a named output is computed and written, which cost
+    4 us per node (0.26 ms per SmolLM2 decode step, 3 % of an int4 step).
+    """
+    outs = g.node("SkipSimplifiedLayerNormalization", [residual, delta, weight], name,
+                  outputs=[f"{name}/output_0", "", "", f"{name}/output_3"], domain=MS_DOMAIN, epsilon=eps)
+    return outs[0], outs[3]
+
+
 def rotary_cache(inv_freq: np.ndarray, scaling: float, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """GQA's cos/sin caches ``[max_length, head_dim/2]`` for the kept rotary frequencies."""
     freqs = np.outer(np.arange(max_length, dtype=np.float32), inv_freq.astype(np.float32))
@@ -210,9 +222,7 @@ def build_ort_graph(cm: CompressedModel, *, max_length: int = DEFAULT_MAX_LENGTH
             h = g.one("SimplifiedLayerNormalization", [residual, w_in], f"{p}/input_layernorm/LayerNorm",
                       epsilon=meta.rms_norm_eps, axis=-1, stash_type=1)
         else:
-            outs = g.node("SkipSimplifiedLayerNormalization", [residual, delta, w_in], f"{p}/input_layernorm/SkipLayerNorm",
-                          outputs=4, domain=MS_DOMAIN, epsilon=meta.rms_norm_eps)
-            h, residual = outs[0], outs[3]
+            h, residual = _skip_norm(g, residual, delta, w_in, f"{p}/input_layernorm/SkipLayerNorm", meta.rms_norm_eps)
         qkv = [b.q_proj, b.k_proj, b.v_proj]
         packed = _packed(qkv)
         if packed is not None:
@@ -233,9 +243,7 @@ def build_ort_graph(cm: CompressedModel, *, max_length: int = DEFAULT_MAX_LENGTH
             g.output(f"present.{j}.{kv}", FLOAT, ["batch_size", b.num_kv_heads, "total_sequence_length", b.head_dim])
         o = emit_linear(g, attn, b.o_proj, f"{p}/attn/o_proj/MatMul")
         w_post = g.const(f"model.layers.{j}.post_attention_layernorm.weight", b.post_norm.numpy())
-        outs = g.node("SkipSimplifiedLayerNormalization", [residual, o, w_post], f"{p}/post_attention_layernorm/SkipLayerNorm",
-                      outputs=4, domain=MS_DOMAIN, epsilon=meta.rms_norm_eps)
-        h, residual = outs[0], outs[3]
+        h, residual = _skip_norm(g, residual, o, w_post, f"{p}/post_attention_layernorm/SkipLayerNorm", meta.rms_norm_eps)
         gate = emit_linear(g, h, b.gate_proj, f"{p}/mlp/gate_proj/MatMul")
         up = emit_linear(g, h, b.up_proj, f"{p}/mlp/up_proj/MatMul")
         sig = g.one("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")
