@@ -145,15 +145,15 @@ def sample_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePl
 def _once(kv, workload: Workload, prompt: np.ndarray, step: np.ndarray):
     if workload.phase == "decode":
         kv.rewind(0)
-        kv.step(prompt, last_only=True)
+        kv.step(prompt, last_only=True, copy=False)
 
         def run() -> None:
             kv.rewind(workload.context)
-            kv.step(step)
+            kv.step(step, copy=False)
     else:
         def run() -> None:
             kv.rewind(0)
-            kv.step(prompt, last_only=True)
+            kv.step(prompt, last_only=True, copy=False)
     return run
 
 

@@ -125,6 +125,9 @@ def test_shared_buffer_session_matches_functional_forward(tiny_hf, tiny_base):
     kv.rewind(8)  # drop the four decoded positions and decode them again
     again = np.concatenate([kv.step(ids[:, t:t + 1]) for t in range(8, 12)], 1)
     assert np.abs(again - full[:, 8:]).max() < 1e-5
+    kv.rewind(8)  # copy=False: the session's own array, read before the next step overwrites it
+    own = [kv.step(ids[:, t:t + 1], copy=False) for t in range(8, 10)]
+    assert own[0] is own[1] and np.abs(own[1] - full[:, 9:10]).max() < 1e-5
     with pytest.raises(ValueError, match="max_length"):
         kv.step(ids[:, :8])
 
