@@ -115,6 +115,8 @@ class Row:
 
     @property
     def within_fp32_noise(self) -> bool | None:
+        """For a float spec that misses 1e-3: is 1e-3 below torch's own one-ulp spread, with ORT's median error
+        vs float64 within 1.5x torch's? (None for other specs.)"""
         if self.ort_f64 is None or self.ok:
             return None
         return self.ulp_spread > 1e-3 and np.median(self.ort_f64) <= 1.5 * np.median(self.torch_f64)
