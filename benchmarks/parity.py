@@ -43,6 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmshrink.evaluation.scoring import log_softmax
+from llmshrink.exporters.parity import top1_in_top5
+
 WEIGHT_ONLY = ("fp32", "w4g32", "w8g32", "w4g64z", "w2g32")
 WITH_INT8_ACTS = ("fp32", "w4g32", "w8g32", "w4g64z", "w4g32a8", "w8a8", "w2g32a8")
 
@@ -77,17 +80,10 @@ def perturbed(cm, relative: float, draws: int):
         cm.embed.copy_(saved)
 
 
-def top1_in_top5(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of positions whose top-1 token under ``a`` is among the top 5 under ``b`` (the export check's rule)."""
-    top5 = np.argpartition(-b, 5, axis=-1)[:, :5]
-    return float((top5 == a.argmax(-1)[:, None]).any(-1).mean())
-
-
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     """exp(mean NLL) of tokens 1.. given the logits at 0.. (float64 log-softmax)."""
-    x = logits[:-1].astype(np.float64)
-    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
-    return float(np.exp(np.mean(lse - x[np.arange(len(x)), ids[0, 1:len(x) + 1]])))
+    logp = log_softmax(logits[:-1])
+    return float(np.exp(-np.mean(logp[np.arange(len(logp)), ids[0, 1:len(logp) + 1]])))
 
 
 @dataclasses.dataclass

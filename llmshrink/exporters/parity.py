@@ -98,12 +98,12 @@ def check_parity(cm, decoder, token_ids: np.ndarray, *, decode_steps: int = 8,
     b = _logits(reference, ids, split)
     diff = float(np.abs(a - b).max())
     agree = float((a.argmax(-1) == b.argmax(-1)).mean())
-    in_top5 = _top1_in_top5(a, b)
+    in_top5 = top1_in_top5(a, b)
     rule, max_diff, min_top1, min_top5 = parity_rule(cm.spec, fp16_activations)
     own = None
     if rule == STATIC_RULE:
         with rounded_inputs(cm, torch.float16):
-            own = _top1_in_top5(_logits(reference, ids, split), b)
+            own = top1_in_top5(_logits(reference, ids, split), b)
         min_top5 = own - STATIC_MARGIN
     passed = ((max_diff is None or diff <= max_diff) and (min_top1 is None or agree >= min_top1)
               and (min_top5 is None or in_top5 >= min_top5))
@@ -128,7 +128,7 @@ def _torch_step(cm, ids: np.ndarray, past=None):
     return t.numpy(), past
 
 
-def _top1_in_top5(a: np.ndarray, b: np.ndarray) -> float:
+def top1_in_top5(a: np.ndarray, b: np.ndarray) -> float:
     """Share of positions whose top-1 in ``a`` is among ``b``'s top 5."""
     top5 = np.argsort(-b, -1)[..., :5]
     return float((top5 == a.argmax(-1)[..., None]).any(-1).mean())
