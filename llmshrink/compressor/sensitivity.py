@@ -112,9 +112,9 @@ def assign_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, ta
     def best(i: int, name: str, fmts) -> str:
         return min(fmts, key=lambda f: sens.scores[(i, name, f)])
 
-    layers = tuple(replace(ls, precision={n: best(i, n, space.formats) for n in LINEARS}) if ls.keep else ls
-                   for i, ls in enumerate(spec.layers))
-    start = replace(spec, layers=layers, lm_head=best(HEAD, "lm_head", space.lm_head_formats))
+    layers = tuple(replace(ls, precision={n: best(i, n, space.linear_formats(n)) for n in LINEARS}) if ls.keep
+                   else ls for i, ls in enumerate(spec.layers))
+    start = replace(spec, layers=layers, lm_head=best(HEAD, "lm_head", space.linear_formats("lm_head")))
     try:
         return fit_to_budget(start, space, target, workload, table, budget_ms, preference=sens.preference,
                              kinds=("precision",))

@@ -6,9 +6,14 @@ the kv groups), head size and MLP width; one precision per linear layer and
 one for the lm_head. Every candidate width is a prefix of an importance
 order (weight entanglement), so a candidate is just a number.
 
-Candidates must build: a width that is the K of a grouped format must be a
-multiple of that format's group size, so widths are drawn on a grid of the
-largest group among the candidate formats. Defaults come from the model
+Candidates must build: a grouped format needs its group to divide the input
+width K of the linear it quantizes. A format is offered for a linear only
+where its group divides every K that linear can have in the space
+(:meth:`SearchSpace.linear_formats`): on SmolLM2 (hidden 576) a 128-group
+format quantizes ``down_proj`` (MLP widths on a 128 grid) but not q/k/v,
+gate, up or the lm_head. Only a linear with no offered format at all is an
+error. Default widths are drawn on a grid of the groups that divide the full
+width. Defaults come from the model
 (head and MLP widths from about a quarter to full, the hidden width full:
 see :func:`default_space`) and the target (its ``search_formats``, else
 every format it has); a ``--space`` YAML overrides any of them::
@@ -66,27 +71,69 @@ class SearchSpace:
         """log10 of the number of distinct subnets (ignoring the min_layers bound)."""
         d = self.decisions()
         per_layer = sum(math.log10(d[k]) for k in ("keep", "kv_groups", "heads_per_group", "head_dim", "mlp"))
-        per_layer += len(LINEARS) * math.log10(d["precision"])
-        return math.log10(d["hidden"]) + math.log10(d["lm_head"]) + self.base.num_layers * per_layer
+        per_layer += sum(math.log10(len(self.linear_formats(n))) for n in LINEARS)
+        head = math.log10(len(self.linear_formats("lm_head")))
+        return math.log10(d["hidden"]) + head + self.base.num_layers * per_layer
+
+    def input_widths(self, linear: str) -> tuple[int, ...]:
+        """Every input width K that ``linear`` (a name of ``LINEARS`` or ``lm_head``) can have in the space.
+
+        o_proj's K is heads x head size; when the heads per group are searched, the heads a subnet
+        keeps are not a prefix of the importance order across groups, so its quantization groups must
+        not straddle heads: the head size itself counts as a width then.
+        """
+        if linear == "down_proj":
+            return self.mlp
+        if linear == "o_proj":
+            ks = {g * r * d for g in self.kv_groups for r in self.heads_per_group for d in self.head_dim}
+            if len(self.heads_per_group) > 1:
+                ks |= set(self.head_dim)
+            return tuple(sorted(ks))
+        if linear in LINEARS or linear == "lm_head":
+            return self.hidden
+        raise ValueError(f"unknown linear {linear!r}")
+
+    def linear_formats(self, linear: str) -> tuple[str, ...]:
+        """The candidate formats offered for ``linear``: those whose group divides each of its input widths
+        (``lm_head`` draws from ``lm_head_formats``, every other linear from ``formats``), in space order."""
+        fmts = self.lm_head_formats if linear == "lm_head" else self.formats
+        ks = self.input_widths(linear)
+        return tuple(f for f in fmts if all(k % (parse_format(f).group_size or 1) == 0 for k in ks))
+
+    def fit_format(self, fmt: str, linear: str) -> str:
+        """``fmt`` where ``linear`` is offered it, else the offered format nearest to it: the same bits,
+        activations and symmetry first, then the nearest group (w4g128 -> w4g64 on a 576-wide input)."""
+        offered = self.linear_formats(linear)
+        if fmt in offered:
+            return fmt
+        want = parse_format(fmt)
+
+        def distance(name: str) -> tuple:
+            f = parse_format(name)
+            return (f.weight_bits != want.weight_bits, f.act != want.act, f.symmetric != want.symmetric,
+                    abs((f.group_size or 0) - (want.group_size or 0)))
+
+        return min(offered, key=distance)
 
     def largest(self, fmt: str | None = None) -> SubnetSpec:
-        """Every width at its largest, every block kept, in ``fmt`` (default: the first, widest-bit format)."""
+        """Every width at its largest, every block kept, in ``fmt`` (default: the first, widest-bit format)
+        where each linear is offered it (else the nearest offered format, :meth:`fit_format`)."""
         return self._uniform(max, fmt or self.formats[0], keep=self.base.num_layers)
 
     def smallest(self, fmt: str | None = None) -> SubnetSpec:
         """Every width at its smallest and only ``min_layers`` blocks (the first ones; the search picks
-        which by importance), in ``fmt`` (default: the last format)."""
+        which by importance), in ``fmt`` (default: the last format) as :meth:`largest` places it."""
         return self._uniform(min, fmt or self.formats[-1], keep=self.min_layers)
 
     def _uniform(self, pick, fmt: str, keep: int) -> SubnetSpec:
         b = self.base
         layer = LayerSpec(True, pick(self.kv_groups) * pick(self.heads_per_group), pick(self.kv_groups),
-                          pick(self.head_dim), pick(self.mlp), dict.fromkeys(LINEARS, fmt))
+                          pick(self.head_dim), pick(self.mlp), {n: self.fit_format(fmt, n) for n in LINEARS})
         layers = tuple(layer if i < keep else LayerSpec(False, layer.num_heads, layer.num_kv_heads, layer.head_dim,
                                                         layer.intermediate_size, layer.precision)
                        for i in range(b.num_layers))
         lm_head = fmt if fmt in self.lm_head_formats else self.lm_head_formats[0]
-        return SubnetSpec(b, pick(self.hidden), layers, lm_head=lm_head)
+        return SubnetSpec(b, pick(self.hidden), layers, lm_head=self.fit_format(lm_head, "lm_head"))
 
     # ------------------------------------------------------------- checks
     def validate(self, target_formats: Sequence[str] | None = None) -> SearchSpace:
@@ -109,20 +156,15 @@ class SearchSpace:
                 if target_formats is not None and f not in target_formats:
                     raise UsageError(f"Search space {what}: {f} is not a kernel of the target.",
                                      f"The target has: {', '.join(target_formats)}.")
-        group = grid_step(self.formats + self.lm_head_formats)
-        for name, vals in (("hidden", self.hidden), ("mlp", self.mlp)):
-            bad = [v for v in vals if v % group]
-            if bad:
-                raise UsageError(f"Search space {name}: {bad} are not multiples of {group}, the largest quantization "
-                                 "group among the candidate formats (a grouped format needs K divisible by its group).")
-        bad = [(h, d) for h in (g * r for g in self.kv_groups for r in self.heads_per_group) for d in self.head_dim
-               if (h * d) % group]
-        if bad:
-            raise UsageError(f"Search space: attention widths heads x head_dim {bad} are not multiples of {group} "
-                             "(o_proj's K).", "Restrict head_dim or heads_per_group, or use smaller groups.")
-        if len(self.heads_per_group) > 1 and any(d % group for d in self.head_dim):
-            raise UsageError(f"Search space: head_dim {list(self.head_dim)} must be a multiple of {group} when heads "
-                             "per group are searched (o_proj's quantization groups must not straddle heads).")
+        for name in (*LINEARS, "lm_head"):
+            if not self.linear_formats(name):
+                fmts = self.lm_head_formats if name == "lm_head" else self.formats
+                field = "lm_head_formats" if name == "lm_head" else "formats"
+                raise UsageError(
+                    f"Search space: no candidate format fits {name}: its input widths {list(self.input_widths(name))} "
+                    f"are not all multiples of the group size of any of {', '.join(fmts)}.",
+                    f"Add a format with a smaller group or none (e.g. w4g32, w8a8 or a float format) to `{field}` "
+                    "in a --space file, or choose widths on a multiple of the group size.")
         return self
 
 
@@ -154,23 +196,24 @@ def default_space(base: BaseShape, target_formats: Sequence[str], *, search_form
     Short recoveries (minutes of KD, not Minitron's billions of tokens) cannot repair it. A ``--space``
     file with ``hidden: [...]`` searches it.
 
-    Without ``search_formats``, the target's formats whose group divides the
-    model's full widths (a 128-group format cannot quantize a 576-wide input).
+    Without ``search_formats``, every format of the target; each linear is offered those whose group
+    fits its input widths (:meth:`SearchSpace.linear_formats`).
     ``check=False`` skips validation (for a --space file to override first).
     """
-    full = math.gcd(base.hidden_size, base.intermediate_size)
-    formats = tuple(search_formats or (f for f in target_formats if full % (parse_format(f).group_size or 1) == 0))
-    if not formats:
-        raise UsageError(f"None of the target's formats ({', '.join(target_formats)}) fits widths "
-                         f"{base.hidden_size}/{base.intermediate_size}.", "Give formats in a --space file.")
-    step = math.lcm(32, grid_step(formats))  # default widths: multiples of 32 at least (kernel-friendly)
+    formats = tuple(search_formats or target_formats)
+
+    def step(full: int) -> int:  # default widths: multiples of 32 at least (kernel-friendly) and of every
+        return math.lcm(32, grid_step([f for f in formats  # group that fits the full width
+                                       if full % (parse_format(f).group_size or 1) == 0]))
+
     space = SearchSpace(
         base=base,
-        hidden=_grid(base.hidden_size, step, hidden_frac, 5) if hidden_frac < 1 else (base.hidden_size,),
+        hidden=(_grid(base.hidden_size, step(base.hidden_size), hidden_frac, 5) if hidden_frac < 1
+                else (base.hidden_size,)),
         kv_groups=tuple(range(1, base.num_kv_heads + 1)),
         heads_per_group=tuple(range(1, base.heads_per_group + 1)),
         head_dim=(base.head_dim,),
-        mlp=_grid(base.intermediate_size, step, 0.25, 6),
+        mlp=_grid(base.intermediate_size, step(base.intermediate_size), 0.25, 6),
         min_layers=max(1, math.ceil(min_layers_frac * base.num_layers)),
         formats=formats, lm_head_formats=formats,
     )

@@ -189,6 +189,11 @@ class Supernet(nn.Module):
             self.register_buffer(f"alive_{k}", torch.ones(s, dtype=torch.bool))
         if not space.depth_search:
             self.alive_keep[:, 0] = False
+        # a format is a candidate of a linear only where its group fits the linear's input widths
+        self.offered_prec = torch.tensor([[f in space.linear_formats(n) for f in space.formats] for n in LINEARS])
+        self.offered_lm_head = torch.tensor([f in space.linear_formats("lm_head") for f in space.lm_head_formats])
+        self.alive_prec &= self.offered_prec
+        self.alive_lm_head &= self.offered_lm_head
         for k, field in WIDTHS.items():
             self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long))
         self.fmts = [parse_format(f) for f in space.formats]
@@ -279,12 +284,16 @@ class Supernet(nn.Module):
         spans the row, are recomputed on the slice).
         """
         self._resid = {}
+
+        def resid(w: torch.Tensor, fmts: list[QuantFormat], offered: torch.Tensor) -> torch.Tensor:
+            # a format the linear is not offered (its group does not divide K) never runs: zeros
+            return torch.stack([fake_quant(w, f) - w if ok else torch.zeros_like(w) for f, ok in zip(fmts, offered, strict=True)])
+
         for lay in self.layers:
-            for name in LINEARS:
+            for j, name in enumerate(LINEARS):
                 w = lay.weight(name)
-                self._resid[id(w)] = torch.stack([fake_quant(w, f) - w for f in self.fmts])
-        self._resid[id(self.lm_head)] = torch.stack([fake_quant(self.lm_head, f) - self.lm_head
-                                                     for f in self.head_fmts])
+                self._resid[id(w)] = resid(w, self.fmts, self.offered_prec[j])
+        self._resid[id(self.lm_head)] = resid(self.lm_head, self.head_fmts, self.offered_lm_head)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, cut, p: torch.Tensor, alive: torch.Tensor,
                 fmts: list[QuantFormat]) -> torch.Tensor:
@@ -300,7 +309,7 @@ class Supernet(nn.Module):
         if any(fmts[i].group_size is None and not fmts[i].is_float for i in idx):
             # a per-channel scale spans the whole row: a slice of it is not the sliced weight's
             with torch.no_grad():
-                resid = torch.stack([resid[i] if fmts[i].group_size or fmts[i].is_float
+                resid = torch.stack([resid[i] if fmts[i].group_size or fmts[i].is_float or not alive[i]
                                      else fake_quant(wc, fmts[i]) - wc for i in range(len(fmts))])
         if not self.vectorized:  # one matmul per format, each with its own activation rounding
             out = 0
@@ -467,11 +476,11 @@ class Supernet(nn.Module):
             d = {"kv_heads": Choice(s.kv_groups, probs.kv[i]), "heads_per_group": Choice(s.heads_per_group, probs.hpg[i]),
                  "head_dim": hd, "mlp": Choice(s.mlp, probs.mlp[i])}
             if self.latency_format:
-                d.update(dict.fromkeys(LINEARS, Choice((self.latency_format,), torch.ones(1))))
+                d.update({n: Choice((s.fit_format(self.latency_format, n),), torch.ones(1)) for n in LINEARS})
             else:
                 d.update({name: Choice(s.formats, probs.prec[i, j]) for j, name in enumerate(LINEARS)})
             layers.append(d)
-        head = (Choice((self.latency_format,), torch.ones(1)) if self.latency_format
+        head = (Choice((s.fit_format(self.latency_format, "lm_head"),), torch.ones(1)) if self.latency_format
                 else Choice(s.lm_head_formats, probs.lm_head))
         return dict(hidden=Choice(s.hidden, probs.hidden), layers=layers, keep=list(probs.keep[:, 1]), lm_head=head)
 

@@ -66,6 +66,27 @@ def test_one_hot_supernet_quantizes_like_the_extracted_subnet(tiny_hf, tiny_base
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_format_is_a_candidate_only_where_its_group_fits(tiny_hf, tiny_base, ids, seed, monkeypatch):
+    # a 64-group divides the MLP widths (64, 128) but not the hidden 32 or o_proj's 32: down_proj only
+    monkeypatch.setattr(quant, "CLIP_GRID", (1.0,))
+    space = SearchSpace(tiny_base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,), head_dim=(16,),
+                        mlp=(64, 128), min_layers=2, formats=("w4g32a8", "w4g64a8"),
+                        lm_head_formats=("w4g32a8", "w4g64a8")).validate()
+    assert space.linear_formats("down_proj") == ("w4g32a8", "w4g64a8")
+    assert space.linear_formats("q_proj") == space.linear_formats("o_proj") == ("w4g32a8",)
+    net = Supernet(tiny_hf, space)
+    for _ in range(3):  # sampled subnets never draw an offered-nowhere format
+        pr = net.sample(1.0, torch.Generator().manual_seed(seed))
+        assert float(pr.prec[:, :6, 1].abs().sum()) == 0 and float(pr.lm_head[1]) == 0
+    _pin(net, 20 + seed)
+    spec = net.argmax_spec()
+    spec.validate()
+    with torch.no_grad():
+        got = net(ids)
+    torch.testing.assert_close(got, materialize(tiny_hf, spec)(ids)[0], atol=1e-4, rtol=1e-3)
+
+
 def test_fake_quant_matches_the_exporters_quantizer_without_clipping(monkeypatch):
     monkeypatch.setattr(quant, "CLIP_GRID", (1.0,))
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
