@@ -117,6 +117,18 @@ def parse_format(name: str) -> QuantFormat:
     )
 
 
+_ACT_LOSS = {"none": 0, "int8-block": 1, "int8-static": 2, "int8-tensor": 3}
+
+
+def fidelity_key(name: str) -> tuple:
+    """Sort key, most faithful to the float model first: more weight bits; then float activations
+    before int8 ones (per block of K, static per tensor, dynamic per tensor); then smaller groups (one
+    scale per channel last); then a zero point before none. A prior, not a measurement: it orders
+    formats of the same model where nothing has been scored yet."""
+    f = parse_format(name)
+    return (-f.weight_bits, _ACT_LOSS[f.act], f.group_size or 1 << 30, f.symmetric)
+
+
 def all_formats() -> list[QuantFormat]:
     """Every format this module can express (targets pick their subset)."""
     out = [QuantFormat(32), QuantFormat(16), parse_format("w8a8"), parse_format("w8a8s")]

@@ -98,12 +98,70 @@ def fastest_reachable(space: SearchSpace, target, workload, table) -> tuple[floa
     best: tuple[float, SubnetSpec] | None = None
     for fmt in space.formats:
         spec = space.smallest(fmt)
-        for head in space.lm_head_formats:
+        for head in space.linear_formats("lm_head"):
             s = replace(spec, lm_head=head)
             ms = predict(s, target, workload, table=table).total_ms
             if best is None or ms < best[0]:
                 best = (ms, s)
     return best
+
+
+def num_weights(spec: SubnetSpec) -> int:
+    """Weights of ``spec`` as the search's parameter penalty counts them: the kept blocks' linears, the
+    embedding, and the lm_head unless it is tied and stays in the embedding's float32."""
+    b, h = spec.base, spec.hidden_size
+    total = sum(h * ls.head_dim * (2 * ls.num_heads + 2 * ls.num_kv_heads) + 3 * h * ls.intermediate_size
+                for ls in spec.layers if ls.keep)
+    own_head = not b.tied_embeddings or spec.lm_head != "fp32"
+    return total + b.vocab_size * h * (2 if own_head else 1)
+
+
+@dataclass(frozen=True)
+class UnprunedFit:
+    """The unpruned model in one format, shipped without a search (see :func:`unpruned_fit`)."""
+
+    spec: SubnetSpec
+    predicted_ms: float
+    reason: str
+
+
+def unpruned_fit(space: SearchSpace, target, workload, table, budget_ms: float, *,
+                 params_budget: float | None = None, accepts: Callable[[SubnetSpec], bool] = lambda s: True
+                 ) -> UnprunedFit | None:
+    """The answer to a loose budget, or None when the budget needs a search.
+
+    A budget is loose when the unpruned model, every linear in the space's most faithful search format
+    (:func:`~llmshrink.formats.fidelity_key`), meets it (and ``params_budget``, if any). Nothing
+    pruned or coarser can then beat the most faithful of the target's formats whose unpruned model the
+    table predicts within the budget (the original itself when its float format fits): that one is
+    returned, with a sentence saying why. ``accepts`` filters the formats a caller can build (the
+    flavour's kernels).
+    """
+    from llmshrink.formats import fidelity_key, parse_format
+
+    top = min(space.formats, key=fidelity_key)
+    largest = space.largest(top)
+    if params_budget and num_weights(largest) > params_budget:
+        return None
+    if predict(largest, target, workload, table=table).total_ms > budget_ms:
+        return None
+    for fmt in sorted(target.formats, key=fidelity_key):
+        spec = SubnetSpec.uniform(space.base, fmt)
+        try:
+            spec.validate(allowed_formats=set(target.formats))
+        except UsageError:  # SpecError: this format's group does not fit the model's widths
+            continue
+        if not accepts(spec):
+            continue
+        ms = predict(spec, target, workload, table=table).total_ms
+        if ms <= budget_ms:
+            what = "the original model" if parse_format(fmt).is_float else "the unpruned model"
+            return UnprunedFit(spec, ms, (
+                f"{what} in {fmt} fits the {budget_ms:g} ms budget (predicted {ms:.2f} ms, {workload.describe()}); "
+                f"{fmt} is the most faithful of {target.name}'s formats that fits, and every format the search "
+                f"may use ({', '.join(space.formats)}) is at most as faithful, so a searched subnet (pruned or "
+                "coarser) cannot beat it: shipped without a search"))
+    return None
 
 
 def check_budget(space: SearchSpace, target, workload, table, budget_ms: float) -> float:
@@ -151,7 +209,7 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[st
     h = _neighbour(space.hidden, spec.hidden_size, step)
     if h:
         yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
-    for f in space.lm_head_formats:
+    for f in space.linear_formats("lm_head"):
         if f != spec.lm_head:
             yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
     can_drop = len(spec.kept_layers()) > space.min_layers
@@ -179,7 +237,7 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[st
         if r:
             yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
         for name in LINEARS:
-            for f in space.formats:
+            for f in space.linear_formats(name):
                 if f != ls.precision[name]:
                     yield "precision", f"layer {i} {name} {ls.precision[name]}->{f}", at(
                         replace(ls, precision={**ls.precision, name: f}))

@@ -36,7 +36,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,7 @@ class CandidateOutcome:
     measured_ms: float | None = None  # floor (see exporters.timing); None where the hardware is absent
     validation_passed: bool | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # why this candidate, when it was chosen without a search (a loose budget)
 
 
 @serde.serializable("CompressRecord")
@@ -237,29 +238,80 @@ def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint:
                         cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
 
 
+def _shortcuts(config: CompressConfig, space, target, workload, table) -> dict[float, object]:
+    """Per loose budget, the unpruned model to ship without a search (see ``budget.unpruned_fit``)."""
+    from llmshrink.api import FLAVOURS
+    from llmshrink.compressor.budget import unpruned_fit
+
+    flavour = FLAVOURS.get(target.flavour)()
+
+    def buildable(spec) -> bool:
+        try:
+            flavour.check_spec(spec)
+        except UsageError:
+            return False
+        return True
+
+    fits = {b: unpruned_fit(space, target, workload, table, b, params_budget=config.params_budget,
+                            accepts=buildable) for b in config.budgets_ms}
+    return {b: f for b, f in fits.items() if f is not None}
+
+
+class _Inputs:
+    """What the phases read, loaded once and only when a phase first asks: a loose budget's run
+    (:func:`_shortcuts`) needs the model, never the calibration text, importance or teacher."""
+
+    def __init__(self, config: CompressConfig, source, out: Path, progress: Progress) -> None:
+        self.config, self.source, self.out, self.progress = config, source, out, progress
+        self.targets = None  # the teacher's log-probabilities on calib, set when a search or recovery runs
+
+    @cached_property
+    def hf(self):
+        from llmshrink.models import load_model
+
+        return load_model(self.source, progress=self.progress).float().eval()
+
+    @cached_property
+    def tok(self):
+        from llmshrink.models import load_tokenizer
+
+        return load_tokenizer(self.source, progress=self.progress)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        from llmshrink.models.load import fingerprint
+
+        return fingerprint(self.source)
+
+    @cached_property
+    def splits(self):
+        with self.progress.task("Calibration text"):
+            return calibration_splits(self.config, self.hf, self.tok, self.fingerprint, self.progress)
+
+    @cached_property
+    def importance(self):
+        return _importance(self.hf, self.splits.calib, self.out, self.progress)
+
+
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
              progress: Progress = NULL_PROGRESS, notes: tuple[str, ...] = ()) -> CompressResult:
     """Run the whole pipeline for every budget (see module docstring).
 
-    ``notes`` (e.g. how a relative budget resolved) go into the run record and report.
+    ``notes`` (e.g. how a relative budget resolved) go into the run record and report. A loose budget
+    (``budget.unpruned_fit``) ships the unpruned model in the most faithful format that fits, without
+    a search; its outcome's ``reason`` says why.
 
     Raises:
         InfeasibleBudgetError: a budget is below the fastest subnet of the space (before any weights load).
         UsageError: bad input, or ``out`` holds another run (or nothing to resume).
     """
-    from llmshrink.api import export_compressed, validate
-    from llmshrink.compressor.budget import check_budget, fit_to_budget, grow_to_budget
-    from llmshrink.compressor.model import CompressedModel
-    from llmshrink.compressor.recover import recover
-    from llmshrink.compressor.search import run_search
+    from llmshrink.compressor.budget import check_budget
     from llmshrink.compressor.space import default_space, load_space
-    from llmshrink.compressor.supernet import Supernet
     from llmshrink.evaluation.report import write_report
-    from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
-    from llmshrink.models.load import fingerprint
+    from llmshrink.models import load_config, resolve_model
     from llmshrink.rundir import RunEntry, RunRecord, write_record
     from llmshrink.spec import BaseShape
-    from llmshrink.targets.predict import predict, table_for
+    from llmshrink.targets.predict import table_for
     from llmshrink.targets.profile import load_target
     from llmshrink.targets.table import host_mismatch
 
@@ -275,27 +327,22 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     space = (load_space(config.space, base, target.formats, search_formats=fmts) if config.space
              else default_space(base, target.formats, search_formats=fmts))
     fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
+    shortcuts = _shortcuts(config, space, target, workload, table)
     previous = _check_out(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
     measurable = target.runtime in MEASURABLE_RUNTIMES
     notes += () if measurable else (
-        f"{target.name} hardware is not present here: latencies are predicted from its "
-        f"{table.kind} table, not measured. Build and time the engine on the device: "
-        "`llmshrink build RUN_DIR/candidates/<budget>`.",)
+        f"latency analytical, not measured: {target.name} hardware is not present here, so latencies are "
+        f"predicted from its {table.kind} table. On the device, from the run directory: `llmshrink build "
+        f"candidates/<budget> --workload {workload}` builds and times the TensorRT engine, then "
+        "`llmshrink validate candidates/<budget>` checks it against the prediction.",)
     if measurable and (why := host_mismatch(table)):
         notes += (why,)  # bundles will likely miss their budgets here; say so where the results are read
     rec = previous or CompressRecord(config, fastest, notes=notes)
     _save(out, rec)
 
-    hf = load_model(source, progress=progress).float().eval()
-    tok = load_tokenizer(source, progress=progress)
-    fp = fingerprint(source)
-    seq = config.search.seq_len
-    with progress.task("Calibration text"):
-        splits = calibration_splits(config, hf, tok, fp, progress)
-    calib = splits.calib
-    imp = _importance(hf, calib, out, progress)
-    targets = None  # the teacher's log-probabilities on calib, computed once, when a search or recovery runs
+    inputs = _Inputs(config, source, out, progress)
+    ctx = _Context(config, out, target, table, workload, space, base, source, measurable, notes, inputs)
     done = {c.label: c for c in rec.candidates}
     outcomes = []
     for budget in sorted(config.budgets_ms):
@@ -303,81 +350,10 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         if label in done and (out / done[label].bundle / "manifest.json").is_file():
             outcomes.append(done[label])
             continue
-        secs: dict[str, float] = {}
-        if targets is None:
-            from llmshrink.compressor.teacher import TeacherTargets
-
-            t0 = time.perf_counter()
-            targets = TeacherTargets(hf, calib[:, :seq], batch_size=config.search.batch_size, progress=progress)
-            secs["teacher"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if config.strategy == "joint":
-            net = Supernet(hf, space, imp)
+        if budget in shortcuts:
+            outcome = _ship_unpruned(ctx, budget, shortcuts[budget])
         else:
-            net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
-                           latency_format=_fastest_format(space, target, workload, table))
-        sdir = out / f"search-{label}"
-        if len(config.budgets_ms) > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
-            _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
-            storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
-        ckpt_exists = (sdir / "search.ckpt").is_file()
-        result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
-                            params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
-                            resume=ckpt_exists, targets=targets, progress=progress)
-        secs["search"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        spec = replace(net.argmax_spec(model=source.describe()), notes={"budget_ms": f"{budget:g}"})
-        storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
-        if config.strategy == "joint":
-            spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
-            spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
-                                         preference=partial(net.log_prob, alive_only=False))
-            moves = moves + grown
-        else:
-            from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
-
-            batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
-            sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
-            spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
-        storage.atomic_write_text(sdir / "spec.json", spec.to_json())
-        del net
-        secs["fit"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rdir = sdir / "recovered"  # kept so that a resumed run never repeats a finished recovery
-        if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
-            cm = CompressedModel.load(rdir)
-            kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
-        else:
-            shared = targets if config.recovery.seq_len == seq else None  # else recover computes its own
-            rr = recover(hf, spec, calib, config=config.recovery, tokenizer=tok, targets=shared, progress=progress)
-            cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
-            cm.save(rdir)
-            storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after]))
-        secs["recovery"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        bundle = Path("candidates") / label
-        m = export_compressed(cm, tok, out / bundle, flavour=target.flavour, target=target, workload=workload,
-                              model_source=source.describe(), model_fingerprint=fp, max_length=config.max_length,
-                              notes=notes, progress=progress)
-        secs["export"] = time.perf_counter() - t0
-        measured = passed = None
-        if measurable:
-            t0 = time.perf_counter()
-            try:
-                ref = _reference_bundle(out, config, base, source, progress) if config.reference else None
-                v = validate(out / bundle, tolerance_pct=config.tolerance_pct, reference=ref,
-                             target=config.target if ref else None, progress=progress)
-                measured, passed = v.measured_ms, v.passed
-            except ValidationFailedError as e:  # recorded in the manifest and the outcome; the run goes on
-                measured, passed = e.validation.measured_ms, False
-            secs["measure"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _record_held_out_ppl(out / bundle, splits.eval, config.calib_data, progress)
-        secs["quality"] = time.perf_counter() - t0
-        outcome = CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint,
-                                   predict(spec, target, workload, table=table).total_ms,
-                                   result.history[-1].latency_ms if result.history else float("nan"),
-                                   tuple(mv.what for mv in moves), kd_before, kd_after, measured, passed, secs)
+            outcome = _search_and_ship(ctx, budget)
         outcomes.append(outcome)
         rec = replace(rec, candidates=tuple([c for c in rec.candidates if c.label != label] + [outcome]))
         _save(out, rec)
@@ -388,3 +364,145 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
                                 notes=rec.notes))
     _, md, _ = write_report(out)
     return CompressResult(out, rec, md)
+
+
+@dataclass
+class _Context:
+    """What every budget's phases share within one run."""
+
+    config: CompressConfig
+    out: Path
+    target: object
+    table: object
+    workload: Workload
+    space: object
+    base: object
+    source: object
+    measurable: bool
+    notes: tuple[str, ...]
+    inputs: _Inputs
+
+
+def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
+    """Export ``cm`` as the bundle of ``label``, then measure it where the target is this machine.
+
+    Returns (bundle path relative to the run, manifest, measured ms or None, validation verdict or None).
+    """
+    from llmshrink.api import export_compressed, validate
+
+    config, out, inputs = ctx.config, ctx.out, ctx.inputs
+    t0 = time.perf_counter()
+    bundle = Path("candidates") / label
+    m = export_compressed(cm, inputs.tok, out / bundle, flavour=ctx.target.flavour, target=ctx.target,
+                          workload=ctx.workload, model_source=ctx.source.describe(),
+                          model_fingerprint=inputs.fingerprint, max_length=config.max_length, notes=ctx.notes,
+                          progress=inputs.progress)
+    secs["export"] = time.perf_counter() - t0
+    measured = passed = None
+    if ctx.measurable:
+        t0 = time.perf_counter()
+        try:
+            ref = _reference_bundle(out, config, ctx.base, ctx.source, inputs.progress) if config.reference else None
+            v = validate(out / bundle, tolerance_pct=config.tolerance_pct, reference=ref,
+                         target=config.target if ref else None, progress=inputs.progress)
+            measured, passed = v.measured_ms, v.passed
+        except ValidationFailedError as e:  # recorded in the manifest and the outcome; the run goes on
+            measured, passed = e.validation.measured_ms, False
+        secs["measure"] = time.perf_counter() - t0
+    return bundle, m, measured, passed
+
+
+def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
+    """A loose budget: the unpruned model in ``fit.spec``'s format, exported and measured; no search or recovery."""
+    from llmshrink.api import EXPORT_CALIB_ROWS
+    from llmshrink.compressor.calibrate import needs_calibration
+    from llmshrink.compressor.materialize import materialize
+
+    log.info("%s: %s", budget_label(budget), fit.reason)
+    inputs, secs = ctx.inputs, {}
+    spec = replace(fit.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"})
+    t0 = time.perf_counter()
+    calib = inputs.splits.calib[:EXPORT_CALIB_ROWS] if needs_calibration(spec) else None
+    with inputs.progress.task("Quantizing the unpruned model" if calib is not None or spec.lm_head != "fp32"
+                              else "Preparing the original model"):
+        cm = materialize(inputs.hf, spec, inputs.tok, calib=calib)
+    secs["materialize"] = time.perf_counter() - t0
+    bundle, m, measured, passed = _export_and_check(ctx, cm, budget_label(budget), secs)
+    return CandidateOutcome(budget_label(budget), budget, str(bundle), m.spec_fingerprint, fit.predicted_ms,
+                            fit.predicted_ms, (), None, None, measured, passed, secs, reason=fit.reason)
+
+
+def _search_and_ship(ctx: _Context, budget: float) -> CandidateOutcome:
+    """One budget through search, extraction and fit, recovery, export, measurement and held-out scoring."""
+    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget
+    from llmshrink.compressor.model import CompressedModel
+    from llmshrink.compressor.recover import recover
+    from llmshrink.compressor.search import run_search
+    from llmshrink.compressor.supernet import Supernet
+    from llmshrink.compressor.teacher import TeacherTargets
+    from llmshrink.targets.predict import predict
+
+    config, out, inputs = ctx.config, ctx.out, ctx.inputs
+    space, target, workload, table = ctx.space, ctx.target, ctx.workload, ctx.table
+    hf, progress, seq = inputs.hf, inputs.progress, config.search.seq_len
+    calib, imp = inputs.splits.calib, inputs.importance
+    label = budget_label(budget)
+    secs: dict[str, float] = {}
+    if inputs.targets is None:
+        t0 = time.perf_counter()
+        inputs.targets = TeacherTargets(hf, calib[:, :seq], batch_size=config.search.batch_size, progress=progress)
+        secs["teacher"] = time.perf_counter() - t0
+    targets = inputs.targets
+    t0 = time.perf_counter()
+    if config.strategy == "joint":
+        net = Supernet(hf, space, imp)
+    else:
+        net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
+                       latency_format=_fastest_format(space, target, workload, table))
+    sdir = out / f"search-{label}"
+    if len(config.budgets_ms) > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
+        _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
+        storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
+    ckpt_exists = (sdir / "search.ckpt").is_file()
+    result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
+                        params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
+                        resume=ckpt_exists, targets=targets, progress=progress)
+    secs["search"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    spec = replace(net.argmax_spec(model=ctx.source.describe()), notes={"budget_ms": f"{budget:g}"})
+    storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
+    if config.strategy == "joint":
+        spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+        spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
+                                     preference=partial(net.log_prob, alive_only=False))
+        moves = moves + grown
+    else:
+        from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
+
+        batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
+        sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
+        spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
+    storage.atomic_write_text(sdir / "spec.json", spec.to_json())
+    del net
+    secs["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rdir = sdir / "recovered"  # kept so that a resumed run never repeats a finished recovery
+    if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
+        cm = CompressedModel.load(rdir)
+        kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
+    else:
+        shared = targets if config.recovery.seq_len == seq else None  # else recover computes its own
+        rr = recover(hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
+                     progress=progress)
+        cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
+        cm.save(rdir)
+        storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after]))
+    secs["recovery"] = time.perf_counter() - t0
+    bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
+    t0 = time.perf_counter()
+    _record_held_out_ppl(out / bundle, inputs.splits.eval, config.calib_data, progress)
+    secs["quality"] = time.perf_counter() - t0
+    return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint,
+                            predict(spec, target, workload, table=table).total_ms,
+                            result.history[-1].latency_ms if result.history else float("nan"),
+                            tuple(mv.what for mv in moves), kd_before, kd_after, measured, passed, secs)
