@@ -11,8 +11,9 @@ code  meaning
 2     usage: bad name, bad path, bad option value
 3     infeasible budget: the search space cannot reach it
 4     validation: measured latency outside tolerance
-5     missing hardware or runtime (no CUDA device, no TensorRT)
+5     missing hardware or runtime (no CUDA device, no TensorRT, an extra not installed)
 6     a remote resource is unreachable (offline, hub down)
+130   interrupted (Ctrl-C); finished work is kept
 ====  ===========================================================
 """
 
@@ -83,7 +84,17 @@ class MissingHardwareError(LlmshrinkError):
     exit_code = 5
 
 
+class MissingExtraError(MissingHardwareError):
+    """An optional package the command needs is not installed (lm-eval, tensorrt, datasets, pyarrow)."""
+
+
 class RemoteUnavailableError(LlmshrinkError):
     """A remote resource (model hub, package index) cannot be reached."""
 
     exit_code = 6
+
+
+class Interrupted(LlmshrinkError):
+    """The user stopped the command (Ctrl-C); what was finished is kept, and the hint says how to go on."""
+
+    exit_code = 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -92,3 +93,14 @@ default_workload: decode:batch=1,ctx=16
 table: cpu-smollm2-135m
 """)
     return load_table("cpu-smollm2-135m"), yaml_path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After the run: the bad-input catalogue (tests/unit/cli/test_bad_input.py), each case with its exit code."""
+    rows = next((m.CATALOGUE for name, m in list(sys.modules.items())
+                 if name.endswith("test_bad_input") and getattr(m, "CATALOGUE", None)), None)
+    if not rows:
+        return
+    terminalreporter.section("bad-input catalogue: exit code, case, first line of the message")
+    for case, code, first in rows:
+        terminalreporter.write_line(f"{code:>4}  {case:<48} {first[:90]}")

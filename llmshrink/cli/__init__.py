@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 
 import click
 
 from llmshrink import __version__
-from llmshrink.errors import LlmshrinkError
+from llmshrink.errors import Interrupted, LlmshrinkError
 
 # name -> "module:attr", in the order `--help` lists them.
 COMMANDS: dict[str, str] = {
@@ -64,13 +65,32 @@ class LazyGroup(click.Group):
             raise
 
     def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
         except LlmshrinkError as e:
             from llmshrink.cli import ui
 
+            if debug:
+                ui.show_traceback()
             ui.show_error(e)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            from llmshrink.cli import ui
+
+            ui.show_error(Interrupted("Interrupted."))
+            ctx.exit(Interrupted.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug: say so in one line; the traceback is for --debug
+            from llmshrink.cli import ui
+
+            if debug:
+                raise
+            ui.show_error(LlmshrinkError(f"internal error: {type(e).__name__}: {e}",
+                                         "This is a bug in llmshrink. Re-run with --debug for the traceback "
+                                         "and report it."))
+            ctx.exit(1)
 
 
 def _quiet_libraries() -> None:
@@ -85,7 +105,8 @@ def _quiet_libraries() -> None:
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="llmshrink")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("--debug", is_flag=True, help="Show the Python traceback of any error (for bug reports).")
+def cli(verbose: int, debug: bool) -> None:
     """Compress a pretrained LLM for one deployment target.
 
     llmshrink searches architecture (width, depth) and per-layer precision
@@ -106,11 +127,23 @@ def cli(verbose: int) -> None:
       llmshrink bench bundles/int4 --workload decode:ctx=256
 
     Exit codes: 0 ok, 2 usage, 3 infeasible budget, 4 validation failed,
-    5 missing hardware/runtime, 6 remote unreachable, 1 other.
+    5 missing hardware/runtime, 6 remote unreachable, 130 interrupted, 1 other.
     """
     _quiet_libraries()
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _warnings_to_debug()
+
+
+def _warnings_to_debug() -> None:
+    """Python warnings (transformers' FutureWarnings and the like) are for developers: log them at debug
+    (shown with -vv), never in the user's output. llmshrink itself reports through logging."""
+    wlog = logging.getLogger("py.warnings")
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        wlog.debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+
+    warnings.showwarning = show
 
 
 def main() -> None:

@@ -22,6 +22,19 @@ def parse_count(text: str) -> float:
     return float(m.group(1)) * _UNITS_COUNT[m.group(2)]
 
 
+def resume_command(out_dir: Path) -> str:
+    """This invocation's command line with ``--out`` pinned and ``--resume``: what continues the run."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:])
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", str(out_dir)]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["llmshrink", *args])
+
+
 @click.command("compress")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Built-in name, local directory, .gguf file or hub id.")
@@ -83,12 +96,20 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
         name = Path(model).name if Path(model).exists() else model.replace("/", "_")
         out_dir = Path("runs") / f"{name}-{Path(target).stem}-{strategy}-{'_'.join(map(str, budgets))}"
     wl = parse_workload(workload) if workload else None
-    with progress(not as_json) as p:
-        res = api.compress(model, target=target, latency_ms=latency, out=out_dir,
-                           params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
-                           strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
-                           calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
-                           resume=resume, progress=p)
+    try:
+        with progress(not as_json) as p:
+            res = api.compress(model, target=target, latency_ms=latency, out=out_dir,
+                               params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
+                               strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
+                               calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
+                               resume=resume, progress=p)
+    except KeyboardInterrupt:
+        from llmshrink.errors import Interrupted
+
+        if not (out_dir / "compress.json").is_file():
+            raise Interrupted("Interrupted before the run started; nothing was written.") from None
+        raise Interrupted(f"Interrupted. {out_dir} keeps every finished phase and the search's last checkpoint.",
+                          f"Continue with: {resume_command(out_dir)}") from None
     rec = res.record
     if as_json:
         print_json({"run_dir": str(out_dir), "report": str(res.report), **serde.to_dict(rec)["_data"]})
@@ -104,6 +125,9 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
         kd = (f"{c.kd_before_recovery:.3f} → {c.kd_after_recovery:.3f}" if c.kd_before_recovery is not None else "-")
         t.add_row(f"{c.budget_ms:g} ms", f"{c.predicted_ms:.2f} ms", meas, verdict, kd, str(out_dir / c.bundle))
     out.print(t)
+    for c in rec.candidates:  # chosen without a search: say why
+        if c.reason:
+            out.print(f"{c.label}: {c.reason}.", highlight=False)
     from llmshrink.exporters.bundle import load_manifest
 
     for c in rec.candidates:  # a relative check (a relative budget's reference) is judged on the ratio: show it
@@ -112,5 +136,5 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
             err.print(f"{c.label}: latency relative to {v['reference']} predicted {v['predicted_ratio']:.3f}×, "
                       f"measured {v['measured_ratio']:.3f}× ({v['error_pct']:+.1f}%, blocks timed in turn)")
     for n in rec.notes:
-        err.print(f"warning: {n}", style="yellow")
+        err.print(f"warning: {n}", style="yellow", markup=False, highlight=False)
     err.print(f"report: {res.report}")

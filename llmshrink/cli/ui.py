@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,9 +40,15 @@ def print_json(obj: Any) -> None:
 
 def show_error(e: LlmshrinkError) -> None:
     """Render a known error: the message in red, the hint below it."""
-    err.print(f"[bold red]error:[/] {e.message}", highlight=False)
-    if e.hint:
-        err.print(e.hint, highlight=False)
+    # soft_wrap: a path or a command in a message stays on one line, whole, for copying
+    err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
+    if e.hint:  # escaped: a hint such as pip install 'llmshrink[eval]' is not rich markup
+        err.print(escape(e.hint), highlight=False, soft_wrap=True)
+
+
+def show_traceback() -> None:
+    """The traceback of the exception being handled (``--debug``)."""
+    err.print_exception()
 
 
 def warn(message: str) -> None:
@@ -109,11 +117,74 @@ class RichProgress(Progress):
             task.finish()
 
 
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _LineTask(Task):
+    def __init__(self, owner: LineProgress, description: str, total: float | None) -> None:
+        super().__init__(description, total)
+        self._owner = owner
+        self.started = time.monotonic()
+        self._said = self.started
+        self._first: tuple[float, float] | None = None  # (time, units) at the first advance: the rate's origin
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        super().advance(n, **fields)
+        now = time.monotonic()
+        if self._first is None:  # a resumed task jumps ahead at once: the rate counts from here
+            self._first = (now, self.completed)
+        if now - self._said >= self._owner.every:
+            self._said = now
+            self._owner.line(self._status(now))
+
+    def _status(self, now: float) -> str:
+        done = f"{self.completed:g}" + (f"/{self.total:g}" if self.total else "")
+        info = "  ".join(str(v) if k == "info" else f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in self.fields.items())
+        eta = ""
+        t1, c1 = self._first or (now, self.completed)
+        if self.total and c1 < self.completed < self.total:
+            eta = f"  ETA {_clock((now - t1) / (self.completed - c1) * (self.total - self.completed))}"
+        return f"  {self.description}: {done}{eta}" + (f"  {info}" if info else "")
+
+
+class LineProgress(Progress):
+    """:class:`Progress` as plain lines, for logs and CI (no terminal): a line when a phase starts and
+    when it ends, with the time since the command started and the phase's duration, and in long phases
+    a status line (step k/N, fields such as the loss, ETA) at most every ``every`` seconds."""
+
+    def __init__(self, console: Console, every: float = 30.0) -> None:
+        self._console = console
+        self.every = every
+        self._t0 = time.monotonic()
+
+    def line(self, text: str) -> None:
+        self._console.print(f"[{_clock(time.monotonic() - self._t0)}] {text}", highlight=False, markup=False,
+                            soft_wrap=True)
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+        t = _LineTask(self, description, total)
+        self.line(f"{description} ...")
+        try:
+            yield t
+        except BaseException:
+            self.line(f"{description}: stopped after {_clock(time.monotonic() - t.started)}")
+            raise
+        self.line(f"{description}: done in {_clock(time.monotonic() - t.started)}")
+
+
 @contextmanager
 def progress(enabled: bool = True) -> Iterator[Progress]:
-    """A progress reporter for one command; plain logging when ``enabled`` is false."""
+    """A progress reporter for one command: rich bars on a terminal, plain lines otherwise (a log file,
+    CI), nothing but the library's logging when ``enabled`` is false."""
     if not enabled:
         yield Progress()
+        return
+    if not err.is_terminal:
+        yield LineProgress(err)
         return
     bar = RichProgressBar(
         SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),

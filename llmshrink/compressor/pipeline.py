@@ -134,9 +134,18 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
             raise UsageError(f"{out} holds a run with other settings; --resume needs the same command.",
                              f"Its settings are in {rec_path}.")
         return rec
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"The run directory {out} is a file.", "Give --out a directory path (new or empty).")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty.",
                          "Pass --resume to continue the run in it, or choose another --out.")
+    try:  # before any weights load: a run that cannot be written must not start
+        out.mkdir(parents=True, exist_ok=True)
+        storage.atomic_write_text(out / ".writable", "")
+        (out / ".writable").unlink()
+    except OSError as e:
+        raise UsageError(f"Cannot write the run directory {out}: {e.strerror or e}.",
+                         "Choose a --out where you can create files (and with free space).") from None
     return None
 
 

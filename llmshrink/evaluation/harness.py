@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmshrink import serde
-from llmshrink.errors import UsageError
+from llmshrink.errors import MissingExtraError, UsageError
 from llmshrink.progress import Progress
 
 TASK_SETS = {
@@ -52,7 +52,7 @@ def require_lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise UsageError("Task evaluation needs lm-evaluation-harness, which is not installed.",
+        raise MissingExtraError("Task evaluation needs lm-evaluation-harness (lm-eval), which is not installed.",
                          "Install the eval extra: pip install 'llmshrink[eval]'") from None
     return lm_eval
 

@@ -163,8 +163,12 @@ def convert_gguf(gguf: Path, dest: Path, *, provenance: dict, progress: Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with progress.task(f"Converting {gguf.name} to safetensors"):
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as e:  # the gguf reader fails in many ways (struct, value, key errors) on a bad file
+            raise UsageError(f"{gguf} is not a valid GGUF file, or is corrupt or truncated ({type(e).__name__}: {e}).",
+                             "Download or copy the file again.") from e
         # transformers marks GGUF-loaded models as quantized and refuses to save
         # them, although the weights are already dequantized: move them into a
         # plain model built from the config without its quantization record.

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llmshrink.errors import UsageError
+from llmshrink.errors import MissingExtraError, UsageError
 from llmshrink.progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger("llmshrink")
@@ -131,7 +131,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise UsageError("Reading .parquet needs pyarrow.", "pip install 'llmshrink[data]'") from e
+        raise MissingExtraError("Reading .parquet needs pyarrow, which is not installed.",
+                                "Install the data extra: pip install 'llmshrink[data]'") from e
     table = pq.read_table(path)
     if text_field not in table.column_names:
         raise UsageError(f"{path} has no column {text_field!r} (found {table.column_names}).",
@@ -143,7 +144,7 @@ def _read_hf(spec: DataSpec) -> list[str]:
     try:
         import datasets
     except ImportError as e:
-        raise UsageError(f"Loading the HF dataset {spec.ref!r} needs the `datasets` package.",
+        raise MissingExtraError(f"Loading the HF dataset {spec.ref!r} needs the `datasets` package.",
                          "pip install 'llmshrink[data]', or pass a local .txt/.jsonl/.parquet file, or `self`.") from e
     from llmshrink.errors import RemoteUnavailableError
     from llmshrink.models.hub import hub_reachable
@@ -221,6 +222,10 @@ def _pick(chunks: list[list[int]], n: int, generator, what: str, notes: list[str
     return torch.tensor([chunks[i] for i in order], dtype=torch.long).reshape(n, -1)
 
 
+_MORE_TEXT = ("Give more text (a few hundred thousand tokens calibrate well), or use --calib-data self "
+              "(text sampled from the model).")
+
+
 def split_documents(docs: list[str], tokenizer, *, seq_len: int, n_calib: int, n_eval: int,
                     seed: int, eval_fraction: float = 0.1, source: str = "") -> TokenSplits:
     """Tokenize documents and cut disjoint calibration / evaluation sequences.
@@ -243,12 +248,13 @@ def split_documents(docs: list[str], tokenizer, *, seq_len: int, n_calib: int, n
         chunks = _chunk(tokens, seq_len, bos)
         if len(chunks) < 2:
             raise UsageError(f"{source or 'The data'} has fewer than {2 * seq_len} tokens; "
-                             f"it cannot give one calibration and one evaluation sequence of {seq_len}.")
+                             f"it cannot give one calibration and one evaluation sequence of {seq_len}.",
+                             _MORE_TEXT)
         cut = max(1, min(len(chunks) - 1, round(len(chunks) * (1 - eval_fraction))))
         calib_chunks, eval_chunks = chunks[:cut], chunks[cut:]
         notes.append("few documents: calibration and evaluation split by position in the text")
     if not calib_chunks:
-        raise UsageError(f"{source or 'The data'} has fewer than {seq_len} tokens.")
+        raise UsageError(f"{source or 'The data'} has fewer than {seq_len} tokens.", _MORE_TEXT)
     calib = _pick(calib_chunks, n_calib, g, "calibration", notes)
     ev = _pick(eval_chunks, n_eval, g, "evaluation", notes) if n_eval else torch.empty(0, seq_len, dtype=torch.long)
     for n in notes:

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from llmshrink import storage
-from llmshrink.errors import LlmshrinkError, RemoteUnavailableError, UsageError
+from llmshrink.errors import RemoteUnavailableError, UsageError
 from llmshrink.models.arch import check_supported
 from llmshrink.models.builtin import BUILTIN_MODELS, convert_gguf, ensure_builtin, models_dir
 from llmshrink.models.hub import hub_endpoint, hub_reachable
@@ -74,10 +74,14 @@ def _load(source: ModelSource | str, fn, progress: Progress, **kwargs):
     where = local_dir(source, progress=progress)
     if source.kind == "hub":
         return _hub_call(source, fn, **kwargs)
+    from safetensors import SafetensorError
+
     try:
         return fn(where, **kwargs)
-    except (OSError, ValueError) as e:
-        raise LlmshrinkError(f"Could not load {source.describe()} from {where}: {e}") from e
+    except (OSError, ValueError, SafetensorError) as e:  # a missing, truncated or corrupt file
+        raise UsageError(f"Could not load {source.describe()} from {where}: {e}",
+                         "Its files may be truncated or corrupt (e.g. model.safetensors cut short): download or "
+                         "copy the model again.") from e
 
 
 def load_config(source: ModelSource | str, *, trust_remote_code: bool = False,

@@ -78,7 +78,8 @@ def _from_yaml(text: str, where: str) -> TargetProfile:
     known = {f.name for f in TargetProfile.__dataclass_fields__.values()}
     unknown = set(d) - known
     if unknown:
-        raise UsageError(f"{where}: unknown fields {', '.join(sorted(unknown))}.")
+        raise UsageError(f"{where}: unknown fields {', '.join(sorted(unknown))}.",
+                         f"A target file may set: {', '.join(sorted(known))}.")
     return TargetProfile(
         name=str(d["name"]), description=str(d["description"]), device=str(d["device"]), runtime=d["runtime"],
         formats=tuple(d["formats"]), default_workload=parse_workload(str(d["default_workload"])),

@@ -281,3 +281,37 @@ def test_a_sigkilled_compress_resumes_from_its_last_checkpoint(setup, tmp_path):
     assert after["history"][:before["step"]] == before["history"]
     assert (out / "importance.npz").stat().st_mtime_ns == importance_mtime
     assert list(out.glob("candidates/*/manifest.json"))
+
+
+def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(setup, tmp_path):
+    """SIGINT once a phase has finished: exit 130, no traceback, the finished phase kept, and the printed
+    command continues the run."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d, cfg, *_ = setup
+    out = tmp_path / "interrupted"
+    cmd = ["compress", "--model", cfg.model, "--target", cfg.target, "--latency", f"{cfg.budgets_ms[0]}ms",
+           "--space", cfg.space, "--steps", "4", "--recovery-steps", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "llmshrink", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "importance.npz").is_file():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate()
+    text = stderr.decode()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "Interrupted." in text and (out / "importance.npz").is_file()
+    importance_mtime = (out / "importance.npz").stat().st_mtime_ns
+    (line,) = [ln for ln in text.splitlines() if "Continue with:" in ln]
+    resume = shlex.split(line.split("Continue with:", 1)[1])
+    assert resume[0] == "llmshrink" and resume[1:] == [*cmd, "--resume"]
+    res = subprocess.run([sys.executable, "-m", "llmshrink", *resume[1:]], capture_output=True, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert list(out.glob("candidates/*/manifest.json"))
+    assert (out / "importance.npz").stat().st_mtime_ns == importance_mtime  # kept, not redone
