@@ -21,10 +21,11 @@ import datetime as _dt
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmshrink import __version__, serde, storage
+from llmshrink import serde, storage
 from llmshrink.errors import IntegrityError, UsageError
 from llmshrink.exporters.timing import LatencyMeasurement
 from llmshrink.targets.workload import Workload
+from llmshrink.version import __version__
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
