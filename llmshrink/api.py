@@ -24,7 +24,8 @@ from llmshrink.exporters.bundle import (
 from llmshrink.exporters.timing import DEFAULT_RUNS, DEFAULT_WARMUP, LatencyMeasurement
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.registry import Registry
-from llmshrink.spec import LINEARS, BaseShape, SpecError, SubnetSpec
+from llmshrink.spec import BaseShape, SpecError, SubnetSpec, load_spec, precision_summary
+from llmshrink.targets.predict import prediction_provenance
 from llmshrink.targets.workload import Workload
 
 
@@ -61,27 +62,6 @@ def _trt_flavour() -> Flavour:
 FLAVOURS: Registry[Callable[[], Flavour]] = Registry("flavour")
 FLAVOURS.register("ort", _ort_flavour)
 FLAVOURS.register("trt", _trt_flavour)
-
-
-def load_spec(spec: SubnetSpec | str | Path) -> SubnetSpec:
-    """A spec object, or one read (and validated) from a JSON file."""
-    if isinstance(spec, SubnetSpec):
-        return spec.validate()
-    path = Path(spec)
-    if not path.is_file():
-        raise UsageError(f"No such spec file: {path}.", "Make one with `llmshrink spec new`.")
-    return SubnetSpec.from_json(path.read_text())
-
-
-def precision_summary(spec: SubnetSpec) -> dict[str, int]:
-    """How many linear layers (lm_head included) use each format."""
-    counts: dict[str, int] = {}
-    for i in spec.kept_layers():
-        for name in LINEARS:
-            f = spec.layers[i].precision[name]
-            counts[f] = counts.get(f, 0) + 1
-    counts[spec.lm_head] = counts.get(spec.lm_head, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str | None = None,
@@ -200,12 +180,6 @@ def _prediction_fields(spec: SubnetSpec, profile, workload: Workload | None = No
     except NoTableError as e:
         return {"notes": (f"No predicted latency: {e.message}",)}
     return {"predicted_latency_ms": p.total_ms, "prediction_provenance": prediction_provenance(p)}
-
-
-def prediction_provenance(p) -> str:
-    """How a prediction was made, in words a manifest keeps: table name, kind, coverage."""
-    cov = ", ".join(f"{k} {v:.0%}" for k, v in p.coverage.items())
-    return f"{p.table_kind} table {p.table} ({cov})"
 
 
 @dataclass

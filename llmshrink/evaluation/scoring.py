@@ -126,10 +126,9 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, bat
                   **_: object) -> Scorer:
     import torch
 
-    from llmshrink.api import load_spec
     from llmshrink.compressor.materialize import materialize
     from llmshrink.models import load_model, load_tokenizer, resolve_model
-    from llmshrink.spec import BaseShape, SubnetSpec
+    from llmshrink.spec import BaseShape, SubnetSpec, load_spec
 
     source = resolve_model(model)
     hf = load_model(source, trust_remote_code=trust_remote_code)
