@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmshrink import serde
+from llmshrink.compressor.calibration_text import calibration_tokens
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import (
     MODEL_FILE,
@@ -112,19 +113,6 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
         cm = materialize(hf, spec, tokenizer, calib=calib)
     return export_compressed(cm, tokenizer, out, flavour=flavour, target=profile, model_source=source.describe(),
                              model_fingerprint=fingerprint(source), max_length=max_length, progress=progress)
-
-
-EXPORT_CALIB_ROWS = 32
-
-
-def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
-    """The first EXPORT_CALIB_ROWS calibration sequences ``compress`` would use (same split, seed and cache)."""
-    from llmshrink.compressor.pipeline import CompressConfig, calibration_splits
-    from llmshrink.models.load import fingerprint
-
-    config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
-    with progress.task("Calibration text (static activation scales)"):
-        return calibration_splits(config, hf, tokenizer, fingerprint(source), progress).calib[:EXPORT_CALIB_ROWS]
 
 
 def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=None, workload: Workload | None = None,
@@ -494,7 +482,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         InfeasibleBudgetError: a budget is below the fastest subnet of the space (exit code 3).
         UsageError: bad input, or ``out`` holds another run.
     """
-    from llmshrink.compressor.pipeline import CompressConfig
+    from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.pipeline import compress as run
     from llmshrink.compressor.recover import RecoveryConfig
     from llmshrink.compressor.search import SearchConfig

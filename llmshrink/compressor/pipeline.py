@@ -42,46 +42,16 @@ from pathlib import Path
 import numpy as np
 
 from llmshrink import serde, storage
-from llmshrink.compressor.recover import RecoveryConfig
-from llmshrink.compressor.search import SearchConfig
+from llmshrink.compressor.calibration_text import calibration_splits
+from llmshrink.compressor.config import CompressConfig
 from llmshrink.errors import UsageError, ValidationFailedError
 from llmshrink.progress import NULL_PROGRESS, Progress
-from llmshrink.targets.workload import Workload
 
 log = logging.getLogger("llmshrink")
 
 RECORD = "compress.json"
 RECOVERY_RECORD = "recovery.json"  # [KD before, KD after] beside the recovered model
-STRATEGIES = ("joint", "sequential")
 MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
-
-
-@serde.serializable("CompressConfig")
-@dataclass(frozen=True)
-class CompressConfig:
-    """What ``compress`` was asked to do (everything that changes the result)."""
-
-    model: str
-    target: str
-    budgets_ms: tuple[float, ...]
-    params_budget: float | None = None
-    workload: Workload | None = None
-    space: str | None = None  # a --space YAML
-    calib_data: str = "self"
-    n_calib: int = 128
-    search: SearchConfig = field(default_factory=SearchConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    tolerance_pct: float = 10.0
-    max_length: int = 2048
-    seed: int = 0
-    strategy: str = "joint"  # or "sequential": architecture at full precision, then a precision assignment
-    # A uniform format (e.g. w4g32a8) to validate against: where the target is measurable here, bundles are
-    # checked relative to the unpruned model exported in it, timed in turn (set by a relative budget, 0.7xint4).
-    reference: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
 
 
 @serde.serializable("CandidateOutcome")
@@ -221,20 +191,6 @@ def _record_held_out_ppl(bundle: Path, ids, calib_data: str, progress: Progress)
     quality[held_out_key(calib_data, ids)] = ppl
     update_manifest(bundle, quality=quality)
     return ppl
-
-
-def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint: str,
-                       progress: Progress = NULL_PROGRESS):
-    """The calibration and held-out sequences of ``config`` (``--calib-data``, seed, search length), cached.
-
-    ``export`` calibrates static activation scales on the first of these, so both see the same text.
-    """
-    from llmshrink.models.data import self_cache_path, token_splits
-
-    seq, n = config.search.seq_len, config.n_calib
-    return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=config.seed,
-                        progress=progress,
-                        cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
 
 
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,

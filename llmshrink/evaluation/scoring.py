@@ -139,7 +139,7 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, bat
 
     calib = None
     if needs_calibration(spec):  # static activation scales: calibrated as `export` does, on the same text
-        from llmshrink.api import calibration_tokens
+        from llmshrink.compressor.calibration_text import calibration_tokens
         from llmshrink.progress import NULL_PROGRESS
 
         calib = calibration_tokens(hf, tok, source, "self", NULL_PROGRESS)
