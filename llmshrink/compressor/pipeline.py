@@ -111,7 +111,7 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
 
 def _reference_bundle(out: Path, config: CompressConfig, base, source, progress: Progress) -> Path:
     """The unpruned model exported in uniform ``config.reference`` (made once per run), to validate against."""
-    from llmshrink.api import export
+    from llmshrink.exporters.export import export
     from llmshrink.spec import SubnetSpec
 
     ref = out / "reference" / config.reference
@@ -203,7 +203,6 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         InfeasibleBudgetError: a budget is below the fastest subnet of the space (before any weights load).
         UsageError: bad input, or ``out`` holds another run (or nothing to resume).
     """
-    from llmshrink.api import export_compressed, validate
     from llmshrink.compressor.budget import check_budget, fit_to_budget, grow_to_budget
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
@@ -211,6 +210,8 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     from llmshrink.compressor.space import default_space, load_space
     from llmshrink.compressor.supernet import Supernet
     from llmshrink.evaluation.report import write_report
+    from llmshrink.exporters.export import export_compressed
+    from llmshrink.exporters.measure import validate
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
     from llmshrink.rundir import RunEntry, RunRecord, write_record

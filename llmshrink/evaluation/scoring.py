@@ -87,7 +87,7 @@ SCORERS: Registry[Callable[..., Scorer]] = Registry("scorer backend")
 
 
 def _bundle_scorer(path: str, *, threads: int | None = None, **_: object) -> Scorer:
-    from llmshrink.api import open_bundle
+    from llmshrink.exporters.bundle import open_bundle
 
     b = open_bundle(path, threads=threads)
 
