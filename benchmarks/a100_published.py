@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from llmshrink.targets import load_target
-    from llmshrink.targets.analytical import check_published
+    from llmshrink.targets.published import check_published
 
     target = load_target(args.target)
     rows = check_published(target)

@@ -8,14 +8,8 @@ Public API (importing this package does not import torch):
   has the other verbs (export, validate, bench, ...).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("llmshrink")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
-
-from llmshrink.errors import LlmshrinkError  # noqa: E402
+from llmshrink.errors import LlmshrinkError
+from llmshrink.version import __version__
 
 
 def compress(*args, **kwargs):

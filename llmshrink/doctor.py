@@ -8,7 +8,8 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from llmshrink import __version__, storage
+from llmshrink import storage
+from llmshrink.version import __version__
 
 
 def _version(dist: str) -> str | None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from llmshrink import serde
 from llmshrink.errors import UsageError
@@ -321,3 +322,24 @@ def random_spec(base: BaseShape, seed: int, formats: Sequence[str] = ("fp32", "w
         layers.append(LayerSpec(bool(keep[i]), kv * per, kv, hd, mlp, prec))
     spec = SubnetSpec(base, hidden, tuple(layers), lm_head=pick(hidden), model=model)
     return spec.validate()
+
+
+def load_spec(spec: SubnetSpec | str | Path) -> SubnetSpec:
+    """A spec object, or one read (and validated) from a JSON file."""
+    if isinstance(spec, SubnetSpec):
+        return spec.validate()
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"No such spec file: {path}.", "Make one with `llmshrink spec new`.")
+    return SubnetSpec.from_json(path.read_text())
+
+
+def precision_summary(spec: SubnetSpec) -> dict[str, int]:
+    """How many linear layers (lm_head included) use each format."""
+    counts: dict[str, int] = {}
+    for i in spec.kept_layers():
+        for name in LINEARS:
+            f = spec.layers[i].precision[name]
+            counts[f] = counts.get(f, 0) + 1
+    counts[spec.lm_head] = counts.get(spec.lm_head, 0) + 1
+    return dict(sorted(counts.items()))

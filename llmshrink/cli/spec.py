@@ -75,8 +75,7 @@ def show(path: Path, as_json: bool) -> None:
     """
     from rich.table import Table
 
-    from llmshrink.api import load_spec, precision_summary
-    from llmshrink.spec import LINEARS
+    from llmshrink.spec import LINEARS, load_spec, precision_summary
 
     s = load_spec(path)
     if as_json:

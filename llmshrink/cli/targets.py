@@ -141,8 +141,7 @@ def predict_cmd(target_name: str, model_name: str, spec_path: Path | None, workl
     from rich.table import Table
 
     from llmshrink import serde
-    from llmshrink.api import load_spec
-    from llmshrink.spec import BaseShape, SubnetSpec
+    from llmshrink.spec import BaseShape, SubnetSpec, load_spec
     from llmshrink.targets.predict import predict
     from llmshrink.targets.profile import load_target
     from llmshrink.targets.table import load_table

@@ -11,7 +11,8 @@ before any work (exit code 3).
 A budget is absolute (``30ms``) or relative to a uniform export of the same
 model (``0.7xint4``: 70 % of the latency the target's table predicts for the
 unpruned model with every linear layer in int4). :func:`parse_budgets` reads
-both; :meth:`Budget.resolve` turns a relative one into milliseconds.
+both; :meth:`Budget.resolve` turns a relative one into milliseconds, and
+:func:`resolve_budgets` does it for all of a ``compress`` request.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from dataclasses import dataclass, replace
 
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.errors import InfeasibleBudgetError, UsageError
-from llmshrink.spec import LINEARS, SubnetSpec
-from llmshrink.targets.predict import predict
+from llmshrink.progress import Progress
+from llmshrink.spec import LINEARS, BaseShape, SubnetSpec
+from llmshrink.targets.predict import predict, table_for
+from llmshrink.targets.profile import load_target
+from llmshrink.targets.workload import Workload
 
 _UNITS_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3}
 
@@ -315,3 +319,26 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
         spec, current = best.spec, best.latency_ms
         pref = preference(spec) if preference else 0.0
     return spec, taken
+
+
+def resolve_budgets(latency, model: str, target: str, workload: Workload | None,
+                    progress: Progress) -> tuple[tuple[float, ...], tuple[str, ...], str | None]:
+    """Budgets in ms, a note per relative one saying what it resolved to, and the format validated against.
+
+    The first relative budget's format (its canonical name) becomes the run's reference: bundles are
+    validated relative to the unpruned model exported in it (see ``CompressConfig.reference``).
+    """
+    from llmshrink.formats import parse_format
+
+    items = [latency] if isinstance(latency, (int, float, str)) else list(latency)
+    terms = [t for x in items for t in (parse_budgets(x) if isinstance(x, str) else (Budget(float(x)),))]
+    if not any(t.relative_to for t in terms):
+        return tuple(dict.fromkeys(t.value for t in terms)), (), None
+    from llmshrink.models import load_config, resolve_model
+
+    tgt = load_target(target)
+    table = table_for(tgt)
+    base = BaseShape.from_config(load_config(resolve_model(model), progress=progress))
+    resolved = [t.resolve(base, tgt, workload or tgt.default_workload, table) for t in terms]
+    reference = parse_format(next(t.relative_to for t in terms if t.relative_to)).name
+    return tuple(dict.fromkeys(ms for ms, _ in resolved)), tuple(n for _, n in resolved if n), reference

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from llmshrink import serde, storage
-from llmshrink.compressor.recover import RecoveryConfig
-from llmshrink.compressor.search import SearchConfig
+from llmshrink.compressor.calibration_text import calibration_splits
+from llmshrink.compressor.config import CompressConfig
 from llmshrink.errors import UsageError, ValidationFailedError
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.targets.workload import Workload
@@ -52,36 +52,7 @@ log = logging.getLogger("llmshrink")
 
 RECORD = "compress.json"
 RECOVERY_RECORD = "recovery.json"  # [KD before, KD after] beside the recovered model
-STRATEGIES = ("joint", "sequential")
 MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
-
-
-@serde.serializable("CompressConfig")
-@dataclass(frozen=True)
-class CompressConfig:
-    """What ``compress`` was asked to do (everything that changes the result)."""
-
-    model: str
-    target: str
-    budgets_ms: tuple[float, ...]
-    params_budget: float | None = None
-    workload: Workload | None = None
-    space: str | None = None  # a --space YAML
-    calib_data: str = "self"
-    n_calib: int = 128
-    search: SearchConfig = field(default_factory=SearchConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    tolerance_pct: float = 10.0
-    max_length: int = 2048
-    seed: int = 0
-    strategy: str = "joint"  # or "sequential": architecture at full precision, then a precision assignment
-    # A uniform format (e.g. w4g32a8) to validate against: where the target is measurable here, bundles are
-    # checked relative to the unpruned model exported in it, timed in turn (set by a relative budget, 0.7xint4).
-    reference: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
 
 
 @serde.serializable("CandidateOutcome")
@@ -151,7 +122,7 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
 
 def _reference_bundle(out: Path, config: CompressConfig, base, source, progress: Progress) -> Path:
     """The unpruned model exported in uniform ``config.reference`` (made once per run), to validate against."""
-    from llmshrink.api import export
+    from llmshrink.exporters.export import export
     from llmshrink.spec import SubnetSpec
 
     ref = out / "reference" / config.reference
@@ -233,24 +204,22 @@ def _record_held_out_ppl(bundle: Path, ids, calib_data: str, progress: Progress)
     return ppl
 
 
-def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint: str,
-                       progress: Progress = NULL_PROGRESS):
-    """The calibration and held-out sequences of ``config`` (``--calib-data``, seed, search length), cached.
+def device_note(target: str, table_kind: str, workload: Workload) -> str:
+    """What a bundle built for absent hardware says: its latency is the table's, and how to measure it."""
+    return (f"latency {table_kind}, not measured: {target} hardware is not present here, so latencies are predicted "
+            f"from its {table_kind} table. On the device, with the bundle directory BUNDLE: `{device_commands('BUNDLE', workload)}` "
+            "builds and times the TensorRT engine, then checks it against the prediction.")
 
-    ``export`` calibrates static activation scales on the first of these, so both see the same text.
-    """
-    from llmshrink.models.data import self_cache_path, token_splits
 
-    seq, n = config.search.seq_len, config.n_calib
-    return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=config.seed,
-                        progress=progress,
-                        cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
+def device_commands(bundle: str | Path, workload: Workload) -> str:
+    """The commands that build, time and validate ``bundle``'s engine on its device."""
+    return f"llmshrink build {bundle} --workload {workload} && llmshrink validate {bundle}"
 
 
 def _shortcuts(config: CompressConfig, space, target, workload, table) -> dict[float, object]:
     """Per loose budget, the unpruned model to ship without a search (see ``budget.unpruned_fit``)."""
-    from llmshrink.api import FLAVOURS
     from llmshrink.compressor.budget import unpruned_fit
+    from llmshrink.exporters.export import FLAVOURS
 
     flavour = FLAVOURS.get(target.flavour)()
 
@@ -337,14 +306,14 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
              else default_space(base, target.formats, search_formats=fmts))
     fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
     shortcuts = _shortcuts(config, space, target, workload, table)
+    if config.calib_data != "self":
+        from llmshrink.models.data import parse_data_spec
+
+        parse_data_spec(config.calib_data)  # a missing or unreadable file fails before the run starts
     previous = _check_out(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
     measurable = target.runtime in MEASURABLE_RUNTIMES
-    notes += () if measurable else (
-        f"latency analytical, not measured: {target.name} hardware is not present here, so latencies are "
-        f"predicted from its {table.kind} table. On the device, from the run directory: `llmshrink build "
-        f"candidates/<budget> --workload {workload}` builds and times the TensorRT engine, then "
-        "`llmshrink validate candidates/<budget>` checks it against the prediction.",)
+    notes += () if measurable else (device_note(target.name, table.kind, workload),)
     if measurable and (why := host_mismatch(table)):
         notes += (why,)  # bundles will likely miss their budgets here; say so where the results are read
     rec = previous or CompressRecord(config, fastest, notes=notes)
@@ -397,7 +366,8 @@ def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
 
     Returns (bundle path relative to the run, manifest, measured ms or None, validation verdict or None).
     """
-    from llmshrink.api import export_compressed, validate
+    from llmshrink.exporters.export import export_compressed
+    from llmshrink.exporters.measure import validate
 
     config, out, inputs = ctx.config, ctx.out, ctx.inputs
     t0 = time.perf_counter()
@@ -423,8 +393,8 @@ def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
 
 def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
     """A loose budget: the unpruned model in ``fit.spec``'s format, exported and measured; no search or recovery."""
-    from llmshrink.api import EXPORT_CALIB_ROWS
     from llmshrink.compressor.calibrate import needs_calibration
+    from llmshrink.compressor.calibration_text import EXPORT_CALIB_ROWS
     from llmshrink.compressor.materialize import materialize
 
     log.info("%s: %s", budget_label(budget), fit.reason)

@@ -298,8 +298,8 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 
 def render_markdown(report: Report, *, plot: str | None = PLOT_FILE) -> str:
     """``report.md``: the run, a results table, the Pareto plot, each plan per layer, every quality figure."""
-    from llmshrink import __version__
     from llmshrink.exporters.bundle import now_iso
+    from llmshrink.version import __version__
 
     rec, rows = report.record, report.rows
     first = rows[0]

@@ -87,7 +87,7 @@ SCORERS: Registry[Callable[..., Scorer]] = Registry("scorer backend")
 
 
 def _bundle_scorer(path: str, *, threads: int | None = None, **_: object) -> Scorer:
-    from llmshrink.api import open_bundle
+    from llmshrink.exporters.bundle import open_bundle
 
     b = open_bundle(path, threads=threads)
 
@@ -126,10 +126,9 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, bat
                   **_: object) -> Scorer:
     import torch
 
-    from llmshrink.api import load_spec
     from llmshrink.compressor.materialize import materialize
     from llmshrink.models import load_model, load_tokenizer, resolve_model
-    from llmshrink.spec import BaseShape, SubnetSpec
+    from llmshrink.spec import BaseShape, SubnetSpec, load_spec
 
     source = resolve_model(model)
     hf = load_model(source, trust_remote_code=trust_remote_code)
@@ -140,7 +139,7 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, bat
 
     calib = None
     if needs_calibration(spec):  # static activation scales: calibrated as `export` does, on the same text
-        from llmshrink.api import calibration_tokens
+        from llmshrink.compressor.calibration_text import calibration_tokens
         from llmshrink.progress import NULL_PROGRESS
 
         calib = calibration_tokens(hf, tok, source, "self", NULL_PROGRESS)

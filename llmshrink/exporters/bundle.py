@@ -11,20 +11,24 @@
 
 The manifest is written last, so a bundle without one is incomplete. Every
 file except the manifest is hashed into it; :func:`verify_bundle` checks
-them before a bundle is run.
+them before a bundle is run: :func:`open_bundle` verifies and opens an ONNX
+Runtime session, :func:`generate_text` streams text from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmshrink import __version__, serde, storage
+from llmshrink import serde, storage
 from llmshrink.errors import IntegrityError, UsageError
 from llmshrink.exporters.timing import LatencyMeasurement
+from llmshrink.spec import SubnetSpec
 from llmshrink.targets.workload import Workload
+from llmshrink.version import __version__
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -141,3 +145,68 @@ def update_manifest(directory: str | Path, **changes) -> Manifest:
     manifest = replace(load_manifest(directory), **changes)
     storage.atomic_write_text(Path(directory) / MANIFEST, serde.dumps(manifest))
     return manifest
+
+
+@dataclass
+class OpenBundle:
+    """A verified bundle ready to run."""
+
+    path: Path
+    manifest: Manifest
+    spec: SubnetSpec
+    tokenizer: object
+    decoder: object
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return (eos,) if eos is not None else ()
+
+
+def open_bundle(path: str | Path, *, threads: int | None = None, verify: bool = True) -> OpenBundle:
+    """Verify a bundle's hashes and open an ONNX Runtime session on it.
+
+    Raises:
+        IntegrityError: a file differs from the manifest.
+        UsageError: not a bundle.
+    """
+    from transformers import AutoTokenizer
+
+    from llmshrink.exporters.ort_session import OrtDecoder
+
+    path = Path(path)
+    manifest = verify_bundle(path) if verify else load_manifest(path)
+    spec = SubnetSpec.from_json((path / "spec.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return OpenBundle(path, manifest, spec, tokenizer, OrtDecoder(path / MODEL_FILE, threads=threads))
+
+
+def generate_text(bundle: OpenBundle, prompt: str, *, max_new_tokens: int = 128, chat: bool = True,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0) -> Iterator[str]:
+    """Stream the bundle's continuation of ``prompt`` as text pieces.
+
+    With ``chat`` (default) and a tokenizer that has a chat template, the
+    prompt is one user turn and generation starts the assistant turn.
+    """
+    tok = bundle.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt)["input_ids"]
+    if len(ids) + max_new_tokens > bundle.manifest.max_length:
+        raise UsageError(f"Prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the bundle's "
+                         f"max_length {bundle.manifest.max_length}.", "Shorten the prompt or ask for fewer tokens.")
+    new: list[int] = []
+    shown = ""
+    for t in bundle.decoder.generate(ids, max_new_tokens, max_length=len(ids) + max_new_tokens,
+                                     stop_ids=bundle.stop_ids, do_sample=do_sample,
+                                     temperature=temperature, top_p=top_p, seed=seed):
+        if t in bundle.stop_ids:
+            break
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield text[len(shown):]
+            shown = text

@@ -135,32 +135,3 @@ def roofline_table(target: TargetProfile) -> LatencyTable:
     if key not in _CACHE:
         _CACHE[key] = _build(target)
     return _CACHE[key]
-
-
-def check_published(target: TargetProfile) -> list[dict]:
-    """Predict each published measurement in ``target.checks``; rows with predicted, measured and error.
-
-    Each check names a model shape, a uniform format, a workload and the
-    published figure; the prediction is for the unpruned model in that format
-    (lm_head and embedding in fp16, as the runtimes keep them).
-    """
-    from dataclasses import replace
-
-    from llmshrink.spec import BaseShape, SubnetSpec
-    from llmshrink.targets.predict import predict
-    from llmshrink.targets.workload import parse_workload
-
-    rows = []
-    for c in target.checks:
-        s = c["shape"]
-        base = BaseShape(num_layers=s["layers"], hidden_size=s["hidden"], num_heads=s["heads"],
-                         num_kv_heads=s["kv_heads"], head_dim=s["head_dim"], intermediate_size=s["mlp"],
-                         vocab_size=s["vocab"], tied_embeddings=False)
-        spec = replace(SubnetSpec.uniform(base, c["format"], lm_head="fp16", model=c["model"]), embedding="fp16")
-        w = parse_workload(c["workload"])
-        p = predict(spec, target, w)
-        rows.append({"model": c["model"], "runtime": c["runtime"], "format": c["format"], "workload": str(w),
-                     "metric": c.get("metric", ""), "measured_ms": float(c["measured_ms"]),
-                     "predicted_ms": p.total_ms, "error_pct": (p.total_ms - c["measured_ms"]) / c["measured_ms"] * 100,
-                     "source": c["source"]})
-    return rows

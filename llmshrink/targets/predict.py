@@ -267,6 +267,12 @@ def predict(spec: SubnetSpec, target: TargetProfile, workload: Workload | None =
                       table=table.name, table_kind=table.kind, ops=tuple(ops), coverage=_coverage(ops))
 
 
+def prediction_provenance(p) -> str:
+    """How a prediction was made, in words a manifest keeps: table name, kind, coverage."""
+    cov = ", ".join(f"{k} {v:.0%}" for k, v in p.coverage.items())
+    return f"{p.table_kind} table {p.table} ({cov})"
+
+
 def _renamed(o: PredictedOp, prefix: str, times: int = 1) -> PredictedOp:
     return PredictedOp(prefix + o.name, o.op, o.fmt, o.dims, o.ms * times, o.status)
 

@@ -120,7 +120,7 @@ def test_a_relative_budget_validates_against_the_uniform_export_timed_in_turn(se
 
 
 def test_a_relative_budget_is_a_fraction_of_the_uniform_export_prediction(setup, tiny_base):
-    from llmshrink.api import _resolve_budgets
+    from llmshrink.compressor.budget import resolve_budgets
     from llmshrink.progress import NULL_PROGRESS
     from llmshrink.spec import SubnetSpec
 
@@ -128,10 +128,10 @@ def test_a_relative_budget_is_a_fraction_of_the_uniform_export_prediction(setup,
     # the target's table as compress finds it (a table `targets profile` wrote in the home takes precedence)
     want = predict(SubnetSpec.uniform(tiny_base, "w4g32a8"), target).total_ms
     assert want != pytest.approx(predict(SubnetSpec.uniform(tiny_base, "fp32"), target).total_ms)
-    ms, notes, ref = _resolve_budgets(["0.5xw4g32a8", 3.0], cfg.model, cfg.target, None, NULL_PROGRESS)
+    ms, notes, ref = resolve_budgets(["0.5xw4g32a8", 3.0], cfg.model, cfg.target, None, NULL_PROGRESS)
     assert ms == (pytest.approx(0.5 * want, abs=1e-3), 3.0) and ref == "w4g32a8"
     assert len(notes) == 1 and "0.5xw4g32a8" in notes[0] and f"{want:.3f} ms" in notes[0]
-    assert _resolve_budgets("2ms,2", cfg.model, cfg.target, None, NULL_PROGRESS) == ((2.0,), (), None)
+    assert resolve_budgets("2ms,2", cfg.model, cfg.target, None, NULL_PROGRESS) == ((2.0,), (), None)
 
 
 def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(setup):

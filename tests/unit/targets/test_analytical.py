@@ -2,8 +2,9 @@ import pytest
 
 from llmshrink.spec import BaseShape, SubnetSpec
 from llmshrink.targets import load_target
-from llmshrink.targets.analytical import check_published, roofline_table
+from llmshrink.targets.analytical import roofline_table
 from llmshrink.targets.predict import predict
+from llmshrink.targets.published import check_published
 from llmshrink.targets.workload import parse_workload
 
 LLAMA2_7B = BaseShape(32, 4096, 32, 32, 128, 11008, 32000, False)

@@ -1,0 +1,46 @@
+"""Calibration text: the sequences a run calibrates and holds out on, shared by ``compress``, ``export`` and eval.
+
+``compress`` draws its calibration and held-out splits from ``--calib-data``
+with the run's seed and search length (:func:`calibration_splits`);
+``export`` and the torch scorer calibrate static activation scales
+(``w8a8s``) on the first :data:`EXPORT_CALIB_ROWS` of the same split
+(:func:`calibration_tokens`), so a spec exported alone sees the text
+``compress`` would have used. Importing this module stays light: torch
+arrives with the models and configs, inside the functions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmshrink.progress import NULL_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    from llmshrink.compressor.config import CompressConfig
+
+
+def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint: str,
+                       progress: Progress = NULL_PROGRESS):
+    """The calibration and held-out sequences of ``config`` (``--calib-data``, seed, search length), cached.
+
+    ``export`` calibrates static activation scales on the first of these, so both see the same text.
+    """
+    from llmshrink.models.data import self_cache_path, token_splits
+
+    seq, n = config.search.seq_len, config.n_calib
+    return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=config.seed,
+                        progress=progress,
+                        cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
+
+
+EXPORT_CALIB_ROWS = 32
+
+
+def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
+    """The first EXPORT_CALIB_ROWS calibration sequences ``compress`` would use (same split, seed and cache)."""
+    from llmshrink.compressor.config import CompressConfig
+    from llmshrink.models.load import fingerprint
+
+    config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
+    with progress.task("Calibration text (static activation scales)"):
+        return calibration_splits(config, hf, tokenizer, fingerprint(source), progress).calib[:EXPORT_CALIB_ROWS]

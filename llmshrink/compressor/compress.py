@@ -1,0 +1,52 @@
+"""``compress`` as one library call: keyword arguments in, a finished run directory out.
+
+This is the Python face of ``llmshrink compress`` (re-exported as
+:func:`llmshrink.compress` and :func:`llmshrink.api.compress`): it parses the
+workload, resolves the budgets (:func:`.budget.resolve_budgets`), builds a
+:class:`~.config.CompressConfig` and runs :func:`.pipeline.compress`. The
+pipeline and its torch imports load when it is called, not when it is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmshrink.compressor.budget import resolve_budgets
+from llmshrink.progress import NULL_PROGRESS, Progress
+from llmshrink.targets.workload import Workload, parse_workload
+
+
+def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | str | Sequence[float | str],
+             out: str | Path, params_budget: float | None = None, workload: Workload | str | None = None,
+             strategy: str = "joint", space: str | Path | None = None, steps: int | None = None,
+             recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
+             seed: int = 0, resume: bool = False, progress: Progress = NULL_PROGRESS):
+    """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
+
+    A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
+    export of the model (``"0.7xint4"``: 70 % of what the target's table
+    predicts for it; the run's notes say what it resolved to).
+    The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
+    Returns a :class:`~llmshrink.compressor.pipeline.CompressResult`: ``.record.candidates``
+    holds per budget the bundle path, predicted and measured latency and validation verdict;
+    ``.report`` the report.md path.
+
+    Raises:
+        InfeasibleBudgetError: a budget is below the fastest subnet of the space (exit code 3).
+        UsageError: bad input, or ``out`` holds another run.
+    """
+    from llmshrink.compressor.config import CompressConfig
+    from llmshrink.compressor.pipeline import compress as run
+    from llmshrink.compressor.recover import RecoveryConfig
+    from llmshrink.compressor.search import SearchConfig
+
+    wl = parse_workload(workload) if isinstance(workload, str) else workload
+    budgets, notes, reference = resolve_budgets(latency_ms, model, target, wl, progress)
+    cfg = CompressConfig(
+        model=model, target=target, budgets_ms=budgets, params_budget=params_budget, workload=wl,
+        space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
+        search=SearchConfig() if steps is None else SearchConfig(steps=steps),
+        recovery=RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps),
+        tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference)
+    return run(cfg, out, resume=resume, progress=progress, notes=notes)

@@ -1,0 +1,46 @@
+"""``CompressConfig``: what ``compress`` is asked to do (everything that changes the result).
+
+It lives apart from :mod:`.pipeline` because more than the pipeline reads it:
+``export`` and the torch scorer derive the calibration text of a run from
+its defaults (:mod:`.calibration_text`), and they sit below the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmshrink import serde
+from llmshrink.compressor.recover import RecoveryConfig
+from llmshrink.compressor.search import SearchConfig
+from llmshrink.errors import UsageError
+from llmshrink.targets.workload import Workload
+
+STRATEGIES = ("joint", "sequential")
+
+
+@serde.serializable("CompressConfig")
+@dataclass(frozen=True)
+class CompressConfig:
+    """What ``compress`` was asked to do (everything that changes the result)."""
+
+    model: str
+    target: str
+    budgets_ms: tuple[float, ...]
+    params_budget: float | None = None
+    workload: Workload | None = None
+    space: str | None = None  # a --space YAML
+    calib_data: str = "self"
+    n_calib: int = 128
+    search: SearchConfig = field(default_factory=SearchConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    tolerance_pct: float = 10.0
+    max_length: int = 2048
+    seed: int = 0
+    strategy: str = "joint"  # or "sequential": architecture at full precision, then a precision assignment
+    # A uniform format (e.g. w4g32a8) to validate against: where the target is measurable here, bundles are
+    # checked relative to the unpruned model exported in it, timed in turn (set by a relative budget, 0.7xint4).
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
