@@ -89,6 +89,7 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
     from llmshrink import api, serde
     from llmshrink.cli.bundle import parse_tolerance
     from llmshrink.compressor.budget import parse_budgets
+    from llmshrink.targets.profile import load_target
     from llmshrink.targets.workload import parse_workload
 
     budgets = parse_budgets(latency)  # a typo fails here, before anything loads
@@ -137,4 +138,11 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
                       f"measured {v['measured_ratio']:.3f}× ({v['error_pct']:+.1f}%, blocks timed in turn)")
     for n in rec.notes:
         err.print(f"warning: {n}", style="yellow", markup=False, highlight=False)
+    from llmshrink.compressor.pipeline import device_commands
+
+    wl_used = wl or load_target(target).default_workload
+    for c in rec.candidates:  # built for absent hardware: the exact commands for the device
+        if c.measured_ms is None:
+            out.print(f"on the device: {device_commands(out_dir / c.bundle, wl_used)}", highlight=False,
+                      soft_wrap=True)
     err.print(f"report: {res.report}")

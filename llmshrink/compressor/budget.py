@@ -53,7 +53,19 @@ class Budget:
         """Milliseconds, and a sentence saying where they come from (empty for an absolute budget)."""
         if self.relative_to is None:
             return self.value, ""
-        ref = predict(SubnetSpec.uniform(base, self.relative_to), target, workload, table=table).total_ms
+        from llmshrink.formats import parse_format
+
+        fmt = parse_format(self.relative_to).name
+        if fmt not in target.formats:
+            raise UsageError(f"--latency {self}: {target.name} has no kernel for {fmt}, so there is no uniform "
+                             f"{fmt} export to be relative to.", f"Use one of its formats: {', '.join(target.formats)}.")
+        spec = SubnetSpec.uniform(base, fmt)
+        try:
+            spec.validate()
+        except UsageError as e:
+            raise UsageError(f"--latency {self}: the model cannot be exported in uniform {fmt}: {e.message}",
+                             "Use a format with a group that divides the model's widths (e.g. group 32).") from None
+        ref = predict(spec, target, workload, table=table).total_ms
         ms = round(self.value * ref, 3)
         return ms, (f"budget {self} = {ms:g} ms: {self.value:g} × {ref:.3f} ms, the latency {target.name}'s table "
                     f"predicts for the unpruned model in uniform {self.relative_to} ({workload.describe()})")

@@ -163,8 +163,10 @@ class OpenBundle:
         return (eos,) if eos is not None else ()
 
 
-def open_bundle(path: str | Path, *, threads: int | None = None, verify: bool = True) -> OpenBundle:
-    """Verify a bundle's hashes and open an ONNX Runtime session on it.
+def open_bundle(path: str | Path, *, threads: int | None = None, verify: bool = True,
+                session: bool = True) -> OpenBundle:
+    """Verify a bundle's hashes and open an ONNX Runtime session on it (``session=False``: no session,
+    ``decoder`` is None — for a TensorRT bundle timed through its engine).
 
     Raises:
         IntegrityError: a file differs from the manifest.
@@ -178,7 +180,8 @@ def open_bundle(path: str | Path, *, threads: int | None = None, verify: bool = 
     manifest = verify_bundle(path) if verify else load_manifest(path)
     spec = SubnetSpec.from_json((path / "spec.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return OpenBundle(path, manifest, spec, tokenizer, OrtDecoder(path / MODEL_FILE, threads=threads))
+    return OpenBundle(path, manifest, spec, tokenizer,
+                      OrtDecoder(path / MODEL_FILE, threads=threads) if session else None)
 
 
 def generate_text(bundle: OpenBundle, prompt: str, *, max_new_tokens: int = 128, chat: bool = True,

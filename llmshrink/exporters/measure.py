@@ -15,7 +15,13 @@ from pathlib import Path
 
 from llmshrink import serde
 from llmshrink.errors import UsageError
-from llmshrink.exporters.bundle import OpenBundle, now_iso, open_bundle, update_manifest
+from llmshrink.exporters.bundle import (
+    OpenBundle,
+    load_manifest,
+    now_iso,
+    open_bundle,
+    update_manifest,
+)
 from llmshrink.exporters.timing import DEFAULT_RUNS, DEFAULT_WARMUP, LatencyMeasurement
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.targets.predict import prediction_provenance
@@ -155,6 +161,21 @@ def _loadable_target(m, path: str | Path) -> str:
     return m.target
 
 
+def _time_engine(path: str | Path, workload: Workload, runs: int):
+    """``workload`` on the bundle's TensorRT engine (built by ``llmshrink build``), on this machine's GPU.
+
+    Raises:
+        MissingHardwareError: no TensorRT or no CUDA device here.
+        UsageError: the engine has not been built yet.
+    """
+    from llmshrink.exporters import tensorrt
+
+    tensorrt.require_tensorrt()
+    if not (Path(path) / tensorrt.ENGINE_FILE).is_file():
+        raise UsageError(f"{path} has no TensorRT engine yet.", f"Build it first: llmshrink build {path}")
+    return tensorrt.time_engine(path, workload, runs=runs)
+
+
 def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | None = None,
              workload: Workload | None = None, runs: int = 50, threads: int | None = None,
              reference: str | Path | None = None, rounds: int = 5,
@@ -169,6 +190,9 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
     and tables are measured the same way (see ``exporters.timing``).
     The error is relative to the prediction: users budget by the predicted
     number, so "10 %" means the bundle is at most 10 % off what was promised.
+
+    A trt-flavour bundle is timed through its TensorRT engine (``llmshrink build`` makes it), on the
+    device; here, without TensorRT or a GPU, that is MissingHardwareError (exit 5), never a stand-in.
 
     With ``reference`` (another bundle of the same target, e.g. the uniform
     int4 export), the check is relative: both bundles are timed in turn,
@@ -192,7 +216,11 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
 
     if reference is not None and rounds < 1:
         raise UsageError(f"rounds must be at least 1, not {rounds}.")
-    b = open_bundle(path, threads=threads)
+    engine = load_manifest(path).flavour == "trt"  # a TensorRT bundle is timed through its engine, on the GPU
+    if engine and reference is not None:
+        raise UsageError("A check against a reference times both bundles in ONNX Runtime; a trt-flavour bundle "
+                         "is timed through its TensorRT engine.", f"Validate it on the device: llmshrink validate {path}")
+    b = open_bundle(path, threads=threads, session=not engine)
     m = b.manifest
     if reference is not None and target is None:
         # Both predictions from one table, made now: a ratio of numbers from two tables means nothing.
@@ -201,7 +229,8 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
     workload, predicted = pred.workload, pred.predicted_ms
     if reference is None:
         with progress.task(f"Timing {workload}", total=None):
-            measured = time_decoder(b.decoder, workload, vocab_size=b.spec.base.vocab_size, runs=runs)
+            measured = (_time_engine(path, workload, runs) if engine
+                        else time_decoder(b.decoder, workload, vocab_size=b.spec.base.vocab_size, runs=runs))
         err = (measured.reference_ms - predicted) / predicted * 100
         v = Validation(bundle=str(path), workload=workload, predicted_ms=predicted,
                        prediction_provenance=pred.provenance, measured=measured, error_pct=err,

@@ -85,7 +85,9 @@ def resolve_model(name: str) -> ModelSource:
     if name in BUILTIN_MODELS:
         return ModelSource("builtin", name)
     if _looks_like_path(name):
-        raise UsageError(f"No such file or directory: {name}.")
+        raise UsageError(f"No such file or directory: {name}.",
+                         f"Pass a built-in name ({', '.join(BUILTIN_MODELS)}), an HF model directory, a .gguf file "
+                         "or an owner/name hub id.")
     repo, _, revision = name.partition("@")
     if _HUB_ID.match(repo):
         return ModelSource("hub", repo, revision or None)

@@ -199,8 +199,8 @@ def test_gpu_target_run_searches_its_table_and_ships_a_calibrated_trt_bundle(set
     m = load_manifest(d / "a100" / c.bundle)
     assert m.flavour == "trt" and m.parity["passed"] and m.parity["reference_stability"] is not None
     # the manifest says the latency is the table's, and how to build and check the engine on the device
-    assert any(n.startswith("latency analytical, not measured") and "llmshrink build candidates/" in n
-               and "llmshrink validate candidates/" in n for n in m.notes)
+    assert any(n.startswith("latency analytical, not measured") and "llmshrink build BUNDLE --workload" in n
+               and "llmshrink validate BUNDLE" in n for n in m.notes)
     g = onnx.load(str(d / "a100" / c.bundle / "model.onnx"))
     scales = [float(numpy_helper.to_array(i)) for i in g.graph.initializer if i.name.endswith(".input_scale")]
     assert scales and all(s > 0 for s in scales)
