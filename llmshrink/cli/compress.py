@@ -40,7 +40,8 @@ def resume_command(out_dir: Path) -> str:
               help="Built-in name, local directory, .gguf file or hub id.")
 @click.option("--target", required=True, help="Built-in target (a100, h100, l4, jetson-orin, cpu) or a target YAML.")
 @click.option("--latency", "latency", required=True,
-              help="Latency budget for the target's workload, e.g. 30ms, or relative to a uniform export: 0.7xint4 "
+              help="Latency budget for the target's workload, e.g. 30ms (a bare number is ms; s and us work too), "
+                   "or relative to a uniform export: 0.7xint4 "
                    "(70% of the table's prediction for the unpruned model in int4). Several (4ms,6ms,8ms) give a "
                    "Pareto front.")
 @click.option("--params-budget", default=None, help="Also keep the parameter count under this, e.g. 100M.")
@@ -74,9 +75,15 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
     report.md and pareto.png.
 
     A budget below the fastest subnet the space reaches stops at once (exit
-    3) and names that floor. For a GPU target on a machine without it, the
-    search uses the target's table, the bundle is in its flavour, and the
-    output says the engine must be built on the device (exit 0).
+    3) and names that floor. A budget the unpruned model already meets (in
+    the space's most faithful search format) needs no search: the unpruned
+    model in the most faithful format that fits ships at once, with a line
+    saying why. For a GPU target on a machine without it, the search uses
+    the target's table, the bundle is in its flavour, and the output gives
+    the commands that build and validate the engine on the device (exit 0).
+
+    Progress: bars on a terminal, plain lines in a log. Ctrl-C keeps the
+    finished phases and prints the command that resumes (exit 130).
 
     \b
     Examples:
@@ -119,7 +126,7 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
 
     t = Table(title=f"{model} on {target}: {wl.describe() if wl else 'the target default workload'}")
     for col in ("budget", "predicted", "measured", "validation", "KD before → after recovery", "bundle"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a log (80 columns) keeps the whole bundle path
     for c in rec.candidates:
         meas = f"{c.measured_ms:.2f} ms" if c.measured_ms is not None else "not here"
         verdict = {True: "PASS", False: "FAIL", None: "build on device"}[c.validation_passed]
@@ -128,7 +135,7 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
     out.print(t)
     for c in rec.candidates:  # chosen without a search: say why
         if c.reason:
-            out.print(f"{c.label}: {c.reason}.", highlight=False)
+            out.print(f"{c.label}: {c.reason}.", highlight=False, soft_wrap=True)
     from llmshrink.exporters.bundle import load_manifest
 
     for c in rec.candidates:  # a relative check (a relative budget's reference) is judged on the ratio: show it
@@ -137,7 +144,7 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
             err.print(f"{c.label}: latency relative to {v['reference']} predicted {v['predicted_ratio']:.3f}×, "
                       f"measured {v['measured_ratio']:.3f}× ({v['error_pct']:+.1f}%, blocks timed in turn)")
     for n in rec.notes:
-        err.print(f"warning: {n}", style="yellow", markup=False, highlight=False)
+        err.print(f"note: {n}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     from llmshrink.compressor.pipeline import device_commands
 
     wl_used = wl or load_target(target).default_workload

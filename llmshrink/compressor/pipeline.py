@@ -402,8 +402,7 @@ def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
     spec = replace(fit.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"})
     t0 = time.perf_counter()
     calib = inputs.splits.calib[:EXPORT_CALIB_ROWS] if needs_calibration(spec) else None
-    with inputs.progress.task("Quantizing the unpruned model" if calib is not None or spec.lm_head != "fp32"
-                              else "Preparing the original model"):
+    with inputs.progress.task(f"The unpruned model in {spec.lm_head}"):
         cm = materialize(inputs.hf, spec, inputs.tok, calib=calib)
     secs["materialize"] = time.perf_counter() - t0
     bundle, m, measured, passed = _export_and_check(ctx, cm, budget_label(budget), secs)
