@@ -119,7 +119,10 @@ CALIB_ROWS = 32
 
 def _student(teacher, spec: SubnetSpec) -> CompressedModel:
     """The subnet with trainable, quantization-aware linears in its kept layers (lm_head and embedding frozen)."""
-    fp32 = replace(spec, layers=tuple(replace(ls, precision=dict.fromkeys(LINEARS, "fp32")) for ls in spec.layers))
+    # every linear and the lm_head as float: they become QATLinears below (a w8a8s lm_head, calibrated only
+    # after recovery, would otherwise ask for calibration text here)
+    fp32 = replace(spec, lm_head="fp32",
+                   layers=tuple(replace(ls, precision=dict.fromkeys(LINEARS, "fp32")) for ls in spec.layers))
     cm = materialize(teacher, fp32)
     for i, block in zip(spec.kept_layers(), cm.blocks, strict=True):
         for name in LINEARS:

@@ -43,3 +43,11 @@ def test_recovery_lowers_the_distillation_loss_of_the_quantized_subnet(tiny_hf, 
     after = kd_loss(res.model(ids)[0], teacher).item()
     assert after < before
     assert not any(isinstance(m, QATLinear) for m in res.model.modules())  # an ordinary CompressedModel
+
+
+def test_a_static_int8_lm_head_recovers_and_is_calibrated_after(tiny_hf, tiny_base, calib):
+    # a w8a8s lm_head (an a100 search can pick it) trains quantization-aware and gets its activation scale
+    # from calibration text only once recovery is done
+    spec = replace(_spec(tiny_base), lm_head="w8a8s")
+    res = recover(tiny_hf, spec, calib, config=RecoveryConfig(steps=2, batch_size=2))
+    assert res.model.spec.lm_head == "w8a8s" and float(res.model.lm_head.act_scale) > 0
