@@ -82,14 +82,25 @@ class LazyGroup(click.Group):
             ctx.exit(Interrupted.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except OSError as e:  # the system refused: disk full, no permission, a read-only file system
+            from llmshrink.cli import ui
+
+            if debug:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            ui.show_error(LlmshrinkError(f"{e.strerror or e}{where}.",
+                                         "Free space or fix the permissions (or choose another output path), then "
+                                         "run the command again; a compress run continues with --resume."))
+            ctx.exit(1)
         except Exception as e:  # a bug: say so in one line; the traceback is for --debug
             from llmshrink.cli import ui
 
             if debug:
                 raise
             ui.show_error(LlmshrinkError(f"internal error: {type(e).__name__}: {e}",
-                                         "This is a bug in llmshrink. Re-run with --debug for the traceback "
-                                         "and report it."))
+                                         "This is a bug in llmshrink. Run it again as `llmshrink --debug "
+                                         f"{ctx.invoked_subcommand or 'COMMAND'} ...` for the traceback and "
+                                         "report it."))
             ctx.exit(1)
 
 

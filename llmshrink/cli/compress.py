@@ -57,7 +57,7 @@ def resume_command(out_dir: Path) -> str:
               help="joint: architecture and precision searched together (the method); sequential: architecture "
                    "at full precision, then per-layer precision by sensitivity (the baseline).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/MODEL-TARGET-BUDGETS).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from where it stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from llmshrink.compressor.space import SearchSpace
@@ -142,16 +142,17 @@ class UnprunedFit:
 
 
 def unpruned_fit(space: SearchSpace, target, workload, table, budget_ms: float, *,
-                 params_budget: float | None = None, accepts: Callable[[SubnetSpec], bool] = lambda s: True
-                 ) -> UnprunedFit | None:
+                 params_budget: float | None = None, formats: Sequence[str] | None = None,
+                 accepts: Callable[[SubnetSpec], bool] = lambda s: True) -> UnprunedFit | None:
     """The answer to a loose budget, or None when the budget needs a search.
 
     A budget is loose when the unpruned model, every linear in the space's most faithful search format
     (:func:`~llmshrink.formats.fidelity_key`), meets it (and ``params_budget``, if any). Nothing
-    pruned or coarser can then beat the most faithful of the target's formats whose unpruned model the
-    table predicts within the budget (the original itself when its float format fits): that one is
-    returned, with a sentence saying why. ``accepts`` filters the formats a caller can build (the
-    flavour's kernels).
+    pruned or coarser can then beat the most faithful of ``formats`` (default: the target's) whose
+    unpruned model the table predicts within the budget (the original itself when its float format
+    fits): that one is returned, with a sentence saying why. Only formats at least as faithful as the
+    search's most faithful one are considered (None when none of them builds: the search decides).
+    ``accepts`` filters the formats a caller can build (the flavour's kernels).
     """
     from llmshrink.formats import fidelity_key, parse_format
 
@@ -161,7 +162,9 @@ def unpruned_fit(space: SearchSpace, target, workload, table, budget_ms: float, 
         return None
     if predict(largest, target, workload, table=table).total_ms > budget_ms:
         return None
-    for fmt in sorted(target.formats, key=fidelity_key):
+    for fmt in sorted(formats or target.formats, key=fidelity_key):
+        if fidelity_key(fmt) > fidelity_key(top):
+            break  # coarser than what the search may use: no claim to make
         spec = SubnetSpec.uniform(space.base, fmt)
         try:
             spec.validate(allowed_formats=set(target.formats))
@@ -176,7 +179,8 @@ def unpruned_fit(space: SearchSpace, target, workload, table, budget_ms: float, 
                 f"{what} in {fmt} fits the {budget_ms:g} ms budget (predicted {ms:.2f} ms, {workload.describe()}); "
                 f"{fmt} is the most faithful of {target.name}'s formats that fits, and every format the search "
                 f"may use ({', '.join(space.formats)}) is at most as faithful, so a searched subnet (pruned or "
-                "coarser) cannot beat it: shipped without a search"))
+                "coarser) cannot beat it: shipped without a search"
+                + ("" if parse_format(fmt).is_float else ", with the recovery a searched subnet gets")))
     return None
 
 

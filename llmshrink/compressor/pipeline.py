@@ -213,7 +213,8 @@ def device_note(target: str, table_kind: str, workload: Workload) -> str:
 
 def device_commands(bundle: str | Path, workload: Workload) -> str:
     """The commands that build, time and validate ``bundle``'s engine on its device."""
-    return f"llmshrink build {bundle} --workload {workload} && llmshrink validate {bundle}"
+    batch = f" --max-batch {workload.batch}" if workload.batch > 1 else ""
+    return f"llmshrink build {bundle}{batch} --workload {workload} && llmshrink validate {bundle}"
 
 
 def _shortcuts(config: CompressConfig, space, target, workload, table) -> dict[float, object]:
@@ -230,8 +231,10 @@ def _shortcuts(config: CompressConfig, space, target, workload, table) -> dict[f
             return False
         return True
 
+    # a --space file that names formats limits what may ship; else any of the target's kernels may
+    formats = tuple(dict.fromkeys(space.formats + space.lm_head_formats)) if config.space else target.formats
     fits = {b: unpruned_fit(space, target, workload, table, b, params_budget=config.params_budget,
-                            accepts=buildable) for b in config.budgets_ms}
+                            formats=formats, accepts=buildable) for b in config.budgets_ms}
     return {b: f for b, f in fits.items() if f is not None}
 
 
@@ -331,7 +334,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         if budget in shortcuts:
             outcome = _ship_unpruned(ctx, budget, shortcuts[budget])
         else:
-            outcome = _search_and_ship(ctx, budget)
+            outcome = _search_and_ship(ctx, budget, searched=len(set(config.budgets_ms) - set(shortcuts)))
         outcomes.append(outcome)
         rec = replace(rec, candidates=tuple([c for c in rec.candidates if c.label != label] + [outcome]))
         _save(out, rec)
@@ -392,53 +395,95 @@ def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
 
 
 def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
-    """A loose budget: the unpruned model in ``fit.spec``'s format, exported and measured; no search or recovery."""
-    from llmshrink.compressor.calibrate import needs_calibration
-    from llmshrink.compressor.calibration_text import EXPORT_CALIB_ROWS
+    """A loose budget: the unpruned model in ``fit.spec``'s format, without a search. A float format is the
+    original itself, exported as is; a quantized one gets the same recovery as a searched subnet (and is
+    scored on the held-out rows): only the search is skipped."""
     from llmshrink.compressor.materialize import materialize
+    from llmshrink.formats import parse_format
 
     log.info("%s: %s", budget_label(budget), fit.reason)
-    inputs, secs = ctx.inputs, {}
+    inputs, secs, label = ctx.inputs, {}, budget_label(budget)
     spec = replace(fit.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"})
     t0 = time.perf_counter()
-    calib = inputs.splits.calib[:EXPORT_CALIB_ROWS] if needs_calibration(spec) else None
-    with inputs.progress.task(f"The unpruned model in {spec.lm_head}"):
-        cm = materialize(inputs.hf, spec, inputs.tok, calib=calib)
-    secs["materialize"] = time.perf_counter() - t0
-    bundle, m, measured, passed = _export_and_check(ctx, cm, budget_label(budget), secs)
-    return CandidateOutcome(budget_label(budget), budget, str(bundle), m.spec_fingerprint, fit.predicted_ms,
-                            fit.predicted_ms, (), None, None, measured, passed, secs, reason=fit.reason)
+    kd = (None, None)
+    if all(parse_format(f).is_float for f in spec.formats_used()):
+        with inputs.progress.task(f"The original model in {spec.lm_head}"):
+            cm = materialize(inputs.hf, spec, inputs.tok)
+        secs["materialize"] = time.perf_counter() - t0
+    else:
+        cm, *kd = _recovered(ctx, spec, ctx.out / f"unpruned-{label}", secs)
+    bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
+    if kd[0] is not None:
+        t0 = time.perf_counter()
+        _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, ctx.config.calib_data, inputs.progress)
+        secs["quality"] = time.perf_counter() - t0
+    return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint, fit.predicted_ms,
+                            fit.predicted_ms, (), *kd, measured, passed, secs, reason=fit.reason)
 
 
-def _search_and_ship(ctx: _Context, budget: float) -> CandidateOutcome:
-    """One budget through search, extraction and fit, recovery, export, measurement and held-out scoring."""
-    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget
+def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
+    """``spec`` recovered from the original (KD + QAT LoRA), kept in ``sdir/recovered`` so that a resumed run
+    never repeats a finished recovery. Returns (model, KD before, KD after)."""
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
+    from llmshrink.compressor.teacher import TeacherTargets
+
+    config, inputs = ctx.config, ctx.inputs
+    calib, seq = inputs.splits.calib, config.search.seq_len
+    if inputs.targets is None:  # the teacher's log-probabilities, computed once, shared with the search
+        t0 = time.perf_counter()
+        inputs.targets = TeacherTargets(inputs.hf, calib[:, :seq], batch_size=config.search.batch_size,
+                                        progress=inputs.progress)
+        secs["teacher"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rdir = sdir / "recovered"
+    if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
+        cm = CompressedModel.load(rdir)
+        kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
+    else:
+        shared = inputs.targets if config.recovery.seq_len == seq else None  # else recover computes its own
+        rr = recover(inputs.hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
+                     progress=inputs.progress)
+        cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
+        cm.save(rdir)
+        storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after]))
+    secs["recovery"] = time.perf_counter() - t0
+    return cm, kd_before, kd_after
+
+
+def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOutcome:
+    """One budget through search, extraction and fit, recovery, export, measurement and held-out scoring.
+
+    ``searched``: how many of the run's budgets are searched (several share one weight warm-up)."""
+    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget
     from llmshrink.compressor.search import run_search
     from llmshrink.compressor.supernet import Supernet
-    from llmshrink.compressor.teacher import TeacherTargets
+    from llmshrink.spec import LINEARS
     from llmshrink.targets.predict import predict
 
     config, out, inputs = ctx.config, ctx.out, ctx.inputs
     space, target, workload, table = ctx.space, ctx.target, ctx.workload, ctx.table
-    hf, progress, seq = inputs.hf, inputs.progress, config.search.seq_len
+    hf, progress = inputs.hf, inputs.progress
     calib, imp = inputs.splits.calib, inputs.importance
     label = budget_label(budget)
     secs: dict[str, float] = {}
     if inputs.targets is None:
+        from llmshrink.compressor.teacher import TeacherTargets
+
         t0 = time.perf_counter()
-        inputs.targets = TeacherTargets(hf, calib[:, :seq], batch_size=config.search.batch_size, progress=progress)
+        inputs.targets = TeacherTargets(hf, calib[:, :config.search.seq_len], batch_size=config.search.batch_size,
+                                        progress=progress)
         secs["teacher"] = time.perf_counter() - t0
     targets = inputs.targets
     t0 = time.perf_counter()
     if config.strategy == "joint":
         net = Supernet(hf, space, imp)
-    else:
+    else:  # full precision, each linear's latency priced in the format it will be quantized to
+        fastest = _fastest_format(space, target, workload, table)
         net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
-                       latency_format=_fastest_format(space, target, workload, table))
+                       latency_formats={n: space.fit_format(fastest, n) for n in (*LINEARS, "lm_head")})
     sdir = out / f"search-{label}"
-    if len(config.budgets_ms) > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
+    if searched > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
         _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
         storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
     ckpt_exists = (sdir / "search.ckpt").is_file()
@@ -463,19 +508,7 @@ def _search_and_ship(ctx: _Context, budget: float) -> CandidateOutcome:
     storage.atomic_write_text(sdir / "spec.json", spec.to_json())
     del net
     secs["fit"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rdir = sdir / "recovered"  # kept so that a resumed run never repeats a finished recovery
-    if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
-        cm = CompressedModel.load(rdir)
-        kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
-    else:
-        shared = targets if config.recovery.seq_len == seq else None  # else recover computes its own
-        rr = recover(hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
-                     progress=progress)
-        cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
-        cm.save(rdir)
-        storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after]))
-    secs["recovery"] = time.perf_counter() - t0
+    cm, kd_before, kd_after = _recovered(ctx, spec, sdir, secs)
     bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
     t0 = time.perf_counter()
     _record_held_out_ppl(out / bundle, inputs.splits.eval, config.calib_data, progress)

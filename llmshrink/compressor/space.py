@@ -76,21 +76,24 @@ class SearchSpace:
         return math.log10(d["hidden"]) + head + self.base.num_layers * per_layer
 
     def input_widths(self, linear: str) -> tuple[int, ...]:
-        """Every input width K that ``linear`` (a name of ``LINEARS`` or ``lm_head``) can have in the space.
+        """Every input width K that ``linear`` (a name of ``LINEARS`` or ``lm_head``) has in the space, and
+        its full width in the model (the supernet quantizes the full, entangled weight and slices it).
 
-        o_proj's K is heads x head size; when the heads per group are searched, the heads a subnet
-        keeps are not a prefix of the importance order across groups, so its quantization groups must
-        not straddle heads: the head size itself counts as a width then.
+        o_proj's K is heads x head size; unless every kv group keeps all its query heads, the heads a
+        subnet keeps are not a prefix of the importance order, so its quantization groups must not
+        straddle heads: the head size itself counts as a width then.
         """
+        b = self.base
         if linear == "down_proj":
-            return self.mlp
+            return tuple(sorted({*self.mlp, b.intermediate_size}))
         if linear == "o_proj":
             ks = {g * r * d for g in self.kv_groups for r in self.heads_per_group for d in self.head_dim}
-            if len(self.heads_per_group) > 1:
+            ks.add(b.num_heads * b.head_dim)
+            if self.heads_per_group != (b.heads_per_group,):
                 ks |= set(self.head_dim)
             return tuple(sorted(ks))
         if linear in LINEARS or linear == "lm_head":
-            return self.hidden
+            return tuple(sorted({*self.hidden, b.hidden_size}))
         raise ValueError(f"unknown linear {linear!r}")
 
     def linear_formats(self, linear: str) -> tuple[str, ...]:
@@ -106,12 +109,17 @@ class SearchSpace:
         offered = self.linear_formats(linear)
         if fmt in offered:
             return fmt
+        if not offered:  # validate() refuses such a space; say which linear all the same
+            raise UsageError(f"Search space: no candidate format fits {linear}.")
         want = parse_format(fmt)
+
+        def group(f) -> float:  # one scale per channel: the coarsest "group"
+            return f.group_size or float("inf")
 
         def distance(name: str) -> tuple:
             f = parse_format(name)
-            return (f.weight_bits != want.weight_bits, f.act != want.act, f.symmetric != want.symmetric,
-                    abs((f.group_size or 0) - (want.group_size or 0)))
+            gap = 0.0 if group(f) == group(want) else abs(math.log2(group(f) / group(want)))
+            return (f.weight_bits != want.weight_bits, f.act != want.act, f.symmetric != want.symmetric, gap)
 
         return min(offered, key=distance)
 
@@ -132,8 +140,7 @@ class SearchSpace:
         layers = tuple(layer if i < keep else LayerSpec(False, layer.num_heads, layer.num_kv_heads, layer.head_dim,
                                                         layer.intermediate_size, layer.precision)
                        for i in range(b.num_layers))
-        lm_head = fmt if fmt in self.lm_head_formats else self.lm_head_formats[0]
-        return SubnetSpec(b, pick(self.hidden), layers, lm_head=self.fit_format(lm_head, "lm_head"))
+        return SubnetSpec(b, pick(self.hidden), layers, lm_head=self.fit_format(fmt, "lm_head"))
 
     # ------------------------------------------------------------- checks
     def validate(self, target_formats: Sequence[str] | None = None) -> SearchSpace:

@@ -150,13 +150,16 @@ class Supernet(nn.Module):
             per head configuration and per format, weighted and summed — the
             baseline the search-throughput benchmark compares with. Hidden
             width is masked either way.
+        latency_formats: price the latency with these formats (per linear name and ``lm_head``)
+            instead of the precision decisions: the sequential baseline searches at full precision
+            and prices each linear in the format it will be quantized to.
     """
 
     def __init__(self, hf_model, space: SearchSpace, importance: Importance | None = None, *,
-                 vectorized: bool = True, latency_format: str | None = None) -> None:
+                 vectorized: bool = True, latency_formats: dict[str, str] | None = None) -> None:
         super().__init__()
         self.vectorized = vectorized
-        self.latency_format = latency_format
+        self.latency_formats = latency_formats
         base = space.base
         if len(space.head_dim) != 1 or space.head_dim[0] != base.head_dim:
             raise UsageError("Searching the head size is not supported yet.",
@@ -475,12 +478,12 @@ class Supernet(nn.Module):
         for i in range(self.base.num_layers):
             d = {"kv_heads": Choice(s.kv_groups, probs.kv[i]), "heads_per_group": Choice(s.heads_per_group, probs.hpg[i]),
                  "head_dim": hd, "mlp": Choice(s.mlp, probs.mlp[i])}
-            if self.latency_format:
-                d.update({n: Choice((s.fit_format(self.latency_format, n),), torch.ones(1)) for n in LINEARS})
+            if self.latency_formats:
+                d.update({n: Choice((self.latency_formats[n],), torch.ones(1)) for n in LINEARS})
             else:
                 d.update({name: Choice(s.formats, probs.prec[i, j]) for j, name in enumerate(LINEARS)})
             layers.append(d)
-        head = (Choice((s.fit_format(self.latency_format, "lm_head"),), torch.ones(1)) if self.latency_format
+        head = (Choice((self.latency_formats["lm_head"],), torch.ones(1)) if self.latency_formats
                 else Choice(s.lm_head_formats, probs.lm_head))
         return dict(hidden=Choice(s.hidden, probs.hidden), layers=layers, keep=list(probs.keep[:, 1]), lm_head=head)
 

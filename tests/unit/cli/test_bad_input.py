@@ -52,7 +52,7 @@ CASES = [
     Case("non-empty --out", (*COMPRESS, "--latency", "{tight}", "--out", "{tmp}/full"), 2,
          r"already exists and is not empty", r"--resume|another --out", files={"full/notes.txt": "mine"}),
     Case("--out is a file", (*COMPRESS, "--latency", "{tight}", "--out", "{tmp}/afile"), 2,
-         r"is a file", r"--out", files={"afile": "x"}),
+         r"run directory .*afile is a file", r"Give --out a directory", files={"afile": "x"}),
     Case("--resume with nothing to resume", (*COMPRESS, "--latency", "{tight}", "--out", "{tmp}/empty", "--resume"),
          2, r"Nothing to resume", r"without --resume"),
     Case("--resume on another config's run", (*COMPRESS, "--latency", "{tight}", "--out", "{tmp}/other", "--resume"),
@@ -92,7 +92,7 @@ CASES = [
          r"unknown fields clock_mhz", r"may set|fields are",
          files={"board.yaml": TARGET_YAML + "clock_mhz: 900\n"}),
     Case("target YAML that is not YAML", ("compress", "--target", "{tmp}/board.yaml", "--latency", "30ms"), 2,
-         r"not valid YAML", r"YAML", files={"board.yaml": "name: [unclosed\n"}),
+         r"board\.yaml is not valid YAML", r"line 1", files={"board.yaml": "name: [unclosed\n"}),
     # -- the model
     Case("no such model directory", ("compress", "--model", "{tmp}/nothing/", "--target", "cpu", "--latency", "5ms"),
          2, r"No such file or directory: .*nothing", r"Pass a built-in name"),
@@ -129,7 +129,7 @@ CASES = [
          r"Cannot build or time a TensorRT engine here", r"target machine", patch="trt_bundle"),
     # -- the disk
     Case("disk full while a bundle is written", ("export", "--model", "{tiny}", "--out", "{tmp}/full-disk"), 1,
-         r"No space left on device", r"Free|space", patch="disk_full"),
+         r"No space left on device: .*manifest\.json", r"Free space", patch="disk_full"),
 ]
 
 
@@ -227,8 +227,10 @@ def test_bad_input_fails_cleanly(case: Case, env, tmp_path, monkeypatch, llmshri
     assert res.exit_code == case.code, f"{case.name}: exit {res.exit_code}\n{text}\n{res.exc_info}"
     assert "Traceback" not in text and (res.exception is None or isinstance(res.exception, SystemExit)), text
     flat = " ".join(text.split())
-    assert re.search(case.problem, flat), f"{case.name}: the problem is not named:\n{text}"
-    assert re.search(case.fix, flat), f"{case.name}: no fix is given:\n{text}"
+    problem = re.search(case.problem, flat)
+    assert problem, f"{case.name}: the problem is not named:\n{text}"
+    assert re.search(case.fix, flat[problem.end():]), f"{case.name}: no fix is given after the problem:\n{text}"
+    assert "internal error" not in flat
     if case.patch == "disk_full":  # no partial bundle is left behind
         assert not (tmp_path / "full-disk").exists() and not list(tmp_path.glob(".full-disk*"))
 
@@ -236,6 +238,41 @@ def test_bad_input_fails_cleanly(case: Case, env, tmp_path, monkeypatch, llmshri
 def test_debug_shows_the_traceback(env, tmp_path):
     res = CliRunner().invoke(cli, ["--debug", "compress", "--target", "a1000", "--latency", "30ms"])
     assert res.exit_code == 2 and "Traceback" in res.output
+
+
+def test_a_bug_is_one_line_and_debug_raises_it(monkeypatch):
+    import llmshrink.doctor
+
+    def broken(*a, **k):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(llmshrink.doctor, "machine_report", broken)
+    res = CliRunner().invoke(cli, ["doctor"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "internal error: KeyError: 'boom'" in res.output and "llmshrink --debug doctor" in res.output
+    res = CliRunner().invoke(cli, ["--debug", "doctor"])
+    assert isinstance(res.exception, KeyError)  # re-raised: the traceback is the user's to see
+
+
+def test_library_warnings_stay_out_of_the_output(monkeypatch, caplog):
+    import logging
+    import warnings
+
+    import llmshrink.doctor
+
+    real = llmshrink.doctor.machine_report
+
+    def noisy(*a, **k):
+        warnings.warn("`past_key_values` is deprecated", FutureWarning, stacklevel=1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(llmshrink.doctor, "machine_report", noisy)
+    with caplog.at_level(logging.DEBUG, logger="py.warnings"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert res.exit_code == 0 and "past_key_values" not in res.output
+    (rec,) = [r for r in caplog.records if "past_key_values" in r.getMessage()]
+    assert rec.levelno == logging.DEBUG and "FutureWarning" in rec.getMessage()  # shown with -vv
 
 
 def test_the_readme_exit_code_table_matches_the_catalogue():

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -104,3 +105,25 @@ def test_compress_help_states_the_real_step_defaults(run):
     text = " ".join(run("compress", "--help").output.split())
     assert f"Search steps (default {SearchConfig().steps})" in text
     assert f"Recovery (KD + LoRA) steps (default {RecoveryConfig().steps})" in text
+
+
+def test_progress_in_a_log_is_plain_lines():
+    import io
+
+    from rich.console import Console
+
+    from llmshrink.cli import ui
+
+    buf = io.StringIO()
+    p = ui.LineProgress(Console(file=buf, width=300), every=0.0)
+    with p.task("Search", total=4) as t:
+        t.advance(2)
+        t.advance(1, info="kd 1.500 · E[lat] 3.1/3.0 ms")
+    with pytest.raises(KeyboardInterrupt), p.task("Recovery", total=2):
+        raise KeyboardInterrupt
+    lines = buf.getvalue().splitlines()
+    assert re.fullmatch(r"\[0:00:00\] Search \.\.\.", lines[0])
+    assert "Search: 3/4  ETA" in lines[2] and "kd 1.500 · E[lat] 3.1/3.0 ms" in lines[2]
+    assert "Search: done in 0:00:00" in lines[3] and "Recovery: stopped after" in lines[-1]
+    with ui.progress() as chosen:  # under pytest stderr is no terminal: what a log file gets
+        assert isinstance(chosen, ui.LineProgress)

@@ -230,15 +230,36 @@ def test_a_loose_budget_ships_the_original_without_a_search(setup, monkeypatch):
     shipped = SubnetSpec.from_json((d / "loose" / c.bundle / "spec.json").read_text())
     assert shipped.formats_used() == {"fp32"} and len(shipped.kept_layers()) == shipped.base.num_layers
     assert c.measured_ms is not None and not list((d / "loose").glob("search-*"))
-    # just below what the unpruned model needs in the most faithful search format, a search runs
-    fits = pipeline._shortcuts(cfg, load_space(cfg.space, _tiny_base(cfg), target.formats), target,
-                               target.default_workload, table)
-    assert fits == {}  # the fixture's budget is tight
+    # a hair below what the unpruned model needs in the most faithful search format (fp32), a search runs
+    space = load_space(cfg.space, _tiny_base(cfg), target.formats)
+    assert pipeline._shortcuts(replace(cfg, budgets_ms=(original * 0.999,)), space, target,
+                               target.default_workload, table) == {}
+    assert pipeline._shortcuts(cfg, space, target, target.default_workload, table) == {}  # the fixture's budget
     # a params budget the unpruned model exceeds rules the shortcut out
     none = pipeline._shortcuts(replace(cfg, budgets_ms=(2 * original,), params_budget=1000),
                                load_space(cfg.space, _tiny_base(cfg), target.formats), target,
                                target.default_workload, table)
     assert none == {}
+
+
+def test_a_loose_budget_in_a_quantized_format_is_recovered_not_searched(setup, tmp_path):
+    """With only int4 to search, a budget the unpruned int4 model meets ships it, recovered and scored."""
+    from dataclasses import replace
+
+    from llmshrink.spec import SubnetSpec
+
+    d, cfg, target, table, _ = setup
+    space = tmp_path / "int4.yaml"
+    space.write_text(SPACE.replace("formats: [fp32, w4g32a8]", "formats: [w4g32a8]"))
+    int4 = predict(SubnetSpec.uniform(_tiny_base(cfg), "w4g32a8"), target, table=table).total_ms
+    res = compress(replace(cfg, space=str(space), budgets_ms=(round(int4 * 1.01, 4),)), tmp_path / "run")
+    (c,) = res.record.candidates
+    assert "the unpruned model in w4g32a8 fits" in c.reason and "recovery" in c.reason
+    assert c.kd_after_recovery is not None and not list((tmp_path / "run").glob("search-*"))
+    assert any(k.startswith("ppl:held-out") for k in load_manifest(tmp_path / "run" / c.bundle).quality)
+    shipped = SubnetSpec.from_json((tmp_path / "run" / c.bundle / "spec.json").read_text())
+    assert {f for ls in shipped.layers for f in ls.precision.values()} | {shipped.lm_head} == {"w4g32a8"}
+    assert len(shipped.kept_layers()) == shipped.base.num_layers
 
 
 def test_a_sigkilled_compress_resumes_from_its_last_checkpoint(setup, tmp_path):

@@ -76,8 +76,9 @@ def test_a_format_is_a_candidate_only_where_its_group_fits(tiny_hf, tiny_base, i
     assert space.linear_formats("down_proj") == ("w4g32a8", "w4g64a8")
     assert space.linear_formats("q_proj") == space.linear_formats("o_proj") == ("w4g32a8",)
     net = Supernet(tiny_hf, space)
-    for _ in range(3):  # sampled subnets never draw an offered-nowhere format
-        pr = net.sample(1.0, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(5):  # sampled subnets never draw a format where it is not offered
+        pr = net.sample(1.0, gen)
         assert float(pr.prec[:, :6, 1].abs().sum()) == 0 and float(pr.lm_head[1]) == 0
     _pin(net, 20 + seed)
     spec = net.argmax_spec()
@@ -240,3 +241,21 @@ def test_a_fresh_search_extracts_the_pretrained_widths_until_it_learns_otherwise
     assert spec.hidden_size == widest.hidden_size
     assert [(ls.num_heads, ls.num_kv_heads, ls.intermediate_size) for ls in spec.layers] == \
         [(ls.num_heads, ls.num_kv_heads, ls.intermediate_size) for ls in widest.layers]
+
+
+def test_sequential_supernet_prices_latency_in_the_formats_it_will_ship(tiny_hf, tiny_base):
+    fp32 = _space(tiny_base, ("fp32",))
+    ship = {n: "w4g32a8" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    net = Supernet(tiny_hf, fp32, latency_formats={**ship, "lm_head": "w8a8"})
+    c = net.choices(net.probs())
+    assert all(c["layers"][i][n].values == ("w4g32a8",) for i in range(tiny_base.num_layers) for n in ship)
+    assert c["lm_head"].values == ("w8a8",)
+
+
+def test_num_weights_is_the_expected_params_of_a_one_hot_supernet(tiny_hf, tiny_base):
+    from llmshrink.compressor.budget import num_weights
+
+    for seed in range(3):
+        net = Supernet(tiny_hf, _space(tiny_base, ("fp32", "w4g32a8")))
+        _pin(net, 40 + seed)
+        assert num_weights(net.argmax_spec()) == pytest.approx(float(net.expected_params(net.probs())))
