@@ -10,9 +10,10 @@ and which hide cycles from a plain ``import`` — count like any other. Its edge
 * a lazy registry entry, a string ``"llmshrink.a.b:attr"`` → ``llmshrink.a.b``;
 * imports under ``if TYPE_CHECKING:`` count too: a cycle there is still a cycle in the design.
 
-Importing ``llmshrink.a.b`` also runs ``llmshrink/a/__init__.py``, but that is not an edge: a package
-``__init__`` that re-exports its submodules would otherwise be in a cycle with every one of them.
-An ``__init__`` has edges to what it imports like any module, so an import of the package
+Importing ``llmshrink.a.b`` also runs ``llmshrink/a/__init__.py`` first, so it is an edge to the package
+``llmshrink.a`` too — except from inside that package (a package ``__init__`` that re-exports its
+submodules would otherwise be in a cycle with every one of them, and its own modules never need it
+run first). An ``__init__`` has edges to what it imports like any module, so an import of the package
 (``from llmshrink.models import load_model``) reaches everything the ``__init__`` pulls in. The
 top-level ``llmshrink/__init__.py`` is the public face, above ``api``: it may import the facade,
 so a module below that imported a name from the root would close a cycle through it (hence
@@ -101,7 +102,16 @@ def import_graph(root: Path) -> tuple[dict[str, dict[str, list[int]]], list[Impo
                 unresolved.append(imp)
             else:
                 graph[module].setdefault(imp.target, []).append(imp.line)
+                for pkg in _enclosing_packages(imp.target, modules):  # run before the module itself
+                    if not (module == pkg or module.startswith(pkg + ".")):
+                        graph[module].setdefault(pkg, []).append(imp.line)
     return graph, unresolved
+
+
+def _enclosing_packages(target: str, modules: dict[str, Path]) -> list[str]:
+    """The packages whose ``__init__`` runs when ``target`` is imported, below the top-level package."""
+    parts = target.split(".")
+    return [p for p in (".".join(parts[:i]) for i in range(2, len(parts))) if p in modules]
 
 
 def cycles(graph: dict[str, dict[str, list[int]]]) -> list[list[str]]:
@@ -233,6 +243,11 @@ def test_the_checker_finds_hidden_cycles_and_not_package_re_exports(tmp_path):
         "lazy_b.py": "COMMANDS = {'g': 'pkg.lazy_a:g'}\n\n\ndef h():\n    return 1\n",  # ... and a lazy entry back
         "selfish.py": "def s():\n    import pkg.selfish\n",
         "ghost.py": "def s():\n    import pkg.nowhere\n",
+        # a cycle only through a package __init__: run.py imports pkg.tools.deep, whose package __init__
+        # (run first) imports run back
+        "tools/__init__.py": "from pkg.run import main\n",
+        "tools/deep.py": "Y = 2\n",
+        "run.py": "def main():\n    from pkg.tools.deep import Y\n    return Y\n",
     }
     for rel, text in files.items():
         (tmp_path / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +256,8 @@ def test_the_checker_finds_hidden_cycles_and_not_package_re_exports(tmp_path):
     assert graph["pkg.sub"] == {"pkg.sub.low": [1]} and graph["pkg.sub.low"] == {"pkg.sub.other": [1]}
     assert graph["pkg.high"] == {"pkg.sub": [1]}
     assert graph["pkg.lazy_a"] == {"pkg.lazy_b": [2]} and graph["pkg.lazy_b"] == {"pkg.lazy_a": [1]}
-    assert sorted(cycles(graph)) == [["pkg.lazy_a", "pkg.lazy_b"], ["pkg.selfish"]]
+    assert graph["pkg.run"] == {"pkg.tools.deep": [2], "pkg.tools": [2]}
+    assert sorted(cycles(graph)) == [["pkg.lazy_a", "pkg.lazy_b"], ["pkg.run", "pkg.tools"], ["pkg.selfish"]]
     assert shortest_cycle(graph, ["pkg.lazy_a", "pkg.lazy_b"]) == ["pkg.lazy_a", "pkg.lazy_b", "pkg.lazy_a"]
     assert describe(graph, ["pkg.selfish"]).startswith("cycle of 1 module(s), e.g. pkg.selfish (line 2) -> pkg.selfish")
     assert [i.names for i in unresolved] == ["pkg.nowhere"]
