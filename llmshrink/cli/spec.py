@@ -51,6 +51,9 @@ def new(model_name: str, uniform: str, lm_head: str | None, embedding: str, rand
     from llmshrink.models import load_config, resolve_model
     from llmshrink.spec import BaseShape, SubnetSpec, random_spec
 
+    for f in (uniform, lm_head, embedding):  # a typo fails before any model is fetched or read
+        if f:
+            parse_format(f)
     source = resolve_model(model_name)
     base = BaseShape.from_config(load_config(source, trust_remote_code=trust_remote_code))
     if random_seed is not None:
