@@ -313,8 +313,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         from llmshrink.models.data import parse_data_spec
 
         parse_data_spec(config.calib_data)  # a missing or unreadable file fails before the run starts
-    previous = _check_out(out, config, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    previous = _check_out(out, config, resume)  # and makes ``out``, checked writable
     measurable = target.runtime in MEASURABLE_RUNTIMES
     notes += () if measurable else (device_note(target.name, table.kind, workload),)
     if measurable and (why := host_mismatch(table)):
@@ -494,17 +493,18 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     t0 = time.perf_counter()
     spec = replace(net.argmax_spec(model=ctx.source.describe()), notes={"budget_ms": f"{budget:g}"})
     storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
-    if config.strategy == "joint":
-        spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
-        spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
-                                     preference=partial(net.log_prob, alive_only=False))
-        moves = moves + grown
-    else:
-        from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
+    with progress.task(f"Fitting the subnet to {label}"):
+        if config.strategy == "joint":
+            spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+            spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
+                                         preference=partial(net.log_prob, alive_only=False))
+            moves = moves + grown
+        else:
+            from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
 
-        batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
-        sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
-        spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
+            batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
+            sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
+            spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
     storage.atomic_write_text(sdir / "spec.json", spec.to_json())
     del net
     secs["fit"] = time.perf_counter() - t0

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 from llmshrink import serde
@@ -99,9 +100,17 @@ class SearchSpace:
     def linear_formats(self, linear: str) -> tuple[str, ...]:
         """The candidate formats offered for ``linear``: those whose group divides each of its input widths
         (``lm_head`` draws from ``lm_head_formats``, every other linear from ``formats``), in space order."""
-        fmts = self.lm_head_formats if linear == "lm_head" else self.formats
-        ks = self.input_widths(linear)
-        return tuple(f for f in fmts if all(k % (parse_format(f).group_size or 1) == 0 for k in ks))
+        return self._offered[linear]
+
+    @cached_property
+    def _offered(self) -> dict[str, tuple[str, ...]]:
+        # computed once per space: fit_to_budget asks for every linear of every layer at each step
+        out = {}
+        for linear in (*LINEARS, "lm_head"):
+            fmts = self.lm_head_formats if linear == "lm_head" else self.formats
+            ks = self.input_widths(linear)
+            out[linear] = tuple(f for f in fmts if all(k % (parse_format(f).group_size or 1) == 0 for k in ks))
+        return out
 
     def fit_format(self, fmt: str, linear: str) -> str:
         """``fmt`` where ``linear`` is offered it, else the offered format nearest to it: the same bits,
