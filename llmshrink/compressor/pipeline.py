@@ -14,6 +14,11 @@ back what it leaves of the budget by the steps up the search's logits mind
 least (``grow_to_budget``): searches overshoot, and unspent milliseconds are
 quality thrown away.
 
+A loose budget — one the unpruned model meets with every linear in the
+space's most faithful search format (``budget.unpruned_fit``) — skips the
+search: the unpruned model in the most faithful format that fits ships, the
+original as is, a quantized one after the same recovery (``_ship_unpruned``).
+
 Budgets are checked against the fastest subnet the space reaches before any
 weights load (exit 3). A killed run continues with ``resume=True``: finished
 phases are read back from their files, an interrupted search continues from
