@@ -261,3 +261,40 @@ def test_the_checker_finds_hidden_cycles_and_not_package_re_exports(tmp_path):
     assert shortest_cycle(graph, ["pkg.lazy_a", "pkg.lazy_b"]) == ["pkg.lazy_a", "pkg.lazy_b", "pkg.lazy_a"]
     assert describe(graph, ["pkg.selfish"]).startswith("cycle of 1 module(s), e.g. pkg.selfish (line 2) -> pkg.selfish")
     assert [i.names for i in unresolved] == ["pkg.nowhere"]
+
+
+# DESIGN.md's layers, top to bottom; a module may import its own layer and those below it. Modules of
+# llmshrink outside these packages (progress, rundir, doctor, version, testing) are not ranked here.
+LAYERS = (("cli",), ("api",), ("evaluation",), ("compressor", "exporters"), ("targets",),
+          ("spec", "formats", "models"), ("registry", "serde", "storage", "errors"))
+# Upward imports the design has not settled yet (each a known debt; remove an entry when it is fixed):
+KNOWN_UPWARD = {
+    # the compress job writes report.md and scores its bundles on held-out text
+    ("llmshrink.compressor.pipeline", "llmshrink.evaluation"),
+    ("llmshrink.compressor.pipeline", "llmshrink.evaluation.report"),
+    # the CPU profiler times graphs the exporter builds from synthetic subnets
+    ("llmshrink.targets.profilers.cpu", "llmshrink.compressor.synthetic"),
+    ("llmshrink.targets.profilers.cpu", "llmshrink.exporters.onnx_ort"),
+    ("llmshrink.targets.profilers.cpu", "llmshrink.exporters.ort_session"),
+    ("llmshrink.targets.profilers.cpu", "llmshrink.exporters.timing"),
+}
+
+
+def upward_imports(graph: dict[str, dict[str, list[int]]]) -> set[tuple[str, str]]:
+    """(importer, imported) pairs where a lower layer of LAYERS imports a higher one."""
+    rank = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+
+    def layer(module: str) -> int | None:
+        parts = module.split(".")
+        return rank.get(parts[1]) if len(parts) > 1 else None
+
+    return {(a, b) for a, targets in graph.items() for b in targets
+            if layer(a) is not None and layer(b) is not None and layer(b) < layer(a)}
+
+
+def test_imports_run_down_the_design_layers(graph):
+    up = upward_imports(graph)
+    new = sorted(up - KNOWN_UPWARD)
+    assert not new, f"imports climbing DESIGN.md's layers ({' > '.join('/'.join(x) for x in LAYERS)}): {new}"
+    fixed = sorted(KNOWN_UPWARD - up)
+    assert not fixed, f"these known upward imports are gone: remove them from KNOWN_UPWARD: {fixed}"
