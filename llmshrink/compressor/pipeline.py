@@ -251,6 +251,19 @@ class _Inputs:
         self.config, self.source, self.out, self.progress = config, source, out, progress
         self.targets = None  # the teacher's log-probabilities on calib, set when a search or recovery runs
 
+    def teacher_targets(self, secs: dict[str, float]):
+        """The teacher's log-probabilities on the calibration rows, computed once (its seconds go to ``secs``)
+        and shared by every search and recovery of the run."""
+        if self.targets is None:
+            from llmshrink.compressor.teacher import TeacherTargets
+
+            t0 = time.perf_counter()
+            search = self.config.search
+            self.targets = TeacherTargets(self.hf, self.splits.calib[:, :search.seq_len],
+                                          batch_size=search.batch_size, progress=self.progress)
+            secs["teacher"] = time.perf_counter() - t0
+        return self.targets
+
     @cached_property
     def hf(self):
         from llmshrink.models import load_model
@@ -410,14 +423,15 @@ def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
     spec = replace(fit.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"})
     t0 = time.perf_counter()
     kd = (None, None)
-    if all(parse_format(f).is_float for f in spec.formats_used()):
+    original = all(parse_format(f).is_float for f in spec.formats_used())
+    if original:
         with inputs.progress.task(f"The original model in {spec.lm_head}"):
             cm = materialize(inputs.hf, spec, inputs.tok)
         secs["materialize"] = time.perf_counter() - t0
     else:
         cm, *kd = _recovered(ctx, spec, ctx.out / f"unpruned-{label}", secs)
     bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
-    if kd[0] is not None:
+    if not original:  # the original's quality is the original's: no calibration text is made to score it
         t0 = time.perf_counter()
         _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, ctx.config.calib_data, inputs.progress)
         secs["quality"] = time.perf_counter() - t0
@@ -430,22 +444,17 @@ def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
     never repeats a finished recovery. Returns (model, KD before, KD after)."""
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
-    from llmshrink.compressor.teacher import TeacherTargets
 
     config, inputs = ctx.config, ctx.inputs
     calib, seq = inputs.splits.calib, config.search.seq_len
-    if inputs.targets is None:  # the teacher's log-probabilities, computed once, shared with the search
-        t0 = time.perf_counter()
-        inputs.targets = TeacherTargets(inputs.hf, calib[:, :seq], batch_size=config.search.batch_size,
-                                        progress=inputs.progress)
-        secs["teacher"] = time.perf_counter() - t0
+    targets = inputs.teacher_targets(secs)
     t0 = time.perf_counter()
     rdir = sdir / "recovered"
     if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
         cm = CompressedModel.load(rdir)
         kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
     else:
-        shared = inputs.targets if config.recovery.seq_len == seq else None  # else recover computes its own
+        shared = targets if config.recovery.seq_len == seq else None  # else recover computes its own
         rr = recover(inputs.hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
                      progress=inputs.progress)
         cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
@@ -471,14 +480,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     calib, imp = inputs.splits.calib, inputs.importance
     label = budget_label(budget)
     secs: dict[str, float] = {}
-    if inputs.targets is None:
-        from llmshrink.compressor.teacher import TeacherTargets
-
-        t0 = time.perf_counter()
-        inputs.targets = TeacherTargets(hf, calib[:, :config.search.seq_len], batch_size=config.search.batch_size,
-                                        progress=progress)
-        secs["teacher"] = time.perf_counter() - t0
-    targets = inputs.targets
+    targets = inputs.teacher_targets(secs)
     t0 = time.perf_counter()
     if config.strategy == "joint":
         net = Supernet(hf, space, imp)
