@@ -17,7 +17,7 @@ do), so imports run one way. Where they live:
   :func:`prediction_provenance` — :mod:`llmshrink.targets.predict`.
 """
 
-from llmshrink.compressor.calibration_text import EXPORT_CALIB_ROWS, calibration_tokens
+from llmshrink.compressor.calibration_text import calibration_tokens
 from llmshrink.compressor.compress import compress
 from llmshrink.exporters.bundle import OpenBundle, generate_text, open_bundle
 from llmshrink.exporters.export import FLAVOURS, Flavour, ParityError, export, export_compressed
@@ -26,7 +26,7 @@ from llmshrink.spec import load_spec, precision_summary
 from llmshrink.targets.predict import prediction_provenance
 
 __all__ = [
-    "EXPORT_CALIB_ROWS", "FLAVOURS", "Flavour", "OpenBundle", "ParityError", "Validation",
+    "FLAVOURS", "Flavour", "OpenBundle", "ParityError", "Validation",
     "bench", "calibration_tokens", "compress", "export", "export_compressed", "generate_text",
     "load_spec", "open_bundle", "precision_summary", "prediction_provenance", "validate",
 ]

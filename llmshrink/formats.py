@@ -88,6 +88,8 @@ ALIASES = {
     "int2": "w2g32a8",
 }
 FP32 = QuantFormat(32)
+# How integer weights are rounded onto their grid (llmshrink.compressor.materialize): GPTQ by default.
+QUANTIZERS = ("gptq", "rtn")
 
 
 def parse_format(name: str) -> QuantFormat:

@@ -172,8 +172,9 @@ class SubnetSpec:
         order = self.hidden_order if self.hidden_order is not None else range(self.base.hidden_size)
         return sorted(order[: self.hidden_size])
 
-    def formats_used(self) -> set[str]:
-        used = {self.lm_head, self.embedding}
+    def formats_used(self, *, embedding: bool = True) -> set[str]:
+        """Format names of the kept linears and the lm_head (and the embedding table, unless ``embedding=False``)."""
+        used = {self.lm_head, self.embedding} if embedding else {self.lm_head}
         for ls in self.layers:
             if ls.keep:
                 used |= set(ls.precision.values())

@@ -78,3 +78,34 @@ def save_tiny_llama(directory: str | Path, seed: int = 0, **config_overrides) ->
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def trained_tiny_llama(steps: int = 200, seq_len: int = 32, seed: int = 0):
+    """A tiny Llama trained for ``steps`` Adam steps on :func:`tiny_corpus` (seconds on a CPU), and its tokenizer.
+
+    A random model's outputs are near uniform, so quantization barely changes them; a trained
+    one has structure to lose and to recover, as a real model does. Returns ``(model, tokenizer,
+    ids)`` with ``ids`` ``[N, seq_len]``: sequences of the corpus (the last 400 lines, not trained on).
+    """
+    import torch
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tiny_llama_config(vocab_size=len(tokenizer)), seed=seed).train()
+
+    def rows(lines: list[str]) -> torch.Tensor:
+        flat = [t for line in lines for t in tokenizer(line + " ")["input_ids"]]
+        n = len(flat) // seq_len
+        return torch.tensor(flat[: n * seq_len]).view(n, seq_len)
+
+    train, held = rows(tiny_corpus(2000, seed)), rows(tiny_corpus(400, seed + 1))
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            batch = train[torch.randint(len(train), (16,), generator=gen)]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), tokenizer, held

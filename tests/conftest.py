@@ -104,3 +104,11 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("bad-input catalogue: exit code, case, first line of the message")
     for case, code, first in rows:
         terminalreporter.write_line(f"{code:>4}  {case:<48} {first[:90]}")
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    """(model, tokenizer, held-out ids [N, 32]) of a tiny Llama trained on the tiny corpus (read-only)."""
+    from llmshrink.testing import trained_tiny_llama
+
+    return trained_tiny_llama()

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
+from llmshrink.formats import QUANTIZERS
 
 
 @click.command()
@@ -18,13 +19,16 @@ from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
               help="ort: ONNX Runtime contrib ops (CPU). trt: standard ONNX for TensorRT (fp16, w4g*, w8a8s formats), checked statically. Default: the target's, else ort.")
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(16), help="Longest prompt + generation the bundle supports.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write (replaced if it exists).")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="gptq", show_default=True,
+              help="How integer weights are rounded: gptq (error-compensating, on calibration text) or rtn "
+                   "(each weight to its nearest grid point; no text). Recorded in the manifest.")
 @click.option("--calib-data", default="self", show_default=True,
-              help="Text the static activation scales of w8a8s layers are calibrated on (as compress's "
-                   "--calib-data: `self`, a .txt/.jsonl/.parquet file or a dataset id); unused by other formats.")
+              help="Text GPTQ and the static activation scales of w8a8s layers are calibrated on (as compress's "
+                   "--calib-data: `self`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,
-           out_dir: Path, calib_data: str, trust_remote_code: bool, as_json: bool) -> None:
+           out_dir: Path, quantizer: str, calib_data: str, trust_remote_code: bool, as_json: bool) -> None:
     """Build a bundle (ONNX model + tokenizer + spec + manifest) from a spec.
 
     The spec is validated against the model before any weights are loaded;
@@ -42,7 +46,7 @@ def export(model_name: str, spec_path: Path | None, target: str | None, flavour:
 
     with progress(not as_json) as p:
         manifest = api.export(model_name, spec_path, out_dir, flavour=flavour, target=target, max_length=max_length,
-                              trust_remote_code=trust_remote_code, calib_data=calib_data, progress=p)
+                              trust_remote_code=trust_remote_code, calib_data=calib_data, quantizer=quantizer, progress=p)
     if as_json:
         print_json(serde.to_dict(manifest)["_data"])
         return

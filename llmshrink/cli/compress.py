@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from llmshrink.cli.ui import err, out, print_json, progress
+from llmshrink.formats import QUANTIZERS
 
 _UNITS_COUNT = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
 
@@ -39,17 +40,24 @@ def resume_command(out_dir: Path) -> str:
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Built-in name, local directory, .gguf file or hub id.")
 @click.option("--target", required=True, help="Built-in target (a100, h100, l4, jetson-orin, cpu) or a target YAML.")
-@click.option("--latency", "latency", required=True,
+@click.option("--latency", "latency", default=None,
               help="Latency budget for the target's workload, e.g. 30ms (a bare number is ms; s and us work too), "
                    "or relative to a uniform export: 0.7xint4 "
                    "(70% of the table's prediction for the unpruned model in int4). Several (4ms,6ms,8ms) give a "
-                   "Pareto front.")
+                   "Pareto front. Required unless --spec is given.")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A fixed plan (SubnetSpec JSON from `llmshrink spec new` or a search): recovered and exported "
+                   "without a search, e.g. a uniform int4. With --latency, the plan must be predicted within it.")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="gptq", show_default=True,
+              help="How integer weights are rounded onto their grid: gptq (error-compensating, layer by layer on "
+                   "the calibration text) or rtn (round to nearest). Recorded in each bundle's manifest.")
 @click.option("--params-budget", default=None, help="Also keep the parameter count under this, e.g. 100M.")
 @click.option("--workload", default=None, help="What latency means, e.g. decode:ctx=256 (default: the target's).")
 @click.option("--space", "space_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Search-space YAML overriding the default candidates (see docs: hidden, mlp, formats, ...).")
 @click.option("--steps", default=None, type=click.IntRange(1), help="Search steps (default 100).")
-@click.option("--recovery-steps", default=None, type=click.IntRange(0), help="Recovery (KD + LoRA) steps (default 80).")
+@click.option("--recovery-steps", default=None, type=click.IntRange(0),
+              help="Recovery (quantization-aware distillation) steps (default 80).")
 @click.option("--calib-data", default="self", show_default=True,
               help="Calibration text: `self` (sampled from the model), a .txt/.jsonl/.parquet file, or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")
@@ -61,7 +69,8 @@ def resume_command(out_dir: Path) -> str:
               help="Run directory (default: runs/MODEL-TARGET-BUDGETS).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from where it stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
-def compress(model: str, target: str, latency: str, params_budget: str | None, workload: str | None,
+def compress(model: str, target: str, latency: str | None, spec_path: str | None, quantizer: str,
+             params_budget: str | None, workload: str | None,
              space_path: str | None, steps: int | None, recovery_steps: int | None, calib_data: str, tolerance: str,
              strategy: str, seed: int, out_dir: Path | None, resume: bool, as_json: bool) -> None:
     """Search architecture and per-layer precision jointly under a latency budget, then ship the result.
@@ -92,17 +101,22 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
       llmshrink compress --target cpu --latency 2.5ms,3ms,3.5ms --out runs/front
       llmshrink compress --target a100 --latency 30ms --model ./my-llama
       llmshrink compress --target cpu --latency 3ms --out runs/x --resume   # after an interruption
+      llmshrink spec new --uniform int4-a8 --out int4.json && llmshrink compress --target cpu --spec int4.json
     """
     from llmshrink import api, serde
     from llmshrink.cli.bundle import parse_tolerance
     from llmshrink.compressor.budget import parse_budgets
+    from llmshrink.errors import UsageError
     from llmshrink.targets.profile import load_target
     from llmshrink.targets.workload import parse_workload
 
-    budgets = parse_budgets(latency)  # a typo fails here, before anything loads
+    if latency is None and spec_path is None:
+        raise UsageError("Missing --latency.", "Give a budget, e.g. --latency 30ms (or a fixed plan with --spec).")
+    budgets = parse_budgets(latency) if latency is not None else ()  # a typo fails here, before anything loads
     if out_dir is None:
         name = Path(model).name if Path(model).exists() else model.replace("/", "_")
-        out_dir = Path("runs") / f"{name}-{Path(target).stem}-{strategy}-{'_'.join(map(str, budgets))}"
+        how = f"spec-{Path(spec_path).stem}" if spec_path else strategy
+        out_dir = Path("runs") / "-".join([name, Path(target).stem, how, *(["_".join(map(str, budgets))] if budgets else [])])
     wl = parse_workload(workload) if workload else None
     try:
         with progress(not as_json) as p:
@@ -110,7 +124,7 @@ def compress(model: str, target: str, latency: str, params_budget: str | None, w
                                params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
                                strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
                                calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
-                               resume=resume, progress=p)
+                               quantizer=quantizer, spec=spec_path, resume=resume, progress=p)
     except KeyboardInterrupt:
         from llmshrink.errors import Interrupted
 

@@ -21,6 +21,8 @@ from llmshrink.spec import SubnetSpec
 
 # Rows of calibration tokens per forward: bounds memory on long calibration sets.
 BATCH = 4
+# Rows static activation scales are calibrated on: a max calibrator settles within a few thousand tokens.
+STATIC_CALIB_ROWS = 32
 
 
 def needs_calibration(spec: SubnetSpec) -> bool:

@@ -2,10 +2,9 @@
 
 ``compress`` draws its calibration and held-out splits from ``--calib-data``
 with the run's seed and search length (:func:`calibration_splits`);
-``export`` and the torch scorer calibrate static activation scales
-(``w8a8s``) on the first :data:`EXPORT_CALIB_ROWS` of the same split
-(:func:`calibration_tokens`), so a spec exported alone sees the text
-``compress`` would have used. Importing this module stays light: torch
+``export`` and the torch scorer quantize (GPTQ) and calibrate static
+activation scales (``w8a8s``) on the same split (:func:`calibration_tokens`),
+so a spec exported alone sees the text ``compress`` would have used. Importing this module stays light: torch
 arrives with the models and configs, inside the functions.
 """
 
@@ -33,14 +32,12 @@ def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint:
                         cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
 
 
-EXPORT_CALIB_ROWS = 32
-
-
 def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
-    """The first EXPORT_CALIB_ROWS calibration sequences ``compress`` would use (same split, seed and cache)."""
+    """The calibration sequences ``compress`` would use (same split, seed and cache): GPTQ reads them all,
+    static activation scales the first :data:`~llmshrink.compressor.calibrate.STATIC_CALIB_ROWS`."""
     from llmshrink.compressor.config import CompressConfig
     from llmshrink.models.load import fingerprint
 
     config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
-    with progress.task("Calibration text (static activation scales)"):
-        return calibration_splits(config, hf, tokenizer, fingerprint(source), progress).calib[:EXPORT_CALIB_ROWS]
+    with progress.task("Calibration text"):
+        return calibration_splits(config, hf, tokenizer, fingerprint(source), progress).calib

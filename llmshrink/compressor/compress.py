@@ -11,22 +11,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmshrink.compressor.budget import resolve_budgets
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.targets.workload import Workload, parse_workload
 
+if TYPE_CHECKING:
+    from llmshrink.compressor.recover import RecoveryConfig
 
-def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | str | Sequence[float | str],
+
+def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | str | Sequence[float | str] | None = None,
              out: str | Path, params_budget: float | None = None, workload: Workload | str | None = None,
              strategy: str = "joint", space: str | Path | None = None, steps: int | None = None,
              recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
-             seed: int = 0, resume: bool = False, progress: Progress = NULL_PROGRESS):
+             seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
+             recovery: RecoveryConfig | None = None, resume: bool = False, progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
     A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
     export of the model (``"0.7xint4"``: 70 % of what the target's table
-    predicts for it; the run's notes say what it resolved to).
+    predicts for it; the run's notes say what it resolved to). With ``spec`` (a SubnetSpec JSON),
+    that plan is recovered and exported without a search; ``latency_ms`` is then optional, a check.
+    ``quantizer``: ``gptq`` (default) or ``rtn``; ``recovery`` overrides the whole RecoveryConfig.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
     Returns a :class:`~llmshrink.compressor.pipeline.CompressResult`: ``.record.candidates``
     holds per budget the bundle path, predicted and measured latency and validation verdict;
@@ -38,15 +45,23 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     """
     from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.pipeline import compress as run
-    from llmshrink.compressor.recover import RecoveryConfig
     from llmshrink.compressor.search import SearchConfig
 
     wl = parse_workload(workload) if isinstance(workload, str) else workload
-    budgets, notes, reference = resolve_budgets(latency_ms, model, target, wl, progress)
+    if latency_ms is None and spec is None:
+        from llmshrink.errors import UsageError
+
+        raise UsageError("Give a latency budget (--latency) or a plan (--spec).")
+    budgets, notes, reference = (resolve_budgets(latency_ms, model, target, wl, progress) if latency_ms is not None
+                                 else ((), (), None))
+    if recovery is None:
+        from llmshrink.compressor.recover import RecoveryConfig
+
+        recovery = RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps)
     cfg = CompressConfig(
         model=model, target=target, budgets_ms=budgets, params_budget=params_budget, workload=wl,
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
-        recovery=RecoveryConfig() if recovery_steps is None else RecoveryConfig(steps=recovery_steps),
-        tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference)
+        recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
+        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None)
     return run(cfg, out, resume=resume, progress=progress, notes=notes)

@@ -40,7 +40,15 @@ class CompressConfig:
     # A uniform format (e.g. w4g32a8) to validate against: where the target is measurable here, bundles are
     # checked relative to the unpruned model exported in it, timed in turn (set by a relative budget, 0.7xint4).
     reference: str | None = None
+    quantizer: str = "gptq"  # how integer weights are rounded (llmshrink.formats.QUANTIZERS)
+    # A fixed plan (a SubnetSpec JSON, absolute path): recovered and exported without a search
+    # (``compress --spec``); budgets, if any, must not be below its prediction.
+    spec: str | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
+        from llmshrink.formats import QUANTIZERS
+
+        if self.quantizer not in QUANTIZERS:
+            raise UsageError(f"Unknown quantizer {self.quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")

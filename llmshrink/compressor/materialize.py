@@ -12,7 +12,7 @@ import math
 import torch
 
 from llmshrink.compressor.model import Block, CompressedModel, ModelMeta, QuantLinear
-from llmshrink.formats import parse_format
+from llmshrink.formats import FP32, QUANTIZERS, parse_format
 from llmshrink.models.arch import check_supported
 from llmshrink.spec import LINEARS, BaseShape, SubnetSpec
 
@@ -76,25 +76,57 @@ def model_meta(model, tokenizer=None) -> ModelMeta:
     )
 
 
+def uses_gptq(spec: SubnetSpec, quantizer: str) -> bool:
+    """True when materializing ``spec`` with ``quantizer`` runs GPTQ (and so needs calibration tokens)."""
+    if quantizer not in QUANTIZERS:
+        from llmshrink.errors import UsageError
+
+        raise UsageError(f"Unknown quantizer {quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")
+    return quantizer == "gptq" and any(not parse_format(f).is_float for f in spec.formats_used(embedding=False))
+
+
 @torch.no_grad()
-def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | None = None) -> CompressedModel:
+def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | None = None, *,
+                quantizer: str = "rtn", gptq=None, grids=None, progress=None) -> CompressedModel:
     """Build the :class:`CompressedModel` of ``spec`` from an HF model.
 
     Args:
         calib: calibration ids ``[N, T]``; required when the spec has static activation
-            scales (``w8a8s``), which are calibrated on them after quantizing the weights.
+            scales (``w8a8s``), which are calibrated on them after quantizing the weights,
+            and for ``quantizer="gptq"``.
+        quantizer: ``rtn`` (each weight to its nearest grid point) or ``gptq``
+            (:mod:`.sequential`: layer by layer on ``calib``). Integer embedding tables are
+            always rounded to nearest (a lookup has no input to compensate over).
+        gptq: a :class:`~.gptq.GPTQConfig`; grids: per module name (``blocks.{j}.{linear}``,
+            ``lm_head``), the grid to round onto (default: :func:`~.quant.weight_grid`).
 
     Raises:
         SpecError: the spec breaks a rule, or was made for another shape.
-        UsageError: the spec needs calibration tokens and none were given.
+        UsageError: the spec needs calibration tokens and none were given, or an unknown quantizer.
     """
     from llmshrink.compressor.calibrate import calibrate_activations, needs_calibration
+    from llmshrink.errors import UsageError
+    from llmshrink.progress import NULL_PROGRESS
 
     if needs_calibration(spec) and calib is None:
-        from llmshrink.errors import UsageError
-
         raise UsageError("This spec uses w8a8s (static int8 activation scales), which are calibrated on text.",
                          "Pass calibration tokens (the CLI's --calib-data; `self` samples them from the model).")
+    run_gptq = uses_gptq(spec, quantizer)
+    if run_gptq and calib is None:
+        raise UsageError("GPTQ quantizes on calibration text, and none was given.",
+                         "Pass calibration tokens (the CLI's --calib-data), or use --quantizer rtn.")
+    deferred: dict = {}  # module name -> integer format, for GPTQ after the float model is built
+
+    def linear(name: str, w: torch.Tensor, bias, fmt) -> QuantLinear:
+        if run_gptq and not fmt.is_float:
+            deferred[name] = fmt
+            return QuantLinear(w, bias, FP32)
+        if grids and name in grids:
+            from llmshrink.compressor.quant import quantize_weight
+
+            return QuantLinear.from_quantized(quantize_weight(w, fmt, grid=grids[name]),
+                                              None if bias is None else bias.detach().float().clone())
+        return QuantLinear(w, bias, fmt)
     check_supported(model.config)
     spec.validate()
     if BaseShape.from_config(model.config) != spec.base:
@@ -106,7 +138,7 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
     hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
     hf_layers = model.model.layers
     blocks = []
-    for i in spec.kept_layers():
+    for j, i in enumerate(spec.kept_layers()):
         ls, idx, L = spec.layers[i], layer_indices(spec, i), hf_layers[i]
         rows_cols = linear_slices(spec, i, L, hidden)
         linears = {}
@@ -114,16 +146,24 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
             lin, r, c = rows_cols[name]
             w = lin.weight[r][:, c]
             bias = lin.bias[r] if lin.bias is not None else None
-            linears[name] = QuantLinear(w, bias, ls.fmt(name))
+            linears[name] = linear(f"blocks.{j}.{name}", w, bias, ls.fmt(name))
         blocks.append(Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears,
                             L.input_layernorm.weight[hidden], L.post_attention_layernorm.weight[hidden],
                             inv_freq[idx["pairs"]]))
     embedding = QuantLinear(model.model.embed_tokens.weight[:, hidden], None, parse_format(spec.embedding))
     head_w = model.lm_head.weight[:, hidden]
     head_b = model.lm_head.bias if getattr(model.lm_head, "bias", None) is not None else None
-    lm_head = QuantLinear(head_w, head_b, parse_format(spec.lm_head))
+    lm_head = linear("lm_head", head_w, head_b, parse_format(spec.lm_head))
     cm = CompressedModel(spec, model_meta(model, tokenizer), embedding, blocks,
                          model.model.norm.weight[hidden], lm_head).eval()
+    if deferred:
+        from llmshrink.compressor.gptq import GPTQConfig
+        from llmshrink.compressor.sequential import gptq_quantize
+
+        gptq_quantize(cm, deferred, calib, config=gptq or GPTQConfig(), grids=grids,
+                      progress=progress or NULL_PROGRESS)
     if needs_calibration(spec):
-        calibrate_activations(cm, calib)
+        from llmshrink.compressor.calibrate import STATIC_CALIB_ROWS
+
+        calibrate_activations(cm, calib[:STATIC_CALIB_ROWS])
     return cm

@@ -77,7 +77,8 @@ class CandidateOutcome:
     measured_ms: float | None = None  # floor (see exporters.timing); None where the hardware is absent
     validation_passed: bool | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    reason: str = ""  # why this candidate, when it was chosen without a search (a loose budget)
+    reason: str = ""  # why this candidate, when it was chosen without a search (a loose budget, a --spec)
+    recovery_tokens: int | None = None  # training tokens recovery saw
 
 
 @serde.serializable("CompressRecord")
@@ -136,7 +137,7 @@ def _reference_bundle(out: Path, config: CompressConfig, base, source, progress:
             shutil.rmtree(ref)  # an export killed half-way; it is remade whole
         spec = SubnetSpec.uniform(base, config.reference, model=source.describe())
         export(config.model, spec, ref, target=config.target, max_length=config.max_length,
-               calib_data=config.calib_data, progress=progress)
+               calib_data=config.calib_data, quantizer=config.quantizer, progress=progress)
     return ref
 
 
@@ -315,8 +316,8 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     from llmshrink.targets.table import host_mismatch
 
     out = Path(out)
-    if not config.budgets_ms or any(b <= 0 for b in config.budgets_ms):
-        raise UsageError("Give at least one positive latency budget (e.g. --latency 30ms).")
+    if (not config.budgets_ms and not config.spec) or any(b <= 0 for b in config.budgets_ms):
+        raise UsageError("Give at least one positive latency budget (e.g. --latency 30ms), or a plan (--spec).")
     target = load_target(config.target)
     table = table_for(target)
     workload = config.workload or target.default_workload
@@ -325,8 +326,13 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     fmts = target.search_formats or target.formats
     space = (load_space(config.space, base, target.formats, search_formats=fmts) if config.space
              else default_space(base, target.formats, search_formats=fmts))
-    fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
-    shortcuts = _shortcuts(config, space, target, workload, table)
+    if config.spec:
+        plan, fastest = _load_plan(config, base, target, workload, table)
+        shortcuts = {}
+    else:
+        plan = None
+        fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
+        shortcuts = _shortcuts(config, space, target, workload, table)
     if config.calib_data != "self":
         from llmshrink.models.data import parse_data_spec
 
@@ -343,12 +349,14 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     ctx = _Context(config, out, target, table, workload, space, base, source, measurable, notes, inputs)
     done = {c.label: c for c in rec.candidates}
     outcomes = []
-    for budget in sorted(config.budgets_ms):
-        label = budget_label(budget)
+    for budget in sorted(config.budgets_ms) if plan is None else [min(config.budgets_ms, default=fastest)]:
+        label = budget_label(budget) if plan is None else "spec"
         if label in done and (out / done[label].bundle / "manifest.json").is_file():
             outcomes.append(done[label])
             continue
-        if budget in shortcuts:
+        if plan is not None:
+            outcome = _ship_plan(ctx, plan, fastest, budget)
+        elif budget in shortcuts:
             outcome = _ship_unpruned(ctx, budget, shortcuts[budget])
         else:
             outcome = _search_and_ship(ctx, budget, searched=len(set(config.budgets_ms) - set(shortcuts)))
@@ -358,7 +366,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     best = max(outcomes, key=lambda c: c.budget_ms)
     entries = tuple(RunEntry(c.bundle, "selected" if c is best else "candidate", c.label) for c in outcomes)
     write_record(out, RunRecord(entries, model=source.describe(), target=target.name, strategy=config.strategy,
-                                budgets_ms=tuple(sorted(config.budgets_ms)), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                budgets_ms=tuple(sorted(config.budgets_ms or (fastest,))), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 notes=rec.notes))
     _, md, _ = write_report(out)
     return CompressResult(out, rec, md)
@@ -395,7 +403,7 @@ def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
     m = export_compressed(cm, inputs.tok, out / bundle, flavour=ctx.target.flavour, target=ctx.target,
                           workload=ctx.workload, model_source=ctx.source.describe(),
                           model_fingerprint=inputs.fingerprint, max_length=config.max_length, notes=ctx.notes,
-                          progress=inputs.progress)
+                          quantizer=config.quantizer, progress=inputs.progress)
     secs["export"] = time.perf_counter() - t0
     measured = passed = None
     if ctx.measurable:
@@ -411,6 +419,31 @@ def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
     return bundle, m, measured, passed
 
 
+def _load_plan(config: CompressConfig, base, target, workload, table):
+    """The ``--spec`` plan, checked against the model, the target's kernels and the budgets; and its prediction.
+
+    Raises:
+        SpecError: the plan is for another model, or breaks a rule.
+        UsageError: a format the target cannot run, or the plan is predicted over a budget.
+    """
+    from llmshrink.exporters.export import FLAVOURS
+    from llmshrink.spec import SpecError, load_spec
+    from llmshrink.targets.predict import predict
+
+    plan = load_spec(config.spec)
+    if plan.base != base:
+        raise SpecError("base-matches-model", f"the plan {config.spec} is for {plan.base}, the model is {base}.",
+                        "Make the plan from this model (`llmshrink spec new --model ...`).")
+    plan.validate(allowed_formats=set(target.formats))
+    FLAVOURS.get(target.flavour)().check_spec(plan)
+    ms = predict(plan, target, workload, table=table).total_ms
+    if over := [b for b in config.budgets_ms if ms > b]:
+        raise UsageError(f"The plan {Path(config.spec).name} is predicted at {ms:.2f} ms on {target.name}, over the "
+                         f"budget of {min(over):g} ms.",
+                         "Raise --latency, or leave it out: with --spec a budget is only a check.")
+    return plan, ms
+
+
 def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
     """A loose budget: the unpruned model in ``fit.spec``'s format, without a search. A float format is the
     original itself, exported as is; a quantized one gets the same recovery as a searched subnet (and is
@@ -422,46 +455,65 @@ def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
     inputs, secs, label = ctx.inputs, {}, budget_label(budget)
     spec = replace(fit.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"})
     t0 = time.perf_counter()
-    kd = (None, None)
     original = all(parse_format(f).is_float for f in spec.formats_used())
     if original:
         with inputs.progress.task(f"The original model in {spec.lm_head}"):
             cm = materialize(inputs.hf, spec, inputs.tok)
         secs["materialize"] = time.perf_counter() - t0
-    else:
-        cm, *kd = _recovered(ctx, spec, ctx.out / f"unpruned-{label}", secs)
+        return _ship(ctx, label, budget, cm, fit.predicted_ms, (), (None, None, None), secs, reason=fit.reason,
+                     score=False)  # the original's quality is the original's: no calibration text made to score it
+    kd = _recovered(ctx, spec, ctx.out / f"unpruned-{label}", secs)
+    return _ship(ctx, label, budget, kd[0], fit.predicted_ms, (), kd[1:], secs, reason=fit.reason)
+
+
+def _ship(ctx: _Context, label: str, budget: float, cm, predicted_ms: float, moves: tuple[str, ...], kd: tuple,
+          secs: dict[str, float], *, reason: str = "", expected_ms: float | None = None,
+          score: bool = True) -> CandidateOutcome:
+    """Export and check ``cm`` as ``label``'s bundle, score it on the held-out rows, and say what happened."""
     bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
-    if not original:  # the original's quality is the original's: no calibration text is made to score it
+    if score:
         t0 = time.perf_counter()
-        _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, ctx.config.calib_data, inputs.progress)
+        _record_held_out_ppl(ctx.out / bundle, ctx.inputs.splits.eval, ctx.config.calib_data, ctx.inputs.progress)
         secs["quality"] = time.perf_counter() - t0
-    return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint, fit.predicted_ms,
-                            fit.predicted_ms, (), *kd, measured, passed, secs, reason=fit.reason)
+    kd_before, kd_after, tokens = kd
+    return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint, predicted_ms,
+                            predicted_ms if expected_ms is None else expected_ms, moves, kd_before, kd_after,
+                            measured, passed, secs, reason=reason, recovery_tokens=tokens)
+
+
+def _ship_plan(ctx: _Context, spec, predicted_ms: float, budget: float) -> CandidateOutcome:
+    """``compress --spec``: the given plan recovered and exported, with no search."""
+    secs: dict[str, float] = {}
+    label = "spec"
+    spec = replace(spec, model=ctx.source.describe())
+    kd = _recovered(ctx, spec, ctx.out / label, secs)
+    return _ship(ctx, label, budget, kd[0], predicted_ms, (), kd[1:], secs,
+                 reason=f"the plan {Path(ctx.config.spec).name}, recovered without a search")
 
 
 def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
     """``spec`` recovered from the original (KD + QAT LoRA), kept in ``sdir/recovered`` so that a resumed run
-    never repeats a finished recovery. Returns (model, KD before, KD after)."""
+    never repeats a finished recovery. Returns (model, held-out KD before, KD after, training tokens)."""
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
 
     config, inputs = ctx.config, ctx.inputs
     calib, seq = inputs.splits.calib, config.search.seq_len
-    targets = inputs.teacher_targets(secs)
+    targets = inputs.targets  # the search's, when one ran: recovery reads them instead of running the teacher
     t0 = time.perf_counter()
     rdir = sdir / "recovered"
     if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
         cm = CompressedModel.load(rdir)
-        kd_before, kd_after = json.loads((rdir / RECOVERY_RECORD).read_text())
+        kd_before, kd_after, tokens = (json.loads((rdir / RECOVERY_RECORD).read_text()) + [None])[:3]
     else:
-        shared = targets if config.recovery.seq_len == seq else None  # else recover computes its own
+        shared = targets if targets is not None and config.recovery.seq_len == seq else None  # else on the fly
         rr = recover(inputs.hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
-                     progress=inputs.progress)
-        cm, kd_before, kd_after = rr.model, rr.kd_before, rr.kd_after
+                     held_out=inputs.splits.eval, quantizer=config.quantizer, progress=inputs.progress)
+        cm, kd_before, kd_after, tokens = rr.model, rr.kd_before, rr.kd_after, rr.tokens
         cm.save(rdir)
-        storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after]))
+        storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after, tokens]))
     secs["recovery"] = time.perf_counter() - t0
-    return cm, kd_before, kd_after
+    return cm, kd_before, kd_after, tokens
 
 
 def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOutcome:
@@ -515,12 +567,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     storage.atomic_write_text(sdir / "spec.json", spec.to_json())
     del net
     secs["fit"] = time.perf_counter() - t0
-    cm, kd_before, kd_after = _recovered(ctx, spec, sdir, secs)
-    bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
-    t0 = time.perf_counter()
-    _record_held_out_ppl(out / bundle, inputs.splits.eval, config.calib_data, progress)
-    secs["quality"] = time.perf_counter() - t0
-    return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint,
-                            predict(spec, target, workload, table=table).total_ms,
-                            result.history[-1].latency_ms if result.history else float("nan"),
-                            tuple(mv.what for mv in moves), kd_before, kd_after, measured, passed, secs)
+    cm, *kd = _recovered(ctx, spec, sdir, secs)
+    return _ship(ctx, label, budget, cm, predict(spec, target, workload, table=table).total_ms,
+                 tuple(mv.what for mv in moves), tuple(kd), secs,
+                 expected_ms=result.history[-1].latency_ms if result.history else float("nan"))

@@ -50,6 +50,63 @@ class QuantizedWeight:
         return (q * self.scales.unsqueeze(-1)).view(n, k)
 
 
+@dataclass
+class WeightGrid:
+    """The quantization grid of one ``[N, K]`` weight: scales (+ zeros) per group, fixed before any rounding.
+
+    Search, recovery and export all round onto a grid made by :func:`weight_grid`;
+    round-to-nearest and GPTQ differ only in which grid point each weight gets.
+    """
+
+    scales: torch.Tensor  # [N, K // group] float32 (per-channel: [N, 1])
+    zeros: torch.Tensor | None  # like scales, float32 integer values, asymmetric formats only
+    fmt: QuantFormat
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """Smallest and largest code."""
+        bits = self.fmt.weight_bits
+        if self.fmt.group_size is None:
+            return -127, 127
+        if not self.fmt.symmetric:
+            return 0, 2**bits - 1
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def column_params(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N, K]`` scale (and zero) of every weight, expanded along K from its group's."""
+        g = self.fmt.group_size or k
+        return (self.scales.repeat_interleave(g, dim=1),
+                None if self.zeros is None else self.zeros.repeat_interleave(g, dim=1))
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        n, k = t.shape
+        g = self.fmt.group_size or k
+        return t.reshape(n, k // g, g)
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest codes ``[N, K]`` (float, integer-valued) of ``w`` on this grid."""
+        lo, hi = self.qrange
+        q = torch.round(self._view(w) / self.scales.unsqueeze(-1))
+        if self.zeros is not None:
+            q = q + self.zeros.unsqueeze(-1)
+        return q.clamp(lo, hi).reshape(w.shape)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        q = self._view(codes)
+        if self.zeros is not None:
+            q = q - self.zeros.unsqueeze(-1)
+        return (q * self.scales.unsqueeze(-1)).reshape(codes.shape)
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` rounded to the nearest grid point (no gradient; callers add a straight-through estimator)."""
+        return self.dequantize(self.codes(w))
+
+    def quantized(self, codes: torch.Tensor) -> QuantizedWeight:
+        """The :class:`QuantizedWeight` of ``codes`` on this grid."""
+        zeros = None if self.zeros is None else self.zeros.to(torch.int16)
+        return QuantizedWeight(codes.to(torch.int16), self.scales, zeros, self.fmt)
+
+
 def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     n, k = w.shape
     if k % group:
@@ -57,24 +114,27 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(n, k // group, group)
 
 
-def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
-    """Quantize a float ``[N, K]`` weight to ``fmt`` (which must be an integer format)."""
+def weight_grid(w: torch.Tensor, fmt: QuantFormat) -> WeightGrid:
+    """The grid of a float ``[N, K]`` weight in integer format ``fmt``.
+
+    Per-channel int8: absmax / 127. Grouped symmetric: the scale among
+    :data:`CLIP_GRID` multiples of absmax / qmax with the least squared
+    rounding error in its group. Grouped asymmetric: min/max over the group
+    (extended to include 0), zero point rounded.
+    """
     if fmt.is_float:
         raise ValueError(f"{fmt} is a float format")
     w = w.detach().float()
     if fmt.group_size is None:  # per-channel symmetric int8
-        scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE)
-        codes = torch.round(w / scale).clamp(-127, 127)
-        return QuantizedWeight(codes.to(torch.int16), scale, None, fmt)
+        return WeightGrid((w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE), None, fmt)
     wg = _grouped(w, fmt.group_size)
-    if fmt.symmetric:
-        return _quantize_symmetric(wg, fmt)
-    return _quantize_asymmetric(wg, fmt)
-
-
-def _quantize_symmetric(wg: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
-    bits = fmt.weight_bits
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if not fmt.symmetric:
+        levels = 2 ** fmt.weight_bits - 1
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
+        return WeightGrid(scale, torch.round(-lo / scale).clamp(0, levels), fmt)
+    qmin, qmax = -(2 ** (fmt.weight_bits - 1)), 2 ** (fmt.weight_bits - 1) - 1
     amax = wg.abs().amax(dim=-1, keepdim=True)
     best_err = best_scale = None
     for r in CLIP_GRID:
@@ -86,21 +146,32 @@ def _quantize_symmetric(wg: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, s, best_scale)
-    codes = torch.round(wg / best_scale).clamp(qmin, qmax)
-    n = wg.shape[0]
-    return QuantizedWeight(codes.reshape(n, -1).to(torch.int16), best_scale.squeeze(-1), None, fmt)
+    return WeightGrid(best_scale.squeeze(-1), None, fmt)
 
 
-def _quantize_asymmetric(wg: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
-    levels = 2 ** fmt.weight_bits - 1
-    lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
-    hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
-    zero = torch.round(-lo / scale).clamp(0, levels)
-    codes = (torch.round(wg / scale) + zero).clamp(0, levels)
-    n = wg.shape[0]
-    return QuantizedWeight(codes.reshape(n, -1).to(torch.int16), scale.squeeze(-1),
-                           zero.squeeze(-1).to(torch.int16), fmt)
+def quantize_weight(w: torch.Tensor, fmt: QuantFormat, *, grid: WeightGrid | None = None,
+                    hessian: torch.Tensor | None = None, gptq=None) -> QuantizedWeight:
+    """Quantize a float ``[N, K]`` weight to integer format ``fmt``.
+
+    ``grid``: the scales to round onto (default :func:`weight_grid` of ``w``).
+    Without ``hessian``, each weight goes to its nearest grid point (RTN). With
+    a ``[K, K]`` input Hessian ``X^T X``, codes are chosen by GPTQ
+    (:func:`llmshrink.compressor.gptq.gptq_codes`, config ``gptq``) on the same grid.
+    """
+    w = w.detach().float()
+    grid = weight_grid(w, fmt) if grid is None else grid
+    if hessian is None:
+        return grid.quantized(grid.codes(w))
+    from llmshrink.compressor.gptq import GPTQConfig, gptq_codes
+
+    return grid.quantized(gptq_codes(w, grid, hessian, gptq or GPTQConfig()))
+
+
+def fake_quant(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """The float weight ``fmt`` makes of ``w`` by round-to-nearest on its :func:`weight_grid` (the export's grid)."""
+    if fmt.is_float:
+        return w.half().float() if fmt.weight_bits == 16 else w
+    return weight_grid(w, fmt).fake_quant(w.detach().float())
 
 
 def static_scale(amax: float) -> float:

@@ -1,43 +1,50 @@
-"""Recovery: distil the original model into an extracted subnet through LoRA adapters, quantization-aware.
+"""Recovery: distil the original model into a quantized subnet, quantization-aware, on the grid that ships.
 
-The student is the subnet as materialized (:func:`materialize`), with each
-kept layer's seven linears made trainable through LoRA adapters (peft) and
-every projection run *fake-quantized in its planned format*: the forward
-uses ``Q(W + B·A)`` with a straight-through estimator, so the adapters learn
-what survives quantization — merged and quantized for export, the weights
-are the ones that were trained (up to the exporter's finer scale search).
-peft has no layer that quantizes the merged weight, so :class:`QATLoraLinear`
-is peft's own LoRA ``Linear`` with that forward, registered for our
-:class:`QATLinear` through peft's custom-module hook.
+1. The subnet is materialized with the run's quantizer (GPTQ by default,
+   :mod:`.sequential`): integer codes on a grid of scales (and zero points)
+   per group, fixed from here on.
+2. The student is that model with every kept linear made trainable: its
+   weight starts at the dequantized codes and the forward rounds it to the
+   nearest point of the *same* grid (straight-through estimator), with
+   activations rounded as the kernel does. RMSNorm weights train too. The
+   embedding and lm_head stay frozen (tied and a fifth of a small model; the
+   lm_head still runs quantized). ``mode="lora"`` trains LoRA adapters (peft)
+   on the linears instead of their weights, rounding ``W + B·A``.
+3. The loss is the forward KL from the original model's logits, computed on
+   the fly (or read from the search's cached targets), on the calibration
+   rows; KD before and after is reported on held-out rows the training never
+   sees.
+4. The shipped codes are the nearest grid points of the trained weights:
+   exactly what the last training forward computed, with the grid's scales.
+   Static activation scales (``w8a8s``) are calibrated on the trained model.
+   If training raised the held-out KD, the quantizer's model ships instead.
 
-The loss is the forward KL from the original model's logits (the same
-:func:`~llmshrink.compressor.search.kd_loss` the search uses), on the
-calibration sequences only. After training the adapters are merged
-(``merge_and_unload``), the merged weights written back into a copy of the
-original model at the kept rows and columns, and the subnet materialized
-from that copy — so the result is an ordinary :class:`CompressedModel`.
+With zero steps the result is the materialized subnet itself, so recovery
+never ships codes other than the quantizer's unless it trained them.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmshrink import serde
-from llmshrink.compressor.materialize import linear_slices, materialize
-from llmshrink.compressor.model import CompressedModel
-from llmshrink.compressor.quant import quantize_activation
+from llmshrink.compressor.materialize import materialize
+from llmshrink.compressor.model import CompressedModel, QuantLinear
+from llmshrink.compressor.quant import WeightGrid, quantize_activation
 from llmshrink.compressor.search import kd_loss
-from llmshrink.compressor.supernet import fake_quant
 from llmshrink.compressor.teacher import TeacherTargets
-from llmshrink.formats import QuantFormat, parse_format
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.spec import LINEARS, SubnetSpec
+
+MODES = ("full", "lora")
+log = logging.getLogger("llmshrink")
 
 
 @serde.serializable("RecoveryConfig")
@@ -48,14 +55,16 @@ class RecoveryConfig:
     steps: int = 80
     batch_size: int = 4
     seq_len: int = 128
-    # LoRA's usual 1e-4..3e-4 assumes thousands of steps; recovery gets tens. On SmolLM2-135M (joint 5.27 ms
-    # subnet, 19 of 30 blocks, KD before 2.21) 40 steps gave WikiText-2 ppl 572 at 2e-4, 431 at 1e-3, 302 at
-    # 3e-3, 270 at 6e-3; 80 steps at 3e-3: 298 (calibration KD fell on to 0.84: the 16k-token split is
-    # what limits longer recovery, so the default stays at the lr measured both at 40 and 80 steps).
-    lr: float = 3e-3
+    # LoRA stays the default until full fine-tuning is measured against it at 135M (issue 18); its lr is the one
+    # measured at 40 and 80 steps on SmolLM2-135M (3e-3 beat 2e-4, 1e-3 and 6e-3 on WikiText-2 perplexity).
+    mode: str = "lora"  # "lora": adapters of rank ``rank`` train; "full": the kept linears' weights do
+    lr: float = 1e-4  # full fine-tuning's
     rank: int = 16
     alpha: int = 32
+    lora_lr: float = 3e-3  # LoRA's adapters start at zero and take a larger step
+    train_norms: bool = True
     kd_temperature: float = 1.0
+    bf16: str = "auto"  # autocast the forward to bfloat16: "auto" where the CPU has native bf16, "on", "off"
     seed: int = 0
 
 
@@ -71,34 +80,63 @@ class RecoveryLog:
 class RecoveryResult:
     model: CompressedModel
     history: list[RecoveryLog] = field(default_factory=list)
-    kd_before: float | None = None
+    kd_before: float | None = None  # on the held-out rows
     kd_after: float | None = None
+    tokens: int = 0  # training tokens seen
+    seconds: float = 0.0
+    reverted: bool = False  # training raised the held-out KD, so the quantizer's model ships (kd_after = kd_before)
 
 
 class QATLinear(nn.Linear):
-    """A linear layer trained as it will run: weight fake-quantized to ``fmt``, activations rounded as the kernel does."""
+    """A trainable linear that runs as it will ship: weight rounded onto a fixed grid, activations as the kernel.
 
-    def __init__(self, weight: torch.Tensor, fmt: QuantFormat) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias=False)
-        self.fmt = fmt
+    Built from a materialized :class:`QuantLinear`; :meth:`to_quant_linear` gives the
+    shipped layer back (nearest grid point of the trained weight).
+    """
+
+    def __init__(self, lin: QuantLinear) -> None:
+        super().__init__(lin.in_features, lin.out_features, bias=False)
+        self.fmt = lin.fmt
+        q = lin.quantized
+        self.grid = None if q is None else WeightGrid(q.scales, None if q.zeros is None else q.zeros.float(), q.fmt)
+        self.act_scale = None if lin.act_scale is None else float(lin.act_scale)
+        self.register_buffer("lin_bias", lin.bias)
+        self._frozen_resid: torch.Tensor | None = None
         with torch.no_grad():
-            self.weight.copy_(weight)
+            self.weight.copy_(lin.weight)
+
+    def _round(self, w: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            return self.grid.fake_quant(w)
+        return w.half().float() if self.fmt.weight_bits == 16 else w
 
     def quantized_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            resid = fake_quant(w.detach(), self.fmt) - w.detach()
-            xq = quantize_activation(x.detach(), self.fmt) - x.detach()
-        return F.linear(x + xq, w + resid)  # straight-through: gradients as if unquantized
+            frozen = w is self.weight and not self.weight.requires_grad  # the lm_head: rounded once
+            if frozen and self._frozen_resid is not None:
+                resid = self._frozen_resid
+            else:
+                resid = self._round(w.detach().float()) - w.detach()
+                if frozen:
+                    self._frozen_resid = resid
+            xq = quantize_activation(x.detach().float(), self.fmt, self.act_scale).to(x.dtype) - x.detach()
+        return F.linear(x + xq, w + resid, self.lin_bias)  # straight-through: gradients as if unrounded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized_forward(x, self.weight)
+
+    def to_quant_linear(self) -> QuantLinear:
+        w = self.weight.detach().float()
+        if self.grid is None:
+            return QuantLinear(w, self.lin_bias, self.fmt)
+        return QuantLinear.from_quantized(self.grid.quantized(self.grid.codes(w)), self.lin_bias)
 
 
 def _lora_linear_class():
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     class QATLoraLinear(LoraLinear):
-        """peft's LoRA Linear, quantizing the *merged* weight ``W + B·A`` in the forward (see module docstring)."""
+        """peft's LoRA Linear, rounding the *merged* weight ``W + B·A`` onto the grid in the forward."""
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             base = self.get_base_layer()
@@ -112,87 +150,169 @@ def _lora_linear_class():
     return QATLoraLinear
 
 
-# Calibration rows for static activation scales (w8a8s) of the recovered model: a max calibrator
-# settles within a few thousand tokens, and the recovered weights are what the scales must fit.
-CALIB_ROWS = 32
+_NORMS = ("input_norm", "post_norm")
 
 
-def _student(teacher, spec: SubnetSpec) -> CompressedModel:
-    """The subnet with trainable, quantization-aware linears in its kept layers (lm_head and embedding frozen)."""
-    # every linear and the lm_head as float: they become QATLinears below (a w8a8s lm_head, calibrated only
-    # after recovery, would otherwise ask for calibration text here)
-    fp32 = replace(spec, lm_head="fp32",
-                   layers=tuple(replace(ls, precision=dict.fromkeys(LINEARS, "fp32")) for ls in spec.layers))
-    cm = materialize(teacher, fp32)
-    for i, block in zip(spec.kept_layers(), cm.blocks, strict=True):
+def _set_norms_trainable(cm: CompressedModel, trainable: bool) -> None:
+    """Turn the RMSNorm weights (buffers) into parameters, or back."""
+    mods = [(b, n) for b in cm.blocks for n in _NORMS] + [(cm, "final_norm")]
+    for mod, name in mods:
+        t = getattr(mod, name).detach().clone()
+        delattr(mod, name)
+        if trainable:
+            mod.register_parameter(name, nn.Parameter(t))
+        else:
+            mod.register_buffer(name, t)
+
+
+def _student(cm: CompressedModel, config: RecoveryConfig) -> CompressedModel:
+    """A copy of ``cm`` with trainable, quantization-aware kept linears (and norms); lm_head frozen."""
+    student = copy.deepcopy(cm)
+    for block in student.blocks:
         for name in LINEARS:
-            old = getattr(block, name)
-            setattr(block, name, QATLinear(old.weight, spec.layers[i].fmt(name)))
-    head = QATLinear(cm.lm_head.weight, parse_format(spec.lm_head))
+            setattr(block, name, QATLinear(getattr(block, name)))
+    head = QATLinear(student.lm_head)
     head.weight.requires_grad_(False)
-    cm.lm_head = head
-    return cm
-
-
-def _write_back(teacher, spec: SubnetSpec, student: CompressedModel):
-    """A copy of ``teacher`` with the student's (merged) linear weights at the kept rows and columns."""
-    hf = copy.deepcopy(teacher)
-    hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
-    with torch.no_grad():
-        for i, block in zip(spec.kept_layers(), student.blocks, strict=True):
-            where = linear_slices(spec, i, hf.model.layers[i], hidden)
+    student.lm_head = head
+    if config.train_norms:
+        _set_norms_trainable(student, True)
+    if config.mode == "full":
+        for block in student.blocks:
             for name in LINEARS:
-                lin, r, c = where[name]
-                lin.weight[r[:, None], c[None, :]] = getattr(block, name).weight.to(lin.weight.dtype)
-    return hf
+                getattr(block, name).weight.requires_grad_(True)
+    return student
+
+
+def _shipped(student: CompressedModel, original_head: QuantLinear) -> CompressedModel:
+    """The student as an ordinary CompressedModel: codes on its grids, norms as buffers."""
+    for block in student.blocks:
+        for name in LINEARS:
+            setattr(block, name, getattr(block, name).to_quant_linear())
+    student.lm_head = original_head
+    if isinstance(student.final_norm, nn.Parameter):
+        _set_norms_trainable(student, False)
+    return student.eval()
+
+
+def use_bf16(setting: str) -> bool:
+    """Whether to autocast to bfloat16: ``auto`` where the CPU has native bf16 (AVX-512 BF16 or AMX)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    try:
+        import torch.backends.mkldnn as mkldnn
+
+        return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _Teacher:
+    """The teacher's log-probabilities for calibration rows: from cached targets, or its forward on the fly."""
+
+    def __init__(self, hf, calib: torch.Tensor, targets: TeacherTargets | None, bf16: bool) -> None:
+        self.hf, self.calib, self.targets, self.bf16 = hf, calib, targets, bf16
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is None and self.targets is not None:
+            return self.targets[rows]
+        ids = self.calib[rows] if ids is None else ids
+        vocab = int(self.hf.config.vocab_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.hf(input_ids=ids, use_cache=False).logits[..., :vocab]
+        return F.log_softmax(logits.float(), -1)
 
 
 def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryConfig = RecoveryConfig(),
-            tokenizer=None, targets: TeacherTargets | None = None,
-            progress: Progress = NULL_PROGRESS) -> RecoveryResult:
-    """KD-with-LoRA recovery of ``spec`` from ``teacher`` on ``calib`` ``[N, T]``; the quantized result.
+            tokenizer=None, targets: TeacherTargets | None = None, held_out: torch.Tensor | None = None,
+            quantizer: str = "gptq", progress: Progress = NULL_PROGRESS) -> RecoveryResult:
+    """Quantization-aware KD recovery of ``spec`` from ``teacher``, trained on ``calib`` ``[N, T]``.
 
-    ``targets``: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
-    (the search's); computed here otherwise.
+    Args:
+        targets: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
+            (the search's); computed on the fly otherwise.
+        held_out: rows ``[M, T]`` never trained on, for the KD reported before and after
+            (default: the last ``batch_size`` rows of ``calib``, which are then left out of training).
+        quantizer: how the subnet's codes start (``gptq`` on ``calib``, or ``rtn``).
     """
-    from peft import LoraConfig, get_peft_model
-
     cfg = config
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown recovery mode {cfg.mode!r} (use one of {MODES})")
     teacher.eval()
+    t_start = time.perf_counter()
     calib = calib[:, : cfg.seq_len]
-    targets = TeacherTargets.reuse(targets, teacher, calib, batch_size=cfg.batch_size, progress=progress)
-    student = _student(teacher, spec)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(LINEARS))
-    qat_lora = _lora_linear_class()
-    lora._register_custom_module({QATLinear: qat_lora})
-    model = get_peft_model(student, lora)
-    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
-    if len(adapted) != len(LINEARS) * len(spec.kept_layers()) or not all(isinstance(m, qat_lora) for m in adapted):
-        raise RuntimeError("peft did not wrap every kept linear with the quantization-aware LoRA layer")
+    if held_out is None:
+        calib, held_out = calib[: -cfg.batch_size], calib[-cfg.batch_size:]
+        targets = None if targets is None else targets.take(slice(0, len(calib)))
+    held_out = held_out[:, : cfg.seq_len]
+    if targets is not None and not torch.equal(targets.calib, calib):
+        raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
+    with progress.task(f"Quantizing the subnet ({quantizer})"):
+        cm = materialize(teacher, spec, tokenizer, calib=calib, quantizer=quantizer, progress=progress)
+    if cfg.steps == 0:
+        return RecoveryResult(cm, seconds=time.perf_counter() - t_start)
+    bf16 = use_bf16(cfg.bf16)
+    teach = _Teacher(teacher, calib, targets, bf16)
+    held_targets = teach(None, held_out)
+    student = _student(cm, cfg)
+    model = student
+    lr = cfg.lr
+    if cfg.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(LINEARS))
+        qat_lora = _lora_linear_class()
+        lora._register_custom_module({QATLinear: qat_lora})
+        model = get_peft_model(student, lora)
+        if cfg.train_norms:  # peft freezes everything it does not adapt
+            for n, p in model.named_parameters():
+                if n.endswith(("input_norm", "post_norm", "final_norm")):
+                    p.requires_grad_(True)
+        lr = cfg.lora_lr
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / max(cfg.steps, 1)))  # warm-up, then linear decay
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)) * max(0.0, 1 - s / max(cfg.steps, 1)))
+
+    def kd_on(ids: torch.Tensor, target_logp: torch.Tensor, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids)[0]
+        return kd_loss(logits.float(), target_logp, cfg.kd_temperature)
+
+    def held_kd() -> float:
+        return sum(kd_on(held_out[i:i + cfg.batch_size], held_targets[i:i + cfg.batch_size], False).item()
+                   * len(held_out[i:i + cfg.batch_size]) for i in range(0, len(held_out), cfg.batch_size)) / len(held_out)
+
+    kd_before = held_kd()
     gen = torch.Generator().manual_seed(cfg.seed)
-    held = torch.arange(min(cfg.batch_size, len(calib)))  # a fixed batch to report the KD before and after
-
-    def kd_on(rows: torch.Tensor, grad: bool) -> torch.Tensor:
-        with torch.set_grad_enabled(grad):
-            return kd_loss(model(calib[rows])[0], targets[rows], cfg.kd_temperature)
-
-    kd_before = kd_on(held, False).item()
-    history = []
-    with progress.task("Recovery (KD + LoRA, quantization-aware)", total=cfg.steps) as task:
+    history, tokens = [], 0
+    with progress.task(f"Recovery (KD, quantization-aware, {cfg.mode})", total=cfg.steps) as task:
         for step in range(cfg.steps):
             t0 = time.perf_counter()
-            loss = kd_on(torch.randint(len(calib), (cfg.batch_size,), generator=gen), True)
+            rows = torch.randint(len(calib), (cfg.batch_size,), generator=gen)
+            loss = kd_on(calib[rows], teach(rows), True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            tokens += calib[rows].numel()
             history.append(RecoveryLog(step + 1, loss.item(), time.perf_counter() - t0))
             task.advance(1, info=f"kd {loss.item():.3f}")
-    kd_after = kd_on(held, False).item()
-    merged = model.merge_and_unload()
-    with progress.task("Quantizing the recovered subnet"):
-        result = materialize(_write_back(teacher, spec, merged), spec, tokenizer, calib=calib[:CALIB_ROWS])
-    return RecoveryResult(result, history, kd_before, kd_after)
+    kd_after = held_kd()
+    if not kd_after < kd_before:  # training made it worse on rows it never saw: ship what the quantizer made
+        log.warning("recovery raised the held-out KD from %.4f to %.4f; shipping the unrecovered model",
+                    kd_before, kd_after)
+        return RecoveryResult(cm, history, kd_before, kd_before, tokens, time.perf_counter() - t_start,
+                              reverted=True)
+    if cfg.mode == "lora":
+        student = model.merge_and_unload()
+    result = _shipped(student, cm.lm_head)
+    from llmshrink.compressor.calibrate import (
+        STATIC_CALIB_ROWS,
+        calibrate_activations,
+        needs_calibration,
+    )
+
+    if needs_calibration(spec):  # the trained weights are what the scales must fit
+        calibrate_activations(result, calib[:STATIC_CALIB_ROWS])
+    return RecoveryResult(result, history, kd_before, kd_after, tokens, time.perf_counter() - t_start)

@@ -23,9 +23,8 @@ import torch
 
 from llmshrink.compressor.budget import Move, fit_to_budget
 from llmshrink.compressor.materialize import materialize
-from llmshrink.compressor.quant import quantize_activation
+from llmshrink.compressor.quant import fake_quant, quantize_activation
 from llmshrink.compressor.space import SearchSpace
-from llmshrink.compressor.supernet import fake_quant
 from llmshrink.errors import InfeasibleBudgetError
 from llmshrink.formats import parse_format
 from llmshrink.spec import LINEARS, SubnetSpec

@@ -25,10 +25,11 @@ the probabilities (straight-through Gumbel-softmax): one real subnet runs,
 through the same masks and expected weights, and the logits get the relaxed
 sample's gradient.
 
-Search-time fake quantization uses the absmax scale per group (cheap enough
-for every step); the exported model uses the clipped scales of
-:mod:`.quant`, and groups there run over kept channels in base order, so
-the search's quantization error is an estimate of the export's, not a copy.
+Search-time fake quantization rounds to nearest on the export's grid (the
+clip-searched scales of :func:`.quant.weight_grid`, computed once per weight
+and format); groups there run over kept channels in base order, and the
+export rounds with GPTQ, so the search's quantization error is an estimate
+of the export's, not a copy.
 
 Settling: :meth:`Supernet.settle` freezes every decision whose normalized
 entropy is below a threshold at its argmax, and candidates whose
@@ -51,7 +52,7 @@ from torch import nn
 
 from llmshrink.compressor.importance import Importance
 from llmshrink.compressor.model import rotate_half
-from llmshrink.compressor.quant import MIN_SCALE, quantize_activation
+from llmshrink.compressor.quant import fake_quant, quantize_activation, weight_grid
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.errors import UsageError
 from llmshrink.formats import QuantFormat, parse_format
@@ -66,26 +67,6 @@ def width_mask(probs: torch.Tensor, cands: torch.Tensor, width: int) -> torch.Te
     survival probability of each of the first ``width`` channels (all candidates in one matmul)."""
     ind = (torch.arange(width)[None, :] < cands[:, None]).to(probs.dtype)  # [n, width]
     return probs @ ind
-
-
-def fake_quant(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """The float weight ``fmt`` stands for, with absmax scales (no clipping search; see module docstring)."""
-    if fmt.is_float:
-        return w.half().float() if fmt.weight_bits == 16 else w
-    n, k = w.shape
-    if fmt.group_size is None:  # per-channel int8
-        s = (w.abs().amax(1, keepdim=True) / 127).clamp_min(MIN_SCALE)
-        return torch.round(w / s).clamp(-127, 127) * s
-    wg = w.reshape(n, k // fmt.group_size, fmt.group_size)
-    if fmt.symmetric:
-        qmax = 2 ** (fmt.weight_bits - 1) - 1
-        s = (wg.abs().amax(-1, keepdim=True) / qmax).clamp_min(MIN_SCALE)
-        return (torch.round(wg / s).clamp(-qmax - 1, qmax) * s).reshape(n, k)
-    levels = 2 ** fmt.weight_bits - 1
-    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
-    s = ((hi - lo) / levels).clamp_min(MIN_SCALE)
-    z = torch.round(-lo / s).clamp(0, levels)
-    return ((torch.round(wg / s) + z).clamp(0, levels) - z).mul(s).reshape(n, k)
 
 
 def _permute_rows(w: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -287,10 +268,21 @@ class Supernet(nn.Module):
         spans the row, are recomputed on the slice).
         """
         self._resid = {}
+        grids = self.__dict__.setdefault("_grids", {})
+
+        def q(w: torch.Tensor, f: QuantFormat) -> torch.Tensor:
+            if f.is_float or f.group_size is None:  # float, or per-channel int8 (absmax: cheap)
+                return fake_quant(w, f)
+            # the export's scale rule (a clip search per group), computed once: at search learning rates the
+            # weights barely move, and the search costs ~10 s per format and refresh otherwise
+            key = (id(w), f.name)
+            if key not in grids:
+                grids[key] = weight_grid(w, f)
+            return grids[key].fake_quant(w)
 
         def resid(w: torch.Tensor, fmts: list[QuantFormat], offered: torch.Tensor) -> torch.Tensor:
             # a format the linear is not offered (its group does not divide K) never runs: zeros
-            return torch.stack([fake_quant(w, f) - w if ok else torch.zeros_like(w) for f, ok in zip(fmts, offered, strict=True)])
+            return torch.stack([q(w, f) - w if ok else torch.zeros_like(w) for f, ok in zip(fmts, offered, strict=True)])
 
         for lay in self.layers:
             for j, name in enumerate(LINEARS):

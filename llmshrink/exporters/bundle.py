@@ -61,6 +61,7 @@ class Manifest:
     quality: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     validation: dict[str, object] = field(default_factory=dict)  # the last `llmshrink validate` verdict
+    quantizer: str | None = None  # how integer weights were rounded: gptq or rtn (None: before it was recorded)
 
 
 def tool_versions() -> dict[str, str]:

@@ -63,15 +63,15 @@ FLAVOURS.register("trt", _trt_flavour)
 
 def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str | None = None,
            target: str | None = None, max_length: int = 2048, trust_remote_code: bool = False,
-           calib_data: str = "self", progress: Progress = NULL_PROGRESS) -> Manifest:
+           calib_data: str = "self", quantizer: str = "gptq", progress: Progress = NULL_PROGRESS) -> Manifest:
     """Materialize ``spec`` of ``model``, export it, check parity, and write a bundle at ``out``.
 
     The spec is checked against the model's shape, the target's kernels (when
     a target is given) and the flavour's kernels before any weights are loaded.
     The flavour defaults to the target's (``ort`` without a target).
-    ``calib_data`` (as ``compress --calib-data``) is read only when the spec has
-    static activation scales (``w8a8s``): they are calibrated on its first
-    :data:`EXPORT_CALIB_ROWS` sequences, the same sequences ``compress`` calibrates on.
+    ``quantizer``: ``gptq`` (default) or ``rtn`` for integer weights, recorded in the manifest.
+    ``calib_data`` (as ``compress --calib-data``) is read when the spec needs text: GPTQ and
+    static activation scales (``w8a8s``) use the sequences ``compress`` calibrates on.
 
     Raises:
         SpecError / UsageError: the spec does not fit the model or the flavour.
@@ -79,7 +79,7 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     """
 
     from llmshrink.compressor.calibrate import needs_calibration
-    from llmshrink.compressor.materialize import materialize
+    from llmshrink.compressor.materialize import materialize, uses_gptq
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
 
@@ -102,22 +102,25 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     if profile is not None:
         spec.validate(allowed_formats=set(profile.formats))
     fl.check_spec(spec)
+    needs_text = needs_calibration(spec) or uses_gptq(spec, quantizer)
     hf = load_model(source, trust_remote_code=trust_remote_code, progress=progress)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
-    calib = calibration_tokens(hf, tokenizer, source, calib_data, progress) if needs_calibration(spec) else None
+    calib = calibration_tokens(hf, tokenizer, source, calib_data, progress) if needs_text else None
     with progress.task("Materializing and quantizing the subnet"):
-        cm = materialize(hf, spec, tokenizer, calib=calib)
+        cm = materialize(hf, spec, tokenizer, calib=calib, quantizer=quantizer, progress=progress)
     return export_compressed(cm, tokenizer, out, flavour=flavour, target=profile, model_source=source.describe(),
-                             model_fingerprint=fingerprint(source), max_length=max_length, progress=progress)
+                             model_fingerprint=fingerprint(source), max_length=max_length, quantizer=quantizer,
+                             progress=progress)
 
 
 def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=None, workload: Workload | None = None,
                       model_source: str = "", model_fingerprint: str = "", max_length: int = 2048,
-                      notes: tuple[str, ...] = (), progress: Progress = NULL_PROGRESS) -> Manifest:
+                      notes: tuple[str, ...] = (), quantizer: str | None = None,
+                      progress: Progress = NULL_PROGRESS) -> Manifest:
     """Export a materialized (possibly recovered) :class:`CompressedModel`: graph, parity check, bundle.
 
     ``target`` (a TargetProfile) and ``workload`` (default: the target's) set the
-    manifest's predicted latency.
+    manifest's predicted latency; ``quantizer`` (gptq or rtn) is recorded when the model has integer weights.
 
     Raises:
         ParityError: the exported graph does not reproduce the torch model.
@@ -146,13 +149,20 @@ def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=No
     fields = dict(flavour=flavour, model_source=model_source, model_fingerprint=model_fingerprint,
                   spec_fingerprint=spec.fingerprint(), max_length=max_length, precision=precision_summary(spec),
                   num_params=cm.num_params, parity=report.as_dict(),
-                  target=target.name if target else None, workload=workload, notes=tuple(notes))
+                  target=target.name if target else None, workload=workload, notes=tuple(notes),
+                  quantizer=quantizer if any(m.quantized is not None for m in _linears(cm)) else None)
     if target is not None:
         pred = _prediction_fields(spec, target, workload)
         fields["notes"] = fields["notes"] + pred.pop("notes", ())
         fields.update(pred)
     with progress.task(f"Writing bundle {out}"):
         return write_bundle(out, graph, tokenizer, spec, fields)
+
+
+def _linears(cm):
+    from llmshrink.compressor.model import QuantLinear
+
+    return [m for m in cm.modules() if isinstance(m, QuantLinear)]
 
 
 def _prediction_fields(spec: SubnetSpec, profile, workload: Workload | None = None) -> dict:

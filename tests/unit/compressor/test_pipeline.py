@@ -336,3 +336,33 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(setup, tmp_path):
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert list(out.glob("candidates/*/manifest.json"))
     assert (out / "importance.npz").stat().st_mtime_ns == importance_mtime  # kept, not redone
+
+
+def test_compress_spec_recovers_and_ships_a_fixed_plan_without_a_search(setup):
+    from dataclasses import replace
+
+    from llmshrink.compressor.compress import compress as compress_call
+    from llmshrink.spec import SubnetSpec, load_spec
+
+    d, cfg, target, table, _ = setup
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load_config(cfg.model))
+    plan = d / "int4.json"
+    plan.write_text(SubnetSpec.uniform(base, "w4g32a8").to_json())
+    ms = predict(load_spec(plan), target, table=table).total_ms
+    res = compress(replace(cfg, budgets_ms=(), spec=str(plan)), d / "plan")
+    (c,) = res.record.candidates
+    assert c.label == "spec" and c.predicted_ms == pytest.approx(ms) and "without a search" in c.reason
+    assert not list((d / "plan").glob("search-*"))  # no search ran
+    assert set(c.seconds) == {"recovery", "export", "measure", "quality"}
+    m = load_manifest(d / "plan" / c.bundle)
+    assert m.quantizer == "gptq" and m.precision == {"w4g32a8": 7 * base.num_layers + 1}
+    # never worse than the quantizer's model on the held-out rows (a random tiny model has nothing to recover)
+    assert c.kd_after_recovery <= c.kd_before_recovery and c.recovery_tokens == 3 * 2 * 24
+    # a budget below the plan's prediction is refused before anything loads
+    with pytest.raises(UsageError, match="over the budget"):
+        compress(replace(cfg, budgets_ms=(ms / 2,), spec=str(plan)), d / "plan-over")
+    with pytest.raises(UsageError, match="--spec"):
+        compress_call(cfg.model, target=cfg.target, out=d / "neither")

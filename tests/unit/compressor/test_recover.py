@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from llmshrink.compressor.materialize import materialize
+from llmshrink.compressor.model import QuantLinear
 from llmshrink.compressor.recover import QATLinear, RecoveryConfig, recover
 from llmshrink.compressor.search import kd_loss
-from llmshrink.spec import SubnetSpec
+from llmshrink.spec import BaseShape, SubnetSpec
 
 
 @pytest.fixture(scope="module")
@@ -22,27 +23,68 @@ def _spec(base):
     return replace(spec, layers=tuple(layers), hidden_size=32)
 
 
-def test_without_steps_recovery_returns_the_plain_materialized_subnet(tiny_hf, tiny_base, calib):
+@pytest.mark.parametrize("quantizer", ["gptq", "rtn"])
+def test_without_steps_recovery_returns_the_quantizers_subnet(tiny_hf, tiny_base, calib, quantizer):
     spec = _spec(tiny_base)
-    res = recover(tiny_hf, spec, calib, config=RecoveryConfig(steps=0, batch_size=2))
+    held = calib[-2:]
+    res = recover(tiny_hf, spec, calib[:-2], config=RecoveryConfig(steps=0, batch_size=2), held_out=held,
+                  quantizer=quantizer)
     ids = calib[:2]
-    torch.testing.assert_close(res.model(ids)[0], materialize(tiny_hf, spec)(ids)[0])
+    torch.testing.assert_close(res.model(ids)[0],
+                               materialize(tiny_hf, spec, calib=calib[:-2], quantizer=quantizer)(ids)[0])
     assert res.model.spec == spec
 
 
-def test_recovery_lowers_the_distillation_loss_of_the_quantized_subnet(tiny_hf, tiny_base, calib):
-    spec = _spec(tiny_base)
-    res = recover(tiny_hf, spec, calib, config=RecoveryConfig(steps=30, batch_size=4, lr=3e-3, rank=4, alpha=8))
-    assert res.kd_after < 0.9 * res.kd_before
-    assert len(res.history) == 30
-    # the deployed (quantized, merged) model is better than the unrecovered one, on the teacher's own logits
-    ids = calib[:4]
+def _grids(cm):
+    return {n: (m.quantized.scales, m.quantized.zeros) for n, m in cm.named_modules()
+            if isinstance(m, QuantLinear) and m.quantized is not None}
+
+
+@pytest.mark.parametrize("mode,lr", [("full", 1e-3), ("lora", 3e-3)])
+def test_recovery_lowers_held_out_distillation_loss_on_the_quantizers_grid(trained_tiny, mode, lr):
+    hf, tok, ids = trained_tiny
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w2g32a8", lm_head="w8g32")
+    calib, held = ids[:96], ids[96:]
+    cfg = RecoveryConfig(steps=30, batch_size=4, lr=lr, lora_lr=lr, rank=4, alpha=8, mode=mode, bf16="off")
+    res = recover(hf, spec, calib, config=cfg, held_out=held)
+    assert res.kd_after < 0.9 * res.kd_before  # on rows training never saw
+    assert len(res.history) == 30 and res.tokens == 30 * 4 * calib.shape[1]
+    # the deployed (quantized) model is better than the unrecovered one, on the teacher's own logits
     with torch.no_grad():
-        teacher = tiny_hf(input_ids=ids).logits
-    before = kd_loss(materialize(tiny_hf, spec)(ids)[0], teacher).item()
-    after = kd_loss(res.model(ids)[0], teacher).item()
-    assert after < before
+        teacher = hf(input_ids=held).logits
+    start = materialize(hf, spec, calib=calib, quantizer="gptq")
+    assert kd_loss(res.model(held)[0], teacher).item() < kd_loss(start(held)[0], teacher).item()
     assert not any(isinstance(m, QATLinear) for m in res.model.modules())  # an ordinary CompressedModel
+    assert not res.reverted
+    # QAT trained on the quantizer's grid, and the shipped codes sit on it: same scales and zero points
+    shipped, initial = _grids(res.model), _grids(start)
+    assert shipped.keys() == initial.keys()
+    for name, (scales, zeros) in initial.items():
+        assert torch.equal(shipped[name][0], scales), name
+        assert (zeros is None and shipped[name][1] is None) or torch.equal(shipped[name][1], zeros), name
+    # and training changed codes, not only norms
+    assert any(not torch.equal(a.quantized.codes, b.quantized.codes) for (_, a), (_, b) in zip(
+        _quantized(res.model), _quantized(start), strict=True))
+
+
+def _quantized(cm):
+    return [(n, m) for n, m in cm.named_modules() if isinstance(m, QuantLinear) and m.quantized is not None]
+
+
+def test_training_forward_is_the_shipped_model(tiny_hf, tiny_base, calib):
+    # the student's forward (weights rounded on the grid) is exactly the exported codes' model
+    from llmshrink.compressor.recover import _shipped, _student
+
+    spec = SubnetSpec.uniform(tiny_base, "w4g32")
+    cm = materialize(tiny_hf, spec, calib=calib, quantizer="gptq")
+    student = _student(cm, RecoveryConfig())
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-2)
+        trained = student(calib[:2])[0]
+        shipped = _shipped(student, cm.lm_head)(calib[:2])[0]
+    torch.testing.assert_close(trained, shipped, rtol=1e-5, atol=1e-5)
 
 
 def test_a_static_int8_lm_head_recovers_and_is_calibrated_after(tiny_hf, tiny_base, calib):
@@ -51,3 +93,14 @@ def test_a_static_int8_lm_head_recovers_and_is_calibrated_after(tiny_hf, tiny_ba
     spec = replace(_spec(tiny_base), lm_head="w8a8s")
     res = recover(tiny_hf, spec, calib, config=RecoveryConfig(steps=2, batch_size=2))
     assert res.model.spec.lm_head == "w8a8s" and float(res.model.lm_head.act_scale) > 0
+
+
+def test_recovery_that_hurts_held_out_rows_ships_the_quantizers_model(trained_tiny):
+    # a learning rate far too large wrecks the student; the held-out check must catch it
+    hf, _, ids = trained_tiny
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w4g32a8")
+    res = recover(hf, spec, ids[:96], held_out=ids[96:],
+                  config=RecoveryConfig(steps=5, batch_size=4, mode="full", lr=1.0, bf16="off"))
+    assert res.reverted and res.kd_after == res.kd_before
+    start = materialize(hf, spec, calib=ids[:96], quantizer="gptq")
+    torch.testing.assert_close(res.model(ids[96:100])[0], start(ids[96:100])[0])

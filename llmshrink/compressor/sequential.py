@@ -1,0 +1,99 @@
+"""Quantize a float CompressedModel layer by layer with GPTQ, each layer on the inputs the quantized layers before it give.
+
+This is GPTQ's sequential recipe (the reference's ``llama_sequential`` with
+``true_sequential``; llm-compressor's "sequential pipeline"): calibration
+hidden states enter block 0; within a block the linears are quantized in
+the order they run — q/k/v (one shared Hessian: same input), o, gate/up,
+down — each group's Hessian collected with the groups before it already
+quantized; the block's output on the calibration tokens, through its
+quantized linears, is the next block's input. The lm_head comes last, on
+the final norm's output. Peak memory is the model plus the calibration
+hidden states (``N * T * hidden`` floats), not activations of the whole model.
+
+A ``w8a8s`` linear has no activation scale yet while this runs (those are
+calibrated on the finished model); its float input passes through, as in
+calibration itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from llmshrink.compressor.gptq import GPTQConfig, HessianAccumulator
+from llmshrink.compressor.model import CompressedModel, QuantLinear, rms_norm
+from llmshrink.compressor.quant import WeightGrid, quantize_weight
+from llmshrink.formats import QuantFormat
+from llmshrink.progress import NULL_PROGRESS, Progress
+
+# linears sharing an input, in the order a block runs them
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+BATCH = 8  # calibration rows per forward
+
+
+def _pass_through(x: torch.Tensor) -> None:
+    """Observer of a not-yet-calibrated static-scale layer: the float input passes, unrounded."""
+
+
+@torch.no_grad()
+def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib: torch.Tensor, *,
+                  config: GPTQConfig | None = None, grids: Mapping[str, WeightGrid] | None = None,
+                  progress: Progress = NULL_PROGRESS) -> None:
+    """Replace the float linears of ``cm`` named in ``formats`` by their GPTQ quantization, in place.
+
+    Args:
+        formats: module name (``blocks.{j}.{linear}``, ``lm_head``) -> integer format. The named
+            modules must hold float weights; others are left as they are.
+        calib: token ids ``[N, T]``.
+        grids: per module name, a grid to round onto (e.g. the one recovery trained on);
+            :func:`~llmshrink.compressor.quant.weight_grid` of the weight otherwise.
+
+    Raises:
+        ValueError: no calibration tokens.
+    """
+    if not calib.numel():
+        raise ValueError("GPTQ needs calibration tokens")
+    config = config or GPTQConfig()
+    grids = grids or {}
+    static = [m for m in cm.modules() if isinstance(m, QuantLinear) and m.fmt.act == "int8-static"]
+    for m in static:
+        m.observer = _pass_through
+    positions = torch.arange(calib.shape[1])
+    xs = [torch.nn.functional.embedding(b, cm.embed) for b in calib.split(BATCH)]
+
+    def quantize(name: str, module: QuantLinear, hessian: torch.Tensor) -> QuantLinear:
+        q = quantize_weight(module.weight, formats[name], grid=grids.get(name), hessian=hessian, gptq=config)
+        new = QuantLinear.from_quantized(q, module.bias)
+        new.observer = _pass_through if new.fmt.act == "int8-static" else None
+        return new
+
+    try:
+        with progress.task("GPTQ (layer by layer)", total=len(cm.blocks) + 1) as task:
+            for j, block in enumerate(cm.blocks):
+                for group in GROUPS:
+                    names = [n for n in group if f"blocks.{j}.{n}" in formats]
+                    if not names:
+                        continue
+                    acc = HessianAccumulator(getattr(block, names[0]).in_features)
+                    hook = getattr(block, names[0]).register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0]))
+                    try:
+                        for x in xs:
+                            block(x, positions, None, cm.meta)
+                    finally:
+                        hook.remove()
+                    h = acc.hessian
+                    for n in names:
+                        setattr(block, n, quantize(f"blocks.{j}.{n}", getattr(block, n), h))
+                xs = [block(x, positions, None, cm.meta)[0] for x in xs]
+                task.advance(1)
+            if "lm_head" in formats:
+                acc = HessianAccumulator(cm.lm_head.in_features)
+                for x in xs:
+                    acc.add(rms_norm(x, cm.final_norm, cm.meta.rms_norm_eps))
+                cm.lm_head = quantize("lm_head", cm.lm_head, acc.hessian)
+            task.advance(1)
+    finally:
+        for m in cm.modules():
+            if isinstance(m, QuantLinear) and m.fmt.act == "int8-static":
+                m.observer = None

@@ -1,0 +1,110 @@
+"""GPTQ: fewer output errors than round-to-nearest, on the same grid, and exactly these codes in the export."""
+
+import numpy as np
+import pytest
+import torch
+
+from llmshrink.compressor.gptq import GPTQConfig, HessianAccumulator, gptq_codes
+from llmshrink.compressor.materialize import materialize
+from llmshrink.compressor.model import QuantLinear
+from llmshrink.compressor.quant import fake_quant, quantize_weight, weight_grid
+from llmshrink.compressor.search import kd_loss
+from llmshrink.errors import UsageError
+from llmshrink.formats import parse_format
+from llmshrink.spec import BaseShape, SubnetSpec
+
+FORMATS = ["w4g32", "w4g32z", "w2g32a8", "w8a8", "w4g64a8"]
+
+
+def _inputs(hf, ids, module):
+    seen = []
+    hook = module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        hf(input_ids=ids)
+    hook.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gptq_lowers_a_trained_layers_output_error_on_the_same_grid(trained_tiny, fmt):
+    hf, _, ids = trained_tiny
+    f = parse_format(fmt)
+    for layer in (hf.model.layers[1].mlp.down_proj, hf.model.layers[2].self_attn.q_proj):
+        w = layer.weight.detach()
+        calib, test = _inputs(hf, ids[:96], layer), _inputs(hf, ids[96:], layer)
+        acc = HessianAccumulator(w.shape[1])
+        acc.add(calib)
+        rtn, gptq = quantize_weight(w, f), quantize_weight(w, f, hessian=acc.hessian)
+        err = {name: float(((test @ (q.dequantize() - w).T) ** 2).mean()) for name, q in (("rtn", rtn), ("gptq", gptq))}
+        assert err["gptq"] < 0.9 * err["rtn"], err  # on inputs GPTQ never saw
+        # GPTQ only picks grid points: the scales (and zero points) are round-to-nearest's
+        assert torch.equal(gptq.scales, rtn.scales)
+        assert (gptq.zeros is None) == (rtn.zeros is None) and (gptq.zeros is None or torch.equal(gptq.zeros, rtn.zeros))
+        lo, hi = weight_grid(w, f).qrange
+        assert int(gptq.codes.min()) >= lo and int(gptq.codes.max()) <= hi
+
+
+def test_gptq_without_compensation_is_round_to_nearest():
+    # a diagonal Hessian has no correlations to compensate through: GPTQ must then round to nearest
+    w = torch.randn(48, 64)
+    grid = weight_grid(w, parse_format("w4g32"))
+    codes = gptq_codes(w, grid, torch.diag(torch.rand(64) + 0.5), GPTQConfig(act_order=True))
+    assert torch.equal(codes, grid.codes(w))
+
+
+def test_fake_quant_is_the_exports_rounding():
+    # the search's and recovery's fake quantization is round-to-nearest on the export's grid
+    w = torch.randn(40, 128) * 0.05
+    for fmt in FORMATS:
+        f = parse_format(fmt)
+        torch.testing.assert_close(fake_quant(w, f), quantize_weight(w, f).dequantize(), rtol=0, atol=0)
+
+
+def test_gptq_model_is_closer_to_the_original_than_rtn(trained_tiny):
+    hf, _, ids = trained_tiny
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w2g32a8", lm_head="w4g32")
+    calib, held = ids[:96], ids[96:]
+    with torch.no_grad():
+        teacher = hf(input_ids=held).logits
+        kd = {q: kd_loss(materialize(hf, spec, calib=calib, quantizer=q)(held)[0], teacher).item()
+              for q in ("rtn", "gptq")}
+    assert kd["gptq"] < 0.8 * kd["rtn"], kd
+
+
+def test_gptq_needs_calibration_text(tiny_hf, tiny_base):
+    spec = SubnetSpec.uniform(tiny_base, "w4g32")
+    with pytest.raises(UsageError, match="GPTQ"):
+        materialize(tiny_hf, spec, quantizer="gptq")
+    with pytest.raises(UsageError, match="quantizer"):
+        materialize(tiny_hf, spec, quantizer="awq")
+    # a float spec needs no text whatever the quantizer
+    materialize(tiny_hf, SubnetSpec.original(tiny_base), quantizer="gptq")
+
+
+def _unpack(b: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
+    per = 8 // bits
+    v = b.reshape(n, -1).astype(np.int32)
+    out = np.stack([(v >> (j * bits)) & ((1 << bits) - 1) for j in range(per)], axis=-1)
+    return out.reshape(n, k)
+
+
+def test_the_exported_graph_carries_exactly_the_quantizers_codes_and_scales(trained_tiny):
+    from onnx import numpy_helper
+
+    from llmshrink.exporters.onnx_ort import build_ort_graph
+
+    hf, tok, ids = trained_tiny
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w4g32a8", lm_head="w8a8")
+    cm = materialize(hf, spec, tok, calib=ids[:64], quantizer="gptq")
+    graph = build_ort_graph(cm, max_length=64)
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for j, block in enumerate(cm.blocks):
+        lin: QuantLinear = block.down_proj
+        q = lin.quantized
+        base = f"model.layers.{j}.mlp.down_proj.MatMul"
+        codes = _unpack(inits[f"{base}.weight_Q4"], 4, lin.out_features, lin.in_features) - 8  # symmetric: zero 8
+        np.testing.assert_array_equal(codes, q.codes.numpy())
+        np.testing.assert_array_equal(inits[f"{base}.weight_scales"], q.scales.numpy().reshape(-1))
+    head = cm.lm_head.quantized
+    w = inits["lm_head.MatMul.weight_uint8"].astype(np.int16) - 128
+    np.testing.assert_array_equal(w.T, head.codes.numpy())
