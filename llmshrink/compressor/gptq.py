@@ -12,10 +12,12 @@ options ``act_order`` and ``static_groups``:
   yet quantized through the upper Cholesky factor of ``H^-1``, in blocks of
   ``block_size`` columns (lazy batch updates).
 * The grid (scales and zero points per group) is fixed *before* rounding —
-  the reference's ``static_groups`` — so it is exactly the grid that
-  round-to-nearest, the search's fake quantization and quantization-aware
-  recovery use (:func:`llmshrink.compressor.quant.weight_grid`). GPTQ only
-  chooses which grid point each weight gets.
+  the reference's ``static_groups`` — by the clip search of
+  :func:`llmshrink.compressor.quant.weight_grid`, each column's error weighed
+  by ``diag(H)``; GPTQ only chooses which grid point each weight gets, and
+  quantization-aware recovery trains on that same grid. (The search, which has
+  no Hessians, fake-quantizes with the same rule on unweighted errors: an
+  estimate of the export's grid.)
 
 No maintained GPTQ package runs on CPU with this torch and these formats
 (llm-compressor and GPTQModel target CUDA and their own packing; ONNX
@@ -61,6 +63,11 @@ class HessianAccumulator:
         if not self.n:
             raise ValueError("no calibration inputs reached this layer")
         return (self.sum / self.n).float()
+
+
+def output_error(dw: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(dW H dW^T)``: the squared output error a weight change ``dW`` ``[N, K]`` makes on the Hessian's inputs."""
+    return float(((dw @ hessian) * dw).sum())
 
 
 def gptq_codes(w: torch.Tensor, grid, hessian: torch.Tensor, config: GPTQConfig = GPTQConfig()) -> torch.Tensor:

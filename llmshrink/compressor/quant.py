@@ -114,13 +114,15 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(n, k // group, group)
 
 
-def weight_grid(w: torch.Tensor, fmt: QuantFormat) -> WeightGrid:
+def weight_grid(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None) -> WeightGrid:
     """The grid of a float ``[N, K]`` weight in integer format ``fmt``.
 
     Per-channel int8: absmax / 127. Grouped symmetric: the scale among
     :data:`CLIP_GRID` multiples of absmax / qmax with the least squared
-    rounding error in its group. Grouped asymmetric: min/max over the group
-    (extended to include 0), zero point rounded.
+    rounding error in its group — each input column's error weighted by
+    ``importance`` ``[K]`` when given (the diagonal of the input Hessian: the
+    error that reaches the output, not the weight's). Grouped asymmetric:
+    min/max over the group (extended to include 0), zero point rounded.
     """
     if fmt.is_float:
         raise ValueError(f"{fmt} is a float format")
@@ -136,10 +138,12 @@ def weight_grid(w: torch.Tensor, fmt: QuantFormat) -> WeightGrid:
         return WeightGrid(scale, torch.round(-lo / scale).clamp(0, levels), fmt)
     qmin, qmax = -(2 ** (fmt.weight_bits - 1)), 2 ** (fmt.weight_bits - 1) - 1
     amax = wg.abs().amax(dim=-1, keepdim=True)
+    imp = None if importance is None else importance.float().reshape(1, -1, fmt.group_size)
     best_err = best_scale = None
     for r in CLIP_GRID:
         s = (amax * r / qmax).clamp_min(MIN_SCALE)
-        err = ((torch.round(wg / s).clamp(qmin, qmax) * s - wg) ** 2).sum(-1, keepdim=True)
+        d2 = (torch.round(wg / s).clamp(qmin, qmax) * s - wg) ** 2
+        err = (d2 if imp is None else d2 * imp).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale = err, s
         else:
@@ -153,18 +157,25 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat, *, grid: WeightGrid | Non
                     hessian: torch.Tensor | None = None, gptq=None) -> QuantizedWeight:
     """Quantize a float ``[N, K]`` weight to integer format ``fmt``.
 
-    ``grid``: the scales to round onto (default :func:`weight_grid` of ``w``).
-    Without ``hessian``, each weight goes to its nearest grid point (RTN). With
-    a ``[K, K]`` input Hessian ``X^T X``, codes are chosen by GPTQ
-    (:func:`llmshrink.compressor.gptq.gptq_codes`, config ``gptq``) on the same grid.
+    Without ``hessian``, each weight goes to its nearest point of ``grid``
+    (default: :func:`weight_grid` of ``w``): round-to-nearest (RTN). With a
+    ``[K, K]`` input Hessian ``X^T X``, the default grid's clip search weighs
+    each column by ``diag(H)``, and codes are chosen by GPTQ
+    (:func:`llmshrink.compressor.gptq.gptq_codes`, config ``gptq``) on that grid —
+    or by RTN on it where RTN's output error ``tr(dW H dW^T)`` is lower (GPTQ's
+    greedy column order does not guarantee it never loses; on SmolLM2 it
+    occasionally does on a ``down_proj``).
     """
     w = w.detach().float()
-    grid = weight_grid(w, fmt) if grid is None else grid
     if hessian is None:
+        grid = weight_grid(w, fmt) if grid is None else grid
         return grid.quantized(grid.codes(w))
-    from llmshrink.compressor.gptq import GPTQConfig, gptq_codes
+    from llmshrink.compressor.gptq import GPTQConfig, gptq_codes, output_error
 
-    return grid.quantized(gptq_codes(w, grid, hessian, gptq or GPTQConfig()))
+    grid = weight_grid(w, fmt, importance=torch.diag(hessian)) if grid is None else grid
+    candidates = [gptq_codes(w, grid, hessian, gptq or GPTQConfig()), grid.codes(w)]
+    best = min(candidates, key=lambda c: output_error(grid.dequantize(c) - w, hessian))
+    return grid.quantized(best)
 
 
 def fake_quant(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

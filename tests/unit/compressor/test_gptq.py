@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmshrink.compressor.gptq import GPTQConfig, HessianAccumulator, gptq_codes
+from llmshrink.compressor.gptq import GPTQConfig, HessianAccumulator, gptq_codes, output_error
 from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.model import QuantLinear
 from llmshrink.compressor.quant import fake_quant, quantize_weight, weight_grid
@@ -37,10 +37,14 @@ def test_gptq_lowers_a_trained_layers_output_error_on_the_same_grid(trained_tiny
         rtn, gptq = quantize_weight(w, f), quantize_weight(w, f, hessian=acc.hessian)
         err = {name: float(((test @ (q.dequantize() - w).T) ** 2).mean()) for name, q in (("rtn", rtn), ("gptq", gptq))}
         assert err["gptq"] < 0.9 * err["rtn"], err  # on inputs GPTQ never saw
-        # GPTQ only picks grid points: the scales (and zero points) are round-to-nearest's
-        assert torch.equal(gptq.scales, rtn.scales)
-        assert (gptq.zeros is None) == (rtn.zeros is None) and (gptq.zeros is None or torch.equal(gptq.zeros, rtn.zeros))
-        lo, hi = weight_grid(w, f).qrange
+        # GPTQ only picks points of a grid fixed before rounding: the output-weighted clip search's
+        grid = weight_grid(w, f, importance=torch.diag(acc.hessian))
+        assert torch.equal(gptq.scales, grid.scales)
+        assert (gptq.zeros is None) == (grid.zeros is None) and (gptq.zeros is None or torch.equal(gptq.zeros.float(), grid.zeros))
+        # and it never does worse than rounding to nearest on that grid, on the inputs it saw
+        same_grid_rtn = quantize_weight(w, f, grid=grid)
+        assert output_error(gptq.dequantize() - w, acc.hessian) <= output_error(same_grid_rtn.dequantize() - w, acc.hessian)
+        lo, hi = grid.qrange
         assert int(gptq.codes.min()) >= lo and int(gptq.codes.max()) <= hi
 
 

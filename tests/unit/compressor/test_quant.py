@@ -77,3 +77,18 @@ def test_int8_static_activation_uses_the_given_scale_and_saturates_like_quantize
     z = torch.randn(3, 64)
     s = float(torch.tensor(float(z.abs().max()) / 127).half().float())
     assert torch.equal(quantize_activation(z, fmt), torch.round(z / s).clamp(-128, 127) * s)
+
+
+def test_an_even_importance_leaves_the_clip_search_unchanged_and_a_skewed_one_moves_it():
+    import torch
+
+    from llmshrink.compressor.quant import weight_grid
+    from llmshrink.formats import parse_format
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    f = parse_format("w4g32")
+    plain = weight_grid(w, f)
+    assert torch.equal(weight_grid(w, f, importance=torch.full((64,), 3.0)).scales, plain.scales)
+    skew = torch.ones(64)
+    skew[::7] = 1e4  # a few columns whose errors dominate the output
+    assert not torch.equal(weight_grid(w, f, importance=skew).scales, plain.scales)
