@@ -79,7 +79,10 @@ def main() -> None:
         top1_s = f"{top1:.1%}" if top1 is not None else "-"
         diff_s = f"{diff:.3g}" if diff is not None else "-"
         lines.append(f"{name:<15}{fmt:<10}{q:<11}{ppl:>8.2f}{acc:>11.4f}{top1_s:>13}{diff_s:>9}{secs:>10.0f}")
-    lines += ["", f"latency, GPTQ bundle / RTN bundle, timed in turn ({ratio.get('workload')}): measured "
+    wl = ratio.get("workload") or {}
+    wl = wl.get("_data", wl)
+    lines += ["", f"latency, GPTQ bundle / RTN bundle, timed in turn ({wl.get('phase')}, ctx {wl.get('context')}, batch "
+              f"{wl.get('batch')}; {ratio.get('rounds')} rounds): measured "
               f"{ratio.get('measured_ratio'):.3f}x (predicted {ratio.get('predicted_ratio'):.3f}x)"]
     text = "\n".join(lines)
     print(text)

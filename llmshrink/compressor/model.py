@@ -136,9 +136,20 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
                 meta: ModelMeta) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, _ = x.shape
+        att, kv = self.attention(rms_norm(x, self.input_norm, meta.rms_norm_eps), positions, past, meta)
+        x = x + self.o_proj(att)
+        h = rms_norm(x, self.post_norm, meta.rms_norm_eps)
+        return x + self.down_proj(self.mlp_hidden(h)), kv
+
+    def mlp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(h)) * up(h)``: the down projection's input."""
+        return F.silu(self.gate_proj(h)) * self.up_proj(h)
+
+    def attention(self, h: torch.Tensor, positions: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                  meta: ModelMeta) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The heads' outputs ``(B, T, nh * hd)`` for the normed input ``h`` (the o projection's input), and the cache."""
+        B, T, _ = h.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        h = rms_norm(x, self.input_norm, meta.rms_norm_eps)
         q = self.q_proj(h).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(h).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(h).view(B, T, nkv, -1).transpose(1, 2)  # (B, nkv, T, hd)
@@ -155,10 +166,7 @@ class Block(nn.Module):
         # Query t (absolute position S - T + t) sees keys 0 .. S - T + t.
         mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
         att = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=meta.attention_scale)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
-        h = rms_norm(x, self.post_norm, meta.rms_norm_eps)
-        x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-        return x, (k, v)
+        return att.transpose(1, 2).reshape(B, T, -1), (k, v)
 
 
 class CompressedModel(nn.Module):

@@ -59,7 +59,7 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
     static = [m for m in cm.modules() if isinstance(m, QuantLinear) and m.fmt.act == "int8-static"]
     for m in static:
         m.observer = _pass_through
-    positions = torch.arange(calib.shape[1])
+    positions = torch.arange(calib.shape[1])  # every row starts at position 0
     xs = [torch.nn.functional.embedding(b, cm.embed) for b in calib.split(BATCH)]
 
     def quantize(name: str, module: QuantLinear, hessian: torch.Tensor) -> QuantLinear:
@@ -68,29 +68,38 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
         new.observer = _pass_through if new.fmt.act == "int8-static" else None
         return new
 
+    def quantize_group(block, j: int, names: tuple[str, ...], inputs: list[torch.Tensor]) -> None:
+        names = tuple(n for n in names if f"blocks.{j}.{n}" in formats)
+        if not names:
+            return
+        acc = HessianAccumulator(inputs[0].shape[-1])
+        for x in inputs:
+            acc.add(x)
+        h = acc.hessian
+        for n in names:
+            setattr(block, n, quantize(f"blocks.{j}.{n}", getattr(block, n), h))
+
+    eps = cm.meta.rms_norm_eps
     try:
         with progress.task("GPTQ (layer by layer)", total=len(cm.blocks) + 1) as task:
+            # one forward per block, stage by stage over all rows: each group's Hessian is collected
+            # on inputs that went through the groups before it, already quantized
             for j, block in enumerate(cm.blocks):
-                for group in GROUPS:
-                    names = [n for n in group if f"blocks.{j}.{n}" in formats]
-                    if not names:
-                        continue
-                    acc = HessianAccumulator(getattr(block, names[0]).in_features)
-                    hook = getattr(block, names[0]).register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0]))
-                    try:
-                        for x in xs:
-                            block(x, positions, None, cm.meta)
-                    finally:
-                        hook.remove()
-                    h = acc.hessian
-                    for n in names:
-                        setattr(block, n, quantize(f"blocks.{j}.{n}", getattr(block, n), h))
-                xs = [block(x, positions, None, cm.meta)[0] for x in xs]
+                hs = [rms_norm(x, block.input_norm, eps) for x in xs]
+                quantize_group(block, j, GROUPS[0], hs)
+                atts = [block.attention(h, positions, None, cm.meta)[0] for h in hs]
+                quantize_group(block, j, GROUPS[1], atts)
+                xs = [x + block.o_proj(a) for x, a in zip(xs, atts, strict=True)]
+                hs = [rms_norm(x, block.post_norm, eps) for x in xs]
+                quantize_group(block, j, GROUPS[2], hs)
+                mids = [block.mlp_hidden(h) for h in hs]
+                quantize_group(block, j, GROUPS[3], mids)
+                xs = [x + block.down_proj(m) for x, m in zip(xs, mids, strict=True)]
                 task.advance(1)
             if "lm_head" in formats:
                 acc = HessianAccumulator(cm.lm_head.in_features)
                 for x in xs:
-                    acc.add(rms_norm(x, cm.final_norm, cm.meta.rms_norm_eps))
+                    acc.add(rms_norm(x, cm.final_norm, eps))
                 cm.lm_head = quantize("lm_head", cm.lm_head, acc.hessian)
             task.advance(1)
     finally:
