@@ -28,14 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _cli import sh  # benchmarks/ is on sys.path when a script in it runs
+
 TASKS = ("arc_easy_local", "boolq_local", "hellaswag_local", "winogrande_local")
-
-
-def sh(*args: str) -> str:
-    print("$ llmshrink " + " ".join(args), file=sys.stderr)
-    # stdout is the command's --json answer; its progress (stderr) passes through, so a long run can be watched.
-    res = subprocess.run([sys.executable, "-m", "llmshrink", *args], check=True, stdout=subprocess.PIPE, text=True)
-    return res.stdout
 
 
 def main() -> None:

@@ -23,11 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def sh(*args: str, check: bool = True) -> str:
-    print("$ llmshrink " + " ".join(args), file=sys.stderr)
-    res = subprocess.run([sys.executable, "-m", "llmshrink", *args], check=check, stdout=subprocess.PIPE, text=True)
-    return res.stdout
+from _cli import sh  # benchmarks/ is on sys.path when a script in it runs
 
 
 def main() -> None:

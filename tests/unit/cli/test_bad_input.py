@@ -58,6 +58,8 @@ CASES = [
     Case("--resume on another config's run", (*COMPRESS, "--latency", "{tight}", "--out", "{tmp}/other", "--resume"),
          2, r"other settings", r"same command|settings are in", patch="other_run"),
     # -- the budget
+    Case("compress with neither a budget nor a plan", (*COMPRESS, "--out", "{tmp}/nobudget"), 2,
+         r"Missing --latency", r"--latency 30ms.*--spec"),
     Case("malformed latency", (*COMPRESS, "--latency", "fast"), 2, r"'fast' is not a positive latency",
          r"30ms"),
     Case("zero latency", (*COMPRESS, "--latency", "0ms"), 2, r"not a positive latency", r"30ms"),
