@@ -14,8 +14,10 @@ def test_int4_bundle_answers_paris_and_validates_against_the_cpu_table(tmp_path)
     runner = CliRunner()
     spec = tmp_path / "int4.json"
     assert runner.invoke(cli, ["spec", "new", "--uniform", "int4-a8", "--out", str(spec)]).exit_code == 0
+    # rtn: GPTQ would first sample calibration text from the model (~3.5 min on a fresh CI machine); GPTQ's
+    # codes and export are unit-tested, its quality on this model is benchmarks/quantizer.py's claim
     res = runner.invoke(cli, ["export", "--spec", str(spec), "--target", "cpu", "--out", str(tmp_path / "b"),
-                              "--max-length", "300", "--json"])
+                              "--max-length", "300", "--quantizer", "rtn", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["predicted_latency_ms"] > 0
     res = runner.invoke(cli, ["run", str(tmp_path / "b"), "--prompt", "What is the capital of France?",
@@ -49,6 +51,6 @@ def test_trt_flavour_export_passes_static_check_and_parity(tmp_path):
 
     base = BaseShape.from_config(load_config("smollm2-135m"))
     m = api.export("smollm2-135m", SubnetSpec.uniform(base, "w4g64", lm_head="fp16"), tmp_path / "trt",
-                   flavour="trt", max_length=256)
+                   flavour="trt", max_length=256, quantizer="rtn")
     assert m.parity["passed"] and m.parity["top1_agreement"] >= 0.99
     assert check_model(onnx.load(str(tmp_path / "trt" / "model.onnx"))) == []

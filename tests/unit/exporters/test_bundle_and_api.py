@@ -133,7 +133,8 @@ def test_cli_spec_export_run_bench(tiny_llama_dir, tmp_path):
     res = runner.invoke(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec_path), "--out", str(out),
                               "--max-length", "64", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["parity"]["passed"] is True
+    manifest = json.loads(res.output)
+    assert manifest["parity"]["passed"] is True and manifest["quantizer"] == "gptq"  # the default, recorded
     res = runner.invoke(cli, ["run", str(out), "--prompt", "paris", "--max-new-tokens", "4", "--no-chat"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["bench", str(out), "--workload", "decode:ctx=8", "--runs", "2", "--json"])
