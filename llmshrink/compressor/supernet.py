@@ -182,6 +182,20 @@ class Supernet(nn.Module):
             self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long))
         self.fmts = [parse_format(f) for f in space.formats]
         self.head_fmts = [parse_format(f) for f in space.lm_head_formats]
+        self._grids = self._make_grids()
+
+    @torch.no_grad()
+    def _make_grids(self) -> dict:
+        """The export's grid (clip-searched scales per group) of every grouped integer format of every linear, from
+        the pretrained weights: fixed for the whole search, so a resumed search rounds exactly as an unbroken one,
+        and the ~10 s per format a clip search costs on 135M weights is paid once."""
+        grids = {}
+        pairs = [(lay.weight(n), self.fmts, self.offered_prec[j]) for lay in self.layers for j, n in enumerate(LINEARS)]
+        for w, fmts, offered in [*pairs, (self.lm_head, self.head_fmts, self.offered_lm_head)]:
+            for f, ok in zip(fmts, offered, strict=True):
+                if ok and not f.is_float and f.group_size is not None:
+                    grids[(id(w), f.name)] = weight_grid(w, f)
+        return grids
 
     # ------------------------------------------------------------ parameters
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -268,17 +282,11 @@ class Supernet(nn.Module):
         spans the row, are recomputed on the slice).
         """
         self._resid = {}
-        grids = self.__dict__.setdefault("_grids", {})
 
         def q(w: torch.Tensor, f: QuantFormat) -> torch.Tensor:
             if f.is_float or f.group_size is None:  # float, or per-channel int8 (absmax: cheap)
                 return fake_quant(w, f)
-            # the export's scale rule (a clip search per group), computed once: at search learning rates the
-            # weights barely move, and the search costs ~10 s per format and refresh otherwise
-            key = (id(w), f.name)
-            if key not in grids:
-                grids[key] = weight_grid(w, f)
-            return grids[key].fake_quant(w)
+            return self._grids[(id(w), f.name)].fake_quant(w)  # at search learning rates the weights barely move
 
         def resid(w: torch.Tensor, fmts: list[QuantFormat], offered: torch.Tensor) -> torch.Tensor:
             # a format the linear is not offered (its group does not divide K) never runs: zeros
