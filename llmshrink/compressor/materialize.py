@@ -87,7 +87,7 @@ def uses_gptq(spec: SubnetSpec, quantizer: str) -> bool:
 
 @torch.no_grad()
 def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | None = None, *,
-                quantizer: str = "rtn", gptq=None, grids=None, progress=None) -> CompressedModel:
+                quantizer: str = "rtn", gptq=None, progress=None) -> CompressedModel:
     """Build the :class:`CompressedModel` of ``spec`` from an HF model.
 
     Args:
@@ -97,8 +97,7 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
         quantizer: ``rtn`` (each weight to its nearest grid point) or ``gptq``
             (:mod:`.sequential`: layer by layer on ``calib``). Integer embedding tables are
             always rounded to nearest (a lookup has no input to compensate over).
-        gptq: a :class:`~.gptq.GPTQConfig`; grids: per module name (``blocks.{j}.{linear}``,
-            ``lm_head``), the grid to round onto (default: :func:`~.quant.weight_grid`).
+        gptq: a :class:`~.gptq.GPTQConfig`.
 
     Raises:
         SpecError: the spec breaks a rule, or was made for another shape.
@@ -121,11 +120,6 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
         if run_gptq and not fmt.is_float:
             deferred[name] = fmt
             return QuantLinear(w, bias, FP32)
-        if grids and name in grids:
-            from llmshrink.compressor.quant import quantize_weight
-
-            return QuantLinear.from_quantized(quantize_weight(w, fmt, grid=grids[name]),
-                                              None if bias is None else bias.detach().float().clone())
         return QuantLinear(w, bias, fmt)
     check_supported(model.config)
     spec.validate()
@@ -160,7 +154,7 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
         from llmshrink.compressor.gptq import GPTQConfig
         from llmshrink.compressor.sequential import gptq_quantize
 
-        gptq_quantize(cm, deferred, calib, config=gptq or GPTQConfig(), grids=grids,
+        gptq_quantize(cm, deferred, calib, config=gptq or GPTQConfig(),
                       progress=progress or NULL_PROGRESS)
     if needs_calibration(spec):
         from llmshrink.compressor.calibrate import STATIC_CALIB_ROWS

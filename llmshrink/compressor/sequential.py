@@ -23,7 +23,7 @@ import torch
 
 from llmshrink.compressor.gptq import GPTQConfig, HessianAccumulator
 from llmshrink.compressor.model import CompressedModel, QuantLinear, rms_norm
-from llmshrink.compressor.quant import WeightGrid, quantize_weight
+from llmshrink.compressor.quant import quantize_weight
 from llmshrink.formats import QuantFormat
 from llmshrink.progress import NULL_PROGRESS, Progress
 
@@ -38,7 +38,7 @@ def _pass_through(x: torch.Tensor) -> None:
 
 @torch.no_grad()
 def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib: torch.Tensor, *,
-                  config: GPTQConfig | None = None, grids: Mapping[str, WeightGrid] | None = None,
+                  config: GPTQConfig | None = None,
                   progress: Progress = NULL_PROGRESS) -> None:
     """Replace the float linears of ``cm`` named in ``formats`` by their GPTQ quantization, in place.
 
@@ -46,8 +46,6 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
         formats: module name (``blocks.{j}.{linear}``, ``lm_head``) -> integer format. The named
             modules must hold float weights; others are left as they are.
         calib: token ids ``[N, T]``.
-        grids: per module name, a grid to round onto (e.g. the one recovery trained on);
-            :func:`~llmshrink.compressor.quant.weight_grid` of the weight otherwise.
 
     Raises:
         ValueError: no calibration tokens.
@@ -55,7 +53,6 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
     if not calib.numel():
         raise ValueError("GPTQ needs calibration tokens")
     config = config or GPTQConfig()
-    grids = grids or {}
     static = [m for m in cm.modules() if isinstance(m, QuantLinear) and m.fmt.act == "int8-static"]
     for m in static:
         m.observer = _pass_through
@@ -63,7 +60,7 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
     xs = [torch.nn.functional.embedding(b, cm.embed) for b in calib.split(BATCH)]
 
     def quantize(name: str, module: QuantLinear, hessian: torch.Tensor) -> QuantLinear:
-        q = quantize_weight(module.weight, formats[name], grid=grids.get(name), hessian=hessian, gptq=config)
+        q = quantize_weight(module.weight, formats[name], hessian=hessian, gptq=config)
         new = QuantLinear.from_quantized(q, module.bias)
         new.observer = _pass_through if new.fmt.act == "int8-static" else None
         return new
