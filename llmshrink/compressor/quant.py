@@ -40,14 +40,14 @@ class QuantizedWeight:
     zeros: torch.Tensor | None  # like scales, int16, asymmetric formats only
     fmt: QuantFormat
 
+    @property
+    def grid(self) -> WeightGrid:
+        """The grid these codes sit on."""
+        return WeightGrid(self.scales, None if self.zeros is None else self.zeros.float(), self.fmt)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[N, K]`` matrix the codes stand for."""
-        n, k = self.codes.shape
-        g = self.fmt.group_size or k
-        q = self.codes.float().view(n, k // g, g)
-        if self.zeros is not None:
-            q = q - self.zeros.float().unsqueeze(-1)
-        return (q * self.scales.unsqueeze(-1)).view(n, k)
+        return self.grid.dequantize(self.codes.float())
 
 
 @dataclass

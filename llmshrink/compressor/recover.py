@@ -37,7 +37,7 @@ from torch import nn
 from llmshrink import serde
 from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.model import CompressedModel, QuantLinear
-from llmshrink.compressor.quant import WeightGrid, quantize_activation
+from llmshrink.compressor.quant import quantize_activation
 from llmshrink.compressor.search import kd_loss
 from llmshrink.compressor.teacher import TeacherTargets
 from llmshrink.progress import NULL_PROGRESS, Progress
@@ -98,7 +98,7 @@ class QATLinear(nn.Linear):
         super().__init__(lin.in_features, lin.out_features, bias=False)
         self.fmt = lin.fmt
         q = lin.quantized
-        self.grid = None if q is None else WeightGrid(q.scales, None if q.zeros is None else q.zeros.float(), q.fmt)
+        self.grid = None if q is None else q.grid
         self.act_scale = None if lin.act_scale is None else float(lin.act_scale)
         self.register_buffer("lin_bias", lin.bias)
         self._frozen_resid: torch.Tensor | None = None
