@@ -66,6 +66,21 @@ def test_one_hot_supernet_quantizes_like_the_extracted_subnet(tiny_hf, tiny_base
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_search_rounds_on_the_exports_clipped_grid(tiny_hf, tiny_base, ids, seed):
+    # clip search on (the default): where no width is pruned, every group of the subnet is a group of the
+    # pretrained weight, so the search's fixed grids are exactly the ones the export computes
+    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,), mlp=(128,),
+                        min_layers=2, formats=("w4g32a8", "w4g32z", "w8g32"),
+                        lm_head_formats=("w4g32a8", "w8g32")).validate()
+    net = Supernet(tiny_hf, space)
+    _pin(net, 30 + seed)
+    spec = net.argmax_spec()
+    with torch.no_grad():
+        got = net(ids)
+    torch.testing.assert_close(got, materialize(tiny_hf, spec, quantizer="rtn")(ids)[0], atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_format_is_a_candidate_only_where_its_group_fits(tiny_hf, tiny_base, ids, seed, monkeypatch):
     # a 64-group divides the MLP widths (64, 128) but not the hidden 32 or o_proj's 32: down_proj only
