@@ -57,7 +57,7 @@ def resume_command(out_dir: Path) -> str:
               help="Search-space YAML overriding the default candidates (see docs: hidden, mlp, formats, ...).")
 @click.option("--steps", default=None, type=click.IntRange(1), help="Search steps (default 100).")
 @click.option("--recovery-steps", default=None, type=click.IntRange(0),
-              help="Recovery (quantization-aware distillation) steps (default 80).")
+              help="Recovery (quantization-aware distillation) steps (default 300).")
 @click.option("--calib-data", default="self", show_default=True,
               help="Calibration text: `self` (sampled from the model), a .txt/.jsonl/.parquet file, or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")
@@ -77,8 +77,8 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
 
     Phases: calibration text, importance ranking, the joint search (its
     expected latency read from the target's latency table), extraction and a
-    fit under the budget, recovery (distillation from the original through
-    quantization-aware LoRA), export in the target's flavour, and — where the
+    fit under the budget, recovery (GPTQ's codes kept, their per-group scales
+    and the norms distilled from the original), export in the target's flavour, and — where the
     target's hardware is this machine — measurement and validation against
     the prediction. The run directory gets one bundle per budget, run.json,
     report.md and pareto.png.

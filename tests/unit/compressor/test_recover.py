@@ -71,13 +71,33 @@ def _quantized(cm):
     return [(n, m) for n, m in cm.named_modules() if isinstance(m, QuantLinear) and m.quantized is not None]
 
 
-def test_training_forward_is_the_shipped_model(tiny_hf, tiny_base, calib):
+def test_training_scales_keeps_the_quantizers_codes_and_lowers_held_out_kd(trained_tiny):
+    hf, _, ids = trained_tiny
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w2g32a8", lm_head="w8g32")
+    calib, held = ids[:96], ids[96:]
+    cfg = RecoveryConfig(steps=30, batch_size=4, mode="scales", scales_lr=1e-2, bf16="off")
+    res = recover(hf, spec, calib, config=cfg, held_out=held)
+    assert res.kd_after < 0.9 * res.kd_before and not res.reverted
+    start = materialize(hf, spec, calib=calib, quantizer="gptq")
+    shipped, initial = dict(_quantized(res.model)), dict(_quantized(start))
+    assert shipped.keys() == initial.keys()
+    moved = 0
+    for name, q0 in initial.items():
+        q1 = shipped[name].quantized
+        assert torch.equal(q1.codes, q0.quantized.codes), name  # codes are GPTQ's
+        moved += not torch.equal(q1.scales, q0.quantized.scales)
+    assert moved == len(initial) - 1  # every layer's scales trained, except the frozen lm_head's
+    assert torch.equal(shipped["lm_head"].quantized.scales, initial["lm_head"].quantized.scales)
+
+
+@pytest.mark.parametrize("mode", ["lora", "scales"])
+def test_training_forward_is_the_shipped_model(tiny_hf, tiny_base, calib, mode):
     # the student's forward (weights rounded on the grid) is exactly the exported codes' model
     from llmshrink.compressor.recover import _shipped, _student
 
     spec = SubnetSpec.uniform(tiny_base, "w4g32")
     cm = materialize(tiny_hf, spec, calib=calib, quantizer="gptq")
-    student = _student(cm, RecoveryConfig())
+    student = _student(cm, RecoveryConfig(mode=mode))
     with torch.no_grad():
         for p in student.parameters():
             if p.requires_grad:

@@ -1,0 +1,163 @@
+"""Recovery on a fixed plan: ``compress --spec`` (GPTQ + the default recovery) against the quantizers alone, one run.
+
+For one uniform spec of the default model (w4g32a8 unless ``--format``):
+
+* ``fp32 original`` -- ``llmshrink export`` of the unquantized model;
+* ``rtn`` and ``gptq`` -- ``llmshrink export --spec S --quantizer Q``, no training;
+* ``gptq + recovery`` -- ``llmshrink compress --spec S --target cpu``: GPTQ, then the default recovery
+  (quantization-aware distillation from the original), exported and validated as ``compress`` ships it.
+  Its wall time, training tokens and held-out KD come from the run's own record.
+
+Every bundle is scored as shipped (ONNX Runtime) by ``llmshrink eval``: WikiText-2 test perplexity (first
+``--ppl-tokens`` tokens, context 512, stride 256). The rows named by ``--full-tasks`` also get the four local
+tasks: ARC-Easy dev, BoolQ and WinoGrande on their full sets, HellaSwag on its first 1,000 (accuracy; their mean
+is the issue's quality bar: within 1 point of the fp32 model); the others perplexity only (the four tasks take
+about an hour per bundle on 2 cores; ``benchmarks/quantizer.py`` scores ARC-Easy for RTN and GPTQ).
+Finally the recovered bundle is timed in turn with the RTN bundle (``llmshrink validate --reference``, both
+orders; same graph, other codes, so the ratio should be 1).
+
+Evaluations are kept in ``--out/evals/NAME.json`` and reused by a rerun into the same ``--out`` (the table says
+which); delete them to score again.
+
+    python benchmarks/recovery.py --data-dir ../shared/evaldata [--format w4g32a8] [--out runs/recovery]
+        [--full-tasks "fp32 original,gptq + recovery"] [--results benchmarks/results/recovery_cpu.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _cli import sh  # benchmarks/ is on sys.path when a script in it runs
+
+FULL = ("arc_easy_local", "boolq_local", "winogrande_local")
+HELLASWAG, HELLASWAG_DOCS = "hellaswag_local", 1000
+ROWS = ("fp32 original", "rtn", "gptq", "gptq + recovery")
+
+
+def _slug(name: str) -> str:
+    return name.split()[0] if name != "gptq + recovery" else "recovered"
+
+
+def _evaluate(bundle: Path, cache: Path, *, full: bool, tasks_dir: Path, wiki: str, ppl_tokens: int) -> dict:
+    """Perplexity and task accuracies of ``bundle`` (read from ``cache`` when a previous run wrote it)."""
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        if got.get("full", False) >= full:
+            got["reused"] = True
+            return got
+    t0 = time.perf_counter()
+    common = ("--include-path", str(tasks_dir), "--no-record", "--json")
+    tasks = ("--tasks", ",".join(FULL)) if full else ()
+    res = json.loads(sh("eval", str(bundle), *tasks, "--ppl", wiki, "--max-tokens", str(ppl_tokens), "--context", "512",
+                        "--stride", "256", *common))
+    acc = {t["task"]: t["metrics"]["acc"] for t in res.get("tasks") or ()}
+    if full:
+        hs = json.loads(sh("eval", str(bundle), "--tasks", HELLASWAG, "--limit", str(HELLASWAG_DOCS), *common))
+        acc.update({t["task"]: t["metrics"]["acc"] for t in hs["tasks"]})
+    got = {"ppl": res["perplexity"][0]["ppl"], "acc": acc, "full": full, "seconds": time.perf_counter() - t0}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(got, indent=1))
+    return got
+
+
+def _build(name: str, out: Path, spec: Path, model: str) -> tuple[Path, dict]:
+    """The bundle of row ``name`` (built unless a previous run left it) and what its build reported."""
+    if name == "gptq + recovery":
+        run = out / "compress"
+        rec_file = out / "compress.json"
+        if not rec_file.is_file():
+            t0 = time.perf_counter()
+            rec = json.loads(sh("compress", "--model", model, "--target", "cpu", "--spec", str(spec), "--out", str(run),
+                                "--json"))
+            rec["wall_seconds"] = time.perf_counter() - t0
+            rec_file.write_text(json.dumps(rec, indent=1))
+        rec = json.loads(rec_file.read_text())
+        data = rec.get("_data", rec)
+        cand = data["candidates"][0]
+        cand = cand.get("_data", cand)
+        return run / cand["bundle"], {"wall_seconds": rec["wall_seconds"], **cand}
+    bundle = out / _slug(name)
+    if not (bundle / "manifest.json").is_file():
+        spec_args = [] if name == "fp32 original" else ["--spec", str(spec), "--quantizer", name]
+        sh("export", "--model", model, *spec_args, "--target", "cpu", "--out", str(bundle), "--json")
+    return bundle, {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="../shared/evaldata (read-only; tasks are rendered from it)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--format", default="w4g32a8")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--full-tasks", default="fp32 original,gptq + recovery",
+                    help=f"rows scored on all four tasks (others: perplexity only); of {', '.join(ROWS)}")
+    ap.add_argument("--out", default="runs/recovery")
+    ap.add_argument("--results", default=None, help="also write the table to this file")
+    args = ap.parse_args()
+    full_rows = {r.strip() for r in args.full_tasks.split(",") if r.strip()}
+    if full_rows - set(ROWS):
+        ap.error(f"--full-tasks: unknown rows {sorted(full_rows - set(ROWS))} (rows: {', '.join(ROWS)})")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks_dir = out / "tasks"
+    if not (tasks_dir / "arc_easy_local.yaml").is_file():
+        subprocess.run([sys.executable, str(Path(args.data_dir) / "render.py"), str(tasks_dir)], check=True)
+    wiki = str(Path(args.data_dir) / "wikitext2" / "wiki.test.raw")
+    spec = out / f"{args.format}.json"
+    if not spec.is_file():
+        sh("spec", "new", "--model", args.model, "--uniform", args.format, "--out", str(spec))
+
+    rows, bundles = [], {}
+    for name in ROWS:
+        bundle, built = _build(name, out, spec, args.model)
+        bundles[name] = bundle
+        ev = _evaluate(bundle, out / "evals" / f"{_slug(name)}.json", full=name in full_rows, tasks_dir=tasks_dir,
+                       wiki=wiki, ppl_tokens=args.ppl_tokens)
+        rows.append((name, built, ev))
+
+    ratios = []
+    for a, b in (("gptq + recovery", "rtn"), ("rtn", "gptq + recovery")):
+        v = json.loads(sh("validate", str(bundles[a]), "--reference", str(bundles[b]), "--target", "cpu",
+                          "--rounds", "7", "--no-record", "--json", check=False))  # exit 4 still prints it
+        ratios.append(v.get("_data", v))
+    rec_over_rtn = (ratios[0]["measured_ratio"] / ratios[1]["measured_ratio"]) ** 0.5
+
+    names = {"arc_easy_local": "ARC-E", "boolq_local": "BoolQ", "winogrande_local": "Wino",
+             HELLASWAG: f"HS{HELLASWAG_DOCS}"}
+    lines = [f"$ python benchmarks/recovery.py --data-dir {args.data_dir} --format {args.format} --out {args.out} "
+             f"--full-tasks \"{args.full_tasks}\"",
+             f"uniform {args.format}, ORT bundles as shipped. ppl: WikiText-2 test, first {args.ppl_tokens} tokens, "
+             f"context 512, stride 256. acc: ARC-Easy dev, BoolQ, WinoGrande (full sets), HellaSwag (first "
+             f"{HELLASWAG_DOCS}); mean4 = their mean.",
+             "",
+             f"{'model':<17}{'ppl':>7}" + "".join(f"{v:>8}" for v in names.values()) + f"{'mean4':>8}"]
+    for name, _built, ev in rows:
+        accs = [ev["acc"].get(t) for t in names]
+        cells = "".join(f"{a * 100:>8.2f}" if a is not None else f"{'-':>8}" for a in accs)
+        mean = f"{sum(accs) / len(accs) * 100:>8.2f}" if all(a is not None for a in accs) else f"{'-':>8}"
+        lines.append(f"{name:<17}{ev['ppl']:>7.2f}{cells}{mean}" + ("   (eval reused)" if ev.get("reused") else ""))
+    built = dict((n, b) for n, b, _ in rows)["gptq + recovery"]
+    secs = built.get("seconds", {})
+    kd_b, kd_a = built.get("kd_before_recovery"), built.get("kd_after_recovery")
+    lines += ["",
+              f"compress --spec (GPTQ + default recovery): wall {built['wall_seconds'] / 60:.1f} min, "
+              f"recovery {built.get('recovery_tokens')} training tokens, held-out KD "
+              f"{kd_b if kd_b is None else round(kd_b, 4)} -> {kd_a if kd_a is None else round(kd_a, 4)}; phases (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
+              f"latency, recovered bundle / RTN bundle, timed in turn (7 rounds each way): recovered first "
+              f"{ratios[0]['measured_ratio']:.3f}x, RTN first 1/{ratios[1]['measured_ratio']:.3f}x, geometric mean "
+              f"{rec_over_rtn:.3f}x (predicted 1.000x: same graph, other codes)"]
+    text = "\n".join(lines)
+    print(text)
+    if args.results:
+        Path(args.results).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
