@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -16,3 +19,54 @@ def sh(*args: str, check: bool = True) -> str:
     print("$ llmshrink " + " ".join(args), file=sys.stderr)
     res = subprocess.run([sys.executable, "-m", "llmshrink", *args], check=check, stdout=subprocess.PIPE, text=True)
     return res.stdout
+
+
+def uniform_setup(out: Path, data_dir: str, model: str, fmt: str) -> tuple[Path, str, Path]:
+    """``out`` with the local lm-eval tasks rendered from ``data_dir`` and a uniform ``fmt`` spec of ``model``
+    (each made once): returns the tasks folder, the WikiText-2 test file and the spec file."""
+    out.mkdir(parents=True, exist_ok=True)
+    tasks_dir = out / "tasks"
+    if not (tasks_dir / "arc_easy_local.yaml").is_file():
+        subprocess.run([sys.executable, str(Path(data_dir) / "render.py"), str(tasks_dir)], check=True)
+    spec = out / f"{fmt}.json"
+    if not spec.is_file():
+        sh("spec", "new", "--model", model, "--uniform", fmt, "--out", str(spec))
+    return tasks_dir, str(Path(data_dir) / "wikitext2" / "wiki.test.raw"), spec
+
+
+def timed_in_turn(a: Path, b: Path, label_a: str, label_b: str, rounds: int = 7) -> str:
+    """``a``'s decode latency over ``b``'s, timed in turn both ways round (``validate --reference``), as a line.
+
+    Each order alone can favour the bundle timed second on a shared VM (it drifts within a round); the
+    geometric mean of both orders cancels that. Same graph, other codes: 1.000x predicted.
+    """
+    ratios = []
+    for x, y in ((a, b), (b, a)):
+        v = json.loads(sh("validate", str(x), "--reference", str(y), "--target", "cpu", "--rounds", str(rounds),
+                          "--no-record", "--json", check=False))  # exit 4 (outside tolerance) still prints it
+        ratios.append(v.get("_data", v))
+    mean = (ratios[0]["measured_ratio"] / ratios[1]["measured_ratio"]) ** 0.5
+    wl = ratios[0].get("workload") or {}
+    wl = wl.get("_data", wl)
+    return (f"latency, {label_a} / {label_b}, timed in turn ({wl.get('phase')}, ctx {wl.get('context')}, batch "
+            f"{wl.get('batch')}; {rounds} rounds each way): {label_a} first {ratios[0]['measured_ratio']:.3f}x, "
+            f"{label_b} first 1/{ratios[1]['measured_ratio']:.3f}x, geometric mean {mean:.3f}x (predicted 1.000x: "
+            "same graph, other codes)")
+
+
+def emit(lines: list[str], results: str | None) -> None:
+    """Print a benchmark's table, and write it to ``results`` when given (``benchmarks/results/...``)."""
+    text = "\n".join(lines)
+    print(text)
+    if results:
+        Path(results).write_text(text + "\n")
+
+
+def uniform_args(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark on one uniform spec of the default model (more are added by the caller)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="../shared/evaldata (read-only; tasks are rendered from it)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--format", default="w4g32a8")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    return ap

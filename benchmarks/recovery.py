@@ -25,14 +25,17 @@ which); delete them to score again.
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _cli import sh  # benchmarks/ is on sys.path when a script in it runs
+from _cli import (  # benchmarks/ is on sys.path when a script in it runs
+    emit,
+    sh,
+    timed_in_turn,
+    uniform_args,
+    uniform_setup,
+)
 
 FULL = ("arc_easy_local", "boolq_local", "winogrande_local")
 HELLASWAG, HELLASWAG_DOCS = "hellaswag_local", 1000
@@ -89,11 +92,7 @@ def _build(name: str, out: Path, spec: Path, model: str) -> tuple[Path, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True, help="../shared/evaldata (read-only; tasks are rendered from it)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--format", default="w4g32a8")
-    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap = uniform_args(__doc__)
     ap.add_argument("--full-tasks", default="fp32 original,gptq + recovery",
                     help=f"rows scored on all four tasks (others: perplexity only); of {', '.join(ROWS)}")
     ap.add_argument("--out", default="runs/recovery")
@@ -104,14 +103,7 @@ def main() -> None:
         ap.error(f"--full-tasks: unknown rows {sorted(full_rows - set(ROWS))} (rows: {', '.join(ROWS)})")
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks_dir = out / "tasks"
-    if not (tasks_dir / "arc_easy_local.yaml").is_file():
-        subprocess.run([sys.executable, str(Path(args.data_dir) / "render.py"), str(tasks_dir)], check=True)
-    wiki = str(Path(args.data_dir) / "wikitext2" / "wiki.test.raw")
-    spec = out / f"{args.format}.json"
-    if not spec.is_file():
-        sh("spec", "new", "--model", args.model, "--uniform", args.format, "--out", str(spec))
+    tasks_dir, wiki, spec = uniform_setup(out, args.data_dir, args.model, args.format)
 
     rows, bundles = [], {}
     for name in ROWS:
@@ -120,13 +112,6 @@ def main() -> None:
         ev = _evaluate(bundle, out / "evals" / f"{_slug(name)}.json", full=name in full_rows, tasks_dir=tasks_dir,
                        wiki=wiki, ppl_tokens=args.ppl_tokens)
         rows.append((name, built, ev))
-
-    ratios = []
-    for a, b in (("gptq + recovery", "rtn"), ("rtn", "gptq + recovery")):
-        v = json.loads(sh("validate", str(bundles[a]), "--reference", str(bundles[b]), "--target", "cpu",
-                          "--rounds", "7", "--no-record", "--json", check=False))  # exit 4 still prints it
-        ratios.append(v.get("_data", v))
-    rec_over_rtn = (ratios[0]["measured_ratio"] / ratios[1]["measured_ratio"]) ** 0.5
 
     names = {"arc_easy_local": "ARC-E", "boolq_local": "BoolQ", "winogrande_local": "Wino",
              HELLASWAG: f"HS{HELLASWAG_DOCS}"}
@@ -150,13 +135,8 @@ def main() -> None:
               f"recovery {built.get('recovery_tokens')} training tokens, held-out KD "
               f"{kd_b if kd_b is None else round(kd_b, 4)} -> {kd_a if kd_a is None else round(kd_a, 4)}; phases (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
-              f"latency, recovered bundle / RTN bundle, timed in turn (7 rounds each way): recovered first "
-              f"{ratios[0]['measured_ratio']:.3f}x, RTN first 1/{ratios[1]['measured_ratio']:.3f}x, geometric mean "
-              f"{rec_over_rtn:.3f}x (predicted 1.000x: same graph, other codes)"]
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        Path(args.results).write_text(text + "\n")
+              timed_in_turn(bundles["gptq + recovery"], bundles["rtn"], "recovered bundle", "RTN bundle")]
+    emit(lines, args.results)
 
 
 if __name__ == "__main__":
