@@ -3,24 +3,25 @@
 1. The subnet is materialized with the run's quantizer (GPTQ by default,
    :mod:`.sequential`): integer codes on a grid of scales (and zero points)
    per group, fixed from here on.
-2. The student is that model with every kept linear made trainable: its
-   weight starts at the dequantized codes and the forward rounds it to the
-   nearest point of the *same* grid (straight-through estimator), with
-   activations rounded as the kernel does. RMSNorm weights train too. The
-   embedding and lm_head stay frozen (tied and a fifth of a small model; the
-   lm_head still runs quantized). ``mode="lora"`` trains LoRA adapters (peft)
-   on the linears instead of their weights, rounding ``W + B·A``.
-   ``mode="scales"`` keeps the quantizer's codes and trains each group's
-   scale instead (the weight is then exactly on its trained grid: the
-   gradient is exact, no straight-through estimator), as EfficientQAT's
-   end-to-end stage does (Chen et al. 2024, arXiv 2407.11062).
+2. The student is that model with every kept linear trainable, activations
+   rounded as the kernel does, and RMSNorm weights trainable. The embedding
+   and lm_head stay frozen (tied, and a fifth of a small model; the lm_head
+   still runs quantized). What trains in each linear (``RecoveryConfig.mode``):
+
+   * ``scales`` (default): the quantizer's codes stay and each group's scale
+     trains, as EfficientQAT's end-to-end stage does (Chen et al. 2024, arXiv
+     2407.11062). The weight is always exactly on its trained grid, so the
+     gradient is exact: no straight-through estimator.
+   * ``full``: the weight, starting at the dequantized codes; the forward
+     rounds it to the nearest point of the *same* grid (straight-through).
+   * ``lora``: LoRA adapters (peft), the forward rounding ``W + B·A`` likewise.
 3. The loss is the forward KL from the original model's logits, computed on
    the fly (or read from the search's cached targets), on the calibration
    rows; KD before and after is reported on held-out rows the training never
    sees.
-4. The shipped codes are the nearest grid points of the trained weights:
-   exactly what the last training forward computed, with the grid's scales
-   (in mode ``scales``: the quantizer's codes with the trained scales).
+4. What ships is exactly what the last training forward computed: the
+   quantizer's codes on the trained scales (``scales``), or the nearest grid
+   points of the trained weights on the grid's scales (``full``, ``lora``).
    Static activation scales (``w8a8s``) are calibrated on the trained model.
    If training raised the held-out KD, the quantizer's model ships instead.
 
@@ -101,10 +102,11 @@ class RecoveryResult:
 
 
 class QATLinear(nn.Linear):
-    """A trainable linear that runs as it will ship: weight rounded onto a fixed grid, activations as the kernel.
+    """A trainable linear that runs as it will ship: weight on its grid, activations rounded as the kernel.
 
-    Built from a materialized :class:`QuantLinear`; :meth:`to_quant_linear` gives the
-    shipped layer back (nearest grid point of the trained weight).
+    Built from a materialized :class:`QuantLinear`. With ``train_scales`` the codes are
+    fixed and the grid's scales train; otherwise the weight trains and is rounded onto the
+    fixed grid. :meth:`to_quant_linear` gives the shipped layer back, equal to the forward.
     """
 
     def __init__(self, lin: QuantLinear, *, train_scales: bool = False) -> None:
