@@ -148,14 +148,18 @@ class QATLinear(nn.Linear):
                 resid = self._round(w.detach().float()) - w.detach()
                 if frozen:
                     self._frozen_resid = resid
+        # straight-through: gradients as if unrounded
+        return F.linear(self._kernel_input(x), w + resid, self.lin_bias)
+
+    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded as the kernel rounds its input, with the gradient of ``x`` (straight-through)."""
+        with torch.no_grad():
             xq = quantize_activation(x.detach().float(), self.fmt, self.act_scale).to(x.dtype) - x.detach()
-        return F.linear(x + xq, w + resid, self.lin_bias)  # straight-through: gradients as if unrounded
+        return x + xq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.log_gain is not None:
-            with torch.no_grad():
-                xq = quantize_activation(x.detach().float(), self.fmt, self.act_scale).to(x.dtype) - x.detach()
-            return F.linear(x + xq, self.trained_grid().dequantize(self.codes), self.lin_bias)
+            return F.linear(self._kernel_input(x), self.trained_grid().dequantize(self.codes), self.lin_bias)
         return self.quantized_forward(x, self.weight)
 
     def to_quant_linear(self) -> QuantLinear:
@@ -293,7 +297,6 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     held_targets = teach(None, held_out)
     student = _student(cm, cfg)
     model = student
-    lr = cfg.lr
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -305,9 +308,7 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
             for n, p in model.named_parameters():
                 if n.endswith(("input_norm", "post_norm", "final_norm")):
                     p.requires_grad_(True)
-        lr = cfg.lora_lr
-    if cfg.mode == "scales":
-        lr = cfg.scales_lr
+    lr = {"full": cfg.lr, "lora": cfg.lora_lr, "scales": cfg.scales_lr}[cfg.mode]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
