@@ -57,7 +57,8 @@ def resume_command(out_dir: Path) -> str:
               help="Search-space YAML overriding the default candidates (see docs: hidden, mlp, formats, ...).")
 @click.option("--steps", default=None, type=click.IntRange(1), help="Search steps (default 100).")
 @click.option("--recovery-steps", default=None, type=click.IntRange(0),
-              help="Recovery (quantization-aware distillation) steps (default 300).")
+              help="Recovery (quantization-aware distillation) steps (default 300), on 1024 calibration "
+                   "sequences; 0 skips recovery and the text sampled for it.")
 @click.option("--calib-data", default="self", show_default=True,
               help="Calibration text: `self` (sampled from the model), a .txt/.jsonl/.parquet file, or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")

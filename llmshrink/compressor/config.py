@@ -30,7 +30,11 @@ class CompressConfig:
     workload: Workload | None = None
     space: str | None = None  # a --space YAML
     calib_data: str = "self"
-    n_calib: int = 128
+    n_calib: int = 128  # calibration sequences for importance, the search and its teacher targets
+    # ... and for the quantizer (GPTQ's Hessians): the first n_quant (SmolLM2-135M uniform w4g32a8, WikiText-2
+    # perplexity: 34.08 on 128 self-generated rows, 33.83 on 512; 215 s on 2 cores). Recovery trains on
+    # ``recovery.rows``. All are prefixes of one seeded sample (``calibration_text``).
+    n_quant: int = 512
     search: SearchConfig = field(default_factory=SearchConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     tolerance_pct: float = 10.0

@@ -260,7 +260,7 @@ class _Inputs:
 
             t0 = time.perf_counter()
             search = self.config.search
-            self.targets = TeacherTargets(self.hf, self.splits.calib[:, :search.seq_len],
+            self.targets = TeacherTargets(self.hf, self.search_calib[:, :search.seq_len],
                                           batch_size=search.batch_size, progress=self.progress)
             secs["teacher"] = time.perf_counter() - t0
         return self.targets
@@ -288,9 +288,19 @@ class _Inputs:
         with self.progress.task("Calibration text"):
             return calibration_splits(self.config, self.hf, self.tok, self.fingerprint, self.progress)
 
+    @property
+    def search_calib(self):
+        """The rows the search and importance calibrate on (recovery trains on all of ``splits.calib``)."""
+        return self.splits.calib[:self.config.n_calib]
+
+    @property
+    def quant_calib(self):
+        """The rows the quantizer calibrates on: those ``export`` of the same spec uses."""
+        return self.splits.calib[:self.config.n_quant]
+
     @cached_property
     def importance(self):
-        return _importance(self.hf, self.splits.calib, self.out, self.progress)
+        return _importance(self.hf, self.search_calib, self.out, self.progress)
 
 
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
@@ -492,14 +502,15 @@ def _ship_plan(ctx: _Context, spec, predicted_ms: float, budget: float) -> Candi
 
 
 def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
-    """``spec`` recovered from the original (KD + QAT LoRA), kept in ``sdir/recovered`` so that a resumed run
+    """``spec`` recovered from the original (quantization-aware KD), kept in ``sdir/recovered`` so that a resumed run
     never repeats a finished recovery. Returns (model, held-out KD before, KD after, training tokens)."""
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
 
     config, inputs = ctx.config, ctx.inputs
     calib, seq = inputs.splits.calib, config.search.seq_len
-    targets = inputs.targets  # the search's, when one ran: recovery reads them instead of running the teacher
+    # the search's targets, when one ran and recovery trains on its rows alone: read instead of running the teacher
+    targets = inputs.targets if len(calib) == config.n_calib else None
     t0 = time.perf_counter()
     rdir = sdir / "recovered"
     if (rdir / RECOVERY_RECORD).is_file() and (rdir / "spec.json").is_file():
@@ -508,7 +519,8 @@ def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
     else:
         shared = targets if targets is not None and config.recovery.seq_len == seq else None  # else on the fly
         rr = recover(inputs.hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
-                     held_out=inputs.splits.eval, quantizer=config.quantizer, progress=inputs.progress)
+                     held_out=inputs.splits.eval, quantizer=config.quantizer, quant_calib=inputs.quant_calib,
+                     progress=inputs.progress)
         cm, kd_before, kd_after, tokens = rr.model, rr.kd_before, rr.kd_after, rr.tokens
         cm.save(rdir)
         storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after, tokens]))
@@ -529,7 +541,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     config, out, inputs = ctx.config, ctx.out, ctx.inputs
     space, target, workload, table = ctx.space, ctx.target, ctx.workload, ctx.table
     hf, progress = inputs.hf, inputs.progress
-    calib, imp = inputs.splits.calib, inputs.importance
+    calib, imp = inputs.search_calib, inputs.importance
     label = budget_label(budget)
     secs: dict[str, float] = {}
     targets = inputs.teacher_targets(secs)

@@ -105,6 +105,7 @@ def test_compress_help_states_the_real_step_defaults(run):
     text = " ".join(run("compress", "--help").output.split())
     assert f"Search steps (default {SearchConfig().steps})" in text
     assert f"Recovery (quantization-aware distillation) steps (default {RecoveryConfig().steps})" in text
+    assert f"on {RecoveryConfig().rows} calibration sequences" in text
 
 
 def test_progress_in_a_log_is_plain_lines():

@@ -28,10 +28,10 @@ def setup(tiny_llama_dir, tiny_base, steady_table, tmp_path_factory):
     top = predict(space.largest("fp32"), target, table=table).total_ms
     cfg = CompressConfig(
         model=str(tiny_llama_dir), target=str(target_yaml), budgets_ms=(round(fastest + 0.6 * (top - fastest), 4),),
-        space=str(space_yaml), n_calib=16, max_length=64,
+        space=str(space_yaml), n_calib=16, n_quant=20, max_length=64,
         search=SearchConfig(steps=4, batch_size=2, seq_len=24, checkpoint_every=2, requant_every=2, settle_every=2,
                             warmup_steps=1),
-        recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24))
+        recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24, rows=24))  # more rows than the search's 16
     yield d, cfg, target, table, fastest
     mp.undo()
 

@@ -75,7 +75,7 @@ def test_training_scales_keeps_the_quantizers_codes_and_lowers_held_out_kd(train
     hf, _, ids = trained_tiny
     spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w2g32a8", lm_head="w8g32")
     calib, held = ids[:96], ids[96:]
-    cfg = RecoveryConfig(steps=30, batch_size=4, mode="scales", scales_lr=1e-2, bf16="off")
+    cfg = RecoveryConfig(steps=30, batch_size=4, mode="scales", scales_lr=1e-2, bf16="off", train_head=True)
     res = recover(hf, spec, calib, config=cfg, held_out=held)
     assert res.kd_after < 0.9 * res.kd_before and not res.reverted
     start = materialize(hf, spec, calib=calib, quantizer="gptq")
@@ -86,8 +86,24 @@ def test_training_scales_keeps_the_quantizers_codes_and_lowers_held_out_kd(train
         q1 = shipped[name].quantized
         assert torch.equal(q1.codes, q0.quantized.codes), name  # codes are GPTQ's
         moved += not torch.equal(q1.scales, q0.quantized.scales)
-    assert moved == len(initial) - 1  # every layer's scales trained, except the frozen lm_head's
-    assert torch.equal(shipped["lm_head"].quantized.scales, initial["lm_head"].quantized.scales)
+    assert moved == len(initial)  # every layer's scales trained, the lm_head's too (its table is its own)
+    # by default the lm_head's stay
+    res = recover(hf, spec, calib, config=replace(cfg, steps=2, train_head=False), held_out=held)
+    assert torch.equal(res.model.lm_head.quantized.scales, initial["lm_head"].quantized.scales)
+
+
+def test_a_head_sharing_the_embeddings_table_keeps_its_scales(trained_tiny):
+    # tied, in the embedding's own format: the export stores one table for both, so the head's grid must not move
+    hf, _, ids = trained_tiny
+    base = BaseShape.from_config(hf.config)
+    assert base.tied_embeddings
+    spec = replace(SubnetSpec.uniform(base, "w2g32a8", lm_head="w8g32"), embedding="w8g32")
+    cfg = RecoveryConfig(steps=10, batch_size=4, mode="scales", scales_lr=1e-2, bf16="off", train_head=True)
+    res = recover(hf, spec, ids[:96], config=cfg, held_out=ids[96:])
+    assert not res.reverted
+    start = materialize(hf, spec, calib=ids[:96], quantizer="gptq")
+    assert torch.equal(res.model.lm_head.quantized.scales, start.lm_head.quantized.scales)
+    assert not torch.equal(res.model.blocks[0].q_proj.quantized.scales, start.blocks[0].q_proj.quantized.scales)
 
 
 @pytest.mark.parametrize("mode", ["lora", "scales"])

@@ -131,3 +131,22 @@ def test_self_generated_data_is_seeded_split_by_index_and_cached(tiny_llama_dir,
 def test_token_splits_self_needs_model(tiny_tokenizer):
     with pytest.raises(ValueError, match="needs the model"):
         token_splits("self", tiny_tokenizer)
+
+
+def test_more_self_generated_rows_extend_the_fewer(tiny_llama_dir):
+    # recovery asks for more rows than the search; export (no recovery) must quantize on the same first rows
+    from llmshrink.models import load_model, load_tokenizer
+    from llmshrink.models.data import sample_self_tokens
+
+    model, tok = load_model(str(tiny_llama_dir)), load_tokenizer(str(tiny_llama_dir))
+    few = sample_self_tokens(model, tok, n=8, seq_len=10, seed=3, batch_size=4)
+    more = sample_self_tokens(model, tok, n=14, seq_len=10, seed=3, batch_size=4)
+    assert torch.equal(more[:8], few)
+
+
+def test_more_document_rows_extend_the_fewer(docs, tiny_tokenizer):
+    few = split_documents(docs, tiny_tokenizer, seq_len=32, n_calib=6, n_eval=3, seed=4)
+    more = split_documents(docs, tiny_tokenizer, seq_len=32, n_calib=15, n_eval=3, seed=4)
+    assert torch.equal(more.calib[:6], few.calib)
+    assert not torch.equal(more.calib[:6], split_documents(docs, tiny_tokenizer, seq_len=32, n_calib=6, n_eval=3,
+                                                            seed=5).calib)
