@@ -285,7 +285,7 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
 
     Args:
         quant_calib: the rows the quantizer (GPTQ) calibrates on (default: the training rows); ``compress``
-            gives the search's rows, which ``export`` of the same spec calibrates on too.
+            gives its first ``n_quant``, the rows ``export`` of the same spec calibrates on too.
         targets: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
             (the search's); computed on the fly otherwise.
         held_out: rows ``[M, T]`` never trained on, for the KD reported before and after

@@ -366,5 +366,6 @@ def self_cache_path(model_fingerprint: str, *, seq_len: int, n: int, seed: int) 
     """Cache file of self-generated tokens for one model, size and seed."""
     from llmshrink import storage
 
-    # "self2": calibration rows in whole batches of 64, held-out rows a stream of their own (older caches hold other rows for the same seed)
+    # "self2": calibration rows in whole batches of 64, held-out rows a stream of their own (older "self" caches
+    # hold other rows for the same seed)
     return storage.home() / "data" / f"self2-{model_fingerprint}-s{seed}-{n}x{seq_len}.safetensors"
