@@ -131,6 +131,17 @@ def fidelity_key(name: str) -> tuple:
     return (-f.weight_bits, _ACT_LOSS[f.act], f.group_size or 1 << 30, f.symmetric)
 
 
+def at_least_as_faithful(a: str, b: str) -> bool:
+    """Whether format ``a`` loses nothing ``b`` keeps, on every axis at once: as many weight bits, activations
+    quantized no coarser, groups no larger, and a zero point wherever ``b`` has one. A partial order
+    (``w4g32a8`` and ``w4g64`` are not comparable), unlike :func:`fidelity_key`'s total one."""
+    fa, fb = parse_format(a), parse_format(b)
+    if fa.is_float or fb.is_float:
+        return fa.weight_bits >= fb.weight_bits
+    return (fa.weight_bits >= fb.weight_bits and _ACT_LOSS[fa.act] <= _ACT_LOSS[fb.act]
+            and (fa.group_size or 1 << 30) <= (fb.group_size or 1 << 30) and (not fa.symmetric or fb.symmetric))
+
+
 def all_formats() -> list[QuantFormat]:
     """Every format this module can express (targets pick their subset)."""
     out = [QuantFormat(32), QuantFormat(16), parse_format("w8a8"), parse_format("w8a8s")]

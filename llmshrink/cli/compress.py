@@ -148,8 +148,17 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
         kd = (f"{c.kd_before_recovery:.3f} → {c.kd_after_recovery:.3f}" if c.kd_before_recovery is not None else "-")
         t.add_row(f"{c.budget_ms:g} ms", f"{c.predicted_ms:.2f} ms", meas, verdict, kd, str(out_dir / c.bundle))
     out.print(t)
+    if any(c.contenders for c in rec.candidates):  # every contender, the original and uniform int4, side by side
+        from llmshrink.cli.report import print_results
+        from llmshrink.compressor.pipeline import screen_verdict
+        from llmshrink.evaluation.report import build_report
+
+        print_results(build_report(out_dir))
+        for c in rec.candidates:
+            if c.contenders:
+                out.print(screen_verdict(c) + ".", highlight=False, soft_wrap=True)
     for c in rec.candidates:  # chosen without a search: say why
-        if c.reason:
+        if c.reason and not c.contenders:
             out.print(f"{c.label}: {c.reason}.", highlight=False, soft_wrap=True)
     from llmshrink.exporters.bundle import load_manifest
 

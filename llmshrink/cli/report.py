@@ -36,7 +36,7 @@ def report(run_dir: Path, metric: str | None, as_json: bool) -> None:
 
     from rich.table import Table
 
-    from llmshrink.evaluation.report import result_cells, result_columns, write_report
+    from llmshrink.evaluation.report import write_report
 
     rep, md, plot = write_report(run_dir, metric=metric)
     if as_json:
@@ -45,12 +45,7 @@ def report(run_dir: Path, metric: str | None, as_json: bool) -> None:
                     "pareto_front": rep.pareto_labels() if rep.metric else [],
                     "rows": [dataclasses.asdict(r) for r in rep.rows]})
         return
-    tab = Table(title=f"{rep.model} on {rep.target or 'no target'} — {rep.rows[0].workload}")
-    for col in result_columns(rep, compact=True):
-        tab.add_column(col, overflow="fold")
-    for r in rep.rows:
-        tab.add_row(*result_cells(rep, r, compact=True), style="bold" if r.role == "selected" else None)
-    out.print(tab)
+    print_results(rep)
     for label, (plan, extras) in list(rep.plans.items())[:1] if len(rep.plans) > 1 else rep.plans.items():
         pt = Table(title=f"plan: {label} (hidden {extras['hidden']}, lm_head {extras['lm_head']}, "
                          f"embedding {extras['embedding']})")
@@ -62,3 +57,17 @@ def report(run_dir: Path, metric: str | None, as_json: bool) -> None:
     if len(rep.plans) > 1:
         err.print(f"plans of all {len(rep.plans)} compressed bundles are in report.md", style="dim")
     err.print(f"wrote {md}" + (f" and {plot}" if plot else " (no pareto.png: no quality recorded; run `llmshrink eval`)"))
+
+
+def print_results(rep) -> None:
+    """The report's results table on the terminal: every bundle of the run, its role, latency and quality."""
+    from rich.table import Table
+
+    from llmshrink.evaluation.report import result_cells, result_columns
+
+    tab = Table(title=f"{rep.model} on {rep.target or 'no target'} — {rep.rows[0].workload}")
+    for col in result_columns(rep, compact=True):
+        tab.add_column(col, overflow="fold")
+    for r in rep.rows:
+        tab.add_row(*result_cells(rep, r, compact=True), style="bold" if r.role == "selected" else None)
+    out.print(tab)

@@ -184,6 +184,36 @@ def unpruned_fit(space: SearchSpace, target, workload, table, budget_ms: float, 
     return None
 
 
+def uniform_fits(space: SearchSpace, target, workload, table, budget_ms: float, *,
+                 params_budget: float | None = None, formats: Sequence[str] | None = None,
+                 accepts: Callable[[SubnetSpec], bool] = lambda s: True) -> list[UnprunedFit]:
+    """The uniform, unpruned models a budget admits without a search: every format of ``formats`` (default:
+    the target's) whose unpruned model the table predicts within ``budget_ms`` (and ``params_budget``),
+    that builds (``accepts``), and that no other such format is at least as faithful as on every axis
+    (:func:`~llmshrink.formats.at_least_as_faithful`): ``w4g64a8`` is left out where ``w4g32a8`` fits,
+    ``w4g32a8`` and ``w8a8`` both stay. Most faithful first (:func:`~llmshrink.formats.fidelity_key`).
+    These are the baselines a searched subnet must beat at the same budget."""
+    from llmshrink.formats import at_least_as_faithful, fidelity_key
+
+    fits: list[UnprunedFit] = []
+    for fmt in dict.fromkeys(formats or target.formats):
+        spec = SubnetSpec.uniform(space.base, fmt)
+        try:
+            spec.validate(allowed_formats=set(target.formats))
+        except UsageError:  # SpecError: this format's group does not fit the model's widths
+            continue
+        if not accepts(spec) or (params_budget and num_weights(spec) > params_budget):
+            continue
+        ms = predict(spec, target, workload, table=table).total_ms
+        if ms <= budget_ms:
+            fits.append(UnprunedFit(spec, ms, f"the unpruned model in uniform {fmt}, predicted {ms:.2f} ms: "
+                                              "a baseline that needs no search"))
+    names = [f.spec.lm_head for f in fits]
+    kept = [f for f in fits if not any(o != f.spec.lm_head and at_least_as_faithful(o, f.spec.lm_head)
+                                       for o in names)]
+    return sorted(kept, key=lambda f: fidelity_key(f.spec.lm_head))
+
+
 def check_budget(space: SearchSpace, target, workload, table, budget_ms: float) -> float:
     """Raise :class:`InfeasibleBudgetError` when no subnet reaches ``budget_ms``; else the fastest latency."""
     fastest, _ = fastest_reachable(space, target, workload, table)
@@ -215,11 +245,13 @@ def moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KI
             yield what, new
 
 
-def up_moves(spec: SubnetSpec, space: SearchSpace) -> Iterator[tuple[str, SubnetSpec]]:
-    """Every single step up from ``spec`` within ``space``: one notch wider, a dropped block back (in the
-    shape it was extracted with), another format (the caller keeps those that cost time)."""
-    for _, what, new in _steps(spec, space, +1):
-        yield what, new
+def up_moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KINDS
+             ) -> Iterator[tuple[str, SubnetSpec]]:
+    """Every single step up from ``spec`` within ``space`` of the given kinds: one notch wider, a dropped block
+    back (in the shape it was extracted with), another format (the caller keeps those that cost time)."""
+    for kind, what, new in _steps(spec, space, +1):
+        if kind in kinds:
+            yield what, new
 
 
 def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[str, str, SubnetSpec]]:
@@ -264,8 +296,8 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[st
 
 
 def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
-                   preference: Callable[[SubnetSpec], float], max_moves: int = 500
-                   ) -> tuple[SubnetSpec, list[Move]]:
+                   preference: Callable[[SubnetSpec], float], kinds: tuple[str, ...] = MOVE_KINDS,
+                   max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
     """Spend what ``spec`` leaves of ``budget_ms``: add capacity back while the table predicts it fits.
 
     A search overshoots (its penalty acts only above the budget, and annealing sharpens the choices
@@ -280,7 +312,7 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
     while len(taken) < max_moves:
         best: Move | None = None
         best_rate = float("inf")
-        for what, new in up_moves(spec, space):
+        for what, new in up_moves(spec, space, kinds):
             ms = predict(new, target, workload, table=table).total_ms
             added = ms - current
             if added <= 1e-9 or ms > budget_ms:

@@ -19,28 +19,32 @@ if TYPE_CHECKING:
 
 
 def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint: str,
-                       progress: Progress = NULL_PROGRESS, *, for_recovery: bool = True):
+                       progress: Progress = NULL_PROGRESS, *, whole_run: bool = True):
     """The calibration and held-out sequences of ``config`` (``--calib-data``, seed, search length), cached.
 
     ``calib`` holds :func:`n_rows` sequences: the first ``config.n_calib`` calibrate the search and importance,
-    the first ``config.n_quant`` the quantizer; recovery trains on them all. Rows are prefixes of one seeded
-    sample (self-generated in seeded batches, or one permutation of a file's chunks), so the first rows do not
-    depend on how many follow: ``export`` (``for_recovery=False``) quantizes on the very rows ``compress``
-    quantized on, without sampling recovery's.
+    the first ``config.n_quant`` the quantizer, the ``config.n_screen`` after those score the contenders
+    (:mod:`.contenders`); recovery trains on them all. Rows are prefixes of one seeded sample (self-generated
+    in seeded batches, or one permutation of a file's chunks), so the first rows do not depend on how many
+    follow: ``export`` (``whole_run=False``) quantizes on the very rows ``compress`` quantized on, without
+    sampling the rest.
     """
     from llmshrink.models.data import self_cache_path, token_splits
 
-    seq, n = config.search.seq_len, n_rows(config, for_recovery)
+    seq, n = config.search.seq_len, n_rows(config, whole_run)
     return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=config.seed,
                         progress=progress,
                         cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
 
 
-def n_rows(config: CompressConfig, for_recovery: bool = True) -> int:
-    """How many calibration sequences a run of ``config`` reads: the most that the search, the quantizer and
-    (when it trains and ``for_recovery``) recovery read."""
+def n_rows(config: CompressConfig, whole_run: bool = True) -> int:
+    """How many calibration sequences a run of ``config`` reads: the most that the search and the quantizer
+    read, and with ``whole_run`` (``compress``; not ``export``) the screening rows after the quantizer's and
+    the rows recovery trains on (when it trains)."""
     recovery = config.recovery
-    return max(config.n_calib, config.n_quant, recovery.rows if for_recovery and recovery.steps > 0 else 0)
+    if not whole_run:
+        return max(config.n_calib, config.n_quant)
+    return max(config.n_calib, config.n_quant + config.n_screen, recovery.rows if recovery.steps > 0 else 0)
 
 
 def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
@@ -51,5 +55,5 @@ def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progres
 
     config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
     with progress.task("Calibration text"):
-        splits = calibration_splits(config, hf, tokenizer, fingerprint(source), progress, for_recovery=False)
+        splits = calibration_splits(config, hf, tokenizer, fingerprint(source), progress, whole_run=False)
         return splits.calib[:config.n_quant]

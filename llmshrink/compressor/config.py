@@ -35,6 +35,9 @@ class CompressConfig:
     # perplexity: 34.08 on 128 self-generated rows, 33.83 on 512; 215 s on 2 cores). Recovery trains on
     # ``recovery.rows``. All are prefixes of one seeded sample (``calibration_text``).
     n_quant: int = 512
+    # ... and the contenders of a budget (searched subnet, baselines) are scored on the n_screen rows after
+    # the quantizer's, which nothing before the choice reads (``contenders``)
+    n_screen: int = 64
     search: SearchConfig = field(default_factory=SearchConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     tolerance_pct: float = 10.0

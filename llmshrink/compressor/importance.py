@@ -84,6 +84,42 @@ class Importance:
             layers = [replace(ls, keep=i in keep) for i, ls in enumerate(layers)]
         return replace(spec, layers=tuple(layers), hidden_order=self.hidden_order())
 
+    def preference(self, spec: SubnetSpec) -> float:
+        """How much of the model's importance ``spec`` keeps, as a negative loss (0 = nothing removed): the
+        prior a fit without a search steps down by (:func:`~.budget.fit_to_budget`'s ``preference``).
+
+        Each block weighs its share of the total block influence; dropping it loses all of that share.
+        Narrowing a kept block loses, out of that share, half (the attention) times the fraction of the
+        head importance energy (squared scores) its kept heads leave out, and half (the MLP) times the
+        MLP neurons' fraction likewise (head size cuts count into the attention's half through the value
+        dimensions). Narrowing the hidden width loses the fraction of hidden-channel energy left out, of
+        every block. Kept widths are the most important prefix (what :meth:`apply` gives). A prior, not a
+        measurement: it ranks cuts the way the importance orders rank channels, one unit across kinds.
+        """
+        b = self.base
+        share = np.maximum(np.asarray(self.blocks, dtype=np.float64), 0.0)
+        share = share / share.sum() if share.sum() > 0 else np.full(b.num_layers, 1.0 / b.num_layers)
+        loss = _left_out(self.hidden, spec.hidden_size)
+        for i, ls in enumerate(spec.layers):
+            if not ls.keep:
+                loss += share[i]
+                continue
+            per = ls.num_heads // ls.num_kv_heads
+            heads = self.heads[i].reshape(b.num_kv_heads, b.heads_per_group)
+            groups = np.argsort(-heads.sum(1), kind="stable")[:ls.num_kv_heads]
+            kept = sum(float(np.sort(heads[g] ** 2)[::-1][:per].sum()) for g in groups)
+            attn = 1.0 - kept / max(float((heads ** 2).sum()), 1e-30)
+            attn = 1.0 - (1.0 - attn) * (1.0 - _left_out(self.v_dims[i], ls.head_dim))
+            loss += share[i] * 0.5 * (attn + _left_out(self.mlp[i], ls.intermediate_size))
+        return -float(loss)
+
+
+def _left_out(scores: np.ndarray, keep: int) -> float:
+    """The fraction of ``scores``' energy (sum of squares) outside its ``keep`` largest."""
+    sq = np.sort(np.asarray(scores, dtype=np.float64) ** 2)[::-1]
+    total = float(sq.sum())
+    return 0.0 if total <= 0 else 1.0 - float(sq[:keep].sum()) / total
+
 
 def _desc(x: np.ndarray) -> tuple[int, ...]:
     # stable: ties keep base order, so equal scores give the identity

@@ -1,11 +1,14 @@
-"""``compress``: importance → joint search → extraction and fit → recovery → export → measurement → report.
+"""``compress``: importance → joint search → extraction and fit → screening against baselines → recovery →
+export → measurement → report.
 
 One run directory holds everything (see :mod:`llmshrink.rundir`)::
 
     RUN_DIR/compress.json           the request (CompressConfig) and each phase's outcome
     RUN_DIR/importance.npz          importance scores (reused by --resume and every budget)
     RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec, recovered/ model per budget
-    RUN_DIR/candidates/<budget>/    the bundle for each budget
+    RUN_DIR/candidates/<budget>/    the bundle for each budget (the contender that won its screening, recovered)
+    RUN_DIR/candidates/<budget>-<contender>/  each other contender of the budget, as screened (no recovery)
+    RUN_DIR/reference/<format>/     the original (fp32) and uniform int4, unpruned: what every report compares with
     RUN_DIR/run.json, report.md, pareto.png
 
 Extraction (joint): the most probable subnet, brought under the budget by
@@ -13,6 +16,11 @@ the cheapest steps down if it lands above (``fit_to_budget``), then given
 back what it leaves of the budget by the steps up the search's logits mind
 least (``grow_to_budget``): searches overshoot, and unspent milliseconds are
 quality thrown away.
+
+Screening (:mod:`.contenders`): the searched subnet competes with the models the budget admits without
+a search (uniform formats that fit, the importance heuristic), all quantized alike and scored on rows no
+phase before read; the lowest KL from the original is recovered and ships, and the run says whether the
+search won (``screen_verdict``).
 
 A loose budget — one the unpruned model meets with every linear in the
 space's most faithful search format (``budget.unpruned_fit``) — skips the
@@ -49,6 +57,7 @@ import numpy as np
 from llmshrink import serde, storage
 from llmshrink.compressor.calibration_text import calibration_splits
 from llmshrink.compressor.config import CompressConfig
+from llmshrink.compressor.contenders import SEARCH, Contender, ContenderOutcome
 from llmshrink.errors import UsageError, ValidationFailedError
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.targets.workload import Workload
@@ -79,6 +88,8 @@ class CandidateOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # why this candidate, when it was chosen without a search (a loose budget, a --spec)
     recovery_tokens: int | None = None  # training tokens recovery saw
+    # every model this budget could ship (the searched subnet, the baselines), screened alike; the winner shipped
+    contenders: tuple[ContenderOutcome, ...] = ()
 
 
 @serde.serializable("CompressRecord")
@@ -124,21 +135,6 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
         raise UsageError(f"Cannot write the run directory {out}: {e.strerror or e}.",
                          "Choose a --out where you can create files (and with free space).") from None
     return None
-
-
-def _reference_bundle(out: Path, config: CompressConfig, base, source, progress: Progress) -> Path:
-    """The unpruned model exported in uniform ``config.reference`` (made once per run), to validate against."""
-    from llmshrink.exporters.export import export
-    from llmshrink.spec import SubnetSpec
-
-    ref = out / "reference" / config.reference
-    if not (ref / "manifest.json").is_file():
-        if ref.exists():
-            shutil.rmtree(ref)  # an export killed half-way; it is remade whole
-        spec = SubnetSpec.uniform(base, config.reference, model=source.describe())
-        export(config.model, spec, ref, target=config.target, max_length=config.max_length,
-               calib_data=config.calib_data, quantizer=config.quantizer, progress=progress)
-    return ref
 
 
 def _save(out: Path, rec: CompressRecord) -> None:
@@ -226,6 +222,21 @@ def device_commands(bundle: str | Path, workload: Workload) -> str:
 def _shortcuts(config: CompressConfig, space, target, workload, table) -> dict[float, object]:
     """Per loose budget, the unpruned model to ship without a search (see ``budget.unpruned_fit``)."""
     from llmshrink.compressor.budget import unpruned_fit
+
+    fits = {b: unpruned_fit(space, target, workload, table, b, params_budget=config.params_budget,
+                            formats=_shippable_formats(config, space, target), accepts=_buildable(target))
+            for b in config.budgets_ms}
+    return {b: f for b, f in fits.items() if f is not None}
+
+
+def _shippable_formats(config: CompressConfig, space, target) -> tuple[str, ...]:
+    """The formats a run may ship without a search: a --space file that names formats limits them; else any
+    of the target's kernels."""
+    return tuple(dict.fromkeys(space.formats + space.lm_head_formats)) if config.space else tuple(target.formats)
+
+
+def _buildable(target):
+    """Whether the target's export flavour builds a spec (its kernels and patterns)."""
     from llmshrink.exporters.export import FLAVOURS
 
     flavour = FLAVOURS.get(target.flavour)()
@@ -237,11 +248,7 @@ def _shortcuts(config: CompressConfig, space, target, workload, table) -> dict[f
             return False
         return True
 
-    # a --space file that names formats limits what may ship; else any of the target's kernels may
-    formats = tuple(dict.fromkeys(space.formats + space.lm_head_formats)) if config.space else target.formats
-    fits = {b: unpruned_fit(space, target, workload, table, b, params_budget=config.params_budget,
-                            formats=formats, accepts=buildable) for b in config.budgets_ms}
-    return {b: f for b, f in fits.items() if f is not None}
+    return buildable
 
 
 class _Inputs:
@@ -297,6 +304,12 @@ class _Inputs:
     def quant_calib(self):
         """The rows the quantizer calibrates on: those ``export`` of the same spec uses."""
         return self.splits.calib[:self.config.n_quant]
+
+    @property
+    def screen_rows(self):
+        """The rows the contenders of a budget are scored on: after the quantizer's, read by nothing before."""
+        n = self.config.n_quant
+        return self.splits.calib[n:n + self.config.n_screen]
 
     @cached_property
     def importance(self):
@@ -374,12 +387,61 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         rec = replace(rec, candidates=tuple([c for c in rec.candidates if c.label != label] + [outcome]))
         _save(out, rec)
     best = max(outcomes, key=lambda c: c.budget_ms)
-    entries = tuple(RunEntry(c.bundle, "selected" if c is best else "candidate", c.label) for c in outcomes)
-    write_record(out, RunRecord(entries, model=source.describe(), target=target.name, strategy=config.strategy,
-                                budgets_ms=tuple(sorted(config.budgets_ms or (fastest,))), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                notes=rec.notes))
+    entries = [RunEntry(c.bundle, "selected" if c is best else "candidate", c.label) for c in outcomes]
+    entries += [RunEntry(k.bundle, "candidate" if k.name == SEARCH else "baseline", f"{c.label} {k.name}")
+                for c in outcomes for k in c.contenders if not k.shipped and k.bundle]
+    if any(c.contenders for c in outcomes):
+        entries += _reference_points(ctx)
+    verdicts = tuple(screen_verdict(c) for c in outcomes if c.contenders)
+    write_record(out, RunRecord(tuple(entries), model=source.describe(), target=target.name,
+                                strategy=config.strategy, budgets_ms=tuple(sorted(config.budgets_ms or (fastest,))),
+                                created=time.strftime("%Y-%m-%dT%H:%M:%S"), notes=rec.notes + verdicts))
     _, md, _ = write_report(out)
     return CompressResult(out, rec, md)
+
+
+def screen_verdict(c: CandidateOutcome) -> str:
+    """One sentence on a budget's screening: which contender won, against what (the report's notes)."""
+    ranked = sorted(c.contenders, key=lambda k: k.screen_kd)
+    won = next(k for k in c.contenders if k.shipped)
+    others = ", ".join(f"{k.name} {k.screen_kd:.4f}" for k in ranked if not k.shipped)
+    head = ("the search won" if won.name == SEARCH else f"the search did not win, {won.name} did")
+    return (f"{c.label}: {head} (KL from the original after the quantizer, before recovery: {won.name} "
+            f"{won.screen_kd:.4f}; {others}); {won.name} ships, recovered, the others as screened")
+
+
+def _reference_points(ctx: _Context) -> list:
+    """The original and the uniform int4 model (the run's reference format, else the target's w4g32a8 or
+    w4g32), unpruned and without recovery, exported and scored like the contenders: the points every report
+    compares with. Made once per run, under ``reference/``."""
+    from llmshrink.rundir import RunEntry
+    from llmshrink.spec import SubnetSpec
+
+    fmts = [f for f in (ctx.config.reference, "w4g32a8", "w4g32") if f and f in ctx.target.formats]
+    entries = [RunEntry(str(_reference_point(ctx, SubnetSpec.original(ctx.base))), "original", "original")]
+    if fmts:
+        entries.append(RunEntry(str(_reference_point(ctx, SubnetSpec.uniform(ctx.base, fmts[0]))), "baseline",
+                                f"uniform {fmts[0]} (unpruned, {ctx.config.quantizer}, no recovery)"))
+    return entries
+
+
+def _reference_point(ctx: _Context, spec) -> Path:
+    """``reference/<format>``: ``spec`` (unpruned, uniform) exported with the run's quantizer on its rows,
+    measured (absolute) where the target is here, and scored on the held-out rows."""
+    from llmshrink.compressor.materialize import materialize
+
+    inputs = ctx.inputs
+    bundle = Path("reference") / spec.lm_head
+    if not (ctx.out / bundle / "manifest.json").is_file():
+        if (ctx.out / bundle).exists():
+            shutil.rmtree(ctx.out / bundle)  # an export killed half-way; it is remade whole
+        spec = replace(spec, model=ctx.source.describe())
+        with inputs.progress.task(f"Reference point: uniform {spec.lm_head}"):
+            cm = materialize(inputs.hf, spec, inputs.tok, calib=inputs.quant_calib, quantizer=ctx.config.quantizer,
+                             progress=inputs.progress)
+        _export_and_check(replace(ctx, config=replace(ctx.config, reference=None)), cm, spec.lm_head, {}, bundle)
+        _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, ctx.config.calib_data, inputs.progress)
+    return bundle
 
 
 @dataclass
@@ -399,17 +461,19 @@ class _Context:
     inputs: _Inputs
 
 
-def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
-    """Export ``cm`` as the bundle of ``label``, then measure it where the target is this machine.
+def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float], bundle: Path | None = None):
+    """Export ``cm`` as the bundle of ``label`` (at ``bundle``, default ``candidates/<label>``), then measure
+    it where the target is this machine.
 
     Returns (bundle path relative to the run, manifest, measured ms or None, validation verdict or None).
     """
     from llmshrink.exporters.export import export_compressed
     from llmshrink.exporters.measure import validate
+    from llmshrink.spec import SubnetSpec
 
     config, out, inputs = ctx.config, ctx.out, ctx.inputs
     t0 = time.perf_counter()
-    bundle = Path("candidates") / label
+    bundle = bundle or Path("candidates") / label
     m = export_compressed(cm, inputs.tok, out / bundle, flavour=ctx.target.flavour, target=ctx.target,
                           workload=ctx.workload, model_source=ctx.source.describe(),
                           model_fingerprint=inputs.fingerprint, max_length=config.max_length, notes=ctx.notes,
@@ -419,7 +483,8 @@ def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float]):
     if ctx.measurable:
         t0 = time.perf_counter()
         try:
-            ref = _reference_bundle(out, config, ctx.base, ctx.source, inputs.progress) if config.reference else None
+            ref = (out / _reference_point(ctx, SubnetSpec.uniform(ctx.base, config.reference))
+                   if config.reference else None)
             v = validate(out / bundle, tolerance_pct=config.tolerance_pct, reference=ref,
                          target=config.target if ref else None, progress=inputs.progress)
             measured, passed = v.measured_ms, v.passed
@@ -478,9 +543,10 @@ def _ship_unpruned(ctx: _Context, budget: float, fit) -> CandidateOutcome:
 
 def _ship(ctx: _Context, label: str, budget: float, cm, predicted_ms: float, moves: tuple[str, ...], kd: tuple,
           secs: dict[str, float], *, reason: str = "", expected_ms: float | None = None,
-          score: bool = True) -> CandidateOutcome:
+          score: bool = True, contenders: tuple[ContenderOutcome, ...] = ()) -> CandidateOutcome:
     """Export and check ``cm`` as ``label``'s bundle, score it on the held-out rows, and say what happened."""
     bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
+    contenders = tuple(replace(c, bundle=str(bundle), measured_ms=measured) if c.shipped else c for c in contenders)
     if score:
         t0 = time.perf_counter()
         _record_held_out_ppl(ctx.out / bundle, ctx.inputs.splits.eval, ctx.config.calib_data, ctx.inputs.progress)
@@ -488,7 +554,7 @@ def _ship(ctx: _Context, label: str, budget: float, cm, predicted_ms: float, mov
     kd_before, kd_after, tokens = kd
     return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint, predicted_ms,
                             predicted_ms if expected_ms is None else expected_ms, moves, kd_before, kd_after,
-                            measured, passed, secs, reason=reason, recovery_tokens=tokens)
+                            measured, passed, secs, reason=reason, recovery_tokens=tokens, contenders=contenders)
 
 
 def _ship_plan(ctx: _Context, spec, predicted_ms: float, budget: float) -> CandidateOutcome:
@@ -501,9 +567,10 @@ def _ship_plan(ctx: _Context, spec, predicted_ms: float, budget: float) -> Candi
                  reason=f"the plan {Path(ctx.config.spec).name}, recovered without a search")
 
 
-def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
+def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float], start=None):
     """``spec`` recovered from the original (quantization-aware KD), kept in ``sdir/recovered`` so that a resumed run
-    never repeats a finished recovery. Returns (model, held-out KD before, KD after, training tokens)."""
+    never repeats a finished recovery; from ``start`` when the quantizer already ran (a screened contender).
+    Returns (model, held-out KD before, KD after, training tokens)."""
     from llmshrink.compressor.model import CompressedModel
     from llmshrink.compressor.recover import recover
 
@@ -520,7 +587,7 @@ def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float]):
         shared = targets if targets is not None and config.recovery.seq_len == seq else None  # else on the fly
         rr = recover(inputs.hf, spec, calib, config=config.recovery, tokenizer=inputs.tok, targets=shared,
                      held_out=inputs.splits.eval, quantizer=config.quantizer, quant_calib=inputs.quant_calib,
-                     progress=inputs.progress)
+                     start=start() if start else None, progress=inputs.progress)
         cm, kd_before, kd_after, tokens = rr.model, rr.kd_before, rr.kd_after, rr.tokens
         cm.save(rdir)
         storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after, tokens]))
@@ -579,7 +646,85 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     storage.atomic_write_text(sdir / "spec.json", spec.to_json())
     del net
     secs["fit"] = time.perf_counter() - t0
-    cm, *kd = _recovered(ctx, spec, sdir, secs)
-    return _ship(ctx, label, budget, cm, predict(spec, target, workload, table=table).total_ms,
-                 tuple(mv.what for mv in moves), tuple(kd), secs,
-                 expected_ms=result.history[-1].latency_ms if result.history else float("nan"))
+    searched = Contender(SEARCH, spec, predict(spec, target, workload, table=table).total_ms,
+                         f"the {config.strategy} search's subnet, fitted to the budget")
+    pool = [searched] + [c for c in _baselines(ctx, budget) if c.spec.fingerprint() != spec.fingerprint()]
+    expected = result.history[-1].latency_ms if result.history else float("nan")
+    if len(pool) == 1:  # nothing to compare with: no screening
+        cm, *kd = _recovered(ctx, spec, sdir, secs)
+        return _ship(ctx, label, budget, cm, searched.predicted_ms, tuple(mv.what for mv in moves), tuple(kd), secs,
+                     expected_ms=expected)
+    return _screen_and_ship(ctx, budget, pool, sdir, tuple(mv.what for mv in moves), expected, secs)
+
+
+def _baselines(ctx: _Context, budget: float) -> list[Contender]:
+    """The contenders of ``budget`` that need no search (:func:`.contenders.baselines`), built from what the run
+    may ship: a --space file's formats, else the target's, that the flavour builds."""
+    from llmshrink.compressor.contenders import baselines
+
+    return baselines(ctx.space, ctx.target, ctx.workload, ctx.table, budget, ctx.inputs.importance,
+                     params_budget=ctx.config.params_budget, formats=_shippable_formats(ctx.config, ctx.space,
+                                                                                        ctx.target),
+                     accepts=_buildable(ctx.target))
+
+
+def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: Path, moves: tuple[str, ...],
+                     expected_ms: float, secs: dict[str, float]) -> CandidateOutcome:
+    """Screen ``pool`` alike (the quantizer, then KL on the screening rows; :mod:`.contenders`), recover and ship
+    the winner as the budget's bundle, and export each other contender as screened, beside it."""
+    from llmshrink.compressor.contenders import screen, screen_kd
+    from llmshrink.compressor.materialize import materialize
+    from llmshrink.compressor.model import CompressedModel
+
+    config, inputs, label = ctx.config, ctx.inputs, budget_label(budget)
+    t0 = time.perf_counter()
+
+    def quantized(c: Contender) -> Path:
+        return sdir / "contenders" / c.slug / "quantized"
+
+    def build(c: Contender):
+        if (quantized(c) / "spec.json").is_file():
+            return CompressedModel.load(quantized(c))
+        with inputs.progress.task(f"Quantizing {c.name} ({config.quantizer})"):
+            cm = materialize(inputs.hf, c.spec, inputs.tok, calib=inputs.quant_calib, quantizer=config.quantizer,
+                             progress=inputs.progress)
+        cm.save(quantized(c))
+        return cm
+
+    record = sdir / "screen.json"
+    done = json.loads(record.read_text()) if record.is_file() else {}
+
+    def keep(name: str, kd: float) -> None:
+        done[name] = kd
+        storage.atomic_write_text(record, json.dumps(done, indent=1))
+
+    ranked = screen(pool, build, partial(screen_kd, teacher=inputs.hf, rows=inputs.screen_rows),
+                    progress=inputs.progress, done=done, on_scored=keep)
+    secs["screen"] = time.perf_counter() - t0
+    winner, best_kd = ranked[0]
+    outcomes = []
+    for c, kd in ranked[1:]:  # the others, exported as screened (quantizer only) for the report
+        bundle = Path("candidates") / f"{label}-{c.slug}"
+        if (ctx.out / bundle / "manifest.json").is_file():
+            from llmshrink.exporters.bundle import load_manifest
+
+            recorded = load_manifest(ctx.out / bundle).measured
+            measured = recorded[-1].reference_ms if recorded else None
+        else:
+            bundle, _, measured, _ = _export_and_check(ctx, CompressedModel.load(quantized(c)), label, {}, bundle)
+            _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, config.calib_data, inputs.progress)
+        outcomes.append(ContenderOutcome(c.name, c.spec.fingerprint(), c.predicted_ms, kd, why=c.why,
+                                         bundle=str(bundle), measured_ms=measured))
+    ship = ContenderOutcome(winner.name, winner.spec.fingerprint(), winner.predicted_ms, best_kd, why=winner.why,
+                            shipped=True)
+    rdir = sdir if winner.name == SEARCH else sdir / "contenders" / winner.slug
+    cm, *kd = _recovered(ctx, replace(winner.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"}),
+                         rdir, secs, start=lambda: CompressedModel.load(quantized(winner)))
+    searched = next(kd_ for c, kd_ in ranked if c.name == SEARCH)
+    reason = ("" if winner.name == SEARCH else
+              f"the search did not win: {winner.name} screened at KL {best_kd:.4f} against the searched subnet's "
+              f"{searched:.4f} (the run's quantizer, no recovery, {len(inputs.screen_rows)} rows no phase "
+              f"read), so it ships, recovered; {winner.why}")
+    return _ship(ctx, label, budget, cm, winner.predicted_ms, moves if winner.name == SEARCH else (), tuple(kd),
+                 secs, reason=reason, expected_ms=expected_ms if winner.name == SEARCH else None,
+                 contenders=(ship, *outcomes))

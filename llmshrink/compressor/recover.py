@@ -277,9 +277,16 @@ class _Teacher:
         return F.log_softmax(logits.float(), -1)
 
 
+def _epochs(n: int, draws: int, seed: int) -> torch.Tensor:
+    """``draws`` row indices in ``range(n)``: whole seeded permutations, one after another, so that every row is
+    seen once before any is seen twice (drawing with replacement, 1,200 draws from 1,024 rows leave 31 % unseen)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-draws // n))])[:draws]
+
+
 def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryConfig = RecoveryConfig(),
             tokenizer=None, targets: TeacherTargets | None = None, held_out: torch.Tensor | None = None,
-            quantizer: str = "gptq", quant_calib: torch.Tensor | None = None,
+            quantizer: str = "gptq", quant_calib: torch.Tensor | None = None, start: CompressedModel | None = None,
             progress: Progress = NULL_PROGRESS) -> RecoveryResult:
     """Quantization-aware KD recovery of ``spec`` from ``teacher``, trained on ``calib`` ``[N, T]``.
 
@@ -291,6 +298,8 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
         held_out: rows ``[M, T]`` never trained on, for the KD reported before and after
             (default: the last ``batch_size`` rows of ``calib``, which are then left out of training).
         quantizer: how the subnet's codes start (``gptq`` on ``calib``, or ``rtn``).
+        start: ``spec`` already materialized with ``quantizer`` on ``quant_calib`` (a screened contender):
+            recovery starts from it instead of quantizing again.
     """
     cfg = config
     if cfg.mode not in MODES:
@@ -304,9 +313,14 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     held_out = held_out[:, : cfg.seq_len]
     if targets is not None and not torch.equal(targets.calib, calib):
         raise ValueError("targets were computed for other sequences than calib[:, :seq_len]")
-    with progress.task(f"Quantizing the subnet ({quantizer})"):
-        cm = materialize(teacher, spec, tokenizer, calib=calib if quant_calib is None else quant_calib,
-                         quantizer=quantizer, progress=progress)
+    if start is not None:
+        if start.spec.fingerprint() != spec.fingerprint():
+            raise ValueError("start is a materialization of another spec")
+        cm = start
+    else:
+        with progress.task(f"Quantizing the subnet ({quantizer})"):
+            cm = materialize(teacher, spec, tokenizer, calib=calib if quant_calib is None else quant_calib,
+                             quantizer=quantizer, progress=progress)
     if cfg.steps == 0:
         return RecoveryResult(cm, seconds=time.perf_counter() - t_start)
     bf16 = use_bf16(cfg.bf16)
@@ -341,12 +355,12 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
                    * len(held_out[i:i + cfg.batch_size]) for i in range(0, len(held_out), cfg.batch_size)) / len(held_out)
 
     kd_before = held_kd()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    order = _epochs(len(calib), cfg.steps * cfg.batch_size, cfg.seed)
     history, tokens = [], 0
     with progress.task(f"Recovery (KD, quantization-aware, {cfg.mode})", total=cfg.steps) as task:
         for step in range(cfg.steps):
             t0 = time.perf_counter()
-            rows = torch.randint(len(calib), (cfg.batch_size,), generator=gen)
+            rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             loss = kd_on(calib[rows], teach(rows), True)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -332,6 +332,8 @@ def render_markdown(report: Report, *, plot: str | None = PLOT_FILE) -> str:
             lines += [f"![quality against latency]({plot})", ""]
         if front:
             lines += [f"Pareto front (no candidate is both faster and better): {', '.join(front)}."]
+    if rec and rec.notes:  # how budgets resolved, which contender won each, where latencies come from
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in rec.notes]
     for label, (plan, extras) in report.plans.items():
         lines += ["", f"## Plan: {label}", "",
                   f"hidden {extras['hidden']} · lm_head {extras['lm_head']} · embedding {extras['embedding']}", ""]

@@ -5,7 +5,7 @@ import pytest
 
 from llmshrink import serde
 from llmshrink.errors import UsageError
-from llmshrink.formats import ALIASES, all_formats, parse_format
+from llmshrink.formats import ALIASES, all_formats, at_least_as_faithful, parse_format
 
 
 def test_every_format_name_parses_back():
@@ -53,3 +53,21 @@ def test_serde_round_trip_and_refusals():
         serde.loads("{")
     with pytest.raises(UsageError, match="Not an llmshrink file"):
         serde.loads(json.dumps({"a": 1}))
+
+
+
+@pytest.mark.parametrize("a,b,want", [
+    ("w4g32a8", "w4g64a8", True),  # smaller groups
+    ("w4g64a8", "w4g32a8", False),
+    ("w4g32a8z", "w4g32a8", True),  # a zero point on top
+    ("w4g32a8", "w4g32a8z", False),
+    ("w8g64a8", "w4g64a8", True),
+    ("w8g64a8", "w4g32a8", False),  # more bits, larger groups: not comparable
+    ("w4g32", "w4g32a8", True),  # float activations
+    ("w4g32a8", "w4g64", False),
+    ("fp32", "w8a8", True),
+    ("w8a8", "fp32", False),
+    ("w4g32a8", "w4g32a8", True),
+])
+def test_at_least_as_faithful_is_a_partial_order_over_every_axis(a, b, want):
+    assert at_least_as_faithful(a, b) is want

@@ -97,3 +97,32 @@ def test_fit_to_budget_takes_a_ruled_out_move_only_when_nothing_else_fits(setup)
     only_start = lambda s: 0.0 if s == spec else float("-inf")  # noqa: E731
     fitted, taken = fit_to_budget(spec, space, target, wl, table, budget, preference=only_start)
     assert predict(fitted, target, wl, table=table).total_ms <= budget and taken
+
+
+def test_uniform_fits_are_the_unpruned_formats_under_the_budget_that_nothing_fitting_beats(setup, tiny_base):
+    from llmshrink.compressor.budget import uniform_fits
+
+    space, target, wl, table = setup
+    ms = {f: predict(SubnetSpec.uniform(tiny_base, f), target, wl, table=table).total_ms
+          for f in ("fp32", "w4g32", "w4g32a8", "w8a8")}
+    top = max(ms.values())
+    everything = uniform_fits(space, target, wl, table, top + 1, formats=("w4g32", "w4g32a8", "w8a8"))
+    # w4g32 (float activations) is at least as faithful as w4g32a8 on every axis, so w4g32a8 adds nothing;
+    # w8a8 (8-bit weights, per-tensor int8 activations) and w4g32 are not comparable: both stay, 8 bits first
+    assert [f.spec.lm_head for f in everything] == ["w8a8", "w4g32"]
+    budget = min(ms["w4g32"], ms["w8a8"]) - 1e-6
+    if ms["w4g32a8"] <= budget:  # the faster, coarser format is the baseline once the finer ones no longer fit
+        (only,) = uniform_fits(space, target, wl, table, budget, formats=("w4g32", "w4g32a8", "w8a8"))
+        assert only.spec == SubnetSpec.uniform(tiny_base, "w4g32a8") and only.predicted_ms <= budget
+    assert uniform_fits(space, target, wl, table, min(ms.values()) - 1e-6) == []
+    assert uniform_fits(space, target, wl, table, top + 1, formats=("w4g32",), accepts=lambda s: False) == []
+
+
+def test_grow_to_budget_moves_only_the_kinds_it_is_given(setup):
+    space, target, wl, table = setup
+    small = space.smallest("w4g32a8")
+    top = predict(space.largest("w4g32a8"), target, wl, table=table).total_ms
+    grown, taken = grow_to_budget(small, space, target, wl, table, top, preference=lambda s: 0.0,
+                                  kinds=("width", "depth"))
+    assert taken and predict(grown, target, wl, table=table).total_ms <= top
+    assert {f for ls in grown.layers for f in ls.precision.values()} | {grown.lm_head} == {"w4g32a8"}

@@ -69,3 +69,32 @@ def test_applied_orders_prune_the_unimportant_parts_first(broken, tiny_base, tin
     a = materialize(broken, spec)(ids)[0]
     ref = materialize(broken, full)(ids)[0]
     torch.testing.assert_close(a, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_preference_charges_each_cut_its_share_of_the_importance(broken, tiny_base):
+    imp = measure_importance(broken, _batches())
+    full = SubnetSpec.uniform(tiny_base, "fp32")
+    assert imp.preference(full) == 0.0
+
+    def drop(i):
+        layers = list(full.layers)
+        layers[i] = replace(layers[i], keep=False)
+        return replace(full, layers=tuple(layers))
+
+    # block 2 adds nothing (zero influence): dropping it costs nothing; any other block costs its share
+    assert imp.preference(drop(2)) == pytest.approx(0.0, abs=1e-9)
+    costs = [-imp.preference(drop(i)) for i in range(tiny_base.num_layers)]
+    share = np.maximum(imp.blocks, 0) / np.maximum(imp.blocks, 0).sum()  # a float -1e-9 influence counts as 0
+    assert costs == pytest.approx(list(share), abs=1e-9)
+    # narrowing a kept block's MLP loses half its share times the neurons' energy left out (neuron 5 of layer 0
+    # is dead, so keeping all but one loses nothing there); the hidden width charges every block
+    layers = list(full.layers)
+    layers[0] = replace(layers[0], intermediate_size=tiny_base.intermediate_size - 1)
+    assert imp.preference(replace(full, layers=tuple(layers))) == pytest.approx(0.0, abs=1e-9)
+    layers[1] = replace(layers[1], intermediate_size=tiny_base.intermediate_size // 2)
+    half = -imp.preference(replace(full, layers=tuple(layers)))
+    sq = np.sort(imp.mlp[1] ** 2)[::-1]
+    assert half == pytest.approx(share[1] * 0.5 * (1 - sq[:tiny_base.intermediate_size // 2].sum() / sq.sum()))
+    narrow = replace(full, hidden_size=tiny_base.hidden_size - 1)
+    assert imp.preference(narrow) == pytest.approx(0.0, abs=1e-9)  # channel 7 is dead: the narrowest cut is free
+    assert imp.preference(replace(full, hidden_size=tiny_base.hidden_size // 2)) < 0

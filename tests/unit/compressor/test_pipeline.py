@@ -28,7 +28,7 @@ def setup(tiny_llama_dir, tiny_base, steady_table, tmp_path_factory):
     top = predict(space.largest("fp32"), target, table=table).total_ms
     cfg = CompressConfig(
         model=str(tiny_llama_dir), target=str(target_yaml), budgets_ms=(round(fastest + 0.6 * (top - fastest), 4),),
-        space=str(space_yaml), n_calib=16, n_quant=20, max_length=64,
+        space=str(space_yaml), n_calib=16, n_quant=20, n_screen=4, max_length=64,
         search=SearchConfig(steps=4, batch_size=2, seq_len=24, checkpoint_every=2, requant_every=2, settle_every=2,
                             warmup_steps=1),
         recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24, rows=24))  # more rows than the search's 16
@@ -36,7 +36,7 @@ def setup(tiny_llama_dir, tiny_base, steady_table, tmp_path_factory):
     mp.undo()
 
 
-def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup):
+def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup, tiny_base):
     d, cfg, target, table, _ = setup
     res = compress(cfg, d / "run")
     (c,) = res.record.candidates
@@ -44,12 +44,33 @@ def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup):
     m = load_manifest(d / "run" / c.bundle)
     assert m.target == "steady-cpu" and m.predicted_latency_ms == pytest.approx(c.predicted_ms)
     assert c.measured_ms is not None and m.measured and m.validation  # cpu: measured here
-    assert set(c.seconds) == {"teacher", "search", "fit", "recovery", "export", "measure", "quality"}
+    assert set(c.seconds) == {"teacher", "search", "fit", "screen", "recovery", "export", "measure", "quality"}
     (key,) = [k for k in m.quality if k.startswith("ppl:held-out self-generated text")]
     assert 1 < m.quality[key] < float("inf")  # scored by the bundle on sequences the search never saw
     assert (d / "run" / "pareto.png").is_file()
+    # the searched subnet was screened against the baselines that need no search; the best one shipped
+    from llmshrink.spec import SubnetSpec
+
+    names = [k.name for k in c.contenders]
+    fits = predict(SubnetSpec.uniform(tiny_base, "w4g32a8"), target, table=table).total_ms <= cfg.budgets_ms[0]
+    assert ("uniform w4g32a8" in names) == fits and "uniform fp32" not in names  # fp32 is the top: over budget
+    assert "search" in names and "importance" in names and len(set(names)) == len(names)
+    (won,) = [k for k in c.contenders if k.shipped]
+    assert won.screen_kd == min(k.screen_kd for k in c.contenders) and won.bundle == c.bundle
+    assert m.spec_fingerprint == won.spec_fingerprint and won.predicted_ms == pytest.approx(c.predicted_ms)
+    for k in c.contenders:
+        assert k.predicted_ms <= cfg.budgets_ms[0] and k.measured_ms is not None
+        km = load_manifest(d / "run" / k.bundle)
+        assert km.spec_fingerprint == k.spec_fingerprint and any(q.startswith("ppl:held-out") for q in km.quality)
+    assert (won.name == "search") == (c.reason == "")  # a baseline that wins says so
     record, bundles = load_run(d / "run")
-    assert record.strategy == "joint" and [b.entry.role for b in bundles] == ["selected"]
+    roles = {b.label: b.entry.role for b in bundles}
+    assert record.strategy == "joint" and roles.pop(c.label) == "selected" and roles.pop("original") == "original"
+    assert roles.pop("uniform w4g32a8 (unpruned, gptq, no recovery)") == "baseline"
+    assert roles == {f"{c.label} {k.name}": "candidate" if k.name == "search" else "baseline"
+                     for k in c.contenders if not k.shipped}
+    report = (d / "run" / "report.md").read_text()
+    assert ("the search won" if won.name == "search" else "the search did not win") in report
     assert (d / "run" / "report.md").is_file() and (d / "run" / "search-" f"{c.label}" / "spec.json").is_file()
     # a finished run resumes to the same outcome without searching again
     again = compress(cfg, d / "run", resume=True)
@@ -92,7 +113,7 @@ def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
             parse_budgets(bad)
     d, cfg, *_ = setup
     args = ["compress", "--model", cfg.model, "--target", cfg.target, "--latency", f"{cfg.budgets_ms[0]}ms",
-            "--space", cfg.space, "--steps", "3", "--recovery-steps", "1", "--out", str(tmp_path / "r"), "--json"]
+            "--space", cfg.space, "--steps", "3", "--recovery-steps", "0", "--out", str(tmp_path / "r"), "--json"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
@@ -172,7 +193,9 @@ def test_several_budgets_share_one_warm_up_and_give_a_front(setup):
     w = cfg.search.warmup_steps
     assert hist[0][:w] == hist[1][:w] and (d / "front" / "warmup" / "search.ckpt").is_file()
     record, bundles = load_run(d / "front")
-    assert [x.entry.role for x in bundles] == ["candidate", "selected"] and record.budgets_ms == tuple(sorted(budgets))
+    shipped = {c.label for c in res.record.candidates}
+    assert [x.entry.role for x in bundles if x.label in shipped] == ["candidate", "selected"]
+    assert record.budgets_ms == tuple(sorted(budgets))
 
 
 def test_gpu_target_run_searches_its_table_and_ships_a_calibrated_trt_bundle(setup):
@@ -275,7 +298,7 @@ def test_a_sigkilled_compress_resumes_from_its_last_checkpoint(setup, tmp_path):
     d, cfg, *_ = setup
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "llmshrink", "compress", "--model", cfg.model, "--target", cfg.target,
-           "--latency", f"{cfg.budgets_ms[0]}ms", "--space", cfg.space, "--steps", "60", "--recovery-steps", "1",
+           "--latency", f"{cfg.budgets_ms[0]}ms", "--space", cfg.space, "--steps", "60", "--recovery-steps", "0",
            "--out", str(out), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
     ckpt = None
@@ -317,7 +340,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(setup, tmp_path):
     d, cfg, *_ = setup
     out = tmp_path / "interrupted"
     cmd = ["compress", "--model", cfg.model, "--target", cfg.target, "--latency", f"{cfg.budgets_ms[0]}ms",
-           "--space", cfg.space, "--steps", "4", "--recovery-steps", "1", "--out", str(out)]
+           "--space", cfg.space, "--steps", "4", "--recovery-steps", "0", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "llmshrink", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.monotonic() + 600

@@ -140,3 +140,25 @@ def test_recovery_that_hurts_held_out_rows_ships_the_quantizers_model(trained_ti
     assert res.reverted and res.kd_after == res.kd_before
     start = materialize(hf, spec, calib=ids[:96], quantizer="gptq")
     torch.testing.assert_close(res.model(ids[96:100])[0], start(ids[96:100])[0])
+
+
+def test_recovery_starts_from_a_given_materialization_and_refuses_another_specs(tiny_hf, tiny_base, calib,
+                                                                                monkeypatch):
+    import llmshrink.compressor.recover as R
+
+    spec = _spec(tiny_base)
+    start = materialize(tiny_hf, spec, calib=calib[:8], quantizer="gptq")  # other rows than recovery would use
+    monkeypatch.setattr(R, "materialize", lambda *a, **k: pytest.fail("a given start must not be quantized again"))
+    res = recover(tiny_hf, spec, calib[:-2], config=RecoveryConfig(steps=0), held_out=calib[-2:], start=start)
+    assert res.model is start
+    with pytest.raises(ValueError, match="another spec"):
+        recover(tiny_hf, SubnetSpec.uniform(tiny_base, "w4g32a8"), calib, config=RecoveryConfig(steps=0), start=start)
+
+
+def test_training_rows_come_in_whole_epochs():
+    from llmshrink.compressor.recover import _epochs
+
+    order = _epochs(10, 25, seed=3).tolist()
+    assert len(order) == 25 and sorted(order[:10]) == list(range(10)) == sorted(order[10:20])
+    assert set(order[20:]) <= set(range(10)) and len(set(order[20:])) == 5  # a partial epoch repeats no row
+    assert order[:10] != order[10:20] and order == _epochs(10, 25, seed=3).tolist()

@@ -1,0 +1,134 @@
+"""Contenders: every model a budget could ship, the searched subnet and the baselines that need no search.
+
+A search earns its place only by beating what a user gets without it. So for
+each searched budget ``compress`` also builds (:func:`baselines`):
+
+- every uniform format of the target whose unpruned model fits the budget, and
+  that no other fitting format is at least as faithful as (``budget.uniform_fits``);
+- the importance heuristic: the unpruned model in the space's fastest format,
+  brought under the budget by the cuts :meth:`.Importance.preference` minds
+  least (blocks by influence, widths by importance; never a format change).
+
+All contenders then get the same treatment (:func:`screen`): the run's
+quantizer (GPTQ) on the same calibration rows, then the forward KL from the
+original model on *screening rows* that neither the search, the importance
+scores nor the quantizer read. The contender with the lowest KL wins and gets
+the run's recovery; the others are exported as they were screened, so the
+report shows what each one was. Recovery goes to the winner alone: a run
+affords one 300-step recovery, not one per contender (an equal share would
+be a fraction each). A pruned subnet gains more from recovery than an
+unpruned one, so this choice favours the unpruned baselines; the report says
+which contender won and by how much.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmshrink import serde
+from llmshrink.progress import NULL_PROGRESS, Progress
+
+SEARCH = "search"  # the name of the searched subnet among a budget's contenders
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One model a budget could ship: its name (``search``, ``uniform w4g32a8``, ``importance``), spec,
+    predicted latency and why it is in the running."""
+
+    name: str
+    spec: object  # SubnetSpec
+    predicted_ms: float
+    why: str
+
+    @property
+    def slug(self) -> str:
+        """A directory name for it."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+@serde.serializable("ContenderOutcome")
+@dataclass(frozen=True)
+class ContenderOutcome:
+    """What became of one contender: its screening KL and, once exported, its bundle and measurements."""
+
+    name: str
+    spec_fingerprint: str
+    predicted_ms: float
+    screen_kd: float  # forward KL from the original on the screening rows, after the quantizer, before recovery
+    why: str = ""
+    shipped: bool = False  # the winner: recovered and shipped as the budget's bundle
+    bundle: str = ""  # relative to the run directory (the budget's own bundle for the winner)
+    measured_ms: float | None = None
+
+
+def baselines(space, target, workload, table, budget_ms: float, importance, *, params_budget: float | None = None,
+              formats=None, accepts: Callable = lambda s: True) -> list[Contender]:
+    """The contenders of ``budget_ms`` that need no search (see module docstring), most faithful first."""
+    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget, uniform_fits
+    from llmshrink.errors import InfeasibleBudgetError
+    from llmshrink.targets.predict import predict
+
+    out = [Contender(f"uniform {f.spec.lm_head}", f.spec, f.predicted_ms, f.reason)
+           for f in uniform_fits(space, target, workload, table, budget_ms, params_budget=params_budget,
+                                 formats=formats, accepts=accepts)]
+    fastest = min(space.formats, key=lambda f: predict(space.largest(f), target, workload, table=table).total_ms)
+    start = importance.apply(space.largest(fastest), choose_blocks=False)
+    kinds = ("width", "depth")
+    try:
+        spec, _ = fit_to_budget(start, space, target, workload, table, budget_ms, preference=importance.preference,
+                                kinds=kinds)
+    except InfeasibleBudgetError:  # the fastest format alone cannot reach it; the search may, with others
+        return out
+    spec, _ = grow_to_budget(spec, space, target, workload, table, budget_ms, preference=importance.preference,
+                             kinds=kinds)
+    if not accepts(spec) or any(c.spec == spec for c in out):
+        return out
+    kept = len(spec.kept_layers())
+    ms = predict(spec, target, workload, table=table).total_ms
+    out.append(Contender("importance", spec, ms, (
+        f"the importance heuristic in {fastest}, the space's fastest format: {kept}/{spec.base.num_layers} blocks, "
+        f"cut by block influence and channel importance to {ms:.2f} ms")))
+    return out
+
+
+def screen_kd(model, teacher, rows, *, batch_size: int = 8) -> float:
+    """Mean forward KL (per token) from ``teacher`` (an HF causal LM) to ``model`` (a CompressedModel) on ``rows``
+    ``[N, T]``: the teacher's log-probabilities are recomputed per batch rather than held (a vocabulary of 49k
+    makes 64 rows of them 1.6 GB)."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmshrink.compressor.search import kd_loss
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids = rows[i:i + batch_size]
+            vocab = int(teacher.config.vocab_size)
+            target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[..., :vocab].float(), -1)
+            total += float(kd_loss(model(ids)[0].float(), target, 1.0)) * len(ids)
+            n += len(ids)
+    return total / max(n, 1)
+
+
+def screen(contenders: list[Contender], build: Callable, score: Callable, *, progress: Progress = NULL_PROGRESS,
+           done: dict[str, float] | None = None, on_scored: Callable | None = None) -> list[tuple[Contender, float]]:
+    """Score every contender: ``build(contender)`` gives its model (the quantizer's), ``score(model)`` its KL.
+
+    ``done`` holds scores of a previous, interrupted screening (by name), which are not recomputed;
+    ``on_scored(name, kd)`` is called after each new one (to persist it). Returns (contender, KL) pairs
+    best first; ties keep the given order (the search first).
+    """
+    done = dict(done or {})
+    with progress.task("Screening the contenders", total=len(contenders)) as task:
+        for c in contenders:
+            if c.name not in done:
+                done[c.name] = float(score(build(c)))
+                if on_scored is not None:
+                    on_scored(c.name, done[c.name])
+            task.advance(1, info=f"{c.name}: kd {done[c.name]:.4f}")
+    return sorted(((c, done[c.name]) for c in contenders), key=lambda p: p[1])
+

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from llmshrink.compressor.budget import fastest_reachable
+from llmshrink.compressor.contenders import Contender, baselines, screen, screen_kd
+from llmshrink.compressor.importance import measure_importance
+from llmshrink.compressor.materialize import materialize
+from llmshrink.compressor.space import SearchSpace
+from llmshrink.spec import SubnetSpec
+from llmshrink.targets.predict import predict
+from llmshrink.targets.profile import load_target
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf, tiny_base, steady_table):
+    table, yaml_path = steady_table
+    target = load_target(str(yaml_path))
+    space = SearchSpace(tiny_base, hidden=(32, 64), kv_groups=(1, 2), heads_per_group=(2,), head_dim=(16,),
+                        mlp=(64, 96, 128), min_layers=2, formats=("w4g32a8", "fp32"),
+                        lm_head_formats=("w4g32a8", "fp32")).validate()
+    ids = torch.randint(3, 300, (6, 24), generator=torch.Generator().manual_seed(2))
+    imp = measure_importance(tiny_hf, [ids[:3], ids[3:]])
+    return space, target, target.default_workload, table, imp
+
+
+def test_the_importance_baseline_fits_the_budget_in_the_fastest_format_by_width_and_depth(setup, tiny_base):
+    space, target, wl, table, imp = setup
+    fastest_fmt = min(space.formats, key=lambda f: predict(space.largest(f), target, wl, table=table).total_ms)
+    floor, _ = fastest_reachable(space, target, wl, table)
+    top = predict(space.largest(fastest_fmt), target, wl, table=table).total_ms
+    budget = floor + 0.5 * (top - floor)
+    found = baselines(space, target, wl, table, budget, imp)
+    (h,) = [c for c in found if c.name == "importance"]
+    assert h.predicted_ms <= budget and h.predicted_ms == pytest.approx(predict(h.spec, target, wl, table=table).total_ms)
+    used = {f for i in h.spec.kept_layers() for f in h.spec.layers[i].precision.values()} | {h.spec.lm_head}
+    assert used == {fastest_fmt}  # cut by width and depth, never by format
+    assert h.spec != space.largest(fastest_fmt)
+    # every uniform baseline is unpruned and under the budget
+    for c in found:
+        if c.name.startswith("uniform "):
+            assert c.spec == SubnetSpec.uniform(tiny_base, c.name.split()[1]) and c.predicted_ms <= budget
+    # a budget below what the fastest format alone reaches leaves the heuristic out rather than failing
+    assert all(c.name != "importance" for c in baselines(space, target, wl, table, floor * 0.999, imp))
+
+
+def test_screen_ranks_by_kl_and_resumes_without_rescoring(tiny_base):
+    specs = {n: SubnetSpec.uniform(tiny_base, f) for n, f in (("search", "w4g32a8"), ("uniform fp32", "fp32"),
+                                                               ("importance", "w4g32"))}
+    pool = [Contender(n, s, 1.0, "") for n, s in specs.items()]
+    kl = {"search": 0.3, "uniform fp32": 0.1, "importance": 0.3}
+    built, saved = [], {}
+    ranked = screen(pool, build=lambda c: built.append(c.name) or c.name, score=kl.__getitem__,
+                    on_scored=saved.__setitem__)
+    assert [c.name for c, _ in ranked] == ["uniform fp32", "search", "importance"]  # ties keep the given order
+    assert built == ["search", "uniform fp32", "importance"] and saved == kl
+    built.clear()
+    again = screen(pool, build=lambda c: built.append(c.name) or c.name, score=kl.__getitem__,
+                   done={"search": 0.3, "uniform fp32": 0.1})
+    assert built == ["importance"] and again == ranked
+
+
+def test_screen_kd_is_zero_for_the_original_and_grows_with_coarser_weights(tiny_hf, tiny_base):
+    rows = torch.randint(3, 300, (5, 16), generator=torch.Generator().manual_seed(4))
+    original = materialize(tiny_hf, SubnetSpec.original(tiny_base))
+    assert screen_kd(original, tiny_hf, rows, batch_size=2) == pytest.approx(0.0, abs=1e-5)
+    w4 = screen_kd(materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w4g32a8"), quantizer="rtn"), tiny_hf, rows)
+    w2 = screen_kd(materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w2g32a8"), quantizer="rtn"), tiny_hf, rows)
+    assert 0 < w4 < w2
