@@ -6,7 +6,11 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+FULL = ("arc_easy_local", "boolq_local", "winogrande_local")
+HELLASWAG, HELLASWAG_DOCS = "hellaswag_local", 1000
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -70,3 +74,25 @@ def uniform_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--format", default="w4g32a8")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     return ap
+
+
+def evaluate(bundle: Path, cache: Path, *, full: bool, tasks_dir: Path, wiki: str, ppl_tokens: int) -> dict:
+    """Perplexity and task accuracies of ``bundle`` (read from ``cache`` when a previous run wrote it)."""
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        if got.get("full", False) >= full:
+            got["reused"] = True
+            return got
+    t0 = time.perf_counter()
+    common = ("--include-path", str(tasks_dir), "--no-record", "--json")
+    tasks = ("--tasks", ",".join(FULL)) if full else ()
+    res = json.loads(sh("eval", str(bundle), *tasks, "--ppl", wiki, "--max-tokens", str(ppl_tokens), "--context", "512",
+                        "--stride", "256", *common))
+    acc = {t["task"]: t["metrics"]["acc"] for t in res.get("tasks") or ()}
+    if full:
+        hs = json.loads(sh("eval", str(bundle), "--tasks", HELLASWAG, "--limit", str(HELLASWAG_DOCS), *common))
+        acc.update({t["task"]: t["metrics"]["acc"] for t in hs["tasks"]})
+    got = {"ppl": res["perplexity"][0]["ppl"], "acc": acc, "full": full, "seconds": time.perf_counter() - t0}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(got, indent=1))
+    return got

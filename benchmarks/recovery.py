@@ -30,42 +30,21 @@ import time
 from pathlib import Path
 
 from _cli import (  # benchmarks/ is on sys.path when a script in it runs
+    HELLASWAG,
+    HELLASWAG_DOCS,
     emit,
+    evaluate,
     sh,
     timed_in_turn,
     uniform_args,
     uniform_setup,
 )
 
-FULL = ("arc_easy_local", "boolq_local", "winogrande_local")
-HELLASWAG, HELLASWAG_DOCS = "hellaswag_local", 1000
 ROWS = ("fp32 original", "rtn", "gptq", "gptq + recovery")
 
 
 def _slug(name: str) -> str:
     return name.split()[0] if name != "gptq + recovery" else "recovered"
-
-
-def _evaluate(bundle: Path, cache: Path, *, full: bool, tasks_dir: Path, wiki: str, ppl_tokens: int) -> dict:
-    """Perplexity and task accuracies of ``bundle`` (read from ``cache`` when a previous run wrote it)."""
-    if cache.is_file():
-        got = json.loads(cache.read_text())
-        if got.get("full", False) >= full:
-            got["reused"] = True
-            return got
-    t0 = time.perf_counter()
-    common = ("--include-path", str(tasks_dir), "--no-record", "--json")
-    tasks = ("--tasks", ",".join(FULL)) if full else ()
-    res = json.loads(sh("eval", str(bundle), *tasks, "--ppl", wiki, "--max-tokens", str(ppl_tokens), "--context", "512",
-                        "--stride", "256", *common))
-    acc = {t["task"]: t["metrics"]["acc"] for t in res.get("tasks") or ()}
-    if full:
-        hs = json.loads(sh("eval", str(bundle), "--tasks", HELLASWAG, "--limit", str(HELLASWAG_DOCS), *common))
-        acc.update({t["task"]: t["metrics"]["acc"] for t in hs["tasks"]})
-    got = {"ppl": res["perplexity"][0]["ppl"], "acc": acc, "full": full, "seconds": time.perf_counter() - t0}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(got, indent=1))
-    return got
 
 
 def _build(name: str, out: Path, spec: Path, model: str) -> tuple[Path, dict]:
@@ -109,7 +88,7 @@ def main() -> None:
     for name in ROWS:
         bundle, built = _build(name, out, spec, args.model)
         bundles[name] = bundle
-        ev = _evaluate(bundle, out / "evals" / f"{_slug(name)}.json", full=name in full_rows, tasks_dir=tasks_dir,
+        ev = evaluate(bundle, out / "evals" / f"{_slug(name)}.json", full=name in full_rows, tasks_dir=tasks_dir,
                        wiki=wiki, ppl_tokens=args.ppl_tokens)
         rows.append((name, built, ev))
 

@@ -80,8 +80,12 @@ def steady_table(tmp_path_factory):
     """The shipped cpu table (fixed, unlike ``tiny_table``, which is re-measured each session from a few
     noisy calls and can even predict fewer layers slower) behind a target YAML with the tiny formats: for
     tests whose budgets must sit strictly between the fastest and the largest subnet's predictions."""
+    from importlib.resources import files
+
     from llmshrink.targets.table import load_table
 
+    # by path, not by name: a table `targets profile` wrote into this machine's home takes precedence by name
+    shipped = str(files("llmshrink.targets") / "tables" / "cpu-smollm2-135m.json.gz")
     d = tmp_path_factory.mktemp("steady-target")
     yaml_path = d / "steady-cpu.yaml"
     yaml_path.write_text(f"""name: steady-cpu
@@ -90,9 +94,9 @@ device: host CPU
 runtime: onnxruntime-cpu
 formats: [{", ".join(TINY_TABLE_FORMATS)}]
 default_workload: decode:batch=1,ctx=16
-table: cpu-smollm2-135m
+table: {shipped}
 """)
-    return load_table("cpu-smollm2-135m"), yaml_path
+    return load_table(shipped), yaml_path
 
 
 def pytest_terminal_summary(terminalreporter):

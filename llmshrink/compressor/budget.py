@@ -66,7 +66,8 @@ class Budget:
             raise UsageError(f"--latency {self}: the model cannot be exported in uniform {fmt}: {e.message}",
                              "Use a format with a group that divides the model's widths (e.g. group 32).") from None
         ref = predict(spec, target, workload, table=table).total_ms
-        ms = round(self.value * ref, 3)
+        # rounded up to the microsecond: 1.0xint4 must admit the int4 export itself
+        ms = math.ceil(round(self.value * ref * 1000, 6)) / 1000
         return ms, (f"budget {self} = {ms:g} ms: {self.value:g} × {ref:.3f} ms, the latency {target.name}'s table "
                     f"predicts for the unpruned model in uniform {self.relative_to} ({workload.describe()})")
 

@@ -7,7 +7,8 @@ each searched budget ``compress`` also builds (:func:`baselines`):
   that no other fitting format is at least as faithful as (``budget.uniform_fits``);
 - the importance heuristic: the unpruned model in the space's fastest format,
   brought under the budget by the cuts :meth:`.Importance.preference` minds
-  least (blocks by influence, widths by importance; never a format change).
+  least (blocks by influence, widths by importance; never a format change);
+  left out when that unpruned model already fits (it is then a uniform model).
 
 All contenders then get the same treatment (:func:`screen`): the run's
 quantizer (GPTQ) on the same calibration rows, then the forward KL from the
@@ -78,9 +79,11 @@ def baselines(space, target, workload, table, budget_ms: float, importance, *, p
     start = importance.apply(space.largest(fastest), choose_blocks=False)
     kinds = ("width", "depth")
     try:
-        spec, _ = fit_to_budget(start, space, target, workload, table, budget_ms, preference=importance.preference,
-                                kinds=kinds)
+        spec, cuts = fit_to_budget(start, space, target, workload, table, budget_ms,
+                                   preference=importance.preference, kinds=kinds)
     except InfeasibleBudgetError:  # the fastest format alone cannot reach it; the search may, with others
+        return out
+    if not cuts:  # the unpruned model in the fastest format fits: a uniform model, listed or outdone by one
         return out
     spec, _ = grow_to_budget(spec, space, target, workload, table, budget_ms, preference=importance.preference,
                              kinds=kinds)

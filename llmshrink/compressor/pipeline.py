@@ -429,6 +429,7 @@ def _reference_point(ctx: _Context, spec) -> Path:
     """``reference/<format>``: ``spec`` (unpruned, uniform) exported with the run's quantizer on its rows,
     measured (absolute) where the target is here, and scored on the held-out rows."""
     from llmshrink.compressor.materialize import materialize
+    from llmshrink.compressor.model import CompressedModel
 
     inputs = ctx.inputs
     bundle = Path("reference") / spec.lm_head
@@ -436,12 +437,23 @@ def _reference_point(ctx: _Context, spec) -> Path:
         if (ctx.out / bundle).exists():
             shutil.rmtree(ctx.out / bundle)  # an export killed half-way; it is remade whole
         spec = replace(spec, model=ctx.source.describe())
-        with inputs.progress.task(f"Reference point: uniform {spec.lm_head}"):
-            cm = materialize(inputs.hf, spec, inputs.tok, calib=inputs.quant_calib, quantizer=ctx.config.quantizer,
-                             progress=inputs.progress)
+        screened = [d for d in sorted(ctx.out.glob("search-*/contenders/*/quantized"))
+                    if (d / "spec.json").is_file() and _fingerprint(d / "spec.json") == spec.fingerprint()]
+        if screened:  # a budget screened this very model (same quantizer, same rows): not quantized twice
+            cm = CompressedModel.load(screened[0])
+        else:
+            with inputs.progress.task(f"Reference point: uniform {spec.lm_head}"):
+                cm = materialize(inputs.hf, spec, inputs.tok, calib=inputs.quant_calib,
+                                 quantizer=ctx.config.quantizer, progress=inputs.progress)
         _export_and_check(replace(ctx, config=replace(ctx.config, reference=None)), cm, spec.lm_head, {}, bundle)
         _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, ctx.config.calib_data, inputs.progress)
     return bundle
+
+
+def _fingerprint(spec_json: Path) -> str:
+    from llmshrink.spec import SubnetSpec
+
+    return SubnetSpec.from_json(spec_json.read_text()).fingerprint()
 
 
 @dataclass

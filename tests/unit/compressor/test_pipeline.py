@@ -153,6 +153,8 @@ def test_a_relative_budget_is_a_fraction_of_the_uniform_export_prediction(setup,
     assert ms == (pytest.approx(0.5 * want, abs=1e-3), 3.0) and ref == "w4g32a8"
     assert len(notes) == 1 and "0.5xw4g32a8" in notes[0] and f"{want:.3f} ms" in notes[0]
     assert resolve_budgets("2ms,2", cfg.model, cfg.target, None, NULL_PROGRESS) == ((2.0,), (), None)
+    (one,), _, _ = resolve_budgets("1xw4g32a8", cfg.model, cfg.target, None, NULL_PROGRESS)
+    assert want <= one < want + 1e-3  # 1.0x the uniform export admits the export itself
 
 
 def test_sequential_strategy_searches_at_full_precision_then_assigns_formats(setup):
