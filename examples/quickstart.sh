@@ -19,6 +19,8 @@ PROMPT=${PROMPT:-What is the capital of France?}
 llmshrink compress --model "$MODEL" --target "$TARGET" --latency "$LATENCY" --out "$OUT" ${EXTRA:-}
 
 llmshrink report "$OUT"                       # report.md and pareto.png in the run directory
-bundle=$(ls -d "$OUT"/candidates/*/ | head -n 1)
+# the shipped bundle (role "selected" in run.json; the other candidates/ are the contenders it beat)
+bundle="$OUT/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); r = r.get("_data", r)
+print(next(e.get("_data", e)["path"] for e in r["entries"] if e.get("_data", e)["role"] == "selected"))' "$OUT/run.json")"
 llmshrink validate "$bundle" ${TOLERANCE:+--tolerance "$TOLERANCE"}   # exit 4 if the latency misses its prediction
 llmshrink run "$bundle" --prompt "$PROMPT" --max-new-tokens "${MAX_NEW_TOKENS:-24}"

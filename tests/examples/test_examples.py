@@ -55,8 +55,11 @@ def test_quickstart_compresses_reports_validates_and_answers(env, tiny_base, ste
              MAX_NEW_TOKENS="4", EXTRA=f"--space {d / 'space.yaml'} --steps 3 --recovery-steps 1")
     r = _run(["bash", str(EXAMPLES / "quickstart.sh")], e, d)
     assert (d / "quick" / "report.md").is_file() and (d / "quick" / "pareto.png").is_file()  # quality: held-out ppl
-    (bundle,) = (d / "quick" / "candidates").iterdir()
-    assert (bundle / "manifest.json").is_file()
+    run = json.loads((d / "quick" / "run.json").read_text())
+    run = run.get("_data", run)
+    (shipped,) = [e.get("_data", e)["path"] for e in run["entries"] if e.get("_data", e)["role"] == "selected"]
+    assert (d / "quick" / shipped / "manifest.json").is_file()
+    assert f"{d / 'quick' / shipped}" in r.stdout + r.stderr  # the script validated and ran the shipped bundle
     assert "PASS" in r.stdout + r.stderr  # validate's verdict
 
 
