@@ -163,16 +163,10 @@ def unpruned_fit(space: SearchSpace, target, workload, table, budget_ms: float, 
         return None
     if predict(largest, target, workload, table=table).total_ms > budget_ms:
         return None
-    for fmt in sorted(formats or target.formats, key=fidelity_key):
+    for fmt, spec in _buildable_uniform(space, target, sorted(formats or target.formats, key=fidelity_key),
+                                        accepts):
         if fidelity_key(fmt) > fidelity_key(top):
             break  # coarser than what the search may use: no claim to make
-        spec = SubnetSpec.uniform(space.base, fmt)
-        try:
-            spec.validate(allowed_formats=set(target.formats))
-        except UsageError:  # SpecError: this format's group does not fit the model's widths
-            continue
-        if not accepts(spec):
-            continue
         ms = predict(spec, target, workload, table=table).total_ms
         if ms <= budget_ms:
             what = "the original model" if parse_format(fmt).is_float else "the unpruned model"
@@ -196,23 +190,35 @@ def uniform_fits(space: SearchSpace, target, workload, table, budget_ms: float, 
     These are the baselines a searched subnet must beat at the same budget."""
     from llmshrink.formats import at_least_as_faithful, fidelity_key
 
-    fits: list[UnprunedFit] = []
-    for fmt in dict.fromkeys(formats or target.formats):
+    fits: dict[str, UnprunedFit] = {}
+    for fmt, spec in _buildable_uniform(space, target, dict.fromkeys(formats or target.formats), accepts):
+        if params_budget and num_weights(spec) > params_budget:
+            continue
+        ms = predict(spec, target, workload, table=table).total_ms
+        if ms <= budget_ms:
+            fits[fmt] = UnprunedFit(spec, ms, f"the unpruned model in uniform {fmt}, predicted {ms:.2f} ms: "
+                                              "a baseline that needs no search")
+    kept = [f for f in fits if not any(o != f and at_least_as_faithful(o, f) for o in fits)]
+    return [fits[f] for f in sorted(kept, key=fidelity_key)]
+
+
+def _buildable_uniform(space: SearchSpace, target, formats, accepts: Callable[[SubnetSpec], bool]
+                       ) -> Iterator[tuple[str, SubnetSpec]]:
+    """(format, unpruned uniform spec) for each of ``formats``, in order, that the model's widths allow (its
+    group divides them) and ``accepts`` (the flavour) builds."""
+    for fmt in formats:
         spec = SubnetSpec.uniform(space.base, fmt)
         try:
             spec.validate(allowed_formats=set(target.formats))
         except UsageError:  # SpecError: this format's group does not fit the model's widths
             continue
-        if not accepts(spec) or (params_budget and num_weights(spec) > params_budget):
-            continue
-        ms = predict(spec, target, workload, table=table).total_ms
-        if ms <= budget_ms:
-            fits.append(UnprunedFit(spec, ms, f"the unpruned model in uniform {fmt}, predicted {ms:.2f} ms: "
-                                              "a baseline that needs no search"))
-    names = [f.spec.lm_head for f in fits]
-    kept = [f for f in fits if not any(o != f.spec.lm_head and at_least_as_faithful(o, f.spec.lm_head)
-                                       for o in names)]
-    return sorted(kept, key=lambda f: fidelity_key(f.spec.lm_head))
+        if accepts(spec):
+            yield fmt, spec
+
+
+def fastest_format(space: SearchSpace, target, workload, table) -> str:
+    """The space's format whose uniform, unpruned model the table predicts fastest."""
+    return min(space.formats, key=lambda f: predict(space.largest(f), target, workload, table=table).total_ms)
 
 
 def check_budget(space: SearchSpace, target, workload, table, budget_ms: float) -> float:

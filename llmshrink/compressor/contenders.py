@@ -68,14 +68,19 @@ class ContenderOutcome:
 def baselines(space, target, workload, table, budget_ms: float, importance, *, params_budget: float | None = None,
               formats=None, accepts: Callable = lambda s: True) -> list[Contender]:
     """The contenders of ``budget_ms`` that need no search (see module docstring), most faithful first."""
-    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget, uniform_fits
+    from llmshrink.compressor.budget import (
+        fastest_format,
+        fit_to_budget,
+        grow_to_budget,
+        uniform_fits,
+    )
     from llmshrink.errors import InfeasibleBudgetError
     from llmshrink.targets.predict import predict
 
     out = [Contender(f"uniform {f.spec.lm_head}", f.spec, f.predicted_ms, f.reason)
            for f in uniform_fits(space, target, workload, table, budget_ms, params_budget=params_budget,
                                  formats=formats, accepts=accepts)]
-    fastest = min(space.formats, key=lambda f: predict(space.largest(f), target, workload, table=table).total_ms)
+    fastest = fastest_format(space, target, workload, table)
     start = importance.apply(space.largest(fastest), choose_blocks=False)
     kinds = ("width", "depth")
     try:

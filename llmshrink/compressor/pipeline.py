@@ -172,13 +172,6 @@ def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, worklo
                    progress=progress)
 
 
-def _fastest_format(space, target, workload, table) -> str:
-    """The candidate format whose uniform, unpruned model the table predicts fastest."""
-    from llmshrink.targets.predict import predict
-
-    return min(space.formats, key=lambda f: predict(space.largest(f), target, workload, table=table).total_ms)
-
-
 def held_out_key(calib_data: str, ids) -> str:
     """The manifest quality key of :func:`_record_held_out_ppl` (a ``ppl:`` key the report reads)."""
     name = "self-generated" if calib_data == "self" else Path(calib_data).name.replace(":", "_")
@@ -611,7 +604,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     """One budget through search, extraction and fit, recovery, export, measurement and held-out scoring.
 
     ``searched``: how many of the run's budgets are searched (several share one weight warm-up)."""
-    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget
+    from llmshrink.compressor.budget import fastest_format, fit_to_budget, grow_to_budget
     from llmshrink.compressor.search import run_search
     from llmshrink.compressor.supernet import Supernet
     from llmshrink.spec import LINEARS
@@ -628,7 +621,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     if config.strategy == "joint":
         net = Supernet(hf, space, imp)
     else:  # full precision, each linear's latency priced in the format it will be quantized to
-        fastest = _fastest_format(space, target, workload, table)
+        fastest = fastest_format(space, target, workload, table)
         net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
                        latency_formats={n: space.fit_format(fastest, n) for n in (*LINEARS, "lm_head")})
     sdir = out / f"search-{label}"
