@@ -303,48 +303,57 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[st
 
 
 def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
-                   preference: Callable[[SubnetSpec], float], kinds: tuple[str, ...] = MOVE_KINDS,
-                   max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
+                   preference: Callable[[SubnetSpec], float], fallback: Callable[[SubnetSpec], float] | None = None,
+                   kinds: tuple[str, ...] = MOVE_KINDS, max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
     """Spend what ``spec`` leaves of ``budget_ms``: add capacity back while the table predicts it fits.
 
     A search overshoots (its penalty acts only above the budget, and annealing sharpens the choices
     after the multiplier has pushed them), and the most probable subnet can land well under the budget
     — time the user gave and quality left on the table. Each step takes the step up (see
     :func:`up_moves`) that fits and loses the least ``preference`` per millisecond it costs (gains
-    first); it stops when none fits. ``Move.cost`` is the preference lost (negative: gained).
+    first); ties go by ``fallback`` (as in :func:`fit_to_budget`). It stops when none fits. ``Move.cost``
+    is the preference lost (negative: gained).
     """
     taken: list[Move] = []
     current = predict(spec, target, workload, table=table).total_ms
     pref = preference(spec)
+    prior = fallback(spec) if fallback else 0.0
     while len(taken) < max_moves:
         best: Move | None = None
-        best_rate = float("inf")
+        best_key: tuple = (float("inf"),)
         for what, new in up_moves(spec, space, kinds):
             ms = predict(new, target, workload, table=table).total_ms
             added = ms - current
             if added <= 1e-9 or ms > budget_ms:
                 continue
             cost = pref - preference(new)
-            rate = cost / added
-            if rate < best_rate:
-                best, best_rate = Move(what, new, ms, cost), rate
+            key = (round(cost / added, 9) if math.isfinite(cost) else cost,
+                   (prior - fallback(new)) / added if fallback else 0.0)
+            if key < best_key and math.isfinite(key[0]):
+                best, best_key = Move(what, new, ms, cost), key
         if best is None:
             break
         taken.append(best)
         spec, current = best.spec, best.latency_ms
         pref = preference(spec)
+        prior = fallback(spec) if fallback else 0.0
     return spec, taken
 
 
 def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
-                  preference: Callable[[SubnetSpec], float] | None = None, kinds: tuple[str, ...] = MOVE_KINDS,
+                  preference: Callable[[SubnetSpec], float] | None = None,
+                  fallback: Callable[[SubnetSpec], float] | None = None, kinds: tuple[str, ...] = MOVE_KINDS,
                   max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
     """Step ``spec`` down until its predicted latency is within ``budget_ms``.
 
     Each step takes the move with the least preference lost per millisecond
-    saved (``preference``: higher is better, e.g. the search's log-probability;
-    None: the largest saving), among moves of ``kinds`` (width, depth,
-    precision). Returns the final spec and the moves taken.
+    saved (``preference``: higher is better, e.g. the search's log-probability),
+    among moves of ``kinds`` (width, depth, precision). Moves the preference
+    cannot tell apart — equal rates, or all ruled out (a choice the search
+    pruned: cost inf) — go by the least ``fallback`` lost per millisecond
+    (a prior such as :meth:`.Importance.preference`), so a settled search
+    never drops an important block because it saves the most; with neither,
+    the largest saving. Returns the final spec and the moves taken.
 
     Raises:
         InfeasibleBudgetError: no move helps any more and the budget is still not met.
@@ -352,18 +361,20 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
     taken: list[Move] = []
     current = predict(spec, target, workload, table=table).total_ms
     pref = preference(spec) if preference else 0.0
+    prior = fallback(spec) if fallback else 0.0
     while current > budget_ms:
         best: Move | None = None
-        best_key = (2, 0.0)
+        best_key: tuple = (2,)
         for what, new in moves(spec, space, kinds):
             ms = predict(new, target, workload, table=table).total_ms
             saved = current - ms
             if saved <= 1e-9:
                 continue
             cost = (pref - preference(new)) if preference else 0.0
+            tie = (prior - fallback(new)) / saved if fallback else -saved
             # a move the preference rules out (cost inf: a candidate the search pruned) only as a last
-            # resort, the largest saving first; a search that settled everything wide must still fit
-            key = (1, -saved) if not math.isfinite(cost) else (0, cost / saved if preference else -saved)
+            # resort; a search that settled everything wide must still fit
+            key = (1, tie) if not math.isfinite(cost) else (0, round(cost / saved, 9), tie)
             if key < best_key:
                 best, best_key = Move(what, new, ms, cost), key
         if best is None or len(taken) >= max_moves:
@@ -373,6 +384,7 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
         taken.append(best)
         spec, current = best.spec, best.latency_ms
         pref = preference(spec) if preference else 0.0
+        prior = fallback(spec) if fallback else 0.0
     return spec, taken
 
 

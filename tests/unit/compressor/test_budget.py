@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from llmshrink.compressor.budget import (
@@ -126,3 +128,43 @@ def test_grow_to_budget_moves_only_the_kinds_it_is_given(setup):
                                   kinds=("width", "depth"))
     assert taken and predict(grown, target, wl, table=table).total_ms <= top
     assert {f for ls in grown.layers for f in ls.precision.values()} | {grown.lm_head} == {"w4g32a8"}
+
+
+@pytest.mark.parametrize("preference", [
+    lambda s: 0.0,  # a search with no preference left
+    None,  # no search at all
+    "settled",  # a search that settled everything: every move ruled out
+])
+def test_the_fit_step_drops_blocks_in_importance_order_when_the_preference_cannot_tell(setup, tiny_base, preference):
+    space, target, wl, table = setup
+    spec = space.largest("w4g32a8")
+    if preference == "settled":
+        preference = lambda s: 0.0 if s == spec else float("-inf")  # noqa: E731
+    influence = [0.1, 0.4, 0.3, 0.2][:tiny_base.num_layers]  # block 0 ranks last, block 1 first
+    prior = lambda s: -sum(influence[i] for i, ls in enumerate(s.layers) if not ls.keep)  # noqa: E731
+    one_block = predict(spec, target, wl, table=table).total_ms - predict(
+        replace(spec, layers=(replace(spec.layers[0], keep=False), *spec.layers[1:])), target, wl,
+        table=table).total_ms
+    budget = predict(spec, target, wl, table=table).total_ms - 1.5 * one_block  # two blocks must go
+    fitted, taken = fit_to_budget(spec, space, target, wl, table, budget, preference=preference, fallback=prior,
+                                  kinds=("depth",))
+    dropped = [i for i, ls in enumerate(fitted.layers) if not ls.keep]
+    assert sorted(dropped) == [0, 3], [m.what for m in taken]
+    # the same cuts among every kind of move: never a block the order ranks above one it keeps
+    fitted, taken = fit_to_budget(spec, space, target, wl, table, budget, preference=preference, fallback=prior)
+    assert predict(fitted, target, wl, table=table).total_ms <= budget
+    dropped = {i for i, ls in enumerate(fitted.layers) if not ls.keep}
+    assert all(influence[d] <= influence[k] for d in dropped for k in fitted.kept_layers())
+
+
+def test_the_preference_overrules_the_importance_order_when_it_has_a_view(setup, tiny_base):
+    space, target, wl, table = setup
+    spec = space.largest("w4g32a8")
+    influence = [0.1, 0.4, 0.3, 0.2][:tiny_base.num_layers]
+    prior = lambda s: -sum(influence[i] for i, ls in enumerate(s.layers) if not ls.keep)  # noqa: E731
+    # the search wants block 1 gone, whatever the importance order says
+    wants_1_out = lambda s: sum(-5.0 if ls.keep != (i != 1) else 0.0 for i, ls in enumerate(s.layers))  # noqa: E731
+    budget = predict(spec, target, wl, table=table).total_ms - 1e-3
+    fitted, _ = fit_to_budget(spec, space, target, wl, table, budget, preference=wants_1_out, fallback=prior,
+                              kinds=("depth",))
+    assert [i for i, ls in enumerate(fitted.layers) if not ls.keep] == [1]
