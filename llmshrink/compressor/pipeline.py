@@ -5,6 +5,8 @@ One run directory holds everything (see :mod:`llmshrink.rundir`)::
 
     RUN_DIR/compress.json           the request (CompressConfig) and each phase's outcome
     RUN_DIR/importance.npz          importance scores (reused by --resume and every budget)
+    RUN_DIR/search-quant/<format>/  the unpruned model in each search format, by the run's quantizer: what the
+                                    joint search fake-quantizes with (``Supernet.use_quantized``)
     RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec, recovered/ model per budget
     RUN_DIR/candidates/<budget>/    the bundle for each budget (the contender that won its screening, recovered)
     RUN_DIR/candidates/<budget>-<contender>/  each other contender of the budget, as screened (no recovery)
@@ -624,23 +626,30 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
         fastest = fastest_format(space, target, workload, table)
         net = Supernet(hf, replace(space, formats=("fp32",), lm_head_formats=("fp32",)), imp,
                        latency_formats={n: space.fit_format(fastest, n) for n in (*LINEARS, "lm_head")})
+    if config.strategy == "joint" and config.quantizer != "rtn":
+        net.use_quantized(_search_quantized(ctx))
     sdir = out / f"search-{label}"
     if searched > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
         _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
         storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
     ckpt_exists = (sdir / "search.ckpt").is_file()
+    baselines = _baselines(ctx, budget) if config.strategy == "joint" else []
+    # the joint search starts at the budget's most faithful baseline it can express (a uniform format that is
+    # no search format, e.g. w4g32a8z, is not one) and leaves it where its samples say so
+    start = next((c.spec for c in baselines if space.expresses(c.spec)), None)
     result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                         params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
-                        resume=ckpt_exists, targets=targets, progress=progress)
+                        resume=ckpt_exists, targets=targets, start_from=start, progress=progress)
     secs["search"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     spec = replace(net.argmax_spec(model=ctx.source.describe()), notes={"budget_ms": f"{budget:g}"})
     storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
     with progress.task(f"Fitting the subnet to {label}"):
         if config.strategy == "joint":
-            spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob)
+            spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob,
+                                        fallback=imp.preference)
             spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
-                                         preference=partial(net.log_prob, alive_only=False))
+                                         preference=partial(net.log_prob, alive_only=False), fallback=imp.preference)
             moves = moves + grown
         else:
             from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
@@ -653,13 +662,42 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     secs["fit"] = time.perf_counter() - t0
     searched = Contender(SEARCH, spec, predict(spec, target, workload, table=table).total_ms,
                          f"the {config.strategy} search's subnet, fitted to the budget")
-    pool = [searched] + [c for c in _baselines(ctx, budget) if c.spec.fingerprint() != spec.fingerprint()]
+    if config.strategy != "joint":
+        baselines = _baselines(ctx, budget)
+    same = [c for c in baselines if c.spec.fingerprint() == spec.fingerprint()]
+    if same:  # the search came back to a baseline: screened once, under the search's name, and said so
+        searched = replace(searched, why=f"{searched.why}: the same model as the {same[0].name} baseline")
+    pool = [searched] + [c for c in baselines if c not in same]
     expected = result.history[-1].latency_ms if result.history else float("nan")
     if len(pool) == 1:  # nothing to compare with: no screening
         cm, *kd = _recovered(ctx, spec, sdir, secs)
         return _ship(ctx, label, budget, cm, searched.predicted_ms, tuple(mv.what for mv in moves), tuple(kd), secs,
                      expected_ms=expected)
     return _screen_and_ship(ctx, budget, pool, sdir, tuple(mv.what for mv in moves), expected, secs)
+
+
+def _search_quantized(ctx: _Context) -> dict:
+    """The unpruned model in each integer search format, quantized by the run's quantizer on the search's rows
+    (``RUN_DIR/search-quant/<format>``, shared by every budget and kept for --resume): what the joint search
+    fake-quantizes with (:meth:`.Supernet.use_quantized`), so it prices formats by the error that ships."""
+    from llmshrink.compressor.materialize import materialize
+    from llmshrink.compressor.model import CompressedModel
+    from llmshrink.formats import parse_format
+
+    config, inputs, space = ctx.config, ctx.inputs, ctx.space
+    models = {}
+    for fmt in dict.fromkeys((*space.formats, *space.lm_head_formats)):
+        if parse_format(fmt).is_float:
+            continue
+        qdir = ctx.out / "search-quant" / fmt
+        if (qdir / "spec.json").is_file():
+            models[fmt] = CompressedModel.load(qdir)
+            continue
+        with inputs.progress.task(f"Quantizing the unpruned model in {fmt} for the search ({config.quantizer})"):
+            models[fmt] = materialize(inputs.hf, space.largest(fmt), inputs.tok, calib=inputs.search_calib,
+                                      quantizer=config.quantizer, progress=inputs.progress)
+        models[fmt].save(qdir)
+    return models
 
 
 def _baselines(ctx: _Context, budget: float) -> list[Contender]:

@@ -1,14 +1,24 @@
-"""The differentiable search: train a Supernet's weights and architecture logits under a budget.
+"""The differentiable search: architecture logits (and optionally the Supernet's weights) under a budget.
 
-Each step (DARTS-style, first order) makes one weight update on a batch from
-one half of the calibration sequences and one architecture update on a
-batch from the other half, with separate optimizers (Adam for weights, SGD
-for architecture logits: see below):
+Each step (DARTS-style, first order) makes an architecture update on a
+batch from one half of the calibration sequences and, with
+``weight_lr > 0``, first a weight update on a batch from the other half,
+with separate optimizers (Adam for weights, SGD for architecture logits:
+see below):
 
 - weights: KD loss only (forward KL from the original model's logits);
 - architecture: KD + ``λ_lat · max(0, E[latency]/budget − 1)``
   + ``λ_par · max(0, E[params]/params_budget − 1)``, ``E[latency]`` from the
   target's latency table through the same predictor ``validate`` uses.
+
+Weights: by default (``weight_lr = 0``) the supernet keeps the pretrained
+weights and the search learns architecture logits only. That is a choice:
+what ships is the extracted subnet built from the *original* weights by the
+quantizer (GPTQ) and then recovered, so a search that judges each subnet with
+the weights the screening will see ranks subnets as the screening does, and
+it costs one forward and backward per step instead of two. (With
+``weight_lr > 0`` weights are trained as in the paper's weight entanglement;
+the trained weights are still not shipped.)
 
 The architecture step is a Lagrangian one: plain SGD (with momentum) keeps
 the gradients' sizes, so each decision moves as much as its KD cost and its
@@ -19,19 +29,38 @@ every decision toward its cheapest candidate at the same rate, and a
 SmolLM2 search ended at hidden 320 with one head in many layers.) λ_lat is
 a multiplier raised by dual ascent, ``λ ← λ · exp(η · (E[lat]/budget − 1))``
 (``lambda_lr`` = η), until the budget is met, so no λ needs tuning per model.
+Each logit's gradient is clipped to ``±arch_grad_clip`` before the step: the
+straight-through estimate is first order, and one wild sample (a block with
+massive activations, dropped) must not throw a decision to -100.
 
-With ``sampling="hard"`` (the default) each forward runs one subnet drawn
-from the tempered distribution with straight-through Gumbel-softmax
-gradients (:meth:`Supernet.sample`), while the penalties read the
+Quantization: the supernet fake-quantizes on the export's grid, rounding to
+nearest, unless ``compress`` hands it the run's quantizer's models
+(:meth:`Supernet.use_quantized`, GPTQ), which it does for the joint search.
+
+With ``sampling="hard"`` (the default) the batch splits into ``samples``
+groups, each run through its own subnet drawn from the tempered
+distribution with straight-through Gumbel-softmax gradients
+(:meth:`Supernet.sample`); several draws per step average out more of the
+estimator's noise at the same token count. The penalties read the
 expectation over that distribution; ``"soft"`` runs the expected network
-(soft masks everywhere, optionally Gumbel-perturbed). A fresh search starts
-every width at the pretrained one (``width_prior``,
+(soft masks everywhere, optionally Gumbel-perturbed).
+
+Start: given a ``start_from`` spec (``compress`` passes the budget's most
+faithful baseline: a uniform format that fits, else the importance
+heuristic, whose blocks follow the importance order), every decision starts
+at its choice, ``start_strength`` logits ahead (:meth:`Supernet.init_from_spec`),
+so the search refines a model that already fits rather than a random one.
+Otherwise every width starts at the pretrained one (``width_prior``,
 :meth:`Supernet.init_width_logits`) and every block's keep logit at
 ``keep_prior`` plus its block influence (:meth:`Supernet.init_keep_logits`).
+
 The softmax temperature anneals geometrically from ``tau_start`` to
-``tau_end``. Every ``settle_every`` steps, decisions whose normalized entropy
-at the current temperature is below ``entropy_threshold`` are frozen
-(:meth:`Supernet.settle`).
+``tau_end``. Every ``settle_every`` steps from step ``settle_after`` on,
+decisions whose normalized entropy *at temperature 1* is below
+``entropy_threshold`` are frozen, and candidates below ``prune_floor`` there
+are dropped (:meth:`Supernet.settle`). Judging at the annealed temperature
+froze decisions the search never learnt (annealing alone sharpens every
+distribution), from the first settles on.
 The first ``warmup_steps`` update weights only.
 
 A checkpoint (everything needed to continue bit for bit: supernet,
@@ -69,9 +98,16 @@ class SearchConfig:
     steps: int = 100
     batch_size: int = 4
     seq_len: int = 128
-    weight_lr: float = 1e-5
+    # architecture samples per step: the batch splits into this many groups (at most one per row), a subnet each
+    samples: int = 4
+    # 0: the supernet's weights stay the pretrained ones (see "Weights" in the module docstring)
+    weight_lr: float = 0.0
     arch_optimizer: str = "sgd"  # "sgd" (Lagrangian: gradient sizes kept) or "adam"
     arch_lr: float = 0.5
+    # each architecture logit's gradient is clipped to ±this: the straight-through estimate of dropping a block
+    # is first order, and across a block with massive activations (SmolLM2's blocks 1-2) one sample's estimate
+    # sent two keep logits to -100 in a step and the search never recovered (KD 0.4 -> 5)
+    arch_grad_clip: float = 1.0
     lambda_lr: float = 0.3  # dual ascent on λ_lat (0: fixed λ)
     width_prior: float = 2.0  # initial logit of a width: width_prior * width / widest (see init_width_logits)
     tau_start: float = 1.0
@@ -84,7 +120,10 @@ class SearchConfig:
     entropy_threshold: float = 0.2
     prune_floor: float = 0.02
     settle_every: int = 5
-    warmup_steps: int = 5
+    settle_after: int = 30  # no decision settles (nor loses a candidate) before this many steps
+    # how sure a search's start (a baseline of the budget, :meth:`Supernet.init_from_spec`) is: its logit lead
+    start_strength: float = 3.0
+    warmup_steps: int = 0  # weight-only steps first (only meaningful with weight_lr > 0)
     kd_temperature: float = 1.0
     checkpoint_every: int = 20
     requant_every: int = 10  # steps between refreshes of the cached quantization residuals
@@ -99,6 +138,8 @@ class SearchConfig:
             raise UsageError(f"Unknown arch_optimizer {self.arch_optimizer!r}; choose sgd or adam.")
         if self.sampling not in SAMPLINGS:
             raise UsageError(f"Unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}.")
+        if self.samples < 1:
+            raise UsageError(f"samples must be at least 1; got {self.samples}.")
 
     def tau(self, step: int) -> float:
         if self.steps <= 1:
@@ -159,20 +200,24 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
             targets = (teacher(input_ids=ids_w, use_cache=False).logits,
                        teacher(input_ids=ids_a, use_cache=False).logits)
 
-    def draw():
-        return net.sample(tau, generator) if cfg.sampling == "hard" else net.probs(tau, cfg.gumbel, generator)
+    def sampled_kd(ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean KD over ``cfg.samples`` groups of rows, each through its own draw (hard sampling: a subnet
+        each; several draws per step average out more of the estimator's noise at the same token count)."""
+        if cfg.sampling != "hard":
+            return kd_loss(net(ids, net.probs(tau, cfg.gumbel, generator)), target, cfg.kd_temperature)
+        groups = zip(ids.chunk(cfg.samples), target.chunk(cfg.samples), strict=True)  # at most one row each
+        return sum(kd_loss(net(i, net.sample(tau, generator)), t, cfg.kd_temperature) * len(i)
+                   for i, t in groups) / len(ids)
 
-    target = targets[0]
-    loss_w = kd_loss(net(ids_w, draw()), target, cfg.kd_temperature)
-    opt_w.zero_grad(set_to_none=True)
-    opt_a.zero_grad(set_to_none=True)
-    loss_w.backward()
-    opt_w.step()
-    target = targets[1]
-    pr = draw()
-    kd = kd_loss(net(ids_a, pr), target, cfg.kd_temperature)
-    if cfg.sampling == "hard":
-        pr = net.probs(tau)  # the penalties read the expectation over the distribution the samples come from
+    if cfg.weight_lr > 0:
+        loss_w = sampled_kd(ids_w, targets[0])
+        opt_w.zero_grad(set_to_none=True)
+        opt_a.zero_grad(set_to_none=True)
+        loss_w.backward()
+        opt_w.step()
+    kd = sampled_kd(ids_a, targets[1])
+    # the penalties read the expectation over the distribution the samples come from
+    pr = net.probs(tau)
     lat = net.expected_latency(table, workload, pr)
     params = net.expected_params(pr)
     lam = cfg.lambda_latency if lambda_latency is None else lambda_latency
@@ -183,6 +228,8 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
         (kd + penalty.float()).backward()
+        if cfg.arch_grad_clip:
+            torch.nn.utils.clip_grad_value_(net.arch_parameters(), cfg.arch_grad_clip)
         opt_a.step()
     return kd, lat, params, penalty
 
@@ -205,8 +252,13 @@ def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Optimizer,
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
                checkpoint_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
-               targets: TeacherTargets | None = None, progress: Progress = NULL_PROGRESS) -> SearchResult:
+               targets: TeacherTargets | None = None, start_from=None,
+               progress: Progress = NULL_PROGRESS) -> SearchResult:
     """Search ``net`` (modified in place) against ``teacher`` (the original HF model) on ``calib`` ``[N, T]``.
+
+    ``start_from``: a SubnetSpec a fresh search starts from (:meth:`Supernet.init_from_spec`, lead
+    ``config.start_strength``), e.g. the best baseline of the budget; None starts from the pretrained widths
+    and block influence (:meth:`Supernet.init_width_logits`, :meth:`Supernet.init_keep_logits`).
 
     ``targets``: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
     (several budgets and recovery share them); computed here otherwise.
@@ -244,10 +296,15 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         gen.set_state(state["gen"])
         history = [StepLog(**h) for h in state["history"]]
         start = resumed = state["step"]
+    elif start_from is not None:
+        net.init_from_spec(start_from, cfg.start_strength)
     else:
         net.init_width_logits(cfg.width_prior)
         if net.space.depth_search:
             net.init_keep_logits(cfg.keep_prior)
+    if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
+        for p in net.weight_parameters():
+            p.requires_grad_(False)
     lam = cfg.lambda_latency
     if history and history[-1].lambda_latency:  # resumed: the multiplier after the last logged step
         lam = _next_lambda(cfg, history[-1].lambda_latency, start - 1, history[-1].latency_ms, budget_ms)
@@ -268,8 +325,10 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             used, lam = lam, _next_lambda(cfg, lam, step, lat.item(), budget_ms)
             if (step + 1) % cfg.requant_every == 0:
                 net.refresh_quant()
-            if (step + 1) % cfg.settle_every == 0 and step >= cfg.warmup_steps:
-                net.settle(cfg.entropy_threshold, cfg.prune_floor, tau)
+            if (step + 1) % cfg.settle_every == 0 and step + 1 >= max(cfg.settle_after, cfg.warmup_steps):
+                # judged at temperature 1, not the annealed one: annealing sharpens every distribution
+                # alike, and a decision frozen because of it was never learnt (see module docstring)
+                net.settle(cfg.entropy_threshold, cfg.prune_floor, 1.0)
             n_settled, n_total = net.settled()
             log = StepLog(step + 1, kd.item(), lat.item(), params.item(), penalty.item(), tau, n_settled, n_total,
                           time.perf_counter() - t0, used)

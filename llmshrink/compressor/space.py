@@ -137,6 +137,23 @@ class SearchSpace:
         where each linear is offered it (else the nearest offered format, :meth:`fit_format`)."""
         return self._uniform(max, fmt or self.formats[0], keep=self.base.num_layers)
 
+    def expresses(self, spec: SubnetSpec) -> bool:
+        """Whether every choice of ``spec`` is a candidate of this space (kept blocks' widths and formats,
+        hidden width, lm_head format; a dropped block only where depth is searched)."""
+        if spec.base != self.base or spec.hidden_size not in self.hidden:
+            return False
+        if spec.lm_head not in self.linear_formats("lm_head") or len(spec.kept_layers()) < self.min_layers:
+            return False
+        for ls in spec.layers:
+            if not ls.keep:
+                continue
+            if (ls.num_kv_heads not in self.kv_groups or ls.num_heads // ls.num_kv_heads not in self.heads_per_group
+                    or ls.head_dim not in self.head_dim or ls.intermediate_size not in self.mlp):
+                return False
+            if any(ls.precision[n] not in self.linear_formats(n) for n in LINEARS):
+                return False
+        return True
+
     def smallest(self, fmt: str | None = None) -> SubnetSpec:
         """Every width at its smallest and only ``min_layers`` blocks (the first ones; the search picks
         which by importance), in ``fmt`` (default: the last format) as :meth:`largest` places it."""

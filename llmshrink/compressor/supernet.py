@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,28 @@ def width_mask(probs: torch.Tensor, cands: torch.Tensor, width: int) -> torch.Te
     survival probability of each of the first ``width`` channels (all candidates in one matmul)."""
     ind = (torch.arange(width)[None, :] < cands[:, None]).to(probs.dtype)  # [n, width]
     return probs @ ind
+
+
+class _ExpectedWeight(torch.autograd.Function):
+    """``w + sum_k p_k * r_k`` (the expected fake-quantized weight) without stacking the residuals ``r_k``:
+    terms with ``p_k`` ~ 0 (the other formats of a hard sample) cost nothing forward, and the backward gives
+    each ``p_k`` its straight-through gradient ``<dL/dw_eff, r_k>`` (the residuals are constants). The
+    einsum over a stacked copy this replaces spent most of a sampled forward copying residuals."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, w: torch.Tensor, *resid: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*resid)
+        out = w.clone(memory_format=torch.contiguous_format)
+        for pk, r in zip(p.tolist(), resid, strict=True):
+            if abs(pk) > 1e-7:
+                out.add_(r, alpha=pk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        resid = ctx.saved_tensors
+        gp = torch.stack([(grad * r).sum() for r in resid]) if ctx.needs_input_grad[0] else None
+        return (gp, grad if ctx.needs_input_grad[1] else None, *(None for _ in resid))
 
 
 def _permute_rows(w: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -260,6 +283,35 @@ class Supernet(nn.Module):
             self.alpha["keep"].zero_()
             self.alpha["keep"][:, 1] = prior + bonus
 
+    def init_from_spec(self, spec: SubnetSpec, strength: float) -> None:
+        """Start every decision at ``spec``'s choice, ``strength`` logits ahead of each other candidate (a
+        choice the space does not offer leaves its row even); each block's keep logit is ``±strength`` (kept
+        or dropped in ``spec``) plus its log block influence relative to the median's, clipped to ±1 (as in
+        :meth:`init_keep_logits`), so the search starts at a baseline that fits the budget (e.g. the
+        importance order's blocks) and leaves it only where its samples say so."""
+        s = self.space
+
+        def row(values, chosen) -> torch.Tensor:
+            r = torch.zeros(len(values))
+            if chosen in values:
+                r[values.index(chosen)] = strength
+            return r
+
+        with torch.no_grad():
+            self.alpha["hidden"].copy_(row(s.hidden, spec.hidden_size))
+            self.alpha["lm_head"].copy_(row(s.lm_head_formats, spec.lm_head))
+            bonus = torch.zeros(self.base.num_layers)
+            if self.importance is not None:
+                b = torch.as_tensor(self.importance.blocks, dtype=torch.float32).clamp_min(1e-6)
+                bonus = (b / b.median()).log().clamp(-1.0, 1.0)
+            for i, ls in enumerate(spec.layers):
+                self.alpha["keep"][i] = torch.tensor([0.0, (strength if ls.keep else -strength) + float(bonus[i])])
+                self.alpha["kv"][i] = row(s.kv_groups, ls.num_kv_heads)
+                self.alpha["hpg"][i] = row(s.heads_per_group, ls.num_heads // ls.num_kv_heads)
+                self.alpha["mlp"][i] = row(s.mlp, ls.intermediate_size)
+                for j, name in enumerate(LINEARS):
+                    self.alpha["prec"][i, j] = row(s.formats, ls.precision[name])
+
     # --------------------------------------------------------------- forward
     def _top(self, name: str, row: int | None = None) -> int:
         """The widest alive candidate (compute never goes beyond it)."""
@@ -268,6 +320,40 @@ class Supernet(nn.Module):
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, n_kept: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / n_kept + self.eps) * w
+
+    @torch.no_grad()
+    def use_quantized(self, models: dict) -> None:
+        """Fake-quantize with the run's quantizer from now on: ``models`` maps a format name to the unpruned
+        model quantized in it (a :class:`~.model.CompressedModel` of ``space.largest(fmt)``, e.g. by GPTQ),
+        and every linear (and the lm_head) offered that format takes its dequantized weight, reordered like
+        the supernet's, as ``Q(W)``. Formats not listed keep rounding to nearest on the export's grid.
+
+        Why: GPTQ compensates most of what rounding to nearest loses at 4 bits (SmolLM2-135M uniform w4g32a8,
+        KL from the original on held-out rows: 0.61 rounded to nearest, 0.15 with GPTQ), but it cannot
+        compensate a dropped block. A search that prices formats by rounding-to-nearest error buys 8-bit
+        weights with blocks (a 1.0x int4 search: KL 0.50 vs 0.61 for uniform int4 under rounding to
+        nearest, 0.35 vs 0.15 under the GPTQ that ships). A pruned subnet's GPTQ compensates over its kept
+        columns only, so its error is the unpruned one's estimate, sliced, not a copy.
+        """
+        hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long)
+        self._quantized = {}
+        for fmt, cm in models.items():
+            if len(cm.blocks) != self.base.num_layers or cm.spec.hidden_size != self.base.hidden_size:
+                raise UsageError(f"The {fmt} model given to the search is pruned; it needs the unpruned one.")
+            for i, (lay, blk) in enumerate(zip(self.layers, cm.blocks, strict=True)):
+                att = SimpleNamespace(**{n: SimpleNamespace(weight=getattr(blk, n).weight, bias=None)
+                                         for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+                mlp = SimpleNamespace(**{n: SimpleNamespace(weight=getattr(blk, n).weight, bias=None)
+                                         for n in ("gate_proj", "up_proj", "down_proj")})
+                norm = SimpleNamespace(weight=blk.input_norm)
+                q = _Layer(SimpleNamespace(self_attn=att, mlp=mlp, input_layernorm=norm, post_attention_layernorm=norm),
+                           self.orders[i], hidden_idx, self.base)
+                for name in LINEARS:
+                    if cm.spec.layers[i].precision[name] == fmt:  # else the space placed another format there
+                        self._quantized[(id(lay.weight(name)), fmt)] = q.weight(name).data
+            if cm.spec.lm_head == fmt:
+                self._quantized[(id(self.lm_head), fmt)] = cm.lm_head.weight[:, hidden_idx].float().clone()
+        self.refresh_quant()
 
     @torch.no_grad()
     def refresh_quant(self) -> None:
@@ -283,7 +369,11 @@ class Supernet(nn.Module):
         """
         self._resid = {}
 
+        quantized = getattr(self, "_quantized", {})
+
         def q(w: torch.Tensor, f: QuantFormat) -> torch.Tensor:
+            if (id(w), f.name) in quantized:  # the run's quantizer (use_quantized)
+                return quantized[(id(w), f.name)]
             if f.is_float or f.group_size is None:  # float, or per-channel int8 (absmax: cheap)
                 return fake_quant(w, f)
             return self._grids[(id(w), f.name)].fake_quant(w)  # at search learning rates the weights barely move
@@ -321,7 +411,7 @@ class Supernet(nn.Module):
                     xq = quantize_activation(x, fmts[i]) - x
                 out = out + p[i] * F.linear(x + xq, wc + resid[i])
             return out
-        w_eff = wc + (resid[idx[0]] if len(idx) == 1 else torch.einsum("k,koi->oi", p[idx], resid[idx]))
+        w_eff = wc + resid[idx[0]] if len(idx) == 1 else _ExpectedWeight.apply(p[idx], wc, *(resid[i] for i in idx))
         a8 = [i for i in idx if fmts[i].act != "none"]
         if a8:
             fine = min((fmts[i] for i in a8), key=lambda f: f.group_size or 1 << 30)

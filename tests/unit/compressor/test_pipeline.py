@@ -54,7 +54,10 @@ def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup, tin
     names = [k.name for k in c.contenders]
     fits = predict(SubnetSpec.uniform(tiny_base, "w4g32a8"), target, table=table).total_ms <= cfg.budgets_ms[0]
     assert ("uniform w4g32a8" in names) == fits and "uniform fp32" not in names  # fp32 is the top: over budget
-    assert "search" in names and "importance" in names and len(set(names)) == len(names)
+    assert "search" in names and len(set(names)) == len(names)
+    searched = next(k for k in c.contenders if k.name == "search")
+    # the importance heuristic was screened, on its own or as the search's pick (which then says so)
+    assert "importance" in names or "the same model as the importance baseline" in searched.why
     (won,) = [k for k in c.contenders if k.shipped]
     assert won.screen_kd == min(k.screen_kd for k in c.contenders) and won.bundle == c.bundle
     assert m.spec_fingerprint == won.spec_fingerprint and won.predicted_ms == pytest.approx(c.predicted_ms)
@@ -81,6 +84,27 @@ def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup, tin
         from dataclasses import replace
 
         compress(replace(cfg, seed=1), d / "run", resume=True)
+
+
+def test_a_search_that_picks_worse_than_a_baseline_ships_the_baseline(setup, monkeypatch):
+    d, cfg, *_ = setup
+    from dataclasses import replace
+
+    from llmshrink.compressor import budget as budget_mod
+    from llmshrink.compressor.supernet import Supernet
+
+    # force a bad pick: the narrowest subnet on the fewest blocks, left as it is by the fit
+    monkeypatch.setattr(Supernet, "argmax_spec", lambda self, model="": replace(
+        self.space.smallest(self.space.formats[-1]), model=model))
+    monkeypatch.setattr(budget_mod, "grow_to_budget", lambda spec, *a, **k: (spec, []))
+    res = compress(replace(cfg, recovery=replace(cfg.recovery, steps=1)), d / "forced")
+    (c,) = res.record.candidates
+    (won,) = [k for k in c.contenders if k.shipped]
+    searched = next(k for k in c.contenders if k.name == "search")
+    assert won.name != "search" and won.screen_kd < searched.screen_kd
+    assert c.reason.startswith("the search did not win") and searched.bundle and not searched.shipped
+    assert load_manifest(d / "forced" / c.bundle).spec_fingerprint == won.spec_fingerprint
+    assert "the search did not win" in (d / "forced" / "report.md").read_text()
 
 
 def test_a_budget_below_the_fastest_subnet_fails_before_weights_load(setup, monkeypatch):

@@ -99,3 +99,59 @@ def test_resume_continues_from_the_checkpoint_and_ends_where_an_unbroken_run_end
     with pytest.raises(UsageError, match="Nothing to resume"):
         run_search(Supernet(tiny_hf, _space(tiny_base)), tiny_hf, calib, checkpoint_dir=tmp_path / "x",
                    resume=True, **kw)
+
+
+def test_each_step_draws_one_subnet_per_sample_and_weights_stay_pretrained_by_default(tiny_hf, tiny_base, tiny_table,
+                                                                                       calib, monkeypatch):
+    table, _ = tiny_table
+    from llmshrink.targets.workload import Workload
+
+    net = Supernet(tiny_hf, _space(tiny_base))
+    before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith(("alpha", "alive"))}
+    draws = []
+    real = Supernet.sample
+    monkeypatch.setattr(Supernet, "sample", lambda self, *a: draws.append(1) or real(self, *a))
+    kw = dict(table=table, workload=Workload("decode", 1, 16), budget_ms=0.01)
+    run_search(net, tiny_hf, calib, config=_cfg(steps=3, samples=2, weight_lr=0.0, warmup_steps=0), **kw)
+    assert len(draws) == 3 * 2  # two subnets per step, no weight half
+    for k, v in net.state_dict().items():
+        if k in before:
+            torch.testing.assert_close(v, before[k], msg=k)
+    assert any(not torch.equal(a, torch.zeros_like(a)) for a in net.arch_parameters())
+    draws.clear()
+    trained = Supernet(tiny_hf, _space(tiny_base))
+    run_search(trained, tiny_hf, calib, config=_cfg(steps=3, samples=2, weight_lr=1e-3, warmup_steps=0), **kw)
+    assert len(draws) == 3 * 2 * 2  # and a weight half, also sampled twice
+    assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items() if k in before)
+
+
+def test_nothing_settles_before_settle_after(tiny_hf, tiny_base, tiny_table, calib):
+    table, _ = tiny_table
+    from llmshrink.targets.workload import Workload
+
+    kw = dict(table=table, workload=Workload("decode", 1, 16), budget_ms=0.01)
+    cfg = _cfg(steps=8, settle_every=2, settle_after=6, entropy_threshold=0.99, prune_floor=0.4, warmup_steps=0)
+    res = run_search(Supernet(tiny_hf, _space(tiny_base)), tiny_hf, calib, config=cfg, **kw)
+    first = res.history[0].settled
+    assert all(h.settled == first for h in res.history[:5])
+    assert res.history[5].settled > first  # at step 6 the (lenient) threshold freezes decisions
+
+
+def test_an_architecture_step_moves_no_logit_further_than_the_clipped_gradient_allows(tiny_hf, tiny_base, tiny_table,
+                                                                                       calib):
+    from llmshrink.compressor.search import optimizers, train_step
+    from llmshrink.targets.workload import Workload
+
+    table, _ = tiny_table
+    moved = {}
+    for clip in (0.01, 0.0):
+        net = Supernet(tiny_hf, _space(tiny_base))
+        cfg = _cfg(arch_lr=1.0, arch_grad_clip=clip, weight_lr=0.0)
+        opt_w, opt_a = optimizers(net, cfg)
+        before = [a.detach().clone() for a in net.arch_parameters()]
+        # a huge multiplier on a budget far below anything: the penalty's gradient dwarfs the clip
+        train_step(net, tiny_hf, calib[:2], calib[2:4], opt_w, opt_a, cfg, tau=1.0,
+                   generator=torch.Generator().manual_seed(0), table=table, workload=Workload("decode", 1, 16),
+                   budget_ms=1e-4, lambda_latency=1e4)
+        moved[clip] = max(float((a - b).abs().max()) for a, b in zip(net.arch_parameters(), before, strict=True))
+    assert 0 < moved[0.01] <= 0.01 + 1e-7 < moved[0.0]

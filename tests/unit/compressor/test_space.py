@@ -63,3 +63,20 @@ def test_space_yaml_overrides_and_rejects_what_cannot_be_built(tmp_path):
             load_space(f, SMOL, CPU)
     with pytest.raises(UsageError, match="No such"):
         load_space(tmp_path / "none.yaml", SMOL, CPU)
+
+
+def test_a_space_expresses_the_specs_made_of_its_candidates_only():
+    from dataclasses import replace
+
+    from llmshrink.spec import SubnetSpec
+
+    space = default_space(SMOL, ("fp32", "w4g32a8", "w4g32a8z", "w8g64a8"), search_formats=("w8g64a8", "w4g32a8"))
+    assert space.expresses(space.largest("w4g32a8")) and space.expresses(space.smallest("w8g64a8"))
+    assert not space.expresses(SubnetSpec.uniform(SMOL, "w4g32a8z"))  # a target format, not a search format
+    spec = space.largest("w4g32a8")
+    assert not space.expresses(replace(spec, lm_head="w4g32a8z"))
+    odd = list(spec.layers)
+    odd[3] = replace(odd[3], intermediate_size=1000)  # not a candidate width
+    assert not space.expresses(replace(spec, layers=tuple(odd)))
+    odd[3] = replace(odd[3], keep=False)  # a dropped block's widths do not matter
+    assert space.expresses(replace(spec, layers=tuple(odd)))

@@ -1,3 +1,6 @@
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.compressor.supernet import Supernet, fake_quant, width_mask
 from llmshrink.formats import parse_format
+from llmshrink.spec import LINEARS
 
 FORMATS = ("fp32", "w4g32a8", "w8g32", "w4g32z", "w8a8")
 
@@ -274,3 +278,60 @@ def test_num_weights_is_the_expected_params_of_a_one_hot_supernet(tiny_hf, tiny_
         net = Supernet(tiny_hf, _space(tiny_base, ("fp32", "w4g32a8")))
         _pin(net, 40 + seed)
         assert num_weights(net.argmax_spec()) == pytest.approx(float(net.expected_params(net.probs())))
+
+
+def test_a_search_started_from_a_spec_extracts_it_and_samples_near_it(tiny_hf, tiny_base, ids):
+    imp = measure_importance(tiny_hf, [ids])
+    space = _space(tiny_base, ("fp32", "w4g32a8"))
+    start = replace(space.largest("w4g32a8"), hidden_size=32)
+    layers = list(start.layers)
+    layers[1] = replace(layers[1], keep=False)
+    layers[2] = replace(layers[2], intermediate_size=96, precision={**layers[2].precision, "down_proj": "fp32"})
+    start = replace(start, layers=tuple(layers))
+    net = Supernet(tiny_hf, space, imp)
+    net.init_from_spec(start, 3.0)
+    got = net.argmax_spec()
+    assert got.hidden_size == 32 and got.lm_head == start.lm_head
+    assert [(ls.keep, ls.num_heads, ls.num_kv_heads, ls.intermediate_size, ls.precision) for ls in got.layers] == \
+        [(ls.keep, ls.num_heads, ls.num_kv_heads, ls.intermediate_size, ls.precision) for ls in start.layers]
+    pr = net.probs()
+    n_mlp = len(space.mlp)
+    assert float(pr.mlp[2].max()) == pytest.approx(math.exp(3) / (math.exp(3) + n_mlp - 1), abs=1e-5)
+    assert float(pr.keep[1, 1]) < 0.1 < 0.9 < float(pr.keep[0, 1])  # dropped / kept, shifted by influence only
+    # the spec is the most probable draw, not the only one
+    g = torch.Generator().manual_seed(0)
+    draws = [net.sample(1.0, g) for _ in range(20)]
+    assert any(int(d.mlp[2].argmax()) != space.mlp.index(96) for d in draws)
+
+
+def test_the_search_can_fake_quantize_with_the_runs_quantizer(tiny_hf, tiny_base, ids):
+    space = _space(tiny_base, ("w4g32a8", "fp32"))
+    calib = torch.randint(3, 300, (8, 16), generator=torch.Generator().manual_seed(4))
+    full = space.largest("w4g32a8")
+    gptq = materialize(tiny_hf, full, calib=calib, quantizer="gptq")
+    net = Supernet(tiny_hf, space)  # identity orders: activation groups run as the export's do
+    net.init_from_spec(full, 50.0)  # one-hot in effect
+    with torch.no_grad():
+        rtn = net(ids, net.probs())
+        net.use_quantized({"w4g32a8": gptq})
+        got = net(ids, net.probs())
+    # the unpruned spec is the GPTQ model itself, not the rounded-to-nearest one
+    torch.testing.assert_close(got, gptq(ids)[0], atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(got, rtn, atol=1e-3)
+    # a pruned subnet takes the GPTQ model's weights, sliced (an estimate: GPTQ on the slice would differ)
+    layers = list(full.layers)
+    layers[1] = replace(layers[1], intermediate_size=96)
+    narrow = replace(full, layers=tuple(layers))
+    net.init_from_spec(narrow, 50.0)
+    sliced = materialize(tiny_hf, narrow)
+    sliced.blocks[1].down_proj.weight.copy_(gptq.blocks[1].down_proj.weight[:, :96])
+    for n in ("gate_proj", "up_proj"):
+        getattr(sliced.blocks[1], n).weight.copy_(getattr(gptq.blocks[1], n).weight[:96])
+    for j in (0, 2, 3):
+        for n in LINEARS:
+            getattr(sliced.blocks[j], n).weight.copy_(getattr(gptq.blocks[j], n).weight)
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(sliced.blocks[1], n).weight.copy_(getattr(gptq.blocks[1], n).weight)
+    sliced.lm_head.weight.copy_(gptq.lm_head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids, net.probs()), sliced(ids)[0], atol=2e-4, rtol=1e-4)
