@@ -634,9 +634,8 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
         storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
     ckpt_exists = (sdir / "search.ckpt").is_file()
     baselines = _baselines(ctx, budget) if config.strategy == "joint" else []
-    # the joint search starts at the budget's most faithful baseline it can express (a uniform format that is
-    # no search format, e.g. w4g32a8z, is not one) and leaves it where its samples say so
-    start = next((c.spec for c in baselines if space.expresses(c.spec)), None)
+    # the joint search starts at the budget's most faithful baseline and leaves it where its samples say so
+    start = _search_start(ctx, budget, baselines) if config.strategy == "joint" else None
     result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                         params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
                         resume=ckpt_exists, targets=targets, start_from=start, progress=progress)
@@ -674,6 +673,20 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
         return _ship(ctx, label, budget, cm, searched.predicted_ms, tuple(mv.what for mv in moves), tuple(kd), secs,
                      expected_ms=expected)
     return _screen_and_ship(ctx, budget, pool, sdir, tuple(mv.what for mv in moves), expected, secs)
+
+
+def _search_start(ctx: _Context, budget: float, baselines: list[Contender]):
+    """Where the joint search starts: the most faithful baseline the space can express; else (the baselines use
+    target formats that are no search format, e.g. w4g32a8z) the most faithful uniform search format that
+    fits; else None (the pretrained widths, :func:`.search.run_search`)."""
+    from llmshrink.compressor.budget import uniform_fits
+
+    for c in baselines:
+        if ctx.space.expresses(c.spec):
+            return c.spec
+    fits = uniform_fits(ctx.space, ctx.target, ctx.workload, ctx.table, budget, params_budget=ctx.config.params_budget,
+                        formats=ctx.space.formats, accepts=_buildable(ctx.target))
+    return next((f.spec for f in fits if ctx.space.expresses(f.spec)), None)
 
 
 def _search_quantized(ctx: _Context) -> dict:
