@@ -276,12 +276,16 @@ class Supernet(nn.Module):
         ShortGPT's measure), so a search starts from "keep everything, the redundant middle blocks
         least surely" instead of a coin flip per block."""
         with torch.no_grad():
-            bonus = torch.zeros(self.base.num_layers)
-            if self.importance is not None:
-                b = torch.as_tensor(self.importance.blocks, dtype=torch.float32).clamp_min(1e-6)
-                bonus = (b / b.median()).log().clamp(-1.0, 1.0)
             self.alpha["keep"].zero_()
-            self.alpha["keep"][:, 1] = prior + bonus
+            self.alpha["keep"][:, 1] = prior + self._influence_bonus()
+
+    def _influence_bonus(self) -> torch.Tensor:
+        """Each block's log block influence relative to the median block's, clipped to ±1 (zeros without
+        importance scores): what a keep logit starts with on top of its prior."""
+        if self.importance is None:
+            return torch.zeros(self.base.num_layers)
+        b = torch.as_tensor(self.importance.blocks, dtype=torch.float32).clamp_min(1e-6)
+        return (b / b.median()).log().clamp(-1.0, 1.0)
 
     def init_from_spec(self, spec: SubnetSpec, strength: float) -> None:
         """Start every decision at ``spec``'s choice, ``strength`` logits ahead of each other candidate (a
@@ -300,10 +304,7 @@ class Supernet(nn.Module):
         with torch.no_grad():
             self.alpha["hidden"].copy_(row(s.hidden, spec.hidden_size))
             self.alpha["lm_head"].copy_(row(s.lm_head_formats, spec.lm_head))
-            bonus = torch.zeros(self.base.num_layers)
-            if self.importance is not None:
-                b = torch.as_tensor(self.importance.blocks, dtype=torch.float32).clamp_min(1e-6)
-                bonus = (b / b.median()).log().clamp(-1.0, 1.0)
+            bonus = self._influence_bonus()
             for i, ls in enumerate(spec.layers):
                 self.alpha["keep"][i] = torch.tensor([0.0, (strength if ls.keep else -strength) + float(bonus[i])])
                 self.alpha["kv"][i] = row(s.kv_groups, ls.num_kv_heads)
