@@ -11,7 +11,7 @@ set -euo pipefail
 
 MODEL=${MODEL:-smollm2-135m}     # a built-in name, a local HF directory, a .gguf file or a hub id
 TARGET=${TARGET:-cpu}            # `llmshrink targets list`; a YAML file defines your own
-LATENCY=${LATENCY:-5.3ms}        # the budget for the target's default workload (cpu: decode, 256 tokens in cache)
+LATENCY=${LATENCY:-1.15xint4-a8} # 1.15x the uniform int4 export's predicted latency (cpu: decode, 256 tokens in cache)
 OUT=${OUT:-runs/quickstart}
 PROMPT=${PROMPT:-What is the capital of France?}
 
