@@ -633,7 +633,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
         _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
         storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
     ckpt_exists = (sdir / "search.ckpt").is_file()
-    baselines = _baselines(ctx, budget) if config.strategy == "joint" else []
+    baselines = _baselines(ctx, budget)
     # the joint search starts at the budget's most faithful baseline and leaves it where its samples say so
     start = _search_start(ctx, budget, baselines) if config.strategy == "joint" else None
     result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
@@ -661,8 +661,6 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     secs["fit"] = time.perf_counter() - t0
     searched = Contender(SEARCH, spec, predict(spec, target, workload, table=table).total_ms,
                          f"the {config.strategy} search's subnet, fitted to the budget")
-    if config.strategy != "joint":
-        baselines = _baselines(ctx, budget)
     same = [c for c in baselines if c.spec.fingerprint() == spec.fingerprint()]
     if same:  # the search came back to a baseline: screened once, under the search's name, and said so
         searched = replace(searched, why=f"{searched.why}: the same model as the {same[0].name} baseline")
