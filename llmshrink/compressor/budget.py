@@ -265,12 +265,19 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[st
     """(kind, description, new spec) of every one-notch change of ``spec`` in direction ``step``: widths
     one candidate narrower (-1) or wider (+1); a kept block dropped while ``min_layers`` allows (-1) or a
     dropped block kept (+1); any other format for any linear or the lm_head (either direction)."""
+    for kind, what, new, _ in _local_steps(spec, space, step):
+        yield kind, what, new
+
+
+def _local_steps(spec: SubnetSpec, space: SearchSpace, step: int
+                 ) -> Iterator[tuple[str, str, SubnetSpec, int | None]]:
+    """:func:`_steps` with the one layer each change touches (None: the hidden width or the lm_head)."""
     h = _neighbour(space.hidden, spec.hidden_size, step)
     if h:
-        yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h)
+        yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h), None
     for f in space.linear_formats("lm_head"):
         if f != spec.lm_head:
-            yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f)
+            yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f), None
     can_drop = len(spec.kept_layers()) > space.min_layers
     for i, ls in enumerate(spec.layers):
         def at(new, i=i):
@@ -280,26 +287,89 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[st
 
         if not ls.keep:
             if step > 0:
-                yield "depth", f"keep block {i}", at(replace(ls, keep=True))
+                yield "depth", f"keep block {i}", at(replace(ls, keep=True)), i
             continue
         if step < 0 and can_drop:
-            yield "depth", f"drop block {i}", at(replace(ls, keep=False))
+            yield "depth", f"drop block {i}", at(replace(ls, keep=False)), i
         m = _neighbour(space.mlp, ls.intermediate_size, step)
         if m:
-            yield "width", f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m))
+            yield "width", f"layer {i} mlp {ls.intermediate_size}->{m}", at(replace(ls, intermediate_size=m)), i
         per = ls.num_heads // ls.num_kv_heads
         g = _neighbour(space.kv_groups, ls.num_kv_heads, step)
         if g:
             yield "width", f"layer {i} kv groups {ls.num_kv_heads}->{g}", at(replace(ls, num_kv_heads=g,
-                                                                                     num_heads=g * per))
+                                                                                     num_heads=g * per)), i
         r = _neighbour(space.heads_per_group, per, step)
         if r:
-            yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r))
+            yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r)), i
         for name in LINEARS:
             for f in space.linear_formats(name):
                 if f != ls.precision[name]:
                     yield "precision", f"layer {i} {name} {ls.precision[name]}->{f}", at(
-                        replace(ls, precision={**ls.precision, name: f}))
+                        replace(ls, precision={**ls.precision, name: f})), i
+
+
+@dataclass(frozen=True)
+class _Priced:
+    """One candidate move with the latency and scores of the spec it leads to."""
+
+    kind: str
+    what: str
+    spec: SubnetSpec
+    ms: float
+    pref: float
+    prior: float
+
+
+class _MovePricer:
+    """Prices every one-notch move of a fit or grow step, re-pricing only what the last move changed.
+
+    Contract on what it is given: the latency, ``preference`` and ``fallback`` of a spec are each a sum
+    of one term per layer (that layer's shape and formats, and the hidden width) plus terms of the
+    hidden width and the lm_head alone — true of the table's prediction (per-op, see
+    :mod:`~llmshrink.targets.predict`), the search's log-probability, :meth:`.Importance.preference`
+    and :meth:`.Sensitivity.preference`. A move's change of all three then depends only on the layer it
+    touches, the hidden width and the lm_head, so it is kept until one of those changes, and a step costs
+    the ~20 moves of the layer just changed instead of every move of every layer (500+ predictions on
+    SmolLM2-135M, ~3 s a step). Changes that are not finite (a pruned choice: -inf) are never kept.
+    """
+
+    def __init__(self, space: SearchSpace, target, workload, table, preference, fallback) -> None:
+        self.space, self.target, self.workload, self.table = space, target, workload, table
+        self.preference, self.fallback = preference, fallback
+        self._deltas: dict[tuple, tuple[float, float, float]] = {}
+
+    def ms(self, spec: SubnetSpec) -> float:
+        return predict(spec, self.target, self.workload, table=self.table).total_ms
+
+    def scores(self, spec: SubnetSpec) -> tuple[float, float, float]:
+        """(latency ms, preference, fallback) of ``spec`` (0.0 for a preference or fallback not given)."""
+        return (self.ms(spec), self.preference(spec) if self.preference else 0.0,
+                self.fallback(spec) if self.fallback else 0.0)
+
+    def moves(self, spec: SubnetSpec, now: tuple[float, float, float], step: int,
+              kinds: tuple[str, ...]) -> Iterator[_Priced]:
+        """Every move of ``kinds`` from ``spec`` (whose scores are ``now``) in direction ``step``, priced."""
+        for kind, what, new, i in _local_steps(spec, self.space, step):
+            if kind not in kinds:
+                continue
+            key = None if i is None else (what, spec.hidden_size, spec.lm_head, _layer_key(spec.layers[i]))
+            d = self._deltas.get(key) if key else None
+            if d is None:
+                d = tuple(b - a for a, b in zip(now, self.scores(new), strict=True))
+                if key and all(math.isfinite(x) for x in d):
+                    self._deltas[key] = d
+                else:  # not additive (a pruned choice): exactly as computed, not as a sum
+                    d = None
+                    ms, pref, prior = self.scores(new)
+            if d is not None:
+                ms, pref, prior = (a + b for a, b in zip(now, d, strict=True))
+            yield _Priced(kind, what, new, ms, pref, prior)
+
+
+def _layer_key(ls) -> tuple:
+    return (ls.keep, ls.num_heads, ls.num_kv_heads, ls.head_dim, ls.intermediate_size,
+            tuple(sorted(ls.precision.items())))
 
 
 def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
@@ -315,28 +385,24 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
     is the preference lost (negative: gained).
     """
     taken: list[Move] = []
-    current = predict(spec, target, workload, table=table).total_ms
-    pref = preference(spec)
-    prior = fallback(spec) if fallback else 0.0
+    pricer = _MovePricer(space, target, workload, table, preference, fallback)
+    now = pricer.scores(spec)
     while len(taken) < max_moves:
-        best: Move | None = None
+        best: _Priced | None = None
         best_key: tuple = (float("inf"),)
-        for what, new in up_moves(spec, space, kinds):
-            ms = predict(new, target, workload, table=table).total_ms
-            added = ms - current
-            if added <= 1e-9 or ms > budget_ms:
+        for m in pricer.moves(spec, now, +1, kinds):
+            added = m.ms - now[0]
+            if added <= 1e-9 or m.ms > budget_ms:
                 continue
-            cost = pref - preference(new)
+            cost = now[1] - m.pref
             key = (round(cost / added, 9) if math.isfinite(cost) else cost,
-                   (prior - fallback(new)) / added if fallback else 0.0)
+                   (now[2] - m.prior) / added if fallback else 0.0)
             if key < best_key and math.isfinite(key[0]):
-                best, best_key = Move(what, new, ms, cost), key
+                best, best_key = m, key
         if best is None:
             break
-        taken.append(best)
-        spec, current = best.spec, best.latency_ms
-        pref = preference(spec)
-        prior = fallback(spec) if fallback else 0.0
+        taken.append(Move(best.what, best.spec, best.ms, now[1] - best.pref))
+        spec, now = best.spec, pricer.scores(best.spec)
     return spec, taken
 
 
@@ -359,32 +425,28 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
         InfeasibleBudgetError: no move helps any more and the budget is still not met.
     """
     taken: list[Move] = []
-    current = predict(spec, target, workload, table=table).total_ms
-    pref = preference(spec) if preference else 0.0
-    prior = fallback(spec) if fallback else 0.0
-    while current > budget_ms:
-        best: Move | None = None
+    pricer = _MovePricer(space, target, workload, table, preference, fallback)
+    now = pricer.scores(spec)
+    while now[0] > budget_ms:
+        best: _Priced | None = None
         best_key: tuple = (2,)
-        for what, new in moves(spec, space, kinds):
-            ms = predict(new, target, workload, table=table).total_ms
-            saved = current - ms
+        for m in pricer.moves(spec, now, -1, kinds):
+            saved = now[0] - m.ms
             if saved <= 1e-9:
                 continue
-            cost = (pref - preference(new)) if preference else 0.0
-            tie = (prior - fallback(new)) / saved if fallback else -saved
+            cost = now[1] - m.pref
+            tie = (now[2] - m.prior) / saved if fallback else -saved
             # a move the preference rules out (cost inf: a candidate the search pruned) only as a last
             # resort; a search that settled everything wide must still fit
             key = (1, tie) if not math.isfinite(cost) else (0, round(cost / saved, 9), tie)
             if key < best_key:
-                best, best_key = Move(what, new, ms, cost), key
+                best, best_key = m, key
         if best is None or len(taken) >= max_moves:
             raise InfeasibleBudgetError(
-                f"Could not bring the subnet under {budget_ms:.2f} ms: it stays at {current:.2f} ms "
+                f"Could not bring the subnet under {budget_ms:.2f} ms: it stays at {now[0]:.2f} ms "
                 f"({workload.describe()}).", "Raise the budget or widen the search space.")
-        taken.append(best)
-        spec, current = best.spec, best.latency_ms
-        pref = preference(spec) if preference else 0.0
-        prior = fallback(spec) if fallback else 0.0
+        taken.append(Move(best.what, best.spec, best.ms, now[1] - best.pref))
+        spec, now = best.spec, pricer.scores(best.spec)
     return spec, taken
 
 

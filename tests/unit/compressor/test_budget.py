@@ -3,6 +3,8 @@ from dataclasses import replace
 import pytest
 
 from llmshrink.compressor.budget import (
+    MOVE_KINDS,
+    _MovePricer,
     check_budget,
     fastest_reachable,
     fit_to_budget,
@@ -168,3 +170,26 @@ def test_the_preference_overrules_the_importance_order_when_it_has_a_view(setup,
     fitted, _ = fit_to_budget(spec, space, target, wl, table, budget, preference=wants_1_out, fallback=prior,
                               kinds=("depth",))
     assert [i for i, ls in enumerate(fitted.layers) if not ls.keep] == [1]
+
+
+def test_moves_are_priced_as_if_each_were_predicted_afresh_after_every_step(setup):
+    """The fit and grow steps keep a move's price until its layer, the hidden width or the lm_head changes:
+    after any sequence of moves, every cached price must equal the latency and scores computed anew."""
+    space, target, wl, table = setup
+    weights = {"w4g32a8": 0.3, "fp32": 0.0}
+    pref = lambda s: -sum((i + 1) * (0.01 * (128 - ls.intermediate_size) + 0.2 * (2 - ls.num_kv_heads)  # noqa: E731
+                                     + sum(weights[f] for f in ls.precision.values())) if ls.keep else 5.0 * (i + 1)
+                          for i, ls in enumerate(s.layers)) - 0.001 * (64 - s.hidden_size) * len(s.kept_layers())
+    prior = lambda s: -sum(1.0 / (i + 1) for i, ls in enumerate(s.layers) if not ls.keep)  # noqa: E731
+    pricer = _MovePricer(space, target, wl, table, pref, prior)
+    spec = space.largest("fp32")
+    now = pricer.scores(spec)
+    for step in range(8):
+        priced = list(pricer.moves(spec, now, -1, MOVE_KINDS))
+        assert priced
+        for m in priced:
+            assert (m.ms, m.pref, m.prior) == pytest.approx(pricer.scores(m.spec), rel=1e-9, abs=1e-12), m.what
+        # the hidden width first (it changes every layer's price), then moves spread over the layers
+        pick = next((m for m in priced if m.what.startswith("hidden")), None) if step == 0 else \
+            priced[(7 * step) % len(priced)]
+        spec, now = pick.spec, pricer.scores(pick.spec)
