@@ -1,145 +1,94 @@
-"""Joint vs sequential search at several latency budgets on the default model, with held-out quality.
+"""Joint against sequential search at budgets relative to uniform int4, on the default model, full local sets.
 
-For each budget, ``compress`` runs twice through the same machinery, data,
-steps and budget — ``--strategy joint`` and ``--strategy sequential`` — and
-the resulting bundles are measured (``validate``: floor of block medians on
-the target's workload) and evaluated on held-out data that no search or
-recovery step saw: lm-eval tasks rendered from ``--data-dir`` (ARC-Easy dev,
-BoolQ, HellaSwag, WinoGrande; ``--limit`` documents each) and WikiText-2
-test perplexity (the first ``--ppl-tokens`` tokens, context 512, stride 256).
-The original model (fp32 bundle) and a uniform int4 (w4g32a8) bundle are
-measured and evaluated the same way. Budgets default to 60/70/80 % of the
-uniform int4 bundle's *predicted* latency (the
-target's table; measurements on a shared VM drift).
+For each budget (default 0.7 / 0.85 / 1.0 / 1.15 x the uniform w4g32a8 export, as this machine's cpu table
+predicts it) and each strategy, one ``llmshrink compress --latency B --strategy S`` run in its own directory:
+the search, the baselines the budget admits, all screened alike (the run's quantizer, then KL from the
+original on rows no phase read), the winner recovered and shipped. Both strategies get the same calibration
+rows, baselines, quantizer and recovery; only the search differs (joint: architecture and formats together;
+sequential: architecture in full precision, then formats by measured sensitivity).
 
-    python benchmarks/joint_vs_sequential.py --data-dir ../shared/evaldata [--budgets 2.6,3.0,3.4]
-        [--limit 500] [--steps 100] [--out runs/jvs] [--results benchmarks/results/joint_vs_sequential_cpu.txt]
+Every shipped bundle, the original and uniform int4 (GPTQ, no recovery: each run's ``reference/``), and with
+``--baseline-run`` uniform int4 with the same recovery (``compress --spec``), are scored on held-out data: ARC-Easy
+dev, BoolQ and WinoGrande on their full sets, HellaSwag on its first 1,000, WikiText-2 test perplexity (first
+``--ppl-tokens`` tokens, context 512, stride 256). Then all are timed together, interleaved, with nothing else of
+this benchmark running. Per run the table says which contender shipped and the search's own screening KL: a
+search that lost is visible even where its run shipped a baseline.
 
-Prints one row per bundle (strategy, budget, predicted and measured latency,
-accuracies, mean accuracy, perplexity) and the command that made the table;
-everything is also in each bundle's manifest and in ``--out/report.md``.
+    python benchmarks/joint_vs_sequential.py --data-dir ../shared/evaldata
+        [--budgets 0.7xint4-a8,0.85xint4-a8,1.0xint4-a8,1.15xint4-a8] [--reuse joint:1.15xint4-a8=RUN_DIR ...]
+        [--baseline-run DIR] [--out runs/joint-vs-sequential] [--results benchmarks/results/joint_vs_sequential_cpu.txt]
+
+Everything is kept under ``--out`` (runs, evaluations), so an interrupted benchmark re-run with the same
+arguments resumes: finished runs and scores are read back, an unfinished ``compress`` continues (``--resume``).
+``--reuse STRATEGY:BUDGET=RUN_DIR`` takes a finished ``compress`` run of that strategy and budget made elsewhere
+(``benchmarks/baselines.py`` makes joint ones) instead of running it again; its strategy and budget are checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import sys
+import time
 from pathlib import Path
 
-from _cli import sh  # benchmarks/ is on sys.path when a script in it runs
+from _cli import HELLASWAG, HELLASWAG_DOCS, emit, evaluate, sh, uniform_setup
 
-TASKS = ("arc_easy_local", "boolq_local", "hellaswag_local", "winogrande_local")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True, help="../shared/evaldata (read-only; tasks are rendered from it)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--target", default="cpu")
-    ap.add_argument("--budgets", default=None, help="ms, comma-separated (default: 60/70/80%% of uniform int4)")
-    ap.add_argument("--limit", type=int, default=500, help="documents per task (0: all)")
-    ap.add_argument("--ppl-tokens", type=int, default=16384)
-    ap.add_argument("--steps", type=int, default=None, help="search steps (default: compress's)")
-    ap.add_argument("--recovery-steps", type=int, default=None)
-    ap.add_argument("--out", default="runs/joint-vs-sequential")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over all bundles")
-    ap.add_argument("--results", default=None, help="also write the table to this file")
-    args = ap.parse_args()
-
-    out = Path(args.out)
-    tasks_dir = out / "tasks"
-    if not (tasks_dir / "arc_easy_local.yaml").is_file():
-        subprocess.run([sys.executable, str(Path(args.data_dir) / "render.py"), str(tasks_dir)], check=True)
-    wiki = Path(args.data_dir) / "wikitext2" / "wiki.test.raw"
-    bundles: dict[str, tuple[str, float | None]] = {}
-    for name, fmt in (("original", "fp32"), ("uniform-int4", "w4g32a8")):
-        b = out / "baselines" / name
-        if not (b / "manifest.json").is_file():
-            sh("spec", "new", "--model", args.model, "--uniform", fmt, "--out", str(out / f"{name}.json"))
-            sh("export", "--model", args.model, "--spec", str(out / f"{name}.json"), "--target", args.target,
-               "--out", str(b))
-        bundles[name] = (str(b), None)
-    # Budgets from the table's prediction for the int4 bundle, not from a measurement of it: on a shared VM a
-    # measurement drifts by tens of percent within the hour, and the budgets must not depend on the neighbours.
-    int4_pred = json.loads((Path(bundles["uniform-int4"][0]) / "manifest.json").read_text())["_data"][
-        "predicted_latency_ms"]
-    budgets = ([float(x) for x in args.budgets.split(",")] if args.budgets
-               else [round(f * int4_pred, 2) for f in (0.6, 0.7, 0.8)])
-    extra = (["--steps", str(args.steps)] if args.steps else []) + (
-        ["--recovery-steps", str(args.recovery_steps)] if args.recovery_steps is not None else [])
-    for strategy in ("joint", "sequential"):
-        run = out / strategy
-        flag = ["--resume"] if (run / "compress.json").is_file() else []
-        sh("compress", "--model", args.model, "--target", args.target,
-           "--latency", ",".join(f"{b}ms" for b in budgets), "--strategy", strategy, "--out", str(run),
-           "--json", *extra, *flag)
-        for b in budgets:
-            bundles[f"{strategy} {b:g}ms"] = (str(run / "candidates" / f"{b:g}ms"), b)
-    quality = {}
-    for label, (path, _) in bundles.items():
-        quality[label] = recorded_quality(path, args.limit, args.ppl_tokens)
-        if quality[label] is None:  # not evaluated yet at these settings (results go into the manifest)
-            lim = ["--limit", str(args.limit)] if args.limit else []
-            sh("eval", path, "--tasks", ",".join(TASKS), "--include-path", str(tasks_dir), *lim,
-               "--ppl", str(wiki), "--max-tokens", str(args.ppl_tokens), "--json")
-            quality[label] = recorded_quality(path, args.limit, args.ppl_tokens)
-    # Timed last, all together and with nothing else of this benchmark running (evaluation is CPU-bound).
-    side = measure_side_by_side({k: v[0] for k, v in bundles.items()}, args.rounds, args.target)
-    rows = []
-    for label, (path, budget) in bundles.items():
-        m = json.loads((Path(path) / "manifest.json").read_text())["_data"]
-        acc, ppl = quality[label]
-        rows.append((label, budget, m.get("predicted_latency_ms"), side[label], acc, ppl))
-    int4_pred, int4_meas = rows[1][2], rows[1][3]
-    head = ["bundle", "budget", "pred ms", "meas ms", "pred/int4", "meas/int4",
-            *(t.removesuffix("_local") for t in TASKS), "mean acc", "ppl"]
-    lines = [f"# {' '.join(sys.argv)}",
-             f"# workload: the {args.target} target's default; meas = median over {args.rounds} interleaved rounds "
-             f"(every bundle once per round) of each round's floor of block medians; accuracy on the first "
-             f"{args.limit or 'all'} documents per task, 0-shot; WikiText-2 test ppl on {args.ppl_tokens} tokens "
-             f"(ctx 512, stride 256); search steps {args.steps or 'default'}, recovery steps "
-             f"{args.recovery_steps if args.recovery_steps is not None else 'default'}",
-             " | ".join(head)]
-    for label, budget, pred, meas, acc, ppl in rows:
-        accs = [acc.get(t) for t in TASKS]
-        mean = sum(a for a in accs if a is not None) / max(1, sum(a is not None for a in accs))
-        lines.append(" | ".join([label, f"{budget:g}" if budget else "-", f"{pred:.2f}" if pred else "-",
-                                 f"{meas:.2f}", f"{pred / int4_pred:.2f}" if pred else "-", f"{meas / int4_meas:.2f}",
-                                 *(f"{100 * a:.1f}" if a is not None else "-" for a in accs), f"{100 * mean:.1f}",
-                                 f"{ppl:.2f}"]))
-    print("\n".join(lines))
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text("\n".join(lines) + "\n")
+STRATEGIES = ("joint", "sequential")
+TASKS = {"arc_easy_local": "ARC-E", "boolq_local": "BoolQ", "winogrande_local": "Wino",
+         HELLASWAG: f"HS{HELLASWAG_DOCS}"}
 
 
-def recorded_quality(path: str, limit: int, ppl_tokens: int) -> tuple[dict[str, float], float] | None:
-    """(accuracy per task, WikiText-2 ppl) that ``llmshrink eval`` recorded in the bundle's manifest at these
-    settings, or None if any is missing (so a rerun of the benchmark evaluates nothing twice)."""
-    from llmshrink.evaluation.harness import task_key
-    from llmshrink.evaluation.perplexity import ppl_key
-
-    q = json.loads((Path(path) / "manifest.json").read_text())["_data"].get("quality") or {}
-    acc = {t: q.get(task_key(t, "acc", limit or None)) for t in TASKS}
-    ppl = q.get(ppl_key("wiki.test.raw", 512, 256, ppl_tokens - 1))  # the first of N tokens is not scored
-    return None if ppl is None or None in acc.values() else (acc, ppl)
+def _data(x: dict) -> dict:
+    return x.get("_data", x)
 
 
-def measure_side_by_side(paths: dict[str, str], rounds: int, target: str) -> dict[str, float]:
+def _finished(run: Path) -> bool:
+    return (run / "run.json").is_file() and any(
+        _data(e)["role"] == "selected" for e in _data(json.loads((run / "run.json").read_text()))["entries"])
+
+
+def _run(run: Path, walls: Path, model: str, budget: str, strategy: str) -> None:
+    """``compress`` once into ``run`` (continued with --resume when a previous attempt left it unfinished)."""
+    if _finished(run):
+        return
+    resume = ["--resume"] if (run / "compress.json").is_file() else []
+    t0 = time.perf_counter()
+    sh("compress", "--model", model, "--target", "cpu", "--latency", budget, "--strategy", strategy,
+       "--out", str(run), "--json", *resume)
+    w = json.loads(walls.read_text()) if walls.is_file() else {}
+    w[str(run)] = {"seconds": time.perf_counter() - t0, "resumed": bool(resume)}
+    walls.write_text(json.dumps(w, indent=1))
+
+
+def _check_reused(run: Path, strategy: str, budget_ms: float) -> None:
+    rec = _data(json.loads((run / "compress.json").read_text()))
+    got = _data(rec["config"])["strategy"]
+    ms = [_data(c)["budget_ms"] for c in rec["candidates"]]
+    if got != strategy or ms != [budget_ms] or not _finished(run):
+        sys.exit(f"--reuse {run}: a finished {strategy} run at {budget_ms:g} ms was expected; it is a {got} run at "
+                 f"{ms} ms{'' if _finished(run) else ', unfinished'}")
+
+
+def _selected(run: Path) -> tuple[Path, dict]:
+    """The shipped bundle of a one-budget run and that budget's record (contenders, phases)."""
+    entries = [_data(e) for e in _data(json.loads((run / "run.json").read_text()))["entries"]]
+    path = next(run / e["path"] for e in entries if e["role"] == "selected")
+    cand = _data(_data(json.loads((run / "compress.json").read_text()))["candidates"][0])
+    return path, cand
+
+
+def measure_side_by_side(paths: dict[str, Path], rounds: int) -> dict[str, float]:
     """Per bundle, the median over ``rounds`` of its floor latency, every bundle timed once per round in turn.
 
-    Interleaving is what makes the column comparable: on a shared VM the same bundle measures tens of percent
-    apart an hour later, so bundles timed at different moments of a long run cannot be ranked by their manifests.
-    """
-    import statistics
-
+    Interleaving is what makes the column comparable: bundles timed at different moments of a long run cannot
+    be ranked by their manifests (the machine drifts, and evaluation ran in between)."""
     from llmshrink.api import open_bundle
     from llmshrink.exporters.timing import time_decoder
     from llmshrink.targets.profile import load_target
 
-    default = load_target(target).default_workload
+    default = load_target("cpu").default_workload
     opened = {k: open_bundle(p) for k, p in paths.items()}
     got: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(rounds):
@@ -148,6 +97,100 @@ def measure_side_by_side(paths: dict[str, str], rounds: int, target: str) -> dic
             got[k].append(m.reference_ms)
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in got.items()), file=sys.stderr)
     return {k: statistics.median(v) for k, v in got.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="../shared/evaldata (read-only; tasks are rendered from it)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budgets", default="0.7xint4-a8,0.85xint4-a8,1.0xint4-a8,1.15xint4-a8",
+                    help="comma-separated compress --latency values, one run per budget and strategy")
+    ap.add_argument("--reuse", action="append", default=[], metavar="STRATEGY:BUDGET=RUN_DIR",
+                    help="a finished compress run of that strategy and budget to take instead of running it")
+    ap.add_argument("--baseline-run", default=None,
+                    help="a finished `compress --spec <uniform w4g32a8>` run: uniform int4 with the same recovery")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over all bundles")
+    ap.add_argument("--out", default="runs/joint-vs-sequential")
+    ap.add_argument("--results", default=None, help="also write the table to this file")
+    args = ap.parse_args()
+
+    from llmshrink.compressor.budget import resolve_budgets
+    from llmshrink.progress import NULL_PROGRESS
+
+    out = Path(args.out)
+    tasks_dir, wiki, _ = uniform_setup(out, args.data_dir, args.model, "w4g32a8")
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    reuse = {}
+    for r in args.reuse:
+        key, _, path = r.partition("=")
+        strategy, _, budget = key.partition(":")
+        if strategy not in STRATEGIES or budget not in budgets or not path:
+            ap.error(f"--reuse {r!r}: write STRATEGY:BUDGET=RUN_DIR, STRATEGY in {STRATEGIES}, BUDGET one of --budgets")
+        reuse[(strategy, budget)] = Path(path)
+    ms = {b: resolve_budgets(b, args.model, "cpu", None, NULL_PROGRESS)[0][0] for b in budgets}
+    walls = out / "walls.json"
+    runs = {}
+    for budget in budgets:  # a budget's two runs back to back: a partial benchmark compares like with like
+        for strategy in STRATEGIES:
+            run = reuse.get((strategy, budget)) or out / strategy / budget
+            if (strategy, budget) in reuse:
+                _check_reused(run, strategy, ms[budget])
+            else:
+                _run(run, walls, args.model, budget, strategy)
+            runs[(strategy, budget)] = run
+
+    first = runs[(STRATEGIES[0], budgets[0])]
+    bundles: dict[str, Path] = {"original": first / "reference" / "fp32",
+                                "uniform int4 (gptq, no recovery)": first / "reference" / "w4g32a8"}
+    if args.baseline_run:
+        bundles["uniform int4 + recovery"] = _selected(Path(args.baseline_run))[0]
+    info = {}
+    for (strategy, budget), run in runs.items():
+        path, cand = _selected(run)
+        label = f"{strategy} {budget}"
+        bundles[label] = path
+        kls = {_data(c)["name"]: _data(c)["screen_kd"] for c in cand.get("contenders", ())}
+        shipped = next((_data(c)["name"] for c in cand.get("contenders", ()) if _data(c).get("shipped")), "-")
+        info[label] = (ms[budget], shipped, kls.get("search"), kls, cand)
+    scores = {label: evaluate(path, out / "evals" / (label.replace(" ", "_").replace("/", "_") + ".json"), full=True,
+                              tasks_dir=tasks_dir, wiki=wiki, ppl_tokens=args.ppl_tokens)
+              for label, path in bundles.items()}
+    meas = measure_side_by_side(bundles, args.rounds)  # last: evaluation is CPU-bound
+
+    int4 = meas["uniform int4 (gptq, no recovery)"]
+    lines = ["$ python benchmarks/joint_vs_sequential.py " + " ".join(sys.argv[1:]),
+             f"budgets relative to uniform w4g32a8 on this machine's cpu table ({', '.join(f'{b} = {ms[b]:g} ms' for b in budgets)}); "
+             "decode, batch 1, 256 tokens in cache; ORT bundles as shipped. shipped: the contender the run screened "
+             "best and recovered (search, or a baseline: uniform-<format>, importance). search KL: the search's own "
+             "subnet's screening KL from the original (quantizer only, 64 rows). meas: median over "
+             f"{args.rounds} interleaved rounds of each bundle's floor of block medians. Tasks 0-shot: ARC-E dev, BoolQ, "
+             f"Wino full; HellaSwag first {HELLASWAG_DOCS}. wiki: WikiText-2 test, first {args.ppl_tokens} tokens, "
+             "context 512, stride 256.",
+             "",
+             f"{'bundle':<34}{'shipped':>18}{'search KL':>10}{'pred ms':>9}{'meas ms':>9}{'/int4':>7}"
+             + "".join(f"{v:>8}" for v in TASKS.values()) + f"{'mean4':>8}{'wiki':>8}"]
+    for label, path in bundles.items():
+        m = _data(json.loads((path / "manifest.json").read_text()))
+        ev = scores[label]
+        accs = [ev["acc"].get(t) for t in TASKS]
+        _, shipped, skl, _, _ = info.get(label, (None, "-", None, None, None))
+        f = lambda x, p=2: f"{x:.{p}f}" if x is not None else "-"  # noqa: E731
+        mean = sum(accs) / len(accs) if None not in accs else None
+        lines.append(f"{label[:33]:<34}{shipped:>18}{f(skl, 4):>10}{f(m.get('predicted_latency_ms')):>9}"
+                     f"{meas[label]:>9.2f}{meas[label] / int4:>7.3f}"
+                     + "".join(f"{a * 100:>8.2f}" if a is not None else f"{'-':>8}" for a in accs)
+                     + f"{f(mean * 100 if mean is not None else None):>8}{ev['ppl']:>8.2f}")
+    lines.append("")
+    w = json.loads(walls.read_text()) if walls.is_file() else {}
+    for label, (_, _, _, kls, cand) in info.items():
+        run = runs[tuple(label.split(" ", 1))]
+        wall = w.get(str(run))
+        lines.append(f"{label}: screening KL " + ", ".join(f"{k} {v:.4f}" for k, v in kls.items())
+                     + "; phases (s) " + ", ".join(f"{k} {v:.0f}" for k, v in cand.get("seconds", {}).items())
+                     + (f"; wall {wall['seconds'] / 60:.1f} min{' (resumed)' if wall['resumed'] else ''}" if wall
+                        else f"; run reused from {run}"))
+    emit(lines, args.results)
 
 
 if __name__ == "__main__":
