@@ -313,7 +313,6 @@ def _local_steps(spec: SubnetSpec, space: SearchSpace, step: int
 class _Priced:
     """One candidate move with the latency and scores of the spec it leads to."""
 
-    kind: str
     what: str
     spec: SubnetSpec
     ms: float
@@ -355,16 +354,14 @@ class _MovePricer:
                 continue
             key = None if i is None else (what, spec.hidden_size, spec.lm_head, _layer_key(spec.layers[i]))
             d = self._deltas.get(key) if key else None
-            if d is None:
-                d = tuple(b - a for a, b in zip(now, self.scores(new), strict=True))
-                if key and all(math.isfinite(x) for x in d):
-                    self._deltas[key] = d
-                else:  # not additive (a pruned choice): exactly as computed, not as a sum
-                    d = None
-                    ms, pref, prior = self.scores(new)
             if d is not None:
                 ms, pref, prior = (a + b for a, b in zip(now, d, strict=True))
-            yield _Priced(kind, what, new, ms, pref, prior)
+            else:
+                ms, pref, prior = scores = self.scores(new)
+                d = tuple(b - a for a, b in zip(now, scores, strict=True))
+                if key and all(math.isfinite(x) for x in d):  # not kept: a pruned choice (-inf) is no sum
+                    self._deltas[key] = d
+            yield _Priced(what, new, ms, pref, prior)
 
 
 def _layer_key(ls) -> tuple:
