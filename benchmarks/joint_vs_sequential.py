@@ -152,7 +152,7 @@ def main() -> None:
         bundles[label] = path
         kls = {_data(c)["name"]: _data(c)["screen_kd"] for c in cand.get("contenders", ())}
         shipped = next((_data(c)["name"] for c in cand.get("contenders", ()) if _data(c).get("shipped")), "-")
-        info[label] = (ms[budget], shipped, kls.get("search"), kls, cand)
+        info[label] = (shipped, kls.get("search"), kls, cand)
     scores = {label: evaluate(path, out / "evals" / (label.replace(" ", "_").replace("/", "_") + ".json"), full=True,
                               tasks_dir=tasks_dir, wiki=wiki, ppl_tokens=args.ppl_tokens)
               for label, path in bundles.items()}
@@ -174,7 +174,7 @@ def main() -> None:
         m = _data(json.loads((path / "manifest.json").read_text()))
         ev = scores[label]
         accs = [ev["acc"].get(t) for t in TASKS]
-        _, shipped, skl, _, _ = info.get(label, (None, "-", None, None, None))
+        shipped, skl, _, _ = info.get(label, ("-", None, None, None))
         f = lambda x, p=2: f"{x:.{p}f}" if x is not None else "-"  # noqa: E731
         mean = sum(accs) / len(accs) if None not in accs else None
         lines.append(f"{label[:33]:<34}{shipped:>18}{f(skl, 4):>10}{f(m.get('predicted_latency_ms')):>9}"
@@ -183,7 +183,7 @@ def main() -> None:
                      + f"{f(mean * 100 if mean is not None else None):>8}{ev['ppl']:>8.2f}")
     lines.append("")
     w = json.loads(walls.read_text()) if walls.is_file() else {}
-    for label, (_, _, _, kls, cand) in info.items():
+    for label, (_, _, kls, cand) in info.items():
         run = runs[tuple(label.split(" ", 1))]
         wall = w.get(str(run))
         lines.append(f"{label}: screening KL " + ", ".join(f"{k} {v:.4f}" for k, v in kls.items())

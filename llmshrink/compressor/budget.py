@@ -247,7 +247,7 @@ MOVE_KINDS = ("width", "depth", "precision")
 def moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KINDS
           ) -> Iterator[tuple[str, SubnetSpec]]:
     """Every single step down from ``spec`` within ``space``, of the given kinds."""
-    for kind, what, new in _steps(spec, space, -1):
+    for kind, what, new, _ in _steps(spec, space, -1):
         if kind in kinds:
             yield what, new
 
@@ -256,22 +256,17 @@ def up_moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE
              ) -> Iterator[tuple[str, SubnetSpec]]:
     """Every single step up from ``spec`` within ``space`` of the given kinds: one notch wider, a dropped block
     back (in the shape it was extracted with), another format (the caller keeps those that cost time)."""
-    for kind, what, new in _steps(spec, space, +1):
+    for kind, what, new, _ in _steps(spec, space, +1):
         if kind in kinds:
             yield what, new
 
 
-def _steps(spec: SubnetSpec, space: SearchSpace, step: int) -> Iterator[tuple[str, str, SubnetSpec]]:
-    """(kind, description, new spec) of every one-notch change of ``spec`` in direction ``step``: widths
+def _steps(spec: SubnetSpec, space: SearchSpace, step: int
+           ) -> Iterator[tuple[str, str, SubnetSpec, int | None]]:
+    """(kind, description, new spec, layer) of every one-notch change of ``spec`` in direction ``step``: widths
     one candidate narrower (-1) or wider (+1); a kept block dropped while ``min_layers`` allows (-1) or a
-    dropped block kept (+1); any other format for any linear or the lm_head (either direction)."""
-    for kind, what, new, _ in _local_steps(spec, space, step):
-        yield kind, what, new
-
-
-def _local_steps(spec: SubnetSpec, space: SearchSpace, step: int
-                 ) -> Iterator[tuple[str, str, SubnetSpec, int | None]]:
-    """:func:`_steps` with the one layer each change touches (None: the hidden width or the lm_head)."""
+    dropped block kept (+1); any other format for any linear or the lm_head (either direction). ``layer``
+    is the one layer the change touches (None: the hidden width or the lm_head)."""
     h = _neighbour(space.hidden, spec.hidden_size, step)
     if h:
         yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h), None
@@ -349,7 +344,7 @@ class _MovePricer:
     def moves(self, spec: SubnetSpec, now: tuple[float, float, float], step: int,
               kinds: tuple[str, ...]) -> Iterator[_Priced]:
         """Every move of ``kinds`` from ``spec`` (whose scores are ``now``) in direction ``step``, priced."""
-        for kind, what, new, i in _local_steps(spec, self.space, step):
+        for kind, what, new, i in _steps(spec, self.space, step):
             if kind not in kinds:
                 continue
             key = None if i is None else (what, spec.hidden_size, spec.lm_head, _layer_key(spec.layers[i]))
