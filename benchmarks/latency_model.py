@@ -14,6 +14,21 @@ rounds. The errors against plain medians are printed too.
 
 Prints one row per spec and, per workload, the mean and median absolute
 percentage error (MAPE, MdAPE), the worst error and the mean signed error.
+
+Several tables can be judged on one measurement (``--table NAME=SOURCE``, repeatable; the first one's
+predictions fill the per-spec rows, every table gets its summary lines). SOURCE is a table JSON, or:
+
+* ``shipped``: the table packaged with llmshrink (measured on whatever CPU made it);
+* ``profiled``: this machine's table written by ``llmshrink targets profile`` (skipped if there is none);
+* ``adapted``: the shipped table adapted to this CPU by the quick profile (``targets profile --quick``),
+  measured by this run before the specs are timed (its wall time is printed).
+
+``--formats`` says which kernels the random specs draw from: ``stable`` (default) is the target's formats
+without the 2- and 8-bit MatMulNBits kernels at accuracy level 0 (float activations), whose times swing up
+to 2x between runs on the same machine and which the cpu target never searches (its ``search_formats`` are
+int8-activation kernels); ``all`` keeps them; ``search`` uses the search formats only.
+
+    python benchmarks/latency_model.py --table shipped=shipped --table adapted=adapted --table full=profiled
 """
 
 from __future__ import annotations
@@ -31,7 +46,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--target", default="cpu")
-    ap.add_argument("--table", default=None, help="a table JSON instead of the target's own")
+    ap.add_argument("--table", action="append", default=None, metavar="NAME=SOURCE",
+                    help="a table to judge (repeatable): SOURCE is shipped, profiled, adapted or a JSON path; "
+                         "default: the target's own")
+    ap.add_argument("--formats", choices=("stable", "all", "search"), default="stable",
+                    help="which kernels the random specs draw from (see above)")
     ap.add_argument("--specs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=1000, help="first spec seed (the profiler samples its own)")
     ap.add_argument("--workloads", nargs="+", default=["decode:ctx=256", "prefill:ctx=128"])
@@ -49,11 +68,12 @@ def main() -> None:
     from llmshrink.models import load_model, load_tokenizer, resolve_model
     from llmshrink.spec import BaseShape, random_spec
     from llmshrink.targets import load_target, parse_workload
-    from llmshrink.targets.predict import NoTableError, predict, table_for
-    from llmshrink.targets.table import load_table
+    from llmshrink.targets.predict import NoTableError, predict
 
     target = load_target(args.target)
-    table = load_table(args.table) if args.table else table_for(target)
+    tables = dict(_tables(args.table, target))
+    table = next(iter(tables.values()))
+    formats = _formats(target, args.formats)
     workloads = [parse_workload(w) for w in args.workloads]
     source = resolve_model(args.model)
     hf = load_model(source)
@@ -65,9 +85,9 @@ def main() -> None:
     rows, missing = [], []
     for i in range(args.specs):
         seed = args.seed + i
-        spec = random_spec(base, seed, target.formats, model=args.model)
+        spec = random_spec(base, seed, formats, model=args.model)
         try:
-            preds = [predict(spec, target, w, table=table) for w in workloads]
+            preds = {name: [predict(spec, target, w, table=t) for w in workloads] for name, t in tables.items()}
         except NoTableError as e:  # a table gap is a failure of the table, shown as such
             print(f"seed {seed}: no prediction ({e.message})", file=sys.stderr)
             missing.append(seed)
@@ -75,7 +95,8 @@ def main() -> None:
         graph = build_ort_graph(materialize(hf, spec, tok), max_length=max_len).SerializeToString()
         dec = OrtDecoder(graph, threads=args.threads)
         mix = Counter(f for j in spec.kept_layers() for f in spec.layers[j].precision.values())
-        rows.append({"seed": seed, "spec": spec, "decoder": dec, "pred": preds, "meas": [[] for _ in workloads],
+        rows.append({"seed": seed, "spec": spec, "decoder": dec, "pred": preds[next(iter(tables))], "preds": preds,
+                     "meas": [[] for _ in workloads],
                      "med": [[] for _ in workloads],
                      "layers": len(spec.kept_layers()), "hidden": spec.hidden_size,
                      "formats": ",".join(f"{f}:{n}" for f, n in mix.most_common(3)), "lm_head": spec.lm_head})
@@ -91,8 +112,16 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     print(f"# {' '.join(sys.argv)}")
-    print(f"# table {table.name} ({table.kind}), {table.provenance.date}; model {args.model}; "
-          f"{args.specs} specs, {args.rounds} interleaved rounds; {time.time() - t0:.0f} s")
+    from llmshrink.doctor import cpu_features, cpu_model
+
+    print(f"# on {cpu_model()} ({', '.join(f for f in cpu_features() if 'avx512' in f or 'amx' in f) or 'no AVX-512'}); "
+          f"model {args.model}; {args.specs} specs drawing from {args.formats} formats ({len(formats)}), "
+          f"{args.rounds} interleaved rounds; {time.time() - t0:.0f} s")
+    for name, t in tables.items():
+        prov = t.provenance
+        extra = f"; {prov.notes[0]}" if t.kind == "adapted" else ""
+        print(f"# table {name}: {t.name} ({t.kind}), {prov.date}, measured on {prov.host.get('cpu', '?')}{extra}")
+    print(f"# per-spec rows: table {next(iter(tables))}")
     head = f"{'seed':>5} {'L':>3} {'hid':>4} {'lm_head':>9} {'top formats':<34}"
     for w in workloads:
         head += f" | {str(w.phase)[:3]}:{w.context:<4} pred   meas    err"
@@ -127,9 +156,68 @@ def main() -> None:
         em = np.abs(errs_median[k])
         print(f"{'  (vs the plain medians instead of floors)':40s} MAPE {em.mean():5.1f}%  MdAPE {np.median(em):5.1f}%  "
               f"mean signed {np.mean(errs_median[k]):+5.1f}%")
+    if args.rounds > 1:  # how far the same graph's floor moves between rounds: the noise any table is judged against
+        for k, w in enumerate(workloads):
+            spread = np.array([(max(row["meas"][k]) - min(row["meas"][k])) / np.median(row["meas"][k]) * 100
+                               for row in rows])
+            print(f"run-to-run spread of the floor, {w.phase}: median {np.median(spread):4.1f}%, max {spread.max():4.1f}% "
+                  f"((max - min) / median of each spec's {args.rounds} rounds)")
+    for name in list(tables)[1:]:
+        print(f"table {name}:")
+        for k, w in enumerate(workloads):
+            e = np.array([(row["preds"][name][k].total_ms - np.median(row["meas"][k])) / np.median(row["meas"][k]) * 100
+                          for row in rows])
+            a = np.abs(e)
+            print(f"  {w.describe():38s} MAPE {a.mean():5.1f}%  MdAPE {np.median(a):5.1f}%  max {a.max():5.1f}%  "
+                  f"mean signed {e.mean():+5.1f}%  within 10%: {(a <= 10).sum()}/{len(a)}")
+        for rec, row in zip(out, rows, strict=True):
+            for k, w in enumerate(workloads):
+                rec["workloads"][str(w)].setdefault("predicted_by", {})[name] = row["preds"][name][k].total_ms
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "table": table.name, "specs": out}, f, indent=1)
+            json.dump({"command": " ".join(sys.argv), "table": table.name, "tables": list(tables), "specs": out}, f,
+                      indent=1)
+
+
+def _formats(target, which: str) -> list[str]:
+    from llmshrink.formats import parse_format
+
+    if which == "search":
+        return list(target.search_formats or target.formats)
+    if which == "all":
+        return list(target.formats)
+    return [f for f in target.formats
+            if not ((fm := parse_format(f)).group_size and fm.act == "none" and fm.weight_bits in (2, 8))]
+
+
+def _tables(specs: list[str] | None, target):
+    """(name, table) per ``--table NAME=SOURCE``, in order (see the module docstring)."""
+    from llmshrink.targets.adapt import builtin_table_path, quick_adapt
+    from llmshrink.targets.predict import table_for
+    from llmshrink.targets.table import load_table, profiled_table_path
+
+    if not specs:
+        yield "target", table_for(target)
+        return
+    for item in specs:
+        name, _, src = item.partition("=")
+        src = src or name
+        if src == "shipped":
+            yield name, load_table(builtin_table_path(target.table))
+        elif src == "profiled":
+            path = profiled_table_path(target.table)
+            if not path.is_file():
+                print(f"table {name}: no profiled table at {path}; skipped", file=sys.stderr)
+                continue
+            yield name, load_table(path)
+        elif src == "adapted":
+            t0 = time.time()
+            adapted = quick_adapt(load_table(builtin_table_path(target.table)), target.formats,
+                                  search_formats=target.search_formats, command=" ".join(sys.argv))
+            print(f"table {name}: quick adaptation took {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            yield name, adapted
+        else:
+            yield name, load_table(src)
 
 
 if __name__ == "__main__":

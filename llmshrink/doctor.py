@@ -104,4 +104,25 @@ def machine_report() -> dict[str, dict]:
                           "usable": trt_spec is not None and cuda}
     home = storage.home()
     report["cache"] = {"path": str(home), "exists": home.exists(), "cache_bytes": storage.tree_size(home)}
+    report["cpu_table"] = cpu_table_status()
     return report
+
+
+def cpu_table_status() -> dict[str, object]:
+    """Which latency table the ``cpu`` target predicts with here, and whether it is this CPU's."""
+    try:
+        from llmshrink.targets.predict import table_for
+        from llmshrink.targets.profile import load_target
+        from llmshrink.targets.table import host_mismatch
+
+        table = table_for(load_target("cpu"))
+    except Exception as e:  # noqa: BLE001 - a report never raises; it says what broke
+        return {"name": None, "error": str(e)}
+    prov = table.provenance
+    mine = host_mismatch(table) is None
+    status = {("measured", True): "measured on this CPU",
+              ("adapted", True): "adapted to this CPU by a quick profile (not a full one)",
+              }.get((table.kind, mine), "measured on another CPU: `llmshrink targets profile cpu --quick` adapts it "
+                                        "(compress does so by itself)")
+    return {"name": table.name, "kind": table.kind, "date": prov.date, "measured_on": prov.host.get("cpu"),
+            "status": status}

@@ -197,9 +197,12 @@ def build(bundle: Path, max_batch: int, workloads: tuple[str, ...], runs: int, a
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
               help="With --reference: rounds of timing both bundles in turn (the median ratio is compared).")
 @click.option("--no-record", is_flag=True, help="Do not write the measurement and verdict into the manifest.")
+@click.option("--adapt", is_flag=True,
+              help="Predict now with the target's table adapted to this CPU (when it was measured on another one: "
+                   "~3 min, as `targets profile --quick`, kept for later runs). Uses --target, else the manifest's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def validate(bundle: Path, tolerance: str, target: str | None, workload: str | None, runs: int, threads: int | None,
-             reference: Path | None, rounds: int, no_record: bool, as_json: bool) -> None:
+             reference: Path | None, rounds: int, no_record: bool, adapt: bool, as_json: bool) -> None:
     """Check a bundle's real latency against its prediction; exit 4 when outside the tolerance.
 
     Measures the manifest's workload on this machine (the bundle's files are
@@ -226,6 +229,13 @@ def validate(bundle: Path, tolerance: str, target: str | None, workload: str | N
     from llmshrink.targets.workload import parse_workload
 
     tol = parse_tolerance(tolerance)
+    if adapt:
+        from llmshrink.cli.targets import _adapt_here
+        from llmshrink.exporters.bundle import load_manifest
+        from llmshrink.targets.profile import load_target
+
+        target = target or load_manifest(bundle).target
+        _adapt_here(load_target(target), as_json)
     try:
         with progress(not as_json) as p:
             v = api.validate(bundle, tolerance_pct=tol, target=target,

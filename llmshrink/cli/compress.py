@@ -69,11 +69,14 @@ def resume_command(out_dir: Path) -> str:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/MODEL-TARGET-BUDGETS).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from where it stopped.")
+@click.option("--no-adapt", is_flag=True,
+              help="Keep the target's latency table as it is when it was measured on another CPU (by default "
+                   "the run first adapts it to this one: ~3 min, once, kept for later runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def compress(model: str, target: str, latency: str | None, spec_path: str | None, quantizer: str,
              params_budget: str | None, workload: str | None,
              space_path: str | None, steps: int | None, recovery_steps: int | None, calib_data: str, tolerance: str,
-             strategy: str, seed: int, out_dir: Path | None, resume: bool, as_json: bool) -> None:
+             strategy: str, seed: int, out_dir: Path | None, resume: bool, no_adapt: bool, as_json: bool) -> None:
     """Search architecture and per-layer precision jointly under a latency budget, then ship the result.
 
     Phases: calibration text, importance ranking, the joint search (its
@@ -91,6 +94,11 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
     saying why. For a GPU target on a machine without it, the search uses
     the target's table, the bundle is in its flavour, and the output gives
     the commands that build and validate the engine on the device (exit 0).
+
+    Latency tables are one machine's. When the target's table was measured
+    on another CPU, the run first adapts it to this one (a few subnets timed
+    here, about 3 minutes, kept for later runs; --no-adapt skips it) and says
+    so in its notes.
 
     Progress: bars on a terminal, plain lines in a log. Ctrl-C keeps the
     finished phases and prints the command that resumes (exit 130).
@@ -125,7 +133,8 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
                                params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
                                strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
                                calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
-                               quantizer=quantizer, spec=spec_path, resume=resume, progress=p)
+                               quantizer=quantizer, spec=spec_path, resume=resume, adapt_table=not no_adapt,
+                               progress=p)
     except KeyboardInterrupt:
         from llmshrink.errors import Interrupted
 

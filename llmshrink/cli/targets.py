@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmshrink.cli.ui import human_bytes, kv_table, out, print_json, progress, warn
+from llmshrink.cli.ui import err, human_bytes, kv_table, out, print_json, progress, warn
 
 
 @click.group()
@@ -93,8 +93,10 @@ def show(target: str, as_json: bool) -> None:
     if info["name"]:
         prov = info["provenance"]
         rows["latency table"] = f"{info['name']} — {info['kind'].upper()}"
-        if info["kind"] == "measured":
+        if info["kind"] in ("measured", "adapted"):
             host = prov.get("host", {})
+            if info["kind"] == "adapted":
+                rows["adapted from"] = f"{prov['sources'][0]}; {prov['adapted_from'].get('samples')} op samples here"
             rows["table host"] = f"{host.get('cpu')} · {host.get('cores')} cores · {host.get('threads')} threads · " \
                                  f"{host.get('runtime')} {host.get('runtime_version')}"
             rows["table date / model"] = f"{prov.get('date')} · {prov.get('model')}"
@@ -122,9 +124,12 @@ def show(target: str, as_json: bool) -> None:
               "(default: the target's).")
 @click.option("--table", "table_path", default=None, help="Predict from this table JSON instead of the target's.")
 @click.option("--ops", "show_ops", is_flag=True, help="List every op, not only the per-kind breakdown.")
+@click.option("--adapt", is_flag=True,
+              help="When the target's table was measured on another CPU, adapt it to this one first (~3 min, "
+                   "as `targets profile --quick`; kept for later runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: total, per-op breakdown, coverage.")
 def predict_cmd(target_name: str, model_name: str, spec_path: Path | None, workload: str | None,
-                table_path: str | None, show_ops: bool, as_json: bool) -> None:
+                table_path: str | None, show_ops: bool, adapt: bool, as_json: bool) -> None:
     """Predict a spec's latency on a target from its latency table: total and per-op breakdown.
 
     Coverage says how much of the predicted time comes from measured points,
@@ -141,6 +146,7 @@ def predict_cmd(target_name: str, model_name: str, spec_path: Path | None, workl
     from rich.table import Table
 
     from llmshrink import serde
+    from llmshrink.errors import UsageError
     from llmshrink.spec import BaseShape, SubnetSpec, load_spec
     from llmshrink.targets.predict import predict
     from llmshrink.targets.profile import load_target
@@ -160,6 +166,10 @@ def predict_cmd(target_name: str, model_name: str, spec_path: Path | None, workl
             spec = replace(spec, embedding=fmt)
     spec.validate(allowed_formats=set(p.formats))
     w = parse_workload(workload) if workload else p.default_workload
+    if adapt and table_path:
+        raise UsageError("--adapt adapts the target's own table; --table names another.", "Give one of them.")
+    if adapt:
+        _adapt_here(p, as_json)
     pred = predict(spec, p, w, table=load_table(table_path) if table_path else None)
     if as_json:
         d = serde.to_dict(pred)["_data"]
@@ -192,9 +202,14 @@ def predict_cmd(target_name: str, model_name: str, spec_path: Path | None, workl
               help="Random subnets to build and time (more: tighter fits, longer run).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--quick", is_flag=True,
+              help="About 3 minutes instead of 15: measure a few subnets here and adapt the target's built-in table "
+                   "to this CPU (per-kernel time ratios). Written where a full profile goes, marked ADAPTED.")
+@click.option("--from", "from_table", default=None,
+              help="With --quick: the table to adapt (a JSON path or table name; default: the target's built-in).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table summary as JSON.")
 def profile(target: str, model_name: str, out_path: Path | None, n_models: int, threads: int | None, seed: int,
-            as_json: bool) -> None:
+            quick: bool, from_table: str | None, as_json: bool) -> None:
     """Measure a target's latency table on this machine.
 
     For `cpu` (ONNX Runtime): builds random subnets of the model family with
@@ -203,6 +218,12 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     each, and records per-op times from ONNX Runtime's node profiler plus
     each call's wall time. About 15 minutes for SmolLM2-135M on 2 cores.
 
+    --quick adapts a table measured elsewhere instead (the built-in one by
+    default): 8 subnets timed here, each kernel family's time ratio to that
+    table's prediction applied to its entries. `compress` does this by itself
+    when the target's table comes from another CPU. It never replaces a full
+    profile of this machine.
+
     For GPU targets it needs the device and TensorRT; without them it stops
     (exit 5) and the target keeps its analytical table.
 
@@ -210,10 +231,12 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     Examples:
       llmshrink targets profile cpu --model smollm2-135m --out cpu-smollm2.json
       llmshrink targets profile ./my-board.yaml --model ./my-model
+      llmshrink targets profile cpu --quick
     """
     import sys
     from dataclasses import replace
 
+    from llmshrink.errors import UsageError
     from llmshrink.models import load_config, resolve_model
     from llmshrink.spec import BaseShape
     from llmshrink.targets.profile import load_target
@@ -221,7 +244,7 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
 
     p = load_target(target)
     if p.runtime != "onnxruntime-cpu":
-        from llmshrink.errors import MissingHardwareError, UsageError
+        from llmshrink.errors import MissingHardwareError
         from llmshrink.exporters.tensorrt import require_tensorrt
 
         try:
@@ -231,6 +254,12 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
                                        f"Run `llmshrink targets profile {p.name}` on a machine with the GPU and "
                                        f"TensorRT; until then {p.name} predicts from its analytical table.") from None
         raise UsageError("Measured TensorRT tables are not built yet; this target keeps its analytical table.")
+    if quick:
+        _profile_quick(p, from_table, out_path, threads, as_json)
+        return
+    if from_table:
+        raise UsageError("--from names the table --quick adapts; a full profile measures from scratch.",
+                         "Add --quick, or drop --from.")
     from llmshrink.targets.profilers.cpu import ProfilePlan, profile_cpu
 
     source = resolve_model(model_name)
@@ -258,3 +287,51 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     else:
         out.print(f"Use it: add `table: {out_path}` to a target YAML, or pass --table to `targets predict`.",
                   highlight=False)
+
+
+def _profile_quick(p, from_table: str | None, out_path: Path | None, threads: int | None, as_json: bool) -> None:
+    """``targets profile --quick``: adapt a table measured elsewhere to this CPU (:mod:`llmshrink.targets.adapt`)."""
+    import sys
+
+    from llmshrink.errors import UsageError
+    from llmshrink.targets.adapt import builtin_table_path, quick_adapt
+    from llmshrink.targets.table import host_mismatch, load_table, profiled_table_path
+
+    if from_table is None and not (p.table and builtin_table_path(p.table)):
+        raise UsageError(f"Target {p.name} has no built-in latency table to adapt.",
+                         "Name one with --from TABLE.json, or measure a full profile (drop --quick).")
+    source = load_table(from_table or builtin_table_path(p.table))
+    out_path = out_path or profiled_table_path(p.table or source.name)
+    if out_path.is_file():
+        here = load_table(out_path)
+        if here.kind == "measured" and host_mismatch(here) is None:
+            raise UsageError(f"{out_path} is a full profile of this CPU; an adaptation would replace a better table.",
+                             "Keep it (the target already predicts from it), or write elsewhere with --out.")
+    command = "llmshrink " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmshrink") else " ".join(sys.argv)
+    with progress(not as_json) as prog:
+        table = quick_adapt(source, p.formats, search_formats=p.search_formats, threads=threads, command=command,
+                            progress=prog)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(out_path)
+    info = table.provenance.adapted_from
+    if as_json:
+        print_json({"path": str(out_path), **table.summary()})
+        return
+    out.print(kv_table({"table": str(out_path), "adapted from": table.provenance.sources[0],
+                        "samples": f"{info['samples']} op times, {info['calls']} timed calls",
+                        "took": f"{info['seconds'] / 60:.1f} min",
+                        "time ratio here / there": ", ".join(f"{k} {v:.2f}x" for k, v in info["phase_ratios"].items()),
+                        "entries": len(table.entries)}, title=f"ADAPTED latency table for {p.name}"))
+    if p.table and out_path == profiled_table_path(p.table):
+        out.print(f"{p.name} now predicts with this table. A full profile (`llmshrink targets profile {p.name}`) "
+                  "replaces it.", highlight=False)
+
+
+def _adapt_here(p, quiet: bool) -> None:
+    """Adapt target ``p``'s table to this CPU when it came from another one (``--adapt``), saying what it did."""
+    from llmshrink.targets.adapt import table_for_this_cpu
+
+    with progress(not quiet) as prog:
+        local = table_for_this_cpu(p, progress=prog)
+    if local.note and not quiet:
+        err.print(local.note, highlight=False)

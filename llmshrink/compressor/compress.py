@@ -26,7 +26,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
              strategy: str = "joint", space: str | Path | None = None, steps: int | None = None,
              recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
              seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
-             recovery: RecoveryConfig | None = None, resume: bool = False, progress: Progress = NULL_PROGRESS):
+             recovery: RecoveryConfig | None = None, resume: bool = False, adapt_table: bool = True,
+             progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
     A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
@@ -34,6 +35,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     predicts for it; the run's notes say what it resolved to). With ``spec`` (a SubnetSpec JSON),
     that plan is recovered and exported without a search; ``latency_ms`` is then optional, a check.
     ``quantizer``: ``gptq`` (default) or ``rtn``; ``recovery`` overrides the whole RecoveryConfig.
+    ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
+    (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
     Returns a :class:`~llmshrink.compressor.pipeline.CompressResult`: ``.record.candidates``
     holds per budget the bundle path, predicted and measured latency and validation verdict;
@@ -52,6 +55,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         from llmshrink.errors import UsageError
 
         raise UsageError("Give a latency budget (--latency) or a plan (--spec).")
+    adapted = _adapted_note(model, target, adapt_table, progress)
     budgets, notes, reference = (resolve_budgets(latency_ms, model, target, wl, progress) if latency_ms is not None
                                  else ((), (), None))
     if recovery is None:
@@ -64,4 +68,20 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
         quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None)
-    return run(cfg, out, resume=resume, progress=progress, notes=notes)
+    return run(cfg, out, resume=resume, progress=progress, notes=adapted + tuple(notes))
+
+
+def _adapted_note(model: str, target: str, adapt: bool, progress: Progress) -> tuple[str, ...]:
+    """Adapt the target's table to this CPU when it came from another one; the note that says so (or nothing).
+
+    The model is resolved first: a typo in it fails at once, not after minutes of measuring."""
+    from llmshrink.models import load_config, resolve_model
+    from llmshrink.targets.adapt import table_for_this_cpu
+    from llmshrink.targets.profile import load_target
+
+    tgt = load_target(target)
+    if not adapt:
+        return ()
+    load_config(resolve_model(model), progress=progress)
+    local = table_for_this_cpu(tgt, progress=progress)
+    return (local.note,) if local.adapted else ()

@@ -109,7 +109,7 @@ class OpEntry:
 class Provenance:
     """Where a table's numbers come from."""
 
-    kind: str  # "measured" | "analytical"
+    kind: str  # "measured" | "adapted" (another machine's table scaled by a quick measurement here) | "analytical"
     date: str = ""
     command: str = ""
     host: dict[str, Any] = field(default_factory=dict)  # cpu, cores, threads, runtime, versions
@@ -118,6 +118,8 @@ class Provenance:
     datasheet: dict[str, float] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # kind "adapted": the source table (name, kind, date, CPU), samples, timed calls and ratios (targets.adapt)
+    adapted_from: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,7 @@ def host_mismatch(table: LatencyTable) -> str | None:
 
     prov = table.provenance
     host = prov.host
-    if prov.kind != "measured" or host.get("runtime") != "onnxruntime-cpu":
+    if prov.kind not in ("measured", "adapted") or host.get("runtime") != "onnxruntime-cpu":
         return None
     here = {"cpu": cpu_model(), "cpu_id": cpu_id(), "isa": sorted(cpu_features()), "cores": os.cpu_count()}
     diffs = [f"{k} {host[k] if k != 'isa' else sorted(host[k])} vs {here[k]} here" for k in here

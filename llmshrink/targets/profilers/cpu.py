@@ -285,7 +285,7 @@ def host_info(threads: int | None) -> dict[str, object]:
 
 def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: ProfilePlan = ProfilePlan(),
                 threads: int | None = None, command: str = "", name: str = "cpu", target: str = "cpu",
-                progress: Progress | None = None) -> LatencyTable:
+                progress: Progress | None = None, title: str = "") -> LatencyTable:
     """Measure a latency table for ``base``'s family on this CPU (see module docstring)."""
     from llmshrink.compressor.synthetic import random_model
     from llmshrink.exporters.onnx_ort import build_ort_graph
@@ -296,7 +296,8 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
     call = 0
     started = time.time()
     max_len = max(plan.decode_contexts + plan.prefill_contexts) + 2
-    with progress.task(f"Profiling {plan.models} subnets of {model} on ONNX Runtime CPU", total=plan.models) as task, \
+    title = title or f"Profiling {plan.models} subnets of {model} on ONNX Runtime CPU"
+    with progress.task(title, total=plan.models) as task, \
             tempfile.TemporaryDirectory(prefix="llmshrink-profile-") as tmp:
         for i in range(plan.models):
             spec = sample_spec(base, formats, i, plan)

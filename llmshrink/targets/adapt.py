@@ -1,0 +1,219 @@
+"""Adapt a latency table measured on another CPU to this one, from a few minutes of measurement.
+
+A full profile (:mod:`.profilers.cpu`) takes 12-15 minutes; a table from
+another CPU is wrong here in scale *and* in shape (int8 dot products, AMX and
+AVX-512 move the int4 / int8 / fp32 ratios). HELP (NeurIPS 2021) and LitePred
+(NSDI 2024) adapt a predictor to a new device from a handful of measured
+samples; this does the same for a :class:`~.table.LatencyTable`:
+
+1. **Quick profile** (:func:`adaptation_plan`): the full profiler's own machinery on
+   a few subnets of the model family (the full widths, the narrowest, and
+   random ones; every format of the target drawn per linear), timed at the same
+   decode and prefill contexts with fewer runs. Each subnet's per-node times
+   sample every kernel class at once: linears per format and row count, the
+   lm_head, attention at three cache lengths, per-layer glue.
+2. **Ratios** (:func:`adapt_table`): for every quick op entry, this machine's
+   time over the source table's prediction at the same dims. Each cost-model
+   group (a linear's format and rows, an lm_head format, attention or glue per
+   phase) gets the geometric median of its ratios when it has
+   :data:`MIN_SAMPLES`, else its kernel class's in that phase, else the phase's.
+3. **The adapted table**: the source's op entries times their group's ratio,
+   plus the quick entries themselves (this machine's truth where it was
+   measured). Wall entries, which calibrate node times to whole-call times
+   (profiler cost per node, per-call overhead), come from the quick run only:
+   that relation is this machine's and cannot be carried over.
+
+The result is ``kind="adapted"``, never ``measured``: its provenance names the
+source table, its host, the number of samples and the ratios, and ``targets
+profile`` (full) replaces it while ``--quick`` never replaces a full profile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from llmshrink.progress import NULL_PROGRESS, Progress
+from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, kernel_class
+
+MIN_SAMPLES = 3  # quick entries a group needs to get its own ratio, not its kernel class's
+
+
+def adaptation_plan():
+    """The quick profile's plan: ~2-3 minutes for SmolLM2-135M on 2 cores (``targets profile --quick``)."""
+    from llmshrink.targets.profilers.cpu import ProfilePlan
+
+    return ProfilePlan(models=8, decode_runs=16, prefill_runs=5, blocks=3, warmup_s=0.5)
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """Per-group time ratios (this machine / source table), with the fallbacks they came from."""
+
+    group: dict[tuple, float]  # OpEntry.group() -> ratio, groups with >= MIN_SAMPLES quick entries
+    klass: dict[tuple[str, str], float]  # (phase, kernel class) -> ratio
+    phase: dict[str, float]  # phase -> ratio
+    samples: int  # quick op entries compared
+
+    def of(self, e: OpEntry) -> float:
+        g = self.group.get(e.group())
+        if g is not None:
+            return g
+        k = self.klass.get((e.phase, kernel_class(e.op, e.fmt)))
+        return k if k is not None else self.phase.get(e.phase, 1.0)
+
+
+def _geo_median(xs: Sequence[float]) -> float:
+    """The median in log space: robust to the odd node the profiler caught mid-burst."""
+    logs = sorted(math.log(x) for x in xs)
+    mid = len(logs) // 2
+    return math.exp(logs[mid] if len(logs) % 2 else (logs[mid - 1] + logs[mid]) / 2)
+
+
+def measure_ratios(source: LatencyTable, quick: LatencyTable) -> Ratios:
+    """Ratios of ``quick``'s op times to ``source``'s predictions at the same dims (see module docstring).
+
+    Only op kinds the source table models are compared; ``wall`` and ``overhead`` entries never are.
+    """
+    models = source.models
+    by_group: dict[tuple, list[float]] = defaultdict(list)
+    by_class: dict[tuple[str, str], list[float]] = defaultdict(list)
+    by_phase: dict[str, list[float]] = defaultdict(list)
+    for e in quick.entries:
+        if e.op in ("wall", "overhead") or e.mean_ms <= 0:
+            continue
+        m = models.get(e.group())
+        if m is None:
+            continue
+        pred = float(m(e.dims))
+        if pred <= 0:
+            continue
+        r = e.mean_ms / pred
+        by_group[e.group()].append(r)
+        by_class[(e.phase, kernel_class(e.op, e.fmt))].append(r)
+        by_phase[e.phase].append(r)
+    return Ratios(group={g: _geo_median(rs) for g, rs in by_group.items() if len(rs) >= MIN_SAMPLES},
+                  klass={k: _geo_median(rs) for k, rs in by_class.items()},
+                  phase={p: _geo_median(rs) for p, rs in by_phase.items()},
+                  samples=sum(len(rs) for rs in by_group.values()))
+
+
+def adapt_table(source: LatencyTable, quick: LatencyTable, *, command: str = "", seconds: float | None = None
+                ) -> LatencyTable:
+    """``source`` adapted to the machine ``quick`` was measured on (see module docstring).
+
+    ``quick`` is a measured table of the same target and model family (an :func:`adaptation_plan` profile).
+    The result keeps ``source``'s name and target, so it lands where a full profile of it would.
+    """
+    ratios = measure_ratios(source, quick)
+    if not ratios.samples:
+        from llmshrink.errors import UsageError
+
+        raise UsageError(f"The quick measurement shares no op kind with table {source.name}: nothing to adapt.",
+                         "Profile this machine in full with `llmshrink targets profile`.")
+    scaled = [replace(e, mean_ms=e.mean_ms * ratios.of(e), std_ms=e.std_ms * ratios.of(e))
+              for e in source.entries if e.op not in ("wall", "overhead")]
+    # the quick run's calls are numbered after the source's, so no call mixes the two machines
+    offset = 1 + max((e.dims.get("call", -1) for e in source.entries), default=-1)
+    own = [replace(e, dims={**e.dims, "call": e.dims["call"] + offset}) if "call" in e.dims else e
+           for e in quick.entries]
+    sp, qp = source.provenance, quick.provenance
+    walls = sum(e.op == "wall" for e in quick.entries)
+    took = f" in {seconds / 60:.1f} min" if seconds is not None else ""
+    origin = {"table": source.name, "kind": sp.kind, "date": sp.date, "cpu": sp.host.get("cpu", ""),
+              "cpu_id": sp.host.get("cpu_id", ""), "samples": ratios.samples, "calls": walls,
+              "seconds": seconds, "phase_ratios": {p: round(r, 4) for p, r in sorted(ratios.phase.items())},
+              "class_ratios": {f"{p}/{k}": round(r, 4) for (p, k), r in sorted(ratios.klass.items())}}
+    prov = Provenance(kind="adapted", date=datetime.now(UTC).isoformat(timespec="seconds"),
+                      command=command or qp.command, host=qp.host, model=sp.model or qp.model,
+                      sources=(f"{source.name} ({sp.kind}, {sp.date}, {sp.host.get('cpu', 'unknown CPU')})",),
+                      notes=(f"adapted from {source.name} with {ratios.samples} op samples and {walls} timed calls "
+                             f"on {qp.host.get('cpu', 'this CPU')}{took}, {datetime.now(UTC).date().isoformat()}; "
+                             "not a full profile: `llmshrink targets profile` measures one.",),
+                      adapted_from=origin)
+    return LatencyTable(name=source.name, target=source.target, provenance=prov, entries=tuple(scaled + own),
+                        threads=quick.threads)
+
+
+def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats: Sequence[str] = (),
+                threads: int | None = None, command: str = "", plan=None,
+                progress: Progress = NULL_PROGRESS) -> LatencyTable:
+    """Measure :func:`adaptation_plan` on this machine and return ``source`` adapted to it.
+
+    The subnets are drawn from the model family ``source`` was profiled on (its config only is read).
+    ``search_formats`` come first in the lm_head's rotation, so the formats a search picks get their own
+    lm_head samples in a short plan.
+    """
+    from llmshrink.models import load_config, resolve_model
+    from llmshrink.spec import BaseShape
+    from llmshrink.targets.profilers.cpu import profile_cpu
+
+    model = source.provenance.model or "smollm2-135m"
+    base = BaseShape.from_config(load_config(resolve_model(model.removeprefix("builtin:")), progress=progress))
+    order = [f for f in search_formats if f in formats] + [f for f in formats if f not in search_formats]
+    t0 = time.perf_counter()
+    quick = profile_cpu(base, order, model=model, plan=plan or adaptation_plan(), threads=threads, command=command,
+                        name=source.name, target=source.target, progress=progress,
+                        title=f"Adapting latency table {source.name} to this CPU")
+    return adapt_table(source, quick, command=command, seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class LocalTable:
+    """What :func:`table_for_this_cpu` did: the table to use, and a sentence for the run's notes (or None)."""
+
+    table: LatencyTable
+    note: str | None = None
+    adapted: bool = False
+
+
+def table_for_this_cpu(target, *, adapt: bool = True, threads: int | None = None,
+                       progress: Progress = NULL_PROGRESS) -> LocalTable:
+    """The target's latency table, adapted to this CPU first when it was measured on another one.
+
+    Only a table the target names (built-in, or this machine's profiled copy by that name) is adapted: the
+    adapted table is written where ``targets profile`` writes that name (:func:`.table.profiled_table_path`),
+    so the cpu target finds it from then on. A measured table of another CPU already there is kept beside it
+    (``NAME.<cpu_id>.json``); nothing is lost. A table the target names by file path is used as given.
+    With ``adapt=False`` (or nothing to adapt) the table is returned with the mismatch, if any, as its note.
+    """
+    from pathlib import Path
+
+    from llmshrink.targets.predict import table_for
+    from llmshrink.targets.table import host_mismatch, load_table, profiled_table_path
+
+    table = table_for(target)
+    why = host_mismatch(table)
+    by_name = bool(target.table) and Path(target.table).suffix not in (".json", ".gz")
+    if why is None or not adapt or not by_name or target.runtime != "onnxruntime-cpu":
+        return LocalTable(table, why)
+    source = table
+    path = profiled_table_path(target.table)
+    if path.is_file():
+        mine = load_table(path)
+        if mine.kind == "adapted":  # an adaptation for another CPU: adapt the built-in table afresh instead
+            source = load_table(builtin_table_path(target.table) or target.table)
+        else:  # another CPU's full profile: adapt it, keep it
+            cpu = str(mine.provenance.host.get("cpu_id", "other-cpu")).replace(" ", "_").replace("/", "-")
+            path.rename(path.with_name(f"{target.table}.{cpu}.json"))
+    adapted = quick_adapt(source, target.formats, search_formats=target.search_formats, threads=threads,
+                          command=f"llmshrink (adapting {target.name}'s table)", progress=progress)
+    adapted.save(path)
+    info = adapted.provenance.adapted_from
+    return LocalTable(load_table(path),
+                      f"latency table {source.name} was measured on another CPU ({info['cpu'] or 'unrecorded'}); "
+                      f"adapted to this one from {info['samples']} op samples and {info['calls']} timed calls in "
+                      f"{info['seconds'] / 60:.1f} min, saved as {path} (a full profile: "
+                      f"`llmshrink targets profile {target.name}`)", adapted=True)
+
+
+def builtin_table_path(name: str) -> str | None:
+    """The packaged table called ``name`` (by path, so that this machine's profiled copy does not shadow it)."""
+    from importlib import resources
+
+    res = resources.files("llmshrink.targets").joinpath(f"tables/{name}.json.gz")
+    return str(res) if res.is_file() else None
