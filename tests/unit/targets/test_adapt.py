@@ -186,3 +186,23 @@ def test_doctor_says_whether_the_cpu_table_is_measured_here_adapted_here_or_anot
     assert "another CPU" in cpu_table_status()["status"] and "--quick" in cpu_table_status()["status"]
     LatencyTable("cpu-smollm2-135m", "cpu", Provenance(kind="measured", host=_here()), _source().entries).save(path)
     assert cpu_table_status()["status"] == "measured on this CPU"
+
+
+def test_quick_adapt_measures_here_and_takes_out_a_known_factor(tiny_table, tiny_llama_dir):
+    """End to end on the tiny family: a copy of this machine's table made 2x slower 'elsewhere' comes back ~1x."""
+    from dataclasses import replace
+
+    from llmshrink.targets.adapt import quick_adapt
+    from llmshrink.targets.profilers.cpu import quick_plan
+
+    here, _ = tiny_table
+    slow = tuple(replace(e, mean_ms=2 * e.mean_ms) for e in here.entries)
+    source = LatencyTable("tiny", "cpu", Provenance(kind="measured", host=_elsewhere(), model=str(tiny_llama_dir)),
+                          slow)
+    adapted = quick_adapt(source, ("fp32", "w4g32", "w4g32a8", "w8a8"), search_formats=("w4g32a8",),
+                          plan=quick_plan(3))
+    info = adapted.provenance.adapted_from
+    assert adapted.kind == "adapted" and info["calls"] == 3 * 4 and info["samples"] > 50
+    for phase, ratio in info["phase_ratios"].items():
+        assert 0.3 < ratio < 0.8, (phase, ratio)  # ~0.5: the tiny ops are noisy, a factor of 2 is not
+    assert host_mismatch(adapted) is None
