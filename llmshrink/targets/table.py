@@ -382,8 +382,9 @@ def host_mismatch(table: LatencyTable) -> str | None:
     if not diffs:
         return None
     return (f"latency table {table.name} was measured on another CPU ({'; '.join(map(str, diffs))}): its "
-            f"predictions are not this machine's. Profile this one with `llmshrink targets profile {table.target}` "
-            "(written where the target finds it).")
+            f"predictions are not this machine's. Adapt it here with `llmshrink targets profile {table.target} "
+            f"--quick` (~3 min; `compress` does so by itself), or profile this machine in full with `llmshrink "
+            f"targets profile {table.target}` (~20 min); either is written where the target finds it.")
 
 
 def profiled_table_path(name: str) -> Path:
