@@ -170,7 +170,7 @@ def main() -> None:
     import onnxruntime as ort
     import onnxruntime_genai as og
 
-    from llmshrink.doctor import cpu_model
+    from llmshrink.host import cpu_model
     from llmshrink.models import load_tokenizer
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llmshrink-speed-"))

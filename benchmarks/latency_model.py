@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--prefill-runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the per-spec results here")
+    ap.add_argument("--save-tables", default=None, metavar="DIR",
+                    help="write every judged table to DIR/NAME.json (the adapted one is otherwise lost with the run)")
     args = ap.parse_args()
 
     from llmshrink.compressor.materialize import materialize
@@ -73,6 +75,12 @@ def main() -> None:
     target = load_target(args.target)
     tables = dict(_tables(args.table, target))
     table = next(iter(tables.values()))
+    if args.save_tables:
+        from pathlib import Path
+
+        Path(args.save_tables).mkdir(parents=True, exist_ok=True)
+        for name, t in tables.items():
+            t.save(f"{args.save_tables}/{name}.json")
     formats = _formats(target, args.formats)
     workloads = [parse_workload(w) for w in args.workloads]
     source = resolve_model(args.model)
@@ -112,7 +120,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     print(f"# {' '.join(sys.argv)}")
-    from llmshrink.doctor import cpu_features, cpu_model
+    from llmshrink.host import cpu_features, cpu_model
 
     print(f"# on {cpu_model()} ({', '.join(f for f in cpu_features() if 'avx512' in f or 'amx' in f) or 'no AVX-512'}); "
           f"model {args.model}; {args.specs} specs drawing from {args.formats} formats ({len(formats)}), "

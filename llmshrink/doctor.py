@@ -9,6 +9,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from llmshrink import storage
+from llmshrink.host import LATENCY_ISA, cpu_features, cpu_id, cpu_model  # noqa: F401 (doctor reports them)
 from llmshrink.version import __version__
 
 
@@ -17,54 +18,6 @@ def _version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's word for it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# ISA extensions that change which ONNX Runtime CPU kernels are fast (int8 dot products above all):
-# two CPUs with the same name but different sets time the same graph differently.
-LATENCY_ISA = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
-               "asimddp", "i8mm", "sve", "sme")
-
-
-def cpu_features() -> tuple[str, ...]:
-    """The LATENCY_ISA flags this CPU reports (from /proc/cpuinfo on Linux; empty where unreadable)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return tuple(f for f in LATENCY_ISA if f in flags)
-
-
-def cpu_id() -> str:
-    """Vendor family/model/stepping (e.g. ``AuthenticAMD 25/1/1``): tells apart CPUs that share a name."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                k, _, v = line.partition(":")
-                fields[k.strip()] = v.strip()
-    except OSError:
-        return platform.machine()
-    return (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/"
-            f"{fields.get('stepping', '?')}")
 
 
 def memory_bytes() -> int | None:

@@ -72,7 +72,7 @@ class LatencyMeasurement:
 def summarize(times_s: list[float], workload: Workload, *, warmup: int, threads: int | None,
               runtime: str, runtime_version: str, blocks: int = 1) -> LatencyMeasurement:
     """Turn per-run seconds into a :class:`LatencyMeasurement` (milliseconds)."""
-    from llmshrink.doctor import cpu_model
+    from llmshrink.host import cpu_model
 
     ms = np.asarray(times_s) * 1e3
     return LatencyMeasurement(

@@ -370,7 +370,7 @@ def host_mismatch(table: LatencyTable) -> str | None:
     """
     import os
 
-    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
+    from llmshrink.host import cpu_features, cpu_id, cpu_model
 
     prov = table.provenance
     host = prov.host

@@ -274,7 +274,7 @@ def _entries(spec: SubnetSpec, w: Workload, nodes: dict[str, float], wall_ms: fl
 def host_info(threads: int | None) -> dict[str, object]:
     import onnxruntime as ort
 
-    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
+    from llmshrink.host import cpu_features, cpu_id, cpu_model
     from llmshrink.version import __version__
 
     return {"cpu": cpu_model(), "cpu_id": cpu_id(), "isa": list(cpu_features()), "machine": platform.machine(),

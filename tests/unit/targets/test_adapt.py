@@ -28,7 +28,7 @@ def _attention(past, scale=1.0):
 
 
 def _here():
-    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
+    from llmshrink.host import cpu_features, cpu_id, cpu_model
 
     return {"runtime": "onnxruntime-cpu", "cpu": cpu_model(), "cpu_id": cpu_id(), "isa": sorted(cpu_features()),
             "cores": os.cpu_count()}

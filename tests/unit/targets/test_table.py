@@ -67,7 +67,7 @@ def _cpu_table(**host):
 def test_host_mismatch_names_what_differs_from_this_machine():
     import os
 
-    from llmshrink.doctor import cpu_features, cpu_id, cpu_model
+    from llmshrink.host import cpu_features, cpu_id, cpu_model
     from llmshrink.targets.table import host_mismatch
 
     here = dict(cpu=cpu_model(), cpu_id=cpu_id(), isa=list(cpu_features()), cores=os.cpu_count())

@@ -1,0 +1,57 @@
+"""This CPU's identity: model name, the ISA flags that move kernel costs, vendor family/model/stepping.
+
+A leaf module: latency tables record and compare these (``targets.table``), the profiler stamps them on
+what it measures, and ``doctor`` reports them; none of those may import each other for it.
+"""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ISA extensions that change which ONNX Runtime CPU kernels are fast (int8 dot products above all):
+# two CPUs with the same name but different sets time the same graph differently.
+LATENCY_ISA = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
+               "asimddp", "i8mm", "sve", "sme")
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The LATENCY_ISA flags this CPU reports (from /proc/cpuinfo on Linux; empty where unreadable)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return tuple(f for f in LATENCY_ISA if f in flags)
+
+
+def cpu_id() -> str:
+    """Vendor family/model/stepping (e.g. ``AuthenticAMD 25/1/1``): tells apart CPUs that share a name."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
+        return platform.machine()
+    return (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/"
+            f"{fields.get('stepping', '?')}")
