@@ -195,14 +195,13 @@ def main() -> None:
 
 
 def _formats(target, which: str) -> list[str]:
-    from llmshrink.formats import parse_format
+    from llmshrink.targets.profilers.cpu import volatile_kernel
 
     if which == "search":
         return list(target.search_formats or target.formats)
     if which == "all":
         return list(target.formats)
-    return [f for f in target.formats
-            if not ((fm := parse_format(f)).group_size and fm.act == "none" and fm.weight_bits in (2, 8))]
+    return [f for f in target.formats if not volatile_kernel(f)]
 
 
 def _tables(specs: list[str] | None, target):

@@ -147,9 +147,8 @@ def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats:
                 progress: Progress = NULL_PROGRESS) -> LatencyTable:
     """Measure :func:`adaptation_plan` on this machine and return ``source`` adapted to it.
 
-    The subnets are drawn from the model family ``source`` was profiled on (its config only is read).
-    ``search_formats`` come first in the lm_head's rotation, so the formats a search picks get their own
-    lm_head samples in a short plan.
+    The subnets are drawn from the model family ``source`` was profiled on (its config only is read); their
+    lm_heads follow :func:`lm_head_rotation`.
     """
     from llmshrink.models import load_config, resolve_model
     from llmshrink.spec import BaseShape
@@ -157,12 +156,41 @@ def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats:
 
     model = source.provenance.model or "smollm2-135m"
     base = BaseShape.from_config(load_config(resolve_model(model.removeprefix("builtin:")), progress=progress))
-    order = [f for f in search_formats if f in formats] + [f for f in formats if f not in search_formats]
+    order = lm_head_rotation(formats, search_formats)
     t0 = time.perf_counter()
     quick = profile_cpu(base, order, model=model, plan=plan or adaptation_plan(), threads=threads, command=command,
                         name=source.name, target=source.target, progress=progress,
                         title=f"Adapting latency table {source.name} to this CPU")
     return adapt_table(source, quick, command=command, seconds=time.perf_counter() - t0)
+
+
+def lm_head_rotation(formats: Sequence[str], search_formats: Sequence[str] = ()) -> list[str]:
+    """``formats`` in the order a short profile gives them to its models' lm_heads (one format per model).
+
+    The search's formats first (their own samples), then the first steady format of every lm_head kernel class
+    (symmetric and with zero points apart) not yet covered, then the other steady formats, and the kernels that swing between runs
+    (:func:`~.profilers.cpu.volatile_kernel`) last: in a short plan those lm_head classes keep the phase's ratio, and
+    no call's wall time is ruled by one of them. Why: the lm_head is the largest single op of a decode call. With 8 models in
+    target order the rotation reached w2g32, w2g64, w2g128 and never an int4 kernel at accuracy level 0, whose
+    cost relative to fp32 flips between AVX2 and AVX-512 CPUs (0.9 ms on the source's Zen 3, 0.27 ms here on a
+    Zen 4): 11 of 30 random specs had such an lm_head and were over-predicted by ~1 ms, and the three calls
+    ruled by a 2-bit lm_head (30 ms, of which the node profiler read up to 60) doubled the calibration's error.
+    Zero points flip too: w4g32z's lm_head cost 1.45x w4g32's on the Zen 3 and the same on the Zen 4.
+    """
+    from llmshrink.formats import parse_format
+    from llmshrink.targets.profilers.cpu import volatile_kernel
+
+    def variant(f: str) -> tuple[str, bool]:  # zero points are another kernel path, with costs of their own
+        return kernel_class("lm_head", f), parse_format(f).symmetric
+
+    first = [f for f in search_formats if f in formats]
+    covered = {variant(f) for f in first}
+    for f in formats:
+        if f not in first and not volatile_kernel(f) and variant(f) not in covered:
+            first.append(f)
+            covered.add(variant(f))
+    rest = [f for f in formats if f not in first]
+    return first + [f for f in rest if not volatile_kernel(f)] + [f for f in rest if volatile_kernel(f)]
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,20 @@ class ProfilePlan:
         return [Workload("decode", 1, c) for c in self.decode_contexts] + [Workload("prefill", 1, c) for c in chosen]
 
 
+def volatile_kernel(fmt: str) -> bool:
+    """Whether ``fmt`` runs on a MatMulNBits kernel whose time swings up to 2x between runs of one graph here.
+
+    The 2- and 8-bit kernels at accuracy level 0 (float activations; ``w2g32``, ``w8g64``, ...) did so on every
+    CPU measured (docs/research/latency_model.md): the profile samples them, the cpu target never searches
+    them (its ``search_formats`` use int8 activations), and a whole-call time dominated by one of them says
+    little about the rest of the call.
+    """
+    from llmshrink.formats import parse_format
+
+    f = parse_format(fmt)
+    return bool(f.group_size) and f.act == "none" and f.weight_bits in (2, 8)
+
+
 def _grid(full: int, step: int, lo_frac: float, rng: np.random.Generator, extreme: str | None) -> int:
     choices = [w for w in range(step, full + 1, step) if w >= lo_frac * full] or [full]
     if extreme == "min":

@@ -206,3 +206,24 @@ def test_quick_adapt_measures_here_and_takes_out_a_known_factor(tiny_table, tiny
     for phase, ratio in info["phase_ratios"].items():
         assert 0.3 < ratio < 0.8, (phase, ratio)  # ~0.5: the tiny ops are noisy, a factor of 2 is not
     assert host_mismatch(adapted) is None
+
+
+def test_a_short_plan_gives_every_steady_lm_head_class_a_model_before_any_format_repeats_a_class():
+    """8 models in target order reached three 2-bit lm_heads and no int4 one (issue 20's +20 % decode bias)."""
+    from llmshrink.targets import load_target
+    from llmshrink.targets.adapt import lm_head_rotation
+    from llmshrink.targets.profilers.cpu import volatile_kernel
+    from llmshrink.targets.table import kernel_class
+
+    cpu = load_target("cpu")
+    order = lm_head_rotation(cpu.formats, cpu.search_formats)
+    assert sorted(order) == sorted(cpu.formats)
+    assert order[:len(cpu.search_formats)] == list(cpu.search_formats)
+    steady = {kernel_class("lm_head", f) for f in cpu.formats if not volatile_kernel(f)}
+    head = order[:len(cpu.search_formats) + len(steady)]
+    assert {kernel_class("lm_head", f) for f in head} >= steady
+    assert "w4g32" in order[:8] and not any(volatile_kernel(f) for f in order[:8])
+    volatile = [i for i, f in enumerate(order) if volatile_kernel(f)]
+    assert volatile and volatile == list(range(len(order) - len(volatile), len(order)))
+    assert volatile_kernel("w2g32") and volatile_kernel("w8g128") and not volatile_kernel("w8g32a8")
+    assert not volatile_kernel("w4g32") and not volatile_kernel("w8a8") and not volatile_kernel("fp32")
