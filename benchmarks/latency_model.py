@@ -10,7 +10,7 @@ fastest block median, what ``validate`` compares; see
 ``llmshrink/exporters/timing.py``); the reported figure is the median over
 rounds. The errors against plain medians are printed too.
 
-    python benchmarks/latency_model.py [--specs 30] [--table PATH] [--json out.json]
+    python benchmarks/latency_model.py [--specs 30] [--table PATH] [--json out.json] [--save-tables DIR]
 
 Prints one row per spec and, per workload, the mean and median absolute
 percentage error (MAPE, MdAPE), the worst error and the mean signed error.
