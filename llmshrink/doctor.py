@@ -9,7 +9,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from llmshrink import storage
-from llmshrink.host import LATENCY_ISA, cpu_features, cpu_id, cpu_model  # noqa: F401 (doctor reports them)
+from llmshrink.host import cpu_features, cpu_id, cpu_model
 from llmshrink.version import __version__
 
 

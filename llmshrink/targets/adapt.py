@@ -174,14 +174,15 @@ def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats:
 def lm_head_rotation(formats: Sequence[str], search_formats: Sequence[str] = ()) -> list[str]:
     """``formats`` in the order a short profile gives them to its models' lm_heads (one format per model).
 
-    The search's formats first (their own samples), then the first steady format of every lm_head kernel class
-    (symmetric and with zero points apart) not yet covered, then the other steady formats, and the kernels that swing between runs
-    (:func:`~.profilers.cpu.volatile_kernel`) last: in a short plan those lm_head classes keep the phase's ratio, and
-    no call's wall time is ruled by one of them. Why: the lm_head is the largest single op of a decode call. With 8 models in
-    target order the rotation reached w2g32, w2g64, w2g128 and never an int4 kernel at accuracy level 0, whose
-    cost relative to fp32 flips between AVX2 and AVX-512 CPUs (0.9 ms on the source's Zen 3, 0.27 ms here on a
-    Zen 4): 11 of 30 random specs had such an lm_head and were over-predicted by ~1 ms, and the three calls
-    ruled by a 2-bit lm_head (30 ms, of which the node profiler read up to 60) doubled the calibration's error.
+    The search's formats first (their own samples); then the first steady format of every lm_head kernel
+    class not yet covered (symmetric and zero-point kernels apart); then the other steady formats; the
+    kernels that swing between runs (:func:`~.profilers.cpu.volatile_kernel`) last.
+
+    Why: the lm_head is the largest single op of a decode call, and its cost relative to fp32 flips between
+    CPUs. With 8 models in target order the rotation reached w2g32, w2g64, w2g128 and no int4 kernel at
+    accuracy level 0 (w4g32 at hidden 448: 0.65x fp32's time on the source's Zen 3, 0.30x on a Zen 4): 11
+    of 30 random specs had such an lm_head and were over-predicted by ~1 ms, and the three calls ruled by a
+    2-bit lm_head (30 ms, of which the node profiler read up to 60) doubled the calibration's error.
     Zero points flip too: w4g32z's lm_head cost 1.45x w4g32's on the Zen 3 and the same on the Zen 4.
     """
     from llmshrink.formats import parse_format
