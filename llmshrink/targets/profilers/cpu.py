@@ -87,8 +87,8 @@ class ProfilePlan:
 def volatile_kernel(fmt: str) -> bool:
     """Whether ``fmt`` runs on a MatMulNBits kernel whose time swings up to 2x between runs of one graph here.
 
-    The 2- and 8-bit kernels at accuracy level 0 (float activations; ``w2g32``, ``w8g64``, ...) did so on every
-    CPU measured (docs/research/latency_model.md): the profile samples them, the cpu target never searches
+    The 2- and 8-bit kernels at accuracy level 0 (float activations; ``w2g32``, ``w8g64``, ...), at large N
+    (docs/research/latency_model.md, finding 8): the full profile samples them, the cpu target never searches
     them (its ``search_formats`` use int8 activations), and a whole-call time dominated by one of them says
     little about the rest of the call.
     """
