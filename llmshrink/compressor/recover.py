@@ -61,7 +61,9 @@ class RecoveryConfig:
     """Knobs of :func:`recover` (defaults sized for a 2-core CPU and a ~135M model)."""
 
     # Sized for a 45-minute run on 2 cores (benchmarks/recovery.py): ~2.6 s a step with bf16 autocast on an AMX
-    # Xeon, ~4.6 s in fp32, so 300 steps (154k tokens) take ~13 / ~23 min.
+    # Xeon, ~4.6 s in fp32, so 300 steps (154k tokens) take ~13 / ~23 min; 3.1 s on a Zen 4 (AVX-512 BF16).
+    # More steps keep paying, slowly: on that Zen 4 from the same GPTQ model, 300 steps gave WikiText-2 32.63 and
+    # 400 steps 32.45 (scratch runs, 2026-12-01); 300 leave room in 45 min for the calibration text and GPTQ.
     steps: int = 300
     batch_size: int = 4
     seq_len: int = 128
@@ -125,7 +127,7 @@ class QATLinear(nn.Linear):
         self.grid = None if q is None else q.grid
         self.act_scale = None if lin.act_scale is None else float(lin.act_scale)
         self.register_buffer("lin_bias", lin.bias)
-        self._frozen_resid: torch.Tensor | None = None
+        self._frozen_rounded: torch.Tensor | None = None
         with torch.no_grad():
             self.weight.copy_(lin.weight)
         # mode "scales": the quantizer's codes stay, each group's scale trains (as a log gain, so a step moves
@@ -149,14 +151,14 @@ class QATLinear(nn.Linear):
         return w.half().float() if self.fmt.weight_bits == 16 else w
 
     def quantized_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        frozen = w is self.weight and not self.weight.requires_grad  # the lm_head: rounded once, kept rounded
+        if frozen:
+            if self._frozen_rounded is None:
+                with torch.no_grad():
+                    self._frozen_rounded = self._round(w.detach().float())
+            return F.linear(self._kernel_input(x), self._frozen_rounded, self.lin_bias)
         with torch.no_grad():
-            frozen = w is self.weight and not self.weight.requires_grad  # the lm_head: rounded once
-            if frozen and self._frozen_resid is not None:
-                resid = self._frozen_resid
-            else:
-                resid = self._round(w.detach().float()) - w.detach()
-                if frozen:
-                    self._frozen_resid = resid
+            resid = self._round(w.detach().float()) - w.detach()
         # straight-through: gradients as if unrounded
         return F.linear(self._kernel_input(x), w + resid, self.lin_bias)
 

@@ -78,7 +78,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llmshrink import serde, storage
 from llmshrink.compressor.supernet import Supernet
@@ -171,12 +170,40 @@ class SearchResult:
     resumed_from: int | None = None
 
 
+class _ForwardKL(torch.autograd.Function):
+    """Per-token ``KL(p || softmax(s))`` for logits ``s`` ``[N, V]`` and teacher probabilities ``p`` (no gradient).
+
+    ``Σ p log p − Σ p·s + logsumexp(s)``; the gradient ``softmax(s) − p`` is computed in place in one fused softmax
+    and one subtraction (autograd's own graph of the same formula makes three more passes over ``[N, V]``).
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(s, p)
+        return neg_entropy - (p * s).sum(-1) + torch.logsumexp(s, -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, p = ctx.saved_tensors
+        return torch.softmax(s, -1).sub_(p).mul_(grad.unsqueeze(-1)), None, None
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Forward KL(teacher || student) per token, scaled by T² (Hinton et al.)."""
+    """Forward KL(teacher || student) per token, averaged over tokens and scaled by T² (Hinton et al.).
+
+    ``student`` and ``teacher`` are logits (or log-probabilities) ``[..., V]``; the teacher gets no gradient.
+    The same number as ``F.kl_div`` of both log-softmaxes, in about half the passes over ``[tokens, V]``: with a
+    49k vocabulary that loss was a third of a recovery step on 2 cores.
+    """
     t = temperature
-    s = F.log_softmax(student.float() / t, -1).flatten(0, -2)
-    q = F.log_softmax(teacher.float() / t, -1).flatten(0, -2)
-    return F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+    s = student.float().flatten(0, -2)
+    q = teacher.detach().float().flatten(0, -2)
+    if t != 1.0:
+        s, q = s / t, q / t
+    with torch.no_grad():
+        p = torch.softmax(q, -1)
+        neg_entropy = (p * q).sum(-1) - torch.logsumexp(q, -1)  # Σ p log p
+    return _ForwardKL.apply(s, p, neg_entropy).mean() * t * t
 
 
 def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generator, history: list[StepLog],

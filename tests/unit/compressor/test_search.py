@@ -31,6 +31,24 @@ def test_kd_loss_is_zero_for_the_teacher_and_positive_otherwise():
     assert float(kd_loss(torch.randn(2, 5, 11), t)) > 0
 
 
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_and_its_gradient_equal_kl_div_of_the_log_softmaxes(temperature):
+    # kd_loss is a hand-written forward KL with its own backward; F.kl_div of both log-softmaxes is the definition
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(3, 7, 50, generator=gen, requires_grad=True)
+    teacher = 3 * torch.randn(3, 7, 50, generator=gen)
+    t = temperature
+    ref = F.kl_div(F.log_softmax(student / t, -1).flatten(0, -2), F.log_softmax(teacher / t, -1).flatten(0, -2),
+                   log_target=True, reduction="batchmean") * t * t
+    got = kd_loss(student, teacher, t)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    g_got, = torch.autograd.grad(got, student)
+    g_ref, = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
+
 def test_a_tight_budget_pulls_expected_latency_down(tiny_hf, tiny_base, steady_table, calib):
     table, yaml_path = steady_table  # the per-session tiny table can rank subnets wrongly (see conftest)
     from llmshrink.compressor.budget import fastest_reachable
