@@ -385,7 +385,9 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     entries = [RunEntry(c.bundle, "selected" if c is best else "candidate", c.label) for c in outcomes]
     entries += [RunEntry(k.bundle, "candidate" if k.name == SEARCH else "baseline", f"{c.label} {k.name}")
                 for c in outcomes for k in c.contenders if not k.shipped and k.bundle]
-    if any(c.contenders for c in outcomes):
+    # The original and uniform int4 beside every screened budget; and beside a budget validated relative to the
+    # uniform export (which is built for that anyway), so a loose budget's report says what it is measured against.
+    if any(c.contenders for c in outcomes) or config.reference:
         entries += _reference_points(ctx)
     verdicts = tuple(screen_verdict(c) for c in outcomes if c.contenders)
     write_record(out, RunRecord(tuple(entries), model=source.describe(), target=target.name,

@@ -301,9 +301,18 @@ def test_a_loose_budget_in_a_quantized_format_is_recovered_not_searched(setup, t
     space = tmp_path / "int4.yaml"
     space.write_text(SPACE.replace("formats: [fp32, w4g32a8]", "formats: [w4g32a8]"))
     int4 = predict(SubnetSpec.uniform(_tiny_base(cfg), "w4g32a8"), target, table=table).total_ms
-    res = compress(replace(cfg, space=str(space), budgets_ms=(round(int4 * 1.01, 4),)), tmp_path / "run")
+    # validated relative to the uniform export (as a 1.01xint4-a8 budget is)
+    res = compress(replace(cfg, space=str(space), budgets_ms=(round(int4 * 1.01, 4),), reference="w4g32a8"),
+                   tmp_path / "run")
     (c,) = res.record.candidates
     assert "the unpruned model in w4g32a8 fits" in c.reason and "recovery" in c.reason
+    # no search, no screening, yet the report shows what the shipped model is measured against
+    _, bundles = load_run(tmp_path / "run")
+    roles = {b.label: b.entry.role for b in bundles}
+    assert roles == {c.label: "selected", "original": "original",
+                     "uniform w4g32a8 (unpruned, gptq, no recovery)": "baseline"}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "original" in report and "uniform w4g32a8 (unpruned, gptq, no recovery)" in report
     assert c.kd_after_recovery is not None and not list((tmp_path / "run").glob("search-*"))
     assert any(k.startswith("ppl:held-out") for k in load_manifest(tmp_path / "run" / c.bundle).quality)
     shipped = SubnetSpec.from_json((tmp_path / "run" / c.bundle / "spec.json").read_text())
