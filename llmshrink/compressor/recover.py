@@ -61,7 +61,7 @@ class RecoveryConfig:
     """Knobs of :func:`recover` (defaults sized for a 2-core CPU and a ~135M model)."""
 
     # Sized for a 45-minute run on 2 cores (benchmarks/recovery.py): ~2.6 s a step with bf16 autocast on an AMX
-    # Xeon, ~4.6 s in fp32, so 300 steps (154k tokens) take ~13 / ~23 min; 3.1 s on a Zen 4 (AVX-512 BF16).
+    # Xeon, ~4.6 s in fp32, so 300 steps (154k tokens) take ~13 / ~23 min; 3.1-3.3 s on a Zen 4 (AVX-512 BF16).
     # More steps keep paying, slowly: on that Zen 4 from the same GPTQ model, 300 steps gave WikiText-2 32.63 and
     # 400 steps 32.45 (scratch runs, 2026-12-01); 300 leave room in 45 min for the calibration text and GPTQ.
     steps: int = 300

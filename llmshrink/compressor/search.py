@@ -192,8 +192,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     """Forward KL(teacher || student) per token, averaged over tokens and scaled by T² (Hinton et al.).
 
     ``student`` and ``teacher`` are logits (or log-probabilities) ``[..., V]``; the teacher gets no gradient.
-    The same number as ``F.kl_div`` of both log-softmaxes, in about half the passes over ``[tokens, V]``: with a
-    49k vocabulary that loss was a third of a recovery step on 2 cores.
+    The same number as ``F.kl_div`` of both log-softmaxes in fewer passes over ``[tokens, V]``: 0.67x its time
+    on SmolLM2's 49k vocabulary (``benchmarks/recovery_step.py``; a whole recovery step 0.98x).
     """
     t = temperature
     s = student.float().flatten(0, -2)
