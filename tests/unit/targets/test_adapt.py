@@ -229,7 +229,7 @@ def test_a_short_plan_gives_every_steady_lm_head_class_a_model_before_any_format
     assert not volatile_kernel("w4g32") and not volatile_kernel("w8a8") and not volatile_kernel("fp32")
 
 
-def test_quick_adapt_times_only_steady_kernels_and_leaves_volatile_ones_their_class_ratio(monkeypatch, tiny_llama_dir):
+def test_quick_adapt_times_only_steady_kernels_search_formats_first(monkeypatch, tiny_llama_dir):
     """The quick calls calibrate wall times: a call full of 2-/8-bit level-0 kernels (7-40 ms against the 2.5-6 ms
     of searched subnets) set the adapted level 19 % low in one run and 8 % high in the next."""
     import llmshrink.targets.profilers.cpu as profiler
