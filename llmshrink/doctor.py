@@ -9,7 +9,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from llmshrink import storage
-from llmshrink.host import cpu_features, cpu_id, cpu_model
+from llmshrink.host import cpu_features, cpu_id, cpu_model, memory_bytes
 from llmshrink.version import __version__
 
 
@@ -17,14 +17,6 @@ def _version(dist: str) -> str | None:
     try:
         return version(dist)
     except PackageNotFoundError:
-        return None
-
-
-def memory_bytes() -> int | None:
-    """Total physical memory, or None where it cannot be read."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
         return None
 
 

@@ -13,6 +13,7 @@ code  meaning
 4     validation: measured latency outside tolerance
 5     missing hardware or runtime (no CUDA device, no TensorRT, an extra not installed)
 6     a remote resource is unreachable (offline, hub down)
+7     not enough memory: the plan says a phase cannot fit on the devices present (nothing was loaded)
 130   interrupted (Ctrl-C); finished work is kept
 ====  ===========================================================
 """
@@ -92,6 +93,12 @@ class RemoteUnavailableError(LlmshrinkError):
     """A remote resource (model hub, package index) cannot be reached."""
 
     exit_code = 6
+
+
+class InsufficientMemoryError(LlmshrinkError):
+    """A phase of the run needs more memory than the devices present have (found before any weights load)."""
+
+    exit_code = 7
 
 
 class Interrupted(LlmshrinkError):

@@ -1,4 +1,4 @@
-"""This CPU's identity: model name, the ISA flags that move kernel costs, vendor family/model/stepping.
+"""This CPU's identity (model name, the ISA flags that move kernel costs, vendor family/model/stepping) and memory.
 
 A leaf module: latency tables record and compare these (``targets.table``), the profiler stamps them on
 what it measures, and ``doctor`` reports them; none of those may import each other for it.
@@ -6,6 +6,7 @@ what it measures, and ``doctor`` reports them; none of those may import each oth
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -55,3 +56,23 @@ def cpu_id() -> str:
         return platform.machine()
     return (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/"
             f"{fields.get('stepping', '?')}")
+
+
+def memory_bytes() -> int | None:
+    """Total physical memory, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory_bytes() -> int:
+    """Memory a new allocation can have now (Linux ``MemAvailable``), else the total, else 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return memory_bytes() or 0

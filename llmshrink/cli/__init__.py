@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "validate": "llmshrink.cli.bundle:validate",
     "eval": "llmshrink.cli.evaluate:evaluate",
     "report": "llmshrink.cli.report:report",
+    "plan": "llmshrink.cli.plan:plan",
     "doctor": "llmshrink.cli.doctor:doctor",
 }
 

@@ -72,11 +72,15 @@ def resume_command(out_dir: Path) -> str:
 @click.option("--no-adapt", is_flag=True,
               help="Keep the target's latency table as it is when it was measured on another CPU (by default "
                    "the run first adapts it to this one: ~3 min, once, kept for later runs).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the torch phases run: auto (CUDA if present, else the CPU), cpu, cuda, cuda:N. "
+                   "This version trains on the CPU; cuda without a GPU exits 5.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def compress(model: str, target: str, latency: str | None, spec_path: str | None, quantizer: str,
              params_budget: str | None, workload: str | None,
              space_path: str | None, steps: int | None, recovery_steps: int | None, calib_data: str, tolerance: str,
-             strategy: str, seed: int, out_dir: Path | None, resume: bool, no_adapt: bool, as_json: bool) -> None:
+             strategy: str, seed: int, out_dir: Path | None, resume: bool, no_adapt: bool, device: str,
+             as_json: bool) -> None:
     """Search architecture and per-layer precision jointly under a latency budget, then ship the result.
 
     Phases: calibration text, importance ranking, the joint search (its
@@ -88,7 +92,8 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
     report.md and pareto.png.
 
     A budget below the fastest subnet the space reaches stops at once (exit
-    3) and names that floor. A budget the unpruned model already meets (in
+    3) and names that floor; so does a run one of whose phases would not fit
+    in memory (exit 7; `llmshrink plan` shows each phase's estimate). A budget the unpruned model already meets (in
     the space's most faithful search format) needs no search: the unpruned
     model in the most faithful format that fits ships at once, with a line
     saying why. For a GPU target on a machine without it, the search uses
@@ -134,7 +139,7 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
                                strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
                                calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
                                quantizer=quantizer, spec=spec_path, resume=resume, adapt_table=not no_adapt,
-                               progress=p)
+                               device=device, progress=p)
     except KeyboardInterrupt:
         from llmshrink.errors import Interrupted
 

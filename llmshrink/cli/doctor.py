@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from llmshrink.cli.ui import human_bytes, kv_table, out, print_json
+from llmshrink.cli.ui import kv_table, out, print_json
+from llmshrink.units import human_bytes
 
 
 @click.command()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from llmshrink.cli.ui import human_bytes, human_count, kv_table, out, print_json, progress
+from llmshrink.cli.ui import kv_table, out, print_json, progress
+from llmshrink.units import human_bytes, human_count
 
 MODEL_HELP = ("A built-in name (e.g. smollm2-135m), a local HF directory, a .gguf file, "
               "or an owner/name hub id.")

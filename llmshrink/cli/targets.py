@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from llmshrink.cli.ui import err, human_bytes, kv_table, out, print_json, progress, warn
+from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
+from llmshrink.units import human_bytes
 
 
 @click.group()

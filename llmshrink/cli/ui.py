@@ -55,21 +55,6 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(int(n))
-
-
 def kv_table(rows: dict[str, Any], title: str | None = None) -> Table:
     """A two-column table of names and values."""
     t = Table(title=title, show_header=False, box=None, pad_edge=False)

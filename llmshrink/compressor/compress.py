@@ -27,7 +27,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
              recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
              seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
              recovery: RecoveryConfig | None = None, resume: bool = False, adapt_table: bool = True,
-             progress: Progress = NULL_PROGRESS):
+             device: str = "auto", progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
     A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
@@ -35,6 +35,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     predicts for it; the run's notes say what it resolved to). With ``spec`` (a SubnetSpec JSON),
     that plan is recovered and exported without a search; ``latency_ms`` is then optional, a check.
     ``quantizer``: ``gptq`` (default) or ``rtn``; ``recovery`` overrides the whole RecoveryConfig.
+    ``device``: where the torch phases run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; :mod:`llmshrink.device`).
     ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
     (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
@@ -44,13 +45,19 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
 
     Raises:
         InfeasibleBudgetError: a budget is below the fastest subnet of the space (exit code 3).
+        MissingHardwareError: ``device`` names CUDA and there is none (exit code 5).
+        InsufficientMemoryError: a phase would not fit in the device's memory (exit code 7; nothing loaded).
         UsageError: bad input, or ``out`` holds another run.
     """
     from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.pipeline import compress as run
     from llmshrink.compressor.search import SearchConfig
+    from llmshrink.device import resolve_device
 
     wl = parse_workload(workload) if isinstance(workload, str) else workload
+    dev = resolve_device(device)  # a GPU asked for and absent fails here, before anything is measured or loaded
+    if device == "auto" and dev.kind == "cuda":  # the CUDA path is not built yet (CompressConfig says so when asked)
+        dev = resolve_device("cpu")
     if latency_ms is None and spec is None:
         from llmshrink.errors import UsageError
 
@@ -67,7 +74,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
-        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None)
+        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=dev.torch_device)
     return run(cfg, out, resume=resume, progress=progress, notes=adapted + tuple(notes))
 
 

@@ -51,11 +51,23 @@ class CompressConfig:
     # A fixed plan (a SubnetSpec JSON, absolute path): recovered and exported without a search
     # (``compress --spec``); budgets, if any, must not be below its prediction.
     spec: str | None = None
+    # where the torch phases run (a resolved ``--device``: "cpu" or "cuda:N"; see llmshrink.device)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
         from llmshrink.formats import QUANTIZERS
 
+        if self.device != "cpu":
+            from llmshrink.device import parse_device
+            from llmshrink.errors import LlmshrinkError
+
+            parse_device(self.device)  # a malformed name is a usage error
+            raise LlmshrinkError(
+                f"--device {self.device}: compress runs its torch phases on the CPU in this version; the CUDA "
+                "path (device placement of every phase, bf16) is not built yet.",
+                "Use --device cpu (`llmshrink plan --target T --device cuda` estimates a GPU run's memory "
+                "and time).")
         if self.quantizer not in QUANTIZERS:
             raise UsageError(f"Unknown quantizer {self.quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")

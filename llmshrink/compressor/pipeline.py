@@ -324,7 +324,9 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         UsageError: bad input, or ``out`` holds another run (or nothing to resume).
     """
     from llmshrink.compressor.budget import check_budget
+    from llmshrink.compressor.plan import check_fits
     from llmshrink.compressor.space import default_space, load_space
+    from llmshrink.device import resolve_device
     from llmshrink.evaluation.report import write_report
     from llmshrink.models import load_config, resolve_model
     from llmshrink.rundir import RunEntry, RunRecord, write_record
@@ -340,7 +342,8 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     table = table_for(target)
     workload = config.workload or target.default_workload
     source = resolve_model(config.model)
-    base = BaseShape.from_config(load_config(source, progress=progress))
+    hf_config = load_config(source, progress=progress)
+    base = BaseShape.from_config(hf_config)
     fmts = target.search_formats or target.formats
     space = (load_space(config.space, base, target.formats, search_formats=fmts) if config.space
              else default_space(base, target.formats, search_formats=fmts))
@@ -351,6 +354,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         plan = None
         fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
         shortcuts = _shortcuts(config, space, target, workload, table)
+    check_fits(config, hf_config, resolve_device(config.device), space)  # before any weights load
     if config.calib_data != "self":
         from llmshrink.models.data import parse_data_spec
 

@@ -120,6 +120,25 @@ def test_a_budget_below_the_fastest_subnet_fails_before_weights_load(setup, monk
     assert not (d / "infeasible" / RECORD).exists()
 
 
+def test_a_run_that_cannot_fit_in_memory_fails_before_weights_load(setup, monkeypatch):
+    """The plan's memory check refuses a run whose phase exceeds the device's memory, with exit code 7."""
+    from dataclasses import replace
+
+    from llmshrink.errors import InsufficientMemoryError
+
+    d, cfg, *_ = setup
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("llmshrink.models.load_model", no_weights)
+    monkeypatch.setattr("llmshrink.host.available_memory_bytes", lambda: 2 * 1024**2)  # 2 MiB of RAM left
+    with pytest.raises(InsufficientMemoryError, match="would not fit: its .* phase needs") as e:
+        compress(replace(cfg, recovery=replace(cfg.recovery, steps=1)), d / "no-memory")
+    assert e.value.exit_code == 7 and "llmshrink plan" in e.value.hint
+    assert not (d / "no-memory" / RECORD).exists()
+
+
 def test_cli_compress_runs_the_pipeline_and_parses_budgets(setup, tmp_path):
     import json
 
