@@ -49,11 +49,19 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         InsufficientMemoryError: a phase would not fit in the device's memory (exit code 7; nothing loaded).
         UsageError: bad input, or ``out`` holds another run.
     """
+    import os
+
     from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.pipeline import compress as run
     from llmshrink.compressor.search import SearchConfig
     from llmshrink.device import resolve_device
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from llmshrink.errors import UsageError
+
+        raise UsageError("compress does not run under torchrun yet: its search and recovery loops are data-parallel "
+                         "(llmshrink.distributed), but the pipeline does not yet keep its writes to rank 0.",
+                         "Run it as one process.")
     wl = parse_workload(workload) if isinstance(workload, str) else workload
     dev = resolve_device(device)  # a GPU asked for and absent fails here, before anything is measured or loaded
     if device == "auto" and dev.kind == "cuda":  # the CUDA path is not built yet (CompressConfig says so when asked)

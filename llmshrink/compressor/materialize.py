@@ -14,7 +14,7 @@ import torch
 from llmshrink.compressor.model import Block, CompressedModel, ModelMeta, QuantLinear
 from llmshrink.formats import FP32, QUANTIZERS, parse_format
 from llmshrink.models.arch import check_supported
-from llmshrink.spec import LINEARS, BaseShape, SubnetSpec
+from llmshrink.spec import BaseShape, SubnetSpec
 
 
 def layer_indices(spec: SubnetSpec, i: int) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def linear_slices(spec: SubnetSpec, i: int, hf_layer, hidden: torch.Tensor) -> d
             "down_proj": (mlp.down_proj, hidden, idx["mlp"])}
 
 
-def _rope(model) -> tuple[torch.Tensor, float]:
+def rope_params(model) -> tuple[torch.Tensor, float]:
     """Base inverse frequencies (head_dim/2,) and attention scaling of the HF model's rotary embedding."""
     rotary = model.model.rotary_emb
     return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
@@ -70,7 +70,7 @@ def model_meta(model, tokenizer=None) -> ModelMeta:
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids += (tokenizer.eos_token_id,)
     return ModelMeta(
-        rms_norm_eps=float(cfg.rms_norm_eps), rope_attention_scaling=_rope(model)[1],
+        rms_norm_eps=float(cfg.rms_norm_eps), rope_attention_scaling=rope_params(model)[1],
         attention_scale=1.0 / math.sqrt(base.head_dim), bos_token_id=cfg.bos_token_id,
         eos_token_ids=eos_ids, max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 4096)),
     )
@@ -83,6 +83,21 @@ def uses_gptq(spec: SubnetSpec, quantizer: str) -> bool:
 
         raise UsageError(f"Unknown quantizer {quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")
     return quantizer == "gptq" and any(not parse_format(f).is_float for f in spec.formats_used(embedding=False))
+
+
+def build_block(spec: SubnetSpec, i: int, hf_layer, hidden: torch.Tensor, inv_freq: torch.Tensor,
+                linear) -> Block:
+    """The :class:`Block` of base layer ``i`` sliced to ``spec`` from an HF decoder layer.
+
+    ``linear(name, weight, bias, fmt)`` makes each :class:`QuantLinear` (``name``: q_proj, ...).
+    """
+    ls, idx = spec.layers[i], layer_indices(spec, i)
+    linears = {}
+    for name, (lin, r, c) in linear_slices(spec, i, hf_layer, hidden).items():
+        bias = lin.bias[r] if lin.bias is not None else None
+        linears[name] = linear(name, lin.weight[r][:, c], bias, ls.fmt(name))
+    return Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears, hf_layer.input_layernorm.weight[hidden],
+                 hf_layer.post_attention_layernorm.weight[hidden], inv_freq[idx["pairs"]])
 
 
 @torch.no_grad()
@@ -128,22 +143,12 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
 
         raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is "
                         f"{BaseShape.from_config(model.config)}.", "Make the spec from this model.")
-    inv_freq, _ = _rope(model)
+    inv_freq, _ = rope_params(model)
     hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
     hf_layers = model.model.layers
-    blocks = []
-    for j, i in enumerate(spec.kept_layers()):
-        ls, idx, L = spec.layers[i], layer_indices(spec, i), hf_layers[i]
-        rows_cols = linear_slices(spec, i, L, hidden)
-        linears = {}
-        for name in LINEARS:
-            lin, r, c = rows_cols[name]
-            w = lin.weight[r][:, c]
-            bias = lin.bias[r] if lin.bias is not None else None
-            linears[name] = linear(f"blocks.{j}.{name}", w, bias, ls.fmt(name))
-        blocks.append(Block(ls.num_heads, ls.num_kv_heads, ls.head_dim, linears,
-                            L.input_layernorm.weight[hidden], L.post_attention_layernorm.weight[hidden],
-                            inv_freq[idx["pairs"]]))
+    blocks = [build_block(spec, i, hf_layers[i], hidden, inv_freq,
+                          lambda name, w, b, fmt, j=j: linear(f"blocks.{j}.{name}", w, b, fmt))
+              for j, i in enumerate(spec.kept_layers())]
     embedding = QuantLinear(model.model.embed_tokens.weight[:, hidden], None, parse_format(spec.embedding))
     head_w = model.lm_head.weight[:, hidden]
     head_b = model.lm_head.bias if getattr(model.lm_head, "bias", None) is not None else None

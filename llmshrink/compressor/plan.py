@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from llmshrink import serde
 from llmshrink.compressor.config import CompressConfig
 from llmshrink.spec import BaseShape
+from llmshrink.units import human_bytes
 
 GiB = 1024**3
 
@@ -162,6 +163,32 @@ class _Shape:
         return 3 * tokens * self.base.vocab_size * 4
 
 
+def gptq_bytes(shape: _Shape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False) -> int:
+    """Peak bytes of GPTQ on ``rows`` calibration rows of ``seq`` tokens (:mod:`.sequential`), all linears integer.
+
+    Whole-model path (``materialize`` then ``gptq_quantize``): the loaded model, and the
+    :class:`~.model.CompressedModel` being built: a float copy whose linears become their dequantized weight
+    plus int16 codes (``value_bytes + 2`` a weight), with the embedding's own copy. Layer-streamed
+    (``gptq_streamed``): the int16 codes made so far, one decoder layer three times over (as loaded, sliced,
+    quantized), and the lm_head read from disk. Both: the calibration hidden states of one block (residual
+    stream, normed input, MLP hidden; float32), a float64 Hessian with its Cholesky factors, and GPTQ's
+    working copies of the matrix being quantized (~6 float32 copies: weights, codes, the RTN candidate,
+    two dequantized errors; the lm_head's is the largest).
+    """
+    b = shape.base
+    vh = b.vocab_size * b.hidden_size
+    block_linears = shape.block_params - 2 * b.hidden_size
+    states = rows * seq * (2 * b.hidden_size + b.intermediate_size) * 4
+    hessian = max(b.hidden_size, b.intermediate_size) ** 2 * (8 + 3 * 4)
+    work = 6 * 4 * max(vh, b.hidden_size * b.intermediate_size)
+    linears = b.num_layers * block_linears + vh  # the blocks' and the lm_head's
+    if streamed:
+        held = 2 * linears + 3 * (value_bytes + 2) * block_linears + 2 * 4 * vh
+    else:
+        held = shape.params * value_bytes + (value_bytes + 2) * linears + value_bytes * vh
+    return int(held + states + hessian + work)
+
+
 def _fsdp(full_bytes: int, layer_bytes: int, devices: int) -> int:
     """Per-device bytes of a sharded model: its shard plus the one block gathered at a time."""
     return full_bytes if devices == 1 else full_bytes // devices + layer_bytes
@@ -228,15 +255,14 @@ def estimate_phases(shape: _Shape, config: CompressConfig, hw: Hardware, *, int_
     add("search", supernet + shape.activation_bytes(rank_tokens, seq, vb) + shape.logits_bytes(rank_tokens),
         targets, 3 * shape.forward_flops(step_tokens * s.steps, seq), hw.train_tflops,
         f"weights + {int_formats} quantization residuals + activations of {s.batch_size} x {seq} tokens")
-    # 5. GPTQ, per contender, on rank 0: the model, the calibration hidden states of the block being quantized
-    #    (residual stream, normed input, MLP hidden) and a float64 Hessian with its Cholesky factors.
+    # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the streamed path's peak is stated beside it.
     q = config.n_quant * seq
-    states = q * (2 * b.hidden_size + b.intermediate_size) * 4
-    hess = max(b.hidden_size, b.intermediate_size) ** 2 * (8 + 3 * 4)
     hessian_flops = q * b.num_layers * 2 * (3 * b.hidden_size**2 + b.intermediate_size**2) \
         + q * 2 * b.hidden_size**2  # X^T X of each input group (q/k/v, o, gate/up, down) and the lm_head's
-    add("GPTQ", weights + states + hess, 0, contenders * shape.forward_flops(q, seq), hw.train_tflops,
-        f"weights + hidden states of {config.n_quant} rows + one float64 Hessian; x{contenders} contenders",
+    add("GPTQ", gptq_bytes(shape, config.n_quant, seq, vb), 0, contenders * shape.forward_flops(q, seq),
+        hw.train_tflops, f"the float model + the quantized one being built + hidden states of {config.n_quant} "
+        f"rows; x{contenders} contenders (layer-streamed: "
+        f"{human_bytes(gptq_bytes(shape, config.n_quant, seq, vb, streamed=True))})",
         extra_seconds=contenders * hessian_flops / (hw.fp64_tflops * 1e12) if hw.fp64_tflops else math.nan,
         sharded=False)
     # 6. Recovery of the budget's winning contender: the quantized student (int16 codes + the dequantized

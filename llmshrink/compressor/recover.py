@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmshrink import distributed as dist
 from llmshrink import serde
 from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.model import CompressedModel, QuantLinear
@@ -306,6 +307,9 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     cfg = config
     if cfg.mode not in MODES:
         raise ValueError(f"unknown recovery mode {cfg.mode!r} (use one of {MODES})")
+    if dist.world_size() > cfg.batch_size:
+        raise ValueError(f"{dist.world_size()} processes share recovery batches of {cfg.batch_size} rows: use at "
+                         "most that many")
     teacher.eval()
     t_start = time.perf_counter()
     calib = calib[:, : cfg.seq_len]
@@ -363,10 +367,13 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
         for step in range(cfg.steps):
             t0 = time.perf_counter()
             rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            loss = kd_on(calib[rows], teach(rows), True)
+            mine = rows[list(dist.share(len(rows)))]  # under torchrun, this rank's rows (llmshrink.distributed)
+            loss = kd_on(calib[mine], teach(mine), True) * (len(mine) / len(rows))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_grads(params)
             opt.step()
+            loss = dist.all_reduce_sum(loss)
             sched.step()
             tokens += calib[rows].numel()
             history.append(RecoveryLog(step + 1, loss.item(), time.perf_counter() - t0))

@@ -79,6 +79,7 @@ from pathlib import Path
 
 import torch
 
+from llmshrink import distributed as dist
 from llmshrink import serde, storage
 from llmshrink.compressor.supernet import Supernet
 from llmshrink.compressor.teacher import TeacherTargets
@@ -229,18 +230,30 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
 
     def sampled_kd(ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean KD over ``cfg.samples`` groups of rows, each through its own draw (hard sampling: a subnet
-        each; several draws per step average out more of the estimator's noise at the same token count)."""
+        each; several draws per step average out more of the estimator's noise at the same token count).
+
+        Under torchrun, this rank's share of it (:mod:`llmshrink.distributed`): its groups (soft sampling: its
+        rows), weighted by their share of the rows, so that the ranks' gradients sum to the whole step's.
+        Every rank draws every group's subnet, so the generators stay in step."""
         if cfg.sampling != "hard":
-            return kd_loss(net(ids, net.probs(tau, cfg.gumbel, generator)), target, cfg.kd_temperature)
-        groups = zip(ids.chunk(cfg.samples), target.chunk(cfg.samples), strict=True)  # at most one row each
-        return sum(kd_loss(net(i, net.sample(tau, generator)), t, cfg.kd_temperature) * len(i)
-                   for i, t in groups) / len(ids)
+            mine = torch.tensor(list(dist.share(len(ids))), dtype=torch.long)
+            probs = net.probs(tau, cfg.gumbel, generator)
+            return kd_loss(net(ids[mine], probs), target[mine], cfg.kd_temperature) * len(mine) / len(ids)
+        groups = list(zip(ids.chunk(cfg.samples), target.chunk(cfg.samples), strict=True))  # at most a row each
+        mine = set(dist.share(len(groups)))
+        total = torch.zeros(())
+        for g, (i, t) in enumerate(groups):
+            probs = net.sample(tau, generator)
+            if g in mine:
+                total = total + kd_loss(net(i, probs), t, cfg.kd_temperature) * len(i)
+        return total / len(ids)
 
     if cfg.weight_lr > 0:
         loss_w = sampled_kd(ids_w, targets[0])
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
         loss_w.backward()
+        dist.all_reduce_grads(net.weight_parameters())
         opt_w.step()
     kd = sampled_kd(ids_a, targets[1])
     # the penalties read the expectation over the distribution the samples come from
@@ -254,11 +267,13 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
     if update_arch:
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
-        (kd + penalty.float()).backward()
+        # every rank computes the same penalty: each adds its 1/N, the all-reduce sums them back to one
+        (kd + penalty.float() / dist.world_size()).backward()
+        dist.all_reduce_grads(net.arch_parameters())
         if cfg.arch_grad_clip:
             torch.nn.utils.clip_grad_value_(net.arch_parameters(), cfg.arch_grad_clip)
         opt_a.step()
-    return kd, lat, params, penalty
+    return dist.all_reduce_sum(kd), lat, params, penalty
 
 
 def _next_lambda(cfg: SearchConfig, lam: float, step: int, latency_ms: float, budget_ms: float) -> float:
@@ -298,6 +313,10 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             ``resume`` without a checkpoint made with the same config.
     """
     cfg = config
+    if dist.world_size() > min(cfg.samples, cfg.batch_size):
+        raise UsageError(f"{dist.world_size()} processes share a search step of {min(cfg.samples, cfg.batch_size)} "
+                         "architecture samples: some would have nothing to do.",
+                         "Use at most that many processes, or raise the search's samples and batch size.")
     if calib.shape[0] < 2 * cfg.batch_size:
         raise UsageError(f"The search needs at least {2 * cfg.batch_size} calibration sequences "
                          f"(two halves of batch {cfg.batch_size}); got {calib.shape[0]}.")
@@ -362,7 +381,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             history.append(log)
             task.advance(1, info=f"kd {log.kd:.3f} · E[lat] {log.latency_ms:.2f}/{budget_ms:.2f} ms · "
                                  f"settled {n_settled}/{n_total}")
-            if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
+            if ckpt is not None and dist.is_main() and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
                 storage.atomic_write_bytes(ckpt, _checkpoint_bytes(net, opt_w, opt_a, step + 1, gen, history, cfg))
     return SearchResult(net, history, resumed)
 

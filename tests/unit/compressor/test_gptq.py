@@ -112,3 +112,29 @@ def test_the_exported_graph_carries_exactly_the_quantizers_codes_and_scales(trai
     head = cm.lm_head.quantized
     w = inits["lm_head.MatMul.weight_uint8"].astype(np.int16) - 128
     np.testing.assert_array_equal(w.T, head.codes.numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_layer_streamed_gptq_gives_the_whole_model_paths_codes(trained_tiny, tmp_path, seed):
+    """Streaming the weights from safetensors one layer at a time changes memory, not one code or scale."""
+    from dataclasses import replace
+
+    from llmshrink.compressor.streamed import gptq_streamed
+    from llmshrink.models.lazy import LazyModel
+    from llmshrink.spec import random_spec
+
+    hf, _, ids = trained_tiny
+    hf.save_pretrained(tmp_path)  # safetensors
+    base = BaseShape.from_config(hf.config)
+    spec = random_spec(base, seed, formats=("fp32", "w4g32", "w4g32a8", "w8a8", "w2g32a8"))
+    spec = replace(spec, lm_head="w4g32")
+    assert len(spec.kept_layers()) >= 1
+    calib = ids[:24]
+    whole = materialize(hf, spec, calib=calib, quantizer="gptq")
+    streamed = gptq_streamed(LazyModel(str(tmp_path)), spec, calib)
+    expected = {name: m.quantized for name, m in whole.named_modules()
+                if isinstance(m, QuantLinear) and m.quantized is not None and name != "embedding"}
+    assert set(streamed) == set(expected) and "lm_head" in streamed
+    for name, q in expected.items():
+        assert torch.equal(streamed[name].codes, q.codes), name
+        assert torch.equal(streamed[name].scales, q.scales), name

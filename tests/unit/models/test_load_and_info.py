@@ -66,3 +66,24 @@ def test_hub_id_offline_fails_fast_with_options(monkeypatch, tmp_path):
     assert time.perf_counter() - start < 10  # no 25 s of hub retries
     assert ei.value.exit_code == 6
     assert "smollm2-135m" in ei.value.hint and ".gguf" in ei.value.hint
+
+
+def test_lazy_model_needs_safetensors_and_reads_what_load_model_reads(tiny_llama_dir, tiny_hf):
+    from pathlib import Path
+
+    import torch
+
+    from llmshrink.errors import UsageError
+    from llmshrink.models.lazy import LazyModel
+
+    configs_only = Path(__file__).parents[2] / "data" / "configs" / "llama-3.2-1b"
+    with pytest.raises(UsageError, match="no safetensors"):
+        LazyModel(str(configs_only))
+    lazy = LazyModel(str(tiny_llama_dir))
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())  # nothing loaded up front
+    layer = lazy.layer(1)
+    for name, p in tiny_hf.model.layers[1].named_parameters():
+        assert torch.equal(dict(layer.named_parameters())[name], p), name
+    lazy.release(layer)
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    assert torch.equal(lazy.model.model.rotary_emb.inv_freq, tiny_hf.model.rotary_emb.inv_freq)

@@ -1,0 +1,95 @@
+"""Data parallelism over ``torchrun`` processes, through ``torch.distributed``.
+
+``torchrun --nproc-per-node N ...`` starts N processes with ``RANK`` and ``WORLD_SIZE``
+set; :func:`init_from_env` joins them into one process group (NCCL on CUDA, gloo on
+the CPU, so the same code runs and is tested here). Every rank runs the same program
+on the same inputs; the training loops split each step's rows (the search: its
+architecture samples; recovery: its batch rows) with :func:`share`, and sum the
+gradients with :func:`all_reduce_grads` before the optimizer step, as
+``DistributedDataParallel`` does. Random draws are made on every rank alike, so the
+architecture parameters and the recovered weights stay identical on every rank, and
+a run on N processes chooses what one process chooses (up to the order of float sums).
+Only rank 0 writes (:func:`is_main`).
+
+Without ``torchrun`` (or with one process) every function here is the identity: one
+process owns every row and nothing is reduced.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+
+
+def available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if available() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if available() else 1
+
+
+def is_main() -> bool:
+    """True on the one process that writes files (rank 0; the only process without torchrun)."""
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); False when there is none.
+
+    Backend: NCCL when CUDA is present, else gloo. Idempotent.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def share(n: int) -> range:
+    """The indices of ``n`` items (rows, samples) this rank handles: ``rank, rank + size, ...``."""
+    return range(rank(), n, world_size())
+
+
+def all_reduce_grads(params: Iterable[torch.Tensor]) -> None:
+    """Sum every parameter's gradient over the ranks, in place.
+
+    A parameter no rank has a gradient for keeps ``None`` (an optimizer skips it, as in one process); one that
+    some ranks have a gradient for gets the sum, the others contributing zeros.
+    """
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    params = list(params)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has)
+    for p, any_grad in zip(params, has.tolist(), strict=True):
+        if not any_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of a tensor (detached; the identity with one process)."""
+    x = x.detach().clone()
+    if world_size() > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
