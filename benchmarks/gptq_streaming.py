@@ -69,12 +69,13 @@ def main() -> None:
 
     import torch
 
-    from llmshrink.compressor.plan import _Shape, gptq_bytes
+    from llmshrink.compressor.calibration_text import calibration_splits
+    from llmshrink.compressor.config import CompressConfig
+    from llmshrink.compressor.plan import ModelShape, gptq_bytes
     from llmshrink.host import cpu_features, cpu_model
     from llmshrink.models import load_model, load_tokenizer, resolve_model
-    from llmshrink.models.data import sample_self_tokens
     from llmshrink.models.info import count_params
-    from llmshrink.models.load import load_config
+    from llmshrink.models.load import fingerprint, load_config
     from llmshrink.spec import BaseShape
     from llmshrink.units import human_bytes
 
@@ -83,8 +84,10 @@ def main() -> None:
     seq = 128
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        # the first rows of the calibration text compress quantizes on (cached after a first run)
         hf = load_model(src)
-        calib = sample_self_tokens(hf, load_tokenizer(src), n=args.rows, seq_len=seq, seed=0, batch_size=16)
+        cfg = CompressConfig(model=src.describe(), target="cpu", budgets_ms=(1.0,))
+        calib = calibration_splits(cfg, hf, load_tokenizer(src), fingerprint(src)).calib[:args.rows, :seq]
         del hf
         torch.save(calib, tmp / "calib.pt")
         res = {}
@@ -95,11 +98,11 @@ def main() -> None:
             res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         a, b = torch.load(tmp / "whole.pt"), torch.load(tmp / "streamed.pt")
         equal = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    shape = _Shape(BaseShape.from_config(config), count_params(config))
+    shape = ModelShape(BaseShape.from_config(config), count_params(config))
     expected = {m: gptq_bytes(shape, args.rows, seq, 4, streamed=m == "streamed") for m in res}
     lines = [f"$ python benchmarks/gptq_streaming.py --model {args.model} --format {args.format} --rows {args.rows}",
              f"on {cpu_model()} ({', '.join(cpu_features())}); {torch.get_num_threads()} threads; uniform "
-             f"{args.format} (lm_head too), GPTQ on {args.rows} self-generated rows of {seq} tokens; each path in a "
+             f"{args.format} (lm_head too), GPTQ on the first {args.rows} of compress's self-generated calibration rows ({seq} tokens); each path in a "
              "fresh interpreter; peak = ru_maxrss, above = peak - RSS before any weight is loaded",
              "",
              f"{'path':10}{'peak RSS':>12}{'above base':>12}{'expected':>12}{'time':>9}"]

@@ -122,7 +122,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class _Shape:
+class ModelShape:
     """Parameter counts and widths the formulas read."""
 
     base: BaseShape
@@ -163,7 +163,7 @@ class _Shape:
         return 3 * tokens * self.base.vocab_size * 4
 
 
-def gptq_bytes(shape: _Shape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False) -> int:
+def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False) -> int:
     """Peak bytes of GPTQ on ``rows`` calibration rows of ``seq`` tokens (:mod:`.sequential`), all linears integer.
 
     Whole-model path (``materialize`` then ``gptq_quantize``): the loaded model, and the
@@ -194,7 +194,7 @@ def _fsdp(full_bytes: int, layer_bytes: int, devices: int) -> int:
     return full_bytes if devices == 1 else full_bytes // devices + layer_bytes
 
 
-def estimate_phases(shape: _Shape, config: CompressConfig, hw: Hardware, *, int_formats: int,
+def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
                     contenders: int = 4) -> tuple[PhaseEstimate, ...]:
     """Every torch phase of ``compress`` under ``config`` on ``hw`` (see module docstring).
 
@@ -413,7 +413,7 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
         budgets = parse_budgets(latency)
         budget_ms, note = budgets[0].resolve(base, tgt, wl, table)
     hw = hardware_for(tgt, device, devices, memory_bytes, host_memory_bytes)
-    shape = _Shape(base, count_params(hf_config))
+    shape = ModelShape(base, count_params(hf_config))
     int_formats = sum(1 for f in space.formats if f not in ("fp16", "fp32", "bf16"))
     phases = estimate_phases(shape, config, hw, int_formats=int_formats)
     min_devices = next((k for k in DEVICE_COUNTS if all(
@@ -472,7 +472,7 @@ def check_fits(config: CompressConfig, hf_config, device, space) -> tuple[PhaseE
     hw = Hardware(device.kind, device.name, 1, device.memory_bytes, total_ram() if device.kind == "cuda" else None,
                   device.dtype, 0.0, 0.0, 0.0, None, "the device present")
     int_formats = sum(1 for f in space.formats if f not in ("fp16", "fp32", "bf16"))
-    phases = estimate_phases(_Shape(space.base, count_params(hf_config)), config, hw, int_formats=int_formats)
+    phases = estimate_phases(ModelShape(space.base, count_params(hf_config)), config, hw, int_formats=int_formats)
     bad = [p for p in phases if not p.fits]
     if bad:
         worst = max(bad, key=lambda p: p.device_bytes)

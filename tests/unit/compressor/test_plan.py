@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from llmshrink.cli import cli
 from llmshrink.compressor.config import CompressConfig
-from llmshrink.compressor.plan import Hardware, _Shape, estimate_phases, make_plan
+from llmshrink.compressor.plan import Hardware, ModelShape, estimate_phases, make_plan
 from llmshrink.spec import BaseShape
 
 CONFIGS = Path(__file__).parents[2] / "data" / "configs"
@@ -65,7 +65,7 @@ def test_sharding_divides_what_trains_and_leaves_gptq_whole():
     config = transformers.AutoConfig.from_pretrained(LLAMA_8B)
     from llmshrink.models.info import count_params
 
-    shape = _Shape(BaseShape.from_config(config), count_params(config))
+    shape = ModelShape(BaseShape.from_config(config), count_params(config))
     cfg = CompressConfig(model="m", target="a100", budgets_ms=(30.0,))
     one = {p.phase: p for p in estimate_phases(shape, cfg, _gpu(1), int_formats=4)}
     eight = {p.phase: p for p in estimate_phases(shape, cfg, _gpu(8), int_formats=4)}
