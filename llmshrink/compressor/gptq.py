@@ -18,6 +18,16 @@ options ``act_order`` and ``static_groups``:
   quantization-aware recovery trains on that same grid. (The search, which has
   no Hessians, fake-quantizes with the same rule on unweighted errors: an
   estimate of the export's grid.)
+* Then, with the codes fixed, each row's group scales are refit to the codes
+  by least squares on the output error ``(w - A s)^T H (w - A s)`` (``A``: the
+  row's codes laid out by group; :func:`refit_scales`): the clip search chose
+  each group's scale before rounding, on a diagonal approximation of ``H``;
+  after GPTQ moved the codes, other scales fit them better. The same idea as
+  the scale refinement after rounding in OmniQuant/AWQ-style searches, here in
+  closed form. On SmolLM2-135M uniform w4g32a8 (512 rows) it lowered WikiText-2
+  perplexity from 34.03 to 33.85, and to 33.75 with a second GPTQ pass on the
+  refit grid (``refit_rounds=2``); after the default recovery, 32.63 -> 32.35
+  (two rounds; scratch runs, 2026-12-01).
 
 No maintained GPTQ package runs on CPU with this torch and these formats
 (llm-compressor and GPTQModel target CUDA and their own packing; ONNX
@@ -43,6 +53,9 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = True  # quantize columns with the largest inputs first
+    # after GPTQ, refit the scales to the codes (least squares on the output error); >1: GPTQ again on the refit
+    # grid and refit again, that many times in all (each round costs one more GPTQ pass). 0: no refit.
+    refit_rounds: int = 1
 
 
 class HessianAccumulator:
@@ -105,3 +118,40 @@ def gptq_codes(w: torch.Tensor, grid, hessian: torch.Tensor, config: GPTQConfig 
             errb[:, i] = err
         w[:, b1:] -= errb @ hinv[b0:b1, b1:]
     return codes[:, torch.argsort(perm)]
+
+
+def refit_scales(w: torch.Tensor, codes: torch.Tensor, grid, hessian: torch.Tensor, min_scale: float,
+                 rows_per_solve: int = 128) -> torch.Tensor:
+    """Scales ``[N, K // group]`` that minimize each row's output error ``(w - A s)^T H (w - A s)`` for fixed
+    ``codes`` ``[N, K]`` on ``grid`` (zeros kept), ``A``: the row's ``codes - zero`` laid out by group.
+
+    A row whose refit would not lower its error keeps its scales, and so does a group whose refit scale would
+    fall below ``min_scale`` or whose codes are all at the zero point (its scale does not reach the output).
+    """
+    w, h = w.detach().float(), hessian.detach().float()
+    n, k = w.shape
+    g = grid.fmt.group_size or k
+    groups = k // g
+    c = codes.float()
+    if grid.zeros is not None:
+        c = c - grid.zeros.repeat_interleave(g, dim=1)
+    old = grid.scales.reshape(n, groups)
+    hb = h.reshape(groups, g, k)
+    rhs = (c * (w @ h)).reshape(n, groups, g).sum(-1)  # A^T H w, per row
+    new = old.clone()
+    eye = torch.eye(groups)
+    for r0 in range(0, n, rows_per_solve):
+        cr = c[r0:r0 + rows_per_solve].reshape(-1, groups, g)
+        m = torch.einsum("ngHj,nHj->ngH", torch.einsum("ngi,gik->ngk", cr, hb).reshape(-1, groups, groups, g), cr)
+        ridge = 1e-6 * torch.diagonal(m, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+        new[r0:r0 + rows_per_solve] = torch.linalg.solve(m + ridge[:, None, None] * eye,
+                                                         rhs[r0:r0 + rows_per_solve].unsqueeze(-1)).squeeze(-1)
+    live = c.reshape(n, groups, g).abs().sum(-1) > 0
+    new = torch.where(live & (new >= min_scale), new, old)
+
+    def row_error(scales: torch.Tensor) -> torch.Tensor:
+        d = c * scales.repeat_interleave(g, dim=1) - w
+        return ((d @ h) * d).sum(1)
+
+    better = row_error(new) < row_error(old)
+    return torch.where(better[:, None], new, old).reshape(grid.scales.shape)

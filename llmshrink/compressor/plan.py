@@ -37,12 +37,15 @@ GiB = 1024**3
 GPU_TRAIN_MFU = 0.3
 # Autoregressive sampling of the calibration text is memory-bound: each decode step reads every weight.
 GPU_MEMORY_EFFICIENCY = 0.8
-# On the CPU, what a recovery step achieves relative to this machine's fp32 matmul rate (SmolLM2-135M,
-# benchmarks/results/recovery_step_cpu.txt: 3.2 s for a step of 4 x 128 tokens, teacher forward + student
-# forward and backward, on a Zen 4 whose 2-core sgemm rate measured ~0.28 TFLOP/s).
-CPU_TRAIN_EFFICIENCY = 0.6
-# ... and what sampling the calibration text achieves (1,032 rows of 128 tokens took ~10 min there).
-CPU_DECODE_EFFICIENCY = 0.2
+# On the CPU, what a recovery step achieves relative to this machine's fp32 matmul rate (1024 x 1024, torch's
+# threads). Measured on a 2-core Zen 4 with AVX-512 BF16 (2026-12-01): sgemm 0.178 TFLOP/s; a recovery step of
+# SmolLM2-135M (4 x 128 tokens: teacher forward, student forward and backward, bf16 autocast) 3.23 s
+# (benchmarks/results/recovery_step_cpu.txt) = 0.174 TFLOP/s by these formulas, ~1.0x; a CPU without native
+# bf16 trains in fp32 and achieves less, so the plan assumes 0.9x.
+CPU_TRAIN_EFFICIENCY = 0.9
+# ... and what sampling the calibration text achieves: ~10 min for ~1,040 rows of 128 tokens there (a run from
+# an empty cache against one with the text cached), 0.061 TFLOP/s, ~0.34x.
+CPU_DECODE_EFFICIENCY = 0.3
 # A phase fits when its estimate is at most this share of the memory: the rest is for what the formulas do not
 # count (allocator caching and fragmentation, the CUDA context, the interpreter and libraries).
 FIT_FRACTION = 0.9

@@ -164,18 +164,31 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat, *, grid: WeightGrid | Non
     (:func:`llmshrink.compressor.gptq.gptq_codes`, config ``gptq``) on that grid —
     or by RTN on it where RTN's output error ``tr(dW H dW^T)`` is lower (GPTQ's
     greedy column order does not guarantee it never loses; on SmolLM2 it
-    occasionally does on a ``down_proj``).
+    occasionally does on a ``down_proj``); then the scales are refit to the codes
+    (``GPTQConfig.refit_rounds``, :func:`llmshrink.compressor.gptq.refit_scales`).
     """
     w = w.detach().float()
     if hessian is None:
         grid = weight_grid(w, fmt) if grid is None else grid
         return grid.quantized(grid.codes(w))
-    from llmshrink.compressor.gptq import GPTQConfig, gptq_codes, output_error
+    from dataclasses import replace
 
+    from llmshrink.compressor.gptq import GPTQConfig, gptq_codes, output_error, refit_scales
+
+    config = gptq or GPTQConfig()
     grid = weight_grid(w, fmt, importance=torch.diag(hessian)) if grid is None else grid
-    candidates = [gptq_codes(w, grid, hessian, gptq or GPTQConfig()), grid.codes(w)]
-    best = min(candidates, key=lambda c: output_error(grid.dequantize(c) - w, hessian))
-    return grid.quantized(best)
+
+    def error(g: WeightGrid, c: torch.Tensor) -> float:
+        return output_error(g.dequantize(c) - w, hessian)
+
+    best_grid, best = grid, min([gptq_codes(w, grid, hessian, config), grid.codes(w)], key=lambda c: error(grid, c))
+    for r in range(config.refit_rounds):
+        if r:  # GPTQ again, on the grid the last refit made
+            codes = gptq_codes(w, best_grid, hessian, config)
+            if error(best_grid, codes) < error(best_grid, best):
+                best = codes
+        best_grid = replace(best_grid, scales=refit_scales(w, best, best_grid, hessian, MIN_SCALE))
+    return best_grid.quantized(best)
 
 
 def fake_quant(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

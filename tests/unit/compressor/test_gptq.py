@@ -34,10 +34,15 @@ def test_gptq_lowers_a_trained_layers_output_error_on_the_same_grid(trained_tiny
         calib, test = _inputs(hf, ids[:96], layer), _inputs(hf, ids[96:], layer)
         acc = HessianAccumulator(w.shape[1])
         acc.add(calib)
-        rtn, gptq = quantize_weight(w, f), quantize_weight(w, f, hessian=acc.hessian)
-        err = {name: float(((test @ (q.dequantize() - w).T) ** 2).mean()) for name, q in (("rtn", rtn), ("gptq", gptq))}
-        assert err["gptq"] < 0.9 * err["rtn"], err  # on inputs GPTQ never saw
-        # GPTQ only picks points of a grid fixed before rounding: the output-weighted clip search's
+        rtn = quantize_weight(w, f)
+        gptq = quantize_weight(w, f, hessian=acc.hessian, gptq=GPTQConfig(refit_rounds=0))
+        refit = quantize_weight(w, f, hessian=acc.hessian)  # the default: scales refit to GPTQ's codes
+        err = {name: float(((test @ (q.dequantize() - w).T) ** 2).mean())
+               for name, q in (("rtn", rtn), ("gptq", gptq), ("refit", refit))}
+        assert err["gptq"] < 0.9 * err["rtn"] and err["refit"] < 0.9 * err["rtn"], err  # inputs GPTQ never saw
+        assert torch.equal(refit.codes, gptq.codes)
+        assert output_error(refit.dequantize() - w, acc.hessian) <= output_error(gptq.dequantize() - w, acc.hessian)
+        # without the refit, GPTQ only picks points of a grid fixed before rounding: the output-weighted clip search's
         grid = weight_grid(w, f, importance=torch.diag(acc.hessian))
         assert torch.equal(gptq.scales, grid.scales)
         assert (gptq.zeros is None) == (grid.zeros is None) and (gptq.zeros is None or torch.equal(gptq.zeros.float(), grid.zeros))
@@ -138,3 +143,39 @@ def test_layer_streamed_gptq_gives_the_whole_model_paths_codes(trained_tiny, tmp
     for name, q in expected.items():
         assert torch.equal(streamed[name].codes, q.codes), name
         assert torch.equal(streamed[name].scales, q.scales), name
+
+
+@pytest.mark.parametrize("fmt", ["w4g32", "w4g32z", "w8a8"])
+def test_refit_scales_are_the_least_squares_optimum_for_the_codes_and_never_raise_a_rows_error(fmt):
+    from dataclasses import replace
+
+    from llmshrink.compressor.gptq import refit_scales
+
+    f = parse_format(fmt)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=gen) * 0.05
+    x = torch.randn(512, 64, generator=gen) * torch.linspace(0.2, 3.0, 64)  # uneven inputs: H far from diagonal
+    h = x.T @ x / len(x)
+    grid = weight_grid(w, f, importance=torch.diag(h))
+    codes = gptq_codes(w, grid, h)
+    refit = replace(grid, scales=refit_scales(w, codes, grid, h, 2.0**-14))
+
+    def row_err(g):
+        d = g.dequantize(codes) - w
+        return ((d @ h) * d).sum(1)
+
+    assert torch.all(row_err(refit) <= row_err(grid) + 1e-9) and row_err(refit).sum() < 0.99 * row_err(grid).sum()
+    # each row's scales solve its normal equations (A^T H A) s = A^T H w, checked with a dense least squares
+    g = f.group_size or 64
+    for r in range(3):
+        c = codes[r] - (0 if grid.zeros is None else grid.zeros[r].repeat_interleave(g))
+        a = torch.zeros(64, 64 // g)
+        for j in range(64 // g):
+            a[j * g:(j + 1) * g, j] = c[j * g:(j + 1) * g]
+        ls = torch.linalg.solve(a.T @ h @ a, a.T @ h @ w[r])
+        torch.testing.assert_close(refit.scales[r].reshape(-1), ls, rtol=1e-3, atol=1e-7)
+    # quantize_weight refits by default; rounds=0 is GPTQ on the clip-searched grid alone
+    q0 = quantize_weight(w, f, hessian=h, gptq=GPTQConfig(refit_rounds=0))
+    q1 = quantize_weight(w, f, hessian=h)
+    assert output_error(q1.dequantize() - w, h) < output_error(q0.dequantize() - w, h)
+    assert torch.equal(q0.codes, q1.codes)

@@ -58,14 +58,20 @@ def test_not_a_bundle(tmp_path):
 def test_generate_text_matches_torch_greedy(int4_bundle, tiny_llama_dir):
     import torch
 
+    from llmshrink.compressor.calibration_text import calibration_tokens
     from llmshrink.compressor.materialize import materialize
-    from llmshrink.models import load_model, load_tokenizer
+    from llmshrink.models import load_model, load_tokenizer, resolve_model
+    from llmshrink.progress import NULL_PROGRESS
 
-    out, _ = int4_bundle
+    out, manifest = int4_bundle
     b = api.open_bundle(out)
     text = "".join(api.generate_text(b, "the capital of", max_new_tokens=6, chat=False))
     tok = load_tokenizer(str(tiny_llama_dir))
-    cm = materialize(load_model(str(tiny_llama_dir)), b.spec, tok)
+    # the torch reference is the model export built: the same quantizer on the same calibration rows
+    hf = load_model(str(tiny_llama_dir))
+    assert manifest.quantizer == "gptq"
+    calib = calibration_tokens(hf, tok, resolve_model(str(tiny_llama_dir)), "self", NULL_PROGRESS)
+    cm = materialize(hf, b.spec, tok, calib=calib, quantizer=manifest.quantizer)
     ids = torch.tensor([tok("the capital of")["input_ids"]])
     expect = cm.generate(ids, 6, stop_ids=(tok.eos_token_id,))[0].tolist()
     expect = [t for t in expect if t != tok.eos_token_id]
