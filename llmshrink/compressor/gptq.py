@@ -26,8 +26,8 @@ options ``act_order`` and ``static_groups``:
   the scale refinement after rounding in OmniQuant/AWQ-style searches, here in
   closed form. On SmolLM2-135M uniform w4g32a8 (512 rows) it lowered WikiText-2
   perplexity from 34.03 to 33.85, and to 33.75 with a second GPTQ pass on the
-  refit grid (``refit_rounds=2``); after the default recovery, 32.63 -> 32.35
-  (two rounds; scratch runs, 2026-12-01).
+  refit grid (``refit_rounds=2``); after the default recovery, 32.63 -> 32.42 with
+  one round and 32.35 with two (scratch runs, 2026-12-01).
 
 No maintained GPTQ package runs on CPU with this torch and these formats
 (llm-compressor and GPTQModel target CUDA and their own packing; ONNX
