@@ -364,6 +364,13 @@ def hardware_for(target, device: str = "auto", devices: int = 1, memory_bytes: i
                     + ("given" if host_memory_bytes else "this machine's" if here else "unknown (not judged)"))
 
 
+def _residual_formats(space) -> int:
+    """Formats the search's supernet caches a quantization residual for: the space's integer ones."""
+    from llmshrink.formats import parse_format
+
+    return sum(not parse_format(f).is_float for f in space.formats)
+
+
 def _datasheet_for(gpu_name: str, target) -> dict:
     """The datasheet of the built-in GPU target whose device names this GPU (the plan's own target first)."""
     from llmshrink.targets.profile import builtin_names, load_target
@@ -372,7 +379,8 @@ def _datasheet_for(gpu_name: str, target) -> dict:
         return dict(target.datasheet)
     for name in builtin_names():
         t = load_target(name)
-        if t.datasheet and t.device.split()[1:2] and t.device.split()[1] in gpu_name:
+        product = t.device.split()[1] if len(t.device.split()) > 1 else t.device  # "NVIDIA A100-SXM4-80GB"
+        if t.datasheet and product in gpu_name:
             return dict(t.datasheet)
     return dict(target.datasheet)
 
@@ -417,7 +425,7 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
         budget_ms, note = budgets[0].resolve(base, tgt, wl, table)
     hw = hardware_for(tgt, device, devices, memory_bytes, host_memory_bytes)
     shape = ModelShape(base, count_params(hf_config))
-    int_formats = sum(1 for f in space.formats if f not in ("fp16", "fp32", "bf16"))
+    int_formats = _residual_formats(space)
     phases = estimate_phases(shape, config, hw, int_formats=int_formats)
     min_devices = next((k for k in DEVICE_COUNTS if all(
         p.fits for p in estimate_phases(shape, config, replace(hw, devices=k), int_formats=int_formats))), None)
@@ -474,8 +482,8 @@ def check_fits(config: CompressConfig, hf_config, device, space) -> tuple[PhaseE
 
     hw = Hardware(device.kind, device.name, 1, device.memory_bytes, total_ram() if device.kind == "cuda" else None,
                   device.dtype, 0.0, 0.0, 0.0, None, "the device present")
-    int_formats = sum(1 for f in space.formats if f not in ("fp16", "fp32", "bf16"))
-    phases = estimate_phases(ModelShape(space.base, count_params(hf_config)), config, hw, int_formats=int_formats)
+    phases = estimate_phases(ModelShape(space.base, count_params(hf_config)), config, hw,
+                             int_formats=_residual_formats(space))
     bad = [p for p in phases if not p.fits]
     if bad:
         worst = max(bad, key=lambda p: p.device_bytes)
