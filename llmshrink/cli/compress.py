@@ -132,8 +132,11 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
         how = f"spec-{Path(spec_path).stem}" if spec_path else strategy
         out_dir = Path("runs") / "-".join([name, Path(target).stem, how, *(["_".join(map(str, budgets))] if budgets else [])])
     wl = parse_workload(workload) if workload else None
+    from llmshrink import distributed as dist
+
+    speaks = dist.launched_rank() == 0  # under torchrun, rank 0 alone shows progress and prints the result
     try:
-        with progress(not as_json) as p:
+        with progress(speaks and not as_json) as p:
             res = api.compress(model, target=target, latency_ms=latency, out=out_dir,
                                params_budget=parse_count(params_budget) if params_budget else None, workload=wl,
                                strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
@@ -148,6 +151,8 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
         raise Interrupted(f"Interrupted. {out_dir} keeps every finished phase and the search's last checkpoint.",
                           f"Continue with: {resume_command(out_dir)}") from None
     rec = res.record
+    if not speaks:
+        return
     if as_json:
         print_json({"run_dir": str(out_dir), "report": str(res.report), **serde.to_dict(rec)["_data"]})
         return

@@ -38,7 +38,9 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     ``device``: where the torch phases run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; :mod:`llmshrink.device`).
     ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
     (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
-    The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`).
+    The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`). Under ``torchrun``
+    every process runs it: the search and recovery are data-parallel, rank 0 alone writes and measures
+    (:mod:`llmshrink.distributed`), and every rank returns the same result.
     Returns a :class:`~llmshrink.compressor.pipeline.CompressResult`: ``.record.candidates``
     holds per budget the bundle path, predicted and measured latency and validation verdict;
     ``.report`` the report.md path.
@@ -49,19 +51,13 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         InsufficientMemoryError: a phase would not fit in the device's memory (exit code 7; nothing loaded).
         UsageError: bad input, or ``out`` holds another run.
     """
-    import os
-
+    from llmshrink import distributed as dist
     from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.pipeline import compress as run
     from llmshrink.compressor.search import SearchConfig
     from llmshrink.device import resolve_device
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from llmshrink.errors import UsageError
-
-        raise UsageError("compress does not run under torchrun yet: its search and recovery loops are data-parallel "
-                         "(llmshrink.distributed), but the pipeline does not yet keep its writes to rank 0.",
-                         "Run it as one process.")
+    dist.init_from_env()  # under torchrun: join the others (data-parallel search and recovery, rank 0 writes)
     wl = parse_workload(workload) if isinstance(workload, str) else workload
     dev = resolve_device(device)  # a GPU asked for and absent fails here, before anything is measured or loaded
     if device == "auto" and dev.kind == "cuda":  # the CUDA path is not built yet (CompressConfig says so when asked)
@@ -98,5 +94,8 @@ def _adapted_note(model: str, target: str, adapt: bool, progress: Progress) -> t
     if not adapt:
         return ()
     load_config(resolve_model(model), progress=progress)
-    local = table_for_this_cpu(tgt, progress=progress)
+    from llmshrink import distributed as dist
+
+    # timed on rank 0 alone, the other processes waiting (under torchrun they would share the cores it times)
+    local = dist.main_only(lambda: table_for_this_cpu(tgt, progress=progress))
     return (local.note,) if local.adapted else ()

@@ -36,6 +36,12 @@ its last checkpoint. Where the target's hardware is absent (a GPU target on
 this CPU machine), bundles carry the target's flavour and predicted latency,
 and their manifests say the engine must be built on the device.
 
+Under ``torchrun`` every rank runs this same program (:mod:`llmshrink.distributed`): the search and
+recovery share their steps' samples and rows; every write to the run directory, export, measurement and
+held-out score runs on rank 0 alone through ``dist.main_only`` (the others wait and receive its result), so
+each rank takes the same branches. Values a ``main_only`` block reads lazily (the calibration text) are made
+before it, on every rank: a collective reached on one rank only would hang the others.
+
 ``strategy="sequential"`` is the baseline the joint search is measured
 against, through the same machinery, data, steps and budget: the
 architecture is searched at full precision, its latency priced as if every
@@ -56,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmshrink import distributed as dist
 from llmshrink import serde, storage
 from llmshrink.compressor.calibration_text import calibration_splits
 from llmshrink.compressor.config import CompressConfig
@@ -129,6 +136,11 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty.",
                          "Pass --resume to continue the run in it, or choose another --out.")
+    dist.main_only(lambda: _probe_writable(out))
+    return None
+
+
+def _probe_writable(out: Path) -> None:
     try:  # before any weights load: a run that cannot be written must not start
         out.mkdir(parents=True, exist_ok=True)
         storage.atomic_write_text(out / ".writable", "")
@@ -136,11 +148,10 @@ def _check_out(out: Path, config: CompressConfig, resume: bool) -> CompressRecor
     except OSError as e:
         raise UsageError(f"Cannot write the run directory {out}: {e.strerror or e}.",
                          "Choose a --out where you can create files (and with free space).") from None
-    return None
 
 
 def _save(out: Path, rec: CompressRecord) -> None:
-    storage.atomic_write_text(out / RECORD, serde.dumps(rec))
+    dist.main_only(lambda: storage.atomic_write_text(out / RECORD, serde.dumps(rec)))
 
 
 def _importance(hf, calib, out: Path, progress: Progress):
@@ -308,7 +319,8 @@ class _Inputs:
 
     @cached_property
     def importance(self):
-        return _importance(self.hf, self.search_calib, self.out, self.progress)
+        calib = self.search_calib  # every rank makes the calibration text here, outside main_only
+        return dist.main_only(lambda: _importance(self.hf, calib, self.out, self.progress))
 
 
 def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
@@ -354,7 +366,8 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         plan = None
         fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
         shortcuts = _shortcuts(config, space, target, workload, table)
-    check_fits(config, hf_config, resolve_device(config.device), space)  # before any weights load
+    # before any weights load; under torchrun rank 0 judges (free memory read at one moment decides for all)
+    dist.main_only(lambda: check_fits(config, hf_config, resolve_device(config.device), space))
     if config.calib_data != "self":
         from llmshrink.models.data import parse_data_spec
 
@@ -391,13 +404,20 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
                 for c in outcomes for k in c.contenders if not k.shipped and k.bundle]
     # The original and uniform int4 beside every screened budget; and beside a budget validated relative to the
     # uniform export (which is built for that anyway), so a loose budget's report says what it is measured against.
-    if any(c.contenders for c in outcomes) or config.reference:
-        entries += _reference_points(ctx)
+    references = any(c.contenders for c in outcomes) or config.reference
+    if references:  # every rank makes the calibration text it needs outside main_only (see distributed.main_only)
+        inputs.splits  # noqa: B018
     verdicts = tuple(screen_verdict(c) for c in outcomes if c.contenders)
-    write_record(out, RunRecord(tuple(entries), model=source.describe(), target=target.name,
-                                strategy=config.strategy, budgets_ms=tuple(sorted(config.budgets_ms or (fastest,))),
-                                created=time.strftime("%Y-%m-%dT%H:%M:%S"), notes=rec.notes + verdicts))
-    _, md, _ = write_report(out)
+
+    def finish() -> Path:
+        run_entries = entries + (_reference_points(ctx) if references else [])
+        write_record(out, RunRecord(tuple(run_entries), model=source.describe(), target=target.name,
+                                    strategy=config.strategy,
+                                    budgets_ms=tuple(sorted(config.budgets_ms or (fastest,))),
+                                    created=time.strftime("%Y-%m-%dT%H:%M:%S"), notes=rec.notes + verdicts))
+        return write_report(out)[1]
+
+    md = dist.main_only(finish)
     return CompressResult(out, rec, md)
 
 
@@ -558,12 +578,18 @@ def _ship(ctx: _Context, label: str, budget: float, cm, predicted_ms: float, mov
           secs: dict[str, float], *, reason: str = "", expected_ms: float | None = None,
           score: bool = True, contenders: tuple[ContenderOutcome, ...] = ()) -> CandidateOutcome:
     """Export and check ``cm`` as ``label``'s bundle, score it on the held-out rows, and say what happened."""
-    bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
+    held = ctx.inputs.splits.eval if score else None
+
+    def export_and_score():  # under torchrun, on rank 0 alone (the others wait: nothing runs beside a measurement)
+        bundle, m, measured, passed = _export_and_check(ctx, cm, label, secs)
+        if score:
+            t0 = time.perf_counter()
+            _record_held_out_ppl(ctx.out / bundle, held, ctx.config.calib_data, ctx.inputs.progress)
+            secs["quality"] = time.perf_counter() - t0
+        return bundle, m, measured, passed, secs
+
+    bundle, m, measured, passed, secs = dist.main_only(export_and_score)
     contenders = tuple(replace(c, bundle=str(bundle), measured_ms=measured) if c.shipped else c for c in contenders)
-    if score:
-        t0 = time.perf_counter()
-        _record_held_out_ppl(ctx.out / bundle, ctx.inputs.splits.eval, ctx.config.calib_data, ctx.inputs.progress)
-        secs["quality"] = time.perf_counter() - t0
     kd_before, kd_after, tokens = kd
     return CandidateOutcome(label, budget, str(bundle), m.spec_fingerprint, predicted_ms,
                             predicted_ms if expected_ms is None else expected_ms, moves, kd_before, kd_after,
@@ -602,8 +628,12 @@ def _recovered(ctx: _Context, spec, sdir: Path, secs: dict[str, float], start=No
                      held_out=inputs.splits.eval, quantizer=config.quantizer, quant_calib=inputs.quant_calib,
                      start=start() if start else None, progress=inputs.progress)
         cm, kd_before, kd_after, tokens = rr.model, rr.kd_before, rr.kd_after, rr.tokens
-        cm.save(rdir)
-        storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after, tokens]))
+
+        def save() -> None:
+            cm.save(rdir)
+            storage.atomic_write_text(rdir / RECOVERY_RECORD, json.dumps([kd_before, kd_after, tokens]))
+
+        dist.main_only(save)  # every rank trained the same model (llmshrink.distributed); rank 0 keeps it
     secs["recovery"] = time.perf_counter() - t0
     return cm, kd_before, kd_after, tokens
 
@@ -637,7 +667,8 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     sdir = out / f"search-{label}"
     if searched > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
         _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
-        storage.atomic_write_bytes(sdir / "search.ckpt", (out / "warmup" / "search.ckpt").read_bytes())
+        dist.main_only(lambda: storage.atomic_write_bytes(sdir / "search.ckpt",
+                                                          (out / "warmup" / "search.ckpt").read_bytes()))
     ckpt_exists = (sdir / "search.ckpt").is_file()
     baselines = _baselines(ctx, budget)
     # the joint search starts at the budget's most faithful baseline and leaves it where its samples say so
@@ -648,7 +679,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     secs["search"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     spec = replace(net.argmax_spec(model=ctx.source.describe()), notes={"budget_ms": f"{budget:g}"})
-    storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json())
+    dist.main_only(lambda: storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json()))
     with progress.task(f"Fitting the subnet to {label}"):
         if config.strategy == "joint":
             spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob,
@@ -662,7 +693,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
             batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
             sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
             spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
-    storage.atomic_write_text(sdir / "spec.json", spec.to_json())
+    dist.main_only(lambda: storage.atomic_write_text(sdir / "spec.json", spec.to_json()))
     del net
     secs["fit"] = time.perf_counter() - t0
     searched = Contender(SEARCH, spec, predict(spec, target, workload, table=table).total_ms,
@@ -703,17 +734,22 @@ def _search_quantized(ctx: _Context) -> dict:
 
     config, inputs, space = ctx.config, ctx.inputs, ctx.space
     models = {}
+    calib = None
     for fmt in dict.fromkeys((*space.formats, *space.lm_head_formats)):
         if parse_format(fmt).is_float:
             continue
         qdir = ctx.out / "search-quant" / fmt
-        if (qdir / "spec.json").is_file():
-            models[fmt] = CompressedModel.load(qdir)
-            continue
-        with inputs.progress.task(f"Quantizing the unpruned model in {fmt} for the search ({config.quantizer})"):
-            models[fmt] = materialize(inputs.hf, space.largest(fmt), inputs.tok, calib=inputs.search_calib,
-                                      quantizer=config.quantizer, progress=inputs.progress)
-        models[fmt].save(qdir)
+        if not (qdir / "spec.json").is_file():
+            calib = inputs.search_calib if calib is None else calib
+
+            def quantize(fmt=fmt, qdir=qdir, calib=calib) -> None:
+                with inputs.progress.task(f"Quantizing the unpruned model in {fmt} for the search "
+                                          f"({config.quantizer})"):
+                    materialize(inputs.hf, space.largest(fmt), inputs.tok, calib=calib, quantizer=config.quantizer,
+                                progress=inputs.progress).save(qdir)
+
+            dist.main_only(quantize)  # under torchrun rank 0 quantizes; every rank reads what it saved
+        models[fmt] = CompressedModel.load(qdir)
     return models
 
 
@@ -738,6 +774,7 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
 
     config, inputs, label = ctx.config, ctx.inputs, budget_label(budget)
     t0 = time.perf_counter()
+    quant_calib, screen_rows, held = inputs.quant_calib, inputs.screen_rows, inputs.splits.eval
 
     def quantized(c: Contender) -> Path:
         return sdir / "contenders" / c.slug / "quantized"
@@ -746,7 +783,7 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
         if (quantized(c) / "spec.json").is_file():
             return CompressedModel.load(quantized(c))
         with inputs.progress.task(f"Quantizing {c.name} ({config.quantizer})"):
-            cm = materialize(inputs.hf, c.spec, inputs.tok, calib=inputs.quant_calib, quantizer=config.quantizer,
+            cm = materialize(inputs.hf, c.spec, inputs.tok, calib=quant_calib, quantizer=config.quantizer,
                              progress=inputs.progress)
         cm.save(quantized(c))
         return cm
@@ -758,21 +795,27 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
         done[name] = kd
         storage.atomic_write_text(record, json.dumps(done, indent=1))
 
-    ranked = screen(pool, build, partial(screen_kd, teacher=inputs.hf, rows=inputs.screen_rows),
-                    progress=inputs.progress, done=done, on_scored=keep)
+    # Under torchrun rank 0 quantizes, saves and scores the contenders; the others receive the ranking.
+    ranked = dist.main_only(lambda: screen(pool, build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows),
+                                           progress=inputs.progress, done=done, on_scored=keep))
     secs["screen"] = time.perf_counter() - t0
     winner, best_kd = ranked[0]
-    outcomes = []
-    for c, kd in ranked[1:]:  # the others, exported as screened (quantizer only) for the report
+
+    def screened_bundle(c: Contender) -> tuple[Path, float | None]:
+        """Contender ``c`` exported as screened (quantizer only), measured and scored, for the report."""
         bundle = Path("candidates") / f"{label}-{c.slug}"
         if (ctx.out / bundle / "manifest.json").is_file():
             from llmshrink.exporters.bundle import load_manifest
 
             recorded = load_manifest(ctx.out / bundle).measured
-            measured = recorded[-1].reference_ms if recorded else None
-        else:
-            bundle, _, measured, _ = _export_and_check(ctx, CompressedModel.load(quantized(c)), label, {}, bundle)
-            _record_held_out_ppl(ctx.out / bundle, inputs.splits.eval, config.calib_data, inputs.progress)
+            return bundle, recorded[-1].reference_ms if recorded else None
+        bundle, _, measured, _ = _export_and_check(ctx, CompressedModel.load(quantized(c)), label, {}, bundle)
+        _record_held_out_ppl(ctx.out / bundle, held, config.calib_data, inputs.progress)
+        return bundle, measured
+
+    outcomes = []
+    for c, kd in ranked[1:]:
+        bundle, measured = dist.main_only(partial(screened_bundle, c))
         outcomes.append(ContenderOutcome(c.name, c.spec.fingerprint(), c.predicted_ms, kd, why=c.why,
                                          bundle=str(bundle), measured_ms=measured))
     ship = ContenderOutcome(winner.name, winner.spec.fingerprint(), winner.predicted_ms, best_kd, why=winner.why,
