@@ -693,7 +693,13 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
             batches = [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)]
             sens = measure_sensitivity(hf, spec, space.formats, space.lm_head_formats, batches)
             spec, moves = assign_precision(spec, sens, space, target, workload, table, budget)
-    dist.main_only(lambda: storage.atomic_write_text(sdir / "spec.json", spec.to_json()))
+    # every rank takes rank 0's subnet: the fit read identical architecture parameters, but a sensitivity or
+    # score computed on each device need not round alike everywhere
+    def keep_fitted():
+        storage.atomic_write_text(sdir / "spec.json", spec.to_json())
+        return spec, moves
+
+    spec, moves = dist.main_only(keep_fitted)
     del net
     secs["fit"] = time.perf_counter() - t0
     searched = Contender(SEARCH, spec, predict(spec, target, workload, table=table).total_ms,
