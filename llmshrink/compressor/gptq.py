@@ -56,6 +56,9 @@ class GPTQConfig:
     # after GPTQ, refit the scales to the codes (least squares on the output error); >1: GPTQ again on the refit
     # grid and refit again, that many times in all (each round costs one more GPTQ pass). 0: no refit.
     refit_rounds: int = 1
+    # asymmetric calibration: move each weight this fraction of the way to the least-squares fit of the float
+    # model's output on the quantized model's inputs before rounding (quant.quantize_weight's ``cross``); 0: off
+    asymmetric: float = 0.0
 
 
 class HessianAccumulator:
