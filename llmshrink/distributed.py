@@ -118,6 +118,8 @@ def main_only(fn: Callable[[], T]) -> T:
     program has been made on every rank before the file exists (and all ranks take the same branch); then
     the others wait, idle, until rank 0 is done, so nothing of this run competes with a measurement.
     With one process, or inside another ``main_only`` (where rank 0 is alone already), it is just ``fn()``.
+    ``fn`` must not reach a collective (a training loop, a lazily made value the others make outside): rank 0
+    would wait in it for ranks that wait in the broadcast below. Values ``fn`` reads lazily are made before.
     """
     global _alone
     if world_size() == 1 or _alone:
