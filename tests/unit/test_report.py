@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from llmshrink import api, serde
 from llmshrink.cli import cli
-from llmshrink.errors import UsageError
+from llmshrink.errors import UsageError, ValidationFailedError
 from llmshrink.evaluation.report import QualityMetric, Report, ReportRow, build_report, plan_rows
 from llmshrink.exporters.bundle import load_manifest
 from llmshrink.rundir import RunEntry, RunRecord, load_run, write_record
@@ -34,7 +34,10 @@ def run_dir(tiny_llama_dir, tiny_base, tiny_table, tmp_path_factory):
     specs = {"original": None, "int4": SubnetSpec.uniform(tiny_base, "w4g32a8"), "pruned": _pruned(tiny_base)}
     for name, spec in specs.items():
         api.export(str(tiny_llama_dir), spec, root / name, target=target, max_length=128)
-        api.validate(root / name, tolerance_pct=1000, runs=5)
+        try:  # the measurement is what the report reads; the verdict depends on how noisy tiny_table came out
+            api.validate(root / name, tolerance_pct=1000, runs=5)
+        except ValidationFailedError as e:  # recorded in the manifest all the same, as compress records it
+            assert e.validation.measured_ms > 0
         res = CliRunner().invoke(cli, ["eval", str(root / name), "--ppl", str(text), "--context", "64",
                                        "--stride", "32", "--json"])
         assert res.exit_code == 0, res.output
