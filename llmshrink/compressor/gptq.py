@@ -28,6 +28,12 @@ options ``act_order`` and ``static_groups``:
   perplexity from 34.03 to 33.85, and to 33.75 with a second GPTQ pass on the
   refit grid (``refit_rounds=2``); after the default recovery, 32.63 -> 32.42 with
   one round and 32.35 with two (scratch runs, 2026-12-01).
+* Tried and left out: asymmetric calibration (GPTQv2, Li et al., ICML 2025: each linear first moved to the
+  least-squares fit of the float model's output on the inputs the quantized layers before it hand on,
+  ``W + W C H^-1`` with ``C = (X_fp - X)^T X``). On the same model and rows it lowered perplexity before
+  recovery from 33.85 to 33.51 (held-out KD 0.147 -> 0.119) at ~1.9x GPTQ's time, but after the default
+  recovery it ended at 32.60 against 32.42: recovery, which every shipped model gets, gained almost nothing
+  from that start (scratch runs, 2026-12-01; the code is in git history, commit 436c467).
 
 No maintained GPTQ package runs on CPU with this torch and these formats
 (llm-compressor and GPTQModel target CUDA and their own packing; ONNX
@@ -56,13 +62,6 @@ class GPTQConfig:
     # after GPTQ, refit the scales to the codes (least squares on the output error); >1: GPTQ again on the refit
     # grid and refit again, that many times in all (each round costs one more GPTQ pass). 0: no refit.
     refit_rounds: int = 1
-    # asymmetric calibration: move each weight this fraction of the way to the least-squares fit of the float
-    # model's output on the quantized model's inputs before rounding (quant.quantize_weight's ``cross``); 0: off.
-    # Off: on SmolLM2-135M uniform w4g32a8 (512 rows, scratch runs on a Zen 4, 2026-12-01) 1.0 lowered WikiText-2
-    # perplexity before recovery from 33.85 to 33.51 (held-out KD 0.147 -> 0.119; 0.25: 33.88) but made GPTQ
-    # ~1.9x slower (570 s), and after the default recovery it ended worse: 32.60 against 32.42 (KD 0.116 vs
-    # 0.113): recovery, which every shipped model gets, gains almost nothing from that start.
-    asymmetric: float = 0.0
 
 
 class HessianAccumulator:

@@ -154,8 +154,7 @@ def weight_grid(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | No
 
 
 def quantize_weight(w: torch.Tensor, fmt: QuantFormat, *, grid: WeightGrid | None = None,
-                    hessian: torch.Tensor | None = None, gptq=None,
-                    cross: torch.Tensor | None = None) -> QuantizedWeight:
+                    hessian: torch.Tensor | None = None, gptq=None) -> QuantizedWeight:
     """Quantize a float ``[N, K]`` weight to integer format ``fmt``.
 
     Without ``hessian``, each weight goes to its nearest point of ``grid``
@@ -167,12 +166,6 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat, *, grid: WeightGrid | Non
     greedy column order does not guarantee it never loses; on SmolLM2 it
     occasionally does on a ``down_proj``); then the scales are refit to the codes
     (``GPTQConfig.refit_rounds``, :func:`llmshrink.compressor.gptq.refit_scales`).
-
-    ``cross`` ``[K, K]``: ``(X_fp - X)^T X`` for inputs ``X`` that differ from the float model's ``X_fp``
-    (the layers before are quantized). With ``GPTQConfig.asymmetric = a > 0`` the weight is first moved a
-    fraction ``a`` of the way to the least-squares fit of the float output on the inputs it will get,
-    ``W + W cross H^-1`` (``argmin_Q |X_fp W^T - X Q^T|``, with GPTQ's damping), and everything after
-    works on that target: asymmetric calibration (GPTQv2, also called GPTAQ: Li et al., ICML 2025).
     """
     w = w.detach().float()
     if hessian is None:
@@ -183,9 +176,6 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat, *, grid: WeightGrid | Non
     from llmshrink.compressor.gptq import GPTQConfig, gptq_codes, output_error, refit_scales
 
     config = gptq or GPTQConfig()
-    if cross is not None and config.asymmetric:
-        damped = hessian + config.damp * torch.mean(torch.diag(hessian)) * torch.eye(hessian.shape[0])
-        w = w + config.asymmetric * torch.linalg.solve(damped, (w @ cross).T).T  # H symmetric: W C H^-1
     grid = weight_grid(w, fmt, importance=torch.diag(hessian)) if grid is None else grid
 
     def error(g: WeightGrid, c: torch.Tensor) -> float:

@@ -67,15 +67,14 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
     for m in static:
         m.observer = _pass_through
     xs = [torch.nn.functional.embedding(b, cm.embed) for b in calib.split(BATCH)]
-    xs_fp = list(xs) if config.asymmetric else None
     quantize = quantizer_for(formats, config)
     try:
         with progress.task("GPTQ (layer by layer)", total=len(cm.blocks) + 1) as task:
             for j, block in enumerate(cm.blocks):
-                xs, xs_fp = quantize_block(block, j, xs, formats, quantize, cm.meta, xs_fp)
+                xs = quantize_block(block, j, xs, formats, quantize, cm.meta)
                 task.advance(1)
             if "lm_head" in formats:
-                cm.lm_head = quantize("lm_head", cm.lm_head, *head_hessian(xs, cm.final_norm, cm.meta, xs_fp))
+                cm.lm_head = quantize("lm_head", cm.lm_head, head_hessian(xs, cm.final_norm, cm.meta))
             task.advance(1)
     finally:
         for m in cm.modules():
@@ -84,12 +83,10 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
 
 
 def quantizer_for(formats: Mapping[str, QuantFormat], config: GPTQConfig):
-    """``quantize(name, float QuantLinear, hessian, cross=None) -> QuantLinear`` with GPTQ's codes in
-    ``formats[name]`` (``cross``: see :func:`.quant.quantize_weight`)."""
+    """``quantize(name, float QuantLinear, hessian) -> QuantLinear`` with GPTQ's codes in ``formats[name]``."""
 
-    def quantize(name: str, module: QuantLinear, hessian: torch.Tensor,
-                 cross: torch.Tensor | None = None) -> QuantLinear:
-        q = quantize_weight(module.weight, formats[name], hessian=hessian, gptq=config, cross=cross)
+    def quantize(name: str, module: QuantLinear, hessian: torch.Tensor) -> QuantLinear:
+        q = quantize_weight(module.weight, formats[name], hessian=hessian, gptq=config)
         new = QuantLinear.from_quantized(q, module.bias)
         new.observer = _pass_through if new.fmt.act == "int8-static" else None
         return new
@@ -98,70 +95,40 @@ def quantizer_for(formats: Mapping[str, QuantFormat], config: GPTQConfig):
 
 
 def quantize_block(block, j: int, xs: list[torch.Tensor], formats: Mapping[str, QuantFormat], quantize,
-                   meta, xs_fp: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list | None]:
+                   meta) -> list[torch.Tensor]:
     """Quantize block ``j``'s linears named in ``formats`` in place, stage by stage; its output on ``xs``.
 
     One forward per stage over all calibration rows: each group's Hessian is collected on inputs that went
     through the groups before it, already quantized.
-
-    ``xs_fp``: the same rows through the float model so far (asymmetric calibration,
-    ``GPTQConfig.asymmetric``): the block's float forward on them gives each group the inputs it would see
-    unquantized, and each linear is fitted to the float output (:func:`.quant.quantize_weight`'s ``cross``).
-    Returns the block's output on ``xs`` and, with ``xs_fp``, its float output on ``xs_fp`` (else None).
     """
     positions = torch.arange(xs[0].shape[1])  # every row starts at position 0
     eps = meta.rms_norm_eps
-    fp_inputs, xs_fp = _float_pass(block, xs_fp, positions, meta) if xs_fp is not None else ((None,) * 4, None)
 
-    def quantize_group(stage: int, inputs: list[torch.Tensor]) -> None:
-        names = tuple(n for n in GROUPS[stage] if f"blocks.{j}.{n}" in formats)
+    def quantize_group(names: tuple[str, ...], inputs: list[torch.Tensor]) -> None:
+        names = tuple(n for n in names if f"blocks.{j}.{n}" in formats)
         if not names:
             return
-        h, cross = _statistics(inputs, fp_inputs[stage])
+        acc = HessianAccumulator(inputs[0].shape[-1])
+        for x in inputs:
+            acc.add(x)
+        h = acc.hessian
         for n in names:
-            setattr(block, n, quantize(f"blocks.{j}.{n}", getattr(block, n), h, cross))
+            setattr(block, n, quantize(f"blocks.{j}.{n}", getattr(block, n), h))
 
     hs = [rms_norm(x, block.input_norm, eps) for x in xs]
-    quantize_group(0, hs)
+    quantize_group(GROUPS[0], hs)
     atts = [block.attention(h, positions, None, meta)[0] for h in hs]
-    quantize_group(1, atts)
+    quantize_group(GROUPS[1], atts)
     xs = [x + block.o_proj(a) for x, a in zip(xs, atts, strict=True)]
     hs = [rms_norm(x, block.post_norm, eps) for x in xs]
-    quantize_group(2, hs)
+    quantize_group(GROUPS[2], hs)
     mids = [block.mlp_hidden(h) for h in hs]
-    quantize_group(3, mids)
-    return [x + block.down_proj(m) for x, m in zip(xs, mids, strict=True)], xs_fp
+    quantize_group(GROUPS[3], mids)
+    return [x + block.down_proj(m) for x, m in zip(xs, mids, strict=True)]
 
 
-def _float_pass(block, xs: list[torch.Tensor], positions: torch.Tensor, meta):
-    """The block's forward on ``xs`` before any of its linears is quantized: each group's inputs, its output."""
-    eps = meta.rms_norm_eps
-    hs = [rms_norm(x, block.input_norm, eps) for x in xs]
-    atts = [block.attention(h, positions, None, meta)[0] for h in hs]
-    xs = [x + block.o_proj(a) for x, a in zip(xs, atts, strict=True)]
-    hs2 = [rms_norm(x, block.post_norm, eps) for x in xs]
-    mids = [block.mlp_hidden(h) for h in hs2]
-    return (hs, atts, hs2, mids), [x + block.down_proj(m) for x, m in zip(xs, mids, strict=True)]
-
-
-def _statistics(inputs: list[torch.Tensor], fp_inputs: list[torch.Tensor] | None):
-    """``X^T X / n`` of a group's inputs, and with their float counterparts ``(X_fp - X)^T X / n`` (else None)."""
-    acc = HessianAccumulator(inputs[0].shape[-1])
-    for x in inputs:
-        acc.add(x)
-    if fp_inputs is None:
-        return acc.hessian, None
-    cross = torch.zeros_like(acc.sum)
-    for x, f in zip(inputs, fp_inputs, strict=True):
-        x = x.reshape(-1, x.shape[-1]).double()
-        cross += (f.reshape(-1, f.shape[-1]).double() - x).T @ x
-    return acc.hessian, (cross / acc.n).float()
-
-
-def head_hessian(xs: list[torch.Tensor], final_norm: torch.Tensor, meta, xs_fp: list[torch.Tensor] | None = None):
-    """The lm_head's ``X^T X / n`` on the final norm's output, and with ``xs_fp`` the cross term of
-    :func:`_statistics` (else None)."""
-    def normed(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [rms_norm(x, final_norm, meta.rms_norm_eps) for x in v]
-
-    return _statistics(normed(xs), None if xs_fp is None else normed(xs_fp))
+def head_hessian(xs: list[torch.Tensor], final_norm: torch.Tensor, meta) -> torch.Tensor:
+    acc = HessianAccumulator(final_norm.shape[0])
+    for x in xs:
+        acc.add(rms_norm(x, final_norm, meta.rms_norm_eps))
+    return acc.hessian

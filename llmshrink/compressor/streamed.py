@@ -56,7 +56,6 @@ def gptq_streamed(lazy, spec, calib: torch.Tensor, *, config: GPTQConfig | None 
     hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
     embedding = QuantLinear(lazy.tensor("model.embed_tokens.weight")[:, hidden], None, parse_format(spec.embedding))
     xs = [torch.nn.functional.embedding(b, embedding.weight) for b in calib.split(BATCH)]
-    xs_fp = list(xs) if config.asymmetric else None
     del embedding
     formats: dict[str, QuantFormat] = {}
     quantize = quantizer_for(formats, config)
@@ -74,7 +73,7 @@ def gptq_streamed(lazy, spec, calib: torch.Tensor, *, config: GPTQConfig | None 
 
             block = build_block(spec, i, layer, hidden, inv_freq, linear)
             lazy.release(layer)
-            xs, xs_fp = quantize_block(block, j, xs, formats, quantize, meta, xs_fp)
+            xs = quantize_block(block, j, xs, formats, quantize, meta)
             out.update({f"blocks.{j}.{n}": getattr(block, n).quantized for n in GROUPS_ALL
                         if f"blocks.{j}.{n}" in formats})
             del block
@@ -84,6 +83,6 @@ def gptq_streamed(lazy, spec, calib: torch.Tensor, *, config: GPTQConfig | None 
             formats["lm_head"] = head_fmt
             final_norm = lazy.tensor("model.norm.weight")[hidden]
             head = QuantLinear(lazy.tensor("lm_head.weight")[:, hidden], None, FP32)
-            out["lm_head"] = quantize("lm_head", head, *head_hessian(xs, final_norm, meta, xs_fp)).quantized
+            out["lm_head"] = quantize("lm_head", head, head_hessian(xs, final_norm, meta)).quantized
         task.advance(1)
     return out

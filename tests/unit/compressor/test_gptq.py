@@ -135,9 +135,8 @@ def test_layer_streamed_gptq_gives_the_whole_model_paths_codes(trained_tiny, tmp
     spec = replace(spec, lm_head="w4g32")
     assert len(spec.kept_layers()) >= 1
     calib = ids[:24]
-    config = GPTQConfig(asymmetric=0.5 if seed else 0.0)  # with and without the float path alongside
-    whole = materialize(hf, spec, calib=calib, quantizer="gptq", gptq=config)
-    streamed = gptq_streamed(LazyModel(str(tmp_path)), spec, calib, config=config)
+    whole = materialize(hf, spec, calib=calib, quantizer="gptq")
+    streamed = gptq_streamed(LazyModel(str(tmp_path)), spec, calib)
     expected = {name: m.quantized for name, m in whole.named_modules()
                 if isinstance(m, QuantLinear) and m.quantized is not None and name != "embedding"}
     assert set(streamed) == set(expected) and "lm_head" in streamed
@@ -180,23 +179,3 @@ def test_refit_scales_are_the_least_squares_optimum_for_the_codes_and_never_rais
     q1 = quantize_weight(w, f, hessian=h)
     assert output_error(q1.dequantize() - w, h) < output_error(q0.dequantize() - w, h)
     assert torch.equal(q0.codes, q1.codes)
-
-
-def test_asymmetric_calibration_fits_the_float_output_on_the_inputs_the_layer_will_get():
-    """GPTQConfig.asymmetric = 1 rounds the least-squares fit of the float output ``X_fp W^T`` on the inputs
-    ``X`` the quantized layers before hand on (GPTQv2's asymmetric calibration); 0 rounds ``W`` itself."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(16, 64, generator=g)
-    x_fp = torch.randn(2048, 64, generator=g) @ torch.randn(64, 64, generator=g) * 0.3
-    x = x_fp @ (torch.eye(64) + 0.1 * torch.randn(64, 64, generator=g))  # the inputs, distorted upstream
-
-    def quantized(inputs: torch.Tensor, fmt: str, a: float) -> tuple[torch.Tensor, float]:
-        h, cross = inputs.T @ inputs / len(inputs), (x_fp - inputs).T @ inputs / len(inputs)
-        q = quantize_weight(w, parse_format(fmt), hessian=h, gptq=GPTQConfig(asymmetric=a), cross=cross)
-        return q.codes, float(((x_fp @ w.T - inputs @ q.dequantize().T) ** 2).sum())
-
-    for fmt in ("w8a8", "w4g32"):
-        plain, quarter, full = (quantized(x, fmt, a)[1] for a in (0.0, 0.25, 1.0))
-        assert full < plain / 20 and full < quarter < plain, (fmt, plain, quarter, full)
-        # undistorted inputs: nothing to correct, the codes are plain GPTQ's
-        assert torch.equal(quantized(x_fp, fmt, 1.0)[0], quantized(x_fp, fmt, 0.0)[0])
