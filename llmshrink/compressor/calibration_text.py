@@ -17,6 +17,8 @@ from llmshrink.progress import NULL_PROGRESS, Progress
 if TYPE_CHECKING:
     from llmshrink.compressor.config import CompressConfig
 
+HELD_OUT_ROWS = 8  # sequences after the calibration rows, never trained or calibrated on (recovery's KD before/after)
+
 
 def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint: str,
                        progress: Progress = NULL_PROGRESS, *, whole_run: bool = True):
@@ -32,9 +34,9 @@ def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint:
     from llmshrink.models.data import self_cache_path, token_splits
 
     seq, n = config.search.seq_len, n_rows(config, whole_run)
-    return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=8, seed=config.seed,
-                        progress=progress,
-                        cache_path=self_cache_path(model_fingerprint, seq_len=seq, n=n + 8, seed=config.seed))
+    cache = self_cache_path(model_fingerprint, seq_len=seq, n=n + HELD_OUT_ROWS, seed=config.seed)
+    return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=HELD_OUT_ROWS,
+                        seed=config.seed, progress=progress, cache_path=cache)
 
 
 def n_rows(config: CompressConfig, whole_run: bool = True) -> int:
@@ -45,6 +47,14 @@ def n_rows(config: CompressConfig, whole_run: bool = True) -> int:
     if not whole_run:
         return max(config.n_calib, config.n_quant)
     return max(config.n_calib, config.n_quant + config.n_screen, recovery.rows if recovery.steps > 0 else 0)
+
+
+def compress_shape() -> tuple[int, int, int]:
+    """``(seq_len, calibration rows, held-out rows)`` a default ``compress`` reads (what ``data show`` shows)."""
+    from llmshrink.compressor.config import CompressConfig
+
+    config = CompressConfig(model="", target="cpu", budgets_ms=(1.0,))
+    return config.search.seq_len, n_rows(config), HELD_OUT_ROWS
 
 
 def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
