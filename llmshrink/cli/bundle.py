@@ -24,7 +24,7 @@ from llmshrink.formats import QUANTIZERS
                    "(each weight to its nearest grid point; no text). Recorded in the manifest.")
 @click.option("--calib-data", default="self", show_default=True,
               help="Text GPTQ and the static activation scales of w8a8s layers are calibrated on (as compress's "
-                   "--calib-data: `self`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
+                   "--calib-data: `self`, `wiki`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,

