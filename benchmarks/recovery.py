@@ -7,10 +7,10 @@ For one uniform spec of the default model (w4g32a8 unless ``--format``):
 * ``gptq + recovery`` -- ``llmshrink compress --spec S --target cpu``: GPTQ, then the default recovery
   (quantization-aware distillation from the original), exported and validated as ``compress`` ships it.
   Its wall time, training tokens and held-out KD come from the run's own record.
-* ``recovery on real text`` (with ``--real-text FILE``) -- the same ``compress --spec`` with ``--calib-data FILE``:
-  GPTQ and recovery on real text instead of text sampled from the model, the comparison that decides whether
-  self-generated text stays the default. A file from a benchmark's own source (WikiText-2 valid) flatters that
-  benchmark's perplexity: judge it on the four tasks.
+* ``recovery on other text`` (with ``--other-text D``) -- the same ``compress --spec`` with ``--calib-data D``
+  (``self``, ``wiki``, a file): GPTQ and recovery on another calibration text than the default, the comparison
+  that decides the default. Text from a benchmark's own source (WikiText-2 valid, or Wikipedia at all) flatters
+  that benchmark's perplexity: judge it on the four tasks.
 
 Every bundle is scored as shipped (ONNX Runtime) by ``llmshrink eval``: WikiText-2 test perplexity (first
 ``--ppl-tokens`` tokens, context 512, stride 256). The rows named by ``--full-tasks`` also get the four local
@@ -26,7 +26,7 @@ which); delete them to score again.
 
     python benchmarks/recovery.py --data-dir ../shared/evaldata [--format w4g32a8] [--out runs/recovery]
         [--full-tasks "fp32 original,gptq + recovery"] [--results benchmarks/results/recovery_cpu.txt]
-        [--real-text ../shared/evaldata/wikitext2/valid.txt]
+        [--other-text self]
 """
 
 from __future__ import annotations
@@ -46,23 +46,25 @@ from _cli import (  # benchmarks/ is on sys.path when a script in it runs
     uniform_setup,
 )
 
+from llmshrink.models.data import DEFAULT_CALIB_DATA
+
 ROWS = ("fp32 original", "rtn", "gptq", "gptq + recovery")
-REAL = "recovery on real text"  # the row --real-text adds (no comma: --full-tasks splits on commas)
-_COMPRESSED = {"gptq + recovery": ("recovered", "compress"), REAL: ("recovered-real", "compress-real")}
+OTHER = "recovery on other text"  # the row --other-text adds (no comma: --full-tasks splits on commas)
+_COMPRESSED = {"gptq + recovery": ("recovered", "compress"), OTHER: ("recovered-other", "compress-other")}
 
 
 def _slug(name: str) -> str:
     return _COMPRESSED[name][0] if name in _COMPRESSED else name.split()[0]
 
 
-def _build(name: str, out: Path, spec: Path, model: str, real_text: str | None = None) -> tuple[Path, dict]:
+def _build(name: str, out: Path, spec: Path, model: str, other_text: str | None = None) -> tuple[Path, dict]:
     """The bundle of row ``name`` (built unless a previous run left it) and what its build reported."""
     if name in _COMPRESSED:
         run = out / _COMPRESSED[name][1]
         rec_file = out / f"{_COMPRESSED[name][1]}.json"
         if not rec_file.is_file():
             t0 = time.perf_counter()
-            calib = ("--calib-data", real_text) if name == REAL else ()
+            calib = ("--calib-data", other_text) if name == OTHER else ()
             rec = json.loads(sh("compress", "--model", model, "--target", "cpu", "--spec", str(spec), "--out", str(run),
                                 *calib, "--json"))
             rec["wall_seconds"] = time.perf_counter() - t0
@@ -85,10 +87,10 @@ def main() -> None:
                     help=f"rows scored on all four tasks (others: perplexity only); of {', '.join(ROWS)}")
     ap.add_argument("--out", default="runs/recovery")
     ap.add_argument("--results", default=None, help="also write the table to this file")
-    ap.add_argument("--real-text", default=None, metavar="FILE",
-                    help=f"also run compress --spec with --calib-data FILE (row {REAL!r})")
+    ap.add_argument("--other-text", default=None, metavar="D",
+                    help=f"also run compress --spec with --calib-data D: self, wiki or a file (row {OTHER!r})")
     args = ap.parse_args()
-    all_rows = ROWS + ((REAL,) if args.real_text else ())
+    all_rows = ROWS + ((OTHER,) if args.other_text else ())
     full_rows = {r.strip() for r in args.full_tasks.split(",") if r.strip()}
     if full_rows - set(all_rows):
         ap.error(f"--full-tasks: unknown rows {sorted(full_rows - set(all_rows))} (rows: {', '.join(all_rows)})")
@@ -98,7 +100,7 @@ def main() -> None:
 
     rows, bundles = [], {}
     for name in all_rows:
-        bundle, built = _build(name, out, spec, args.model, args.real_text)
+        bundle, built = _build(name, out, spec, args.model, args.other_text)
         bundles[name] = bundle
         ev = evaluate(bundle, out / "evals" / f"{_slug(name)}.json", full=name in full_rows, tasks_dir=tasks_dir,
                        wiki=wiki, ppl_tokens=args.ppl_tokens)
@@ -108,7 +110,7 @@ def main() -> None:
              HELLASWAG: f"HS{HELLASWAG_DOCS}"}
     lines = [f"$ python benchmarks/recovery.py --data-dir {args.data_dir} --format {args.format} --out {args.out} "
              f"--full-tasks \"{args.full_tasks}\""
-             + (f" --real-text {args.real_text}" if args.real_text else ""),
+             + (f" --other-text {args.other_text}" if args.other_text else ""),
              f"uniform {args.format}, ORT bundles as shipped. ppl: WikiText-2 test, first {args.ppl_tokens} tokens, "
              f"context 512, stride 256. acc: ARC-Easy dev, BoolQ, WinoGrande (full sets), HellaSwag (first "
              f"{HELLASWAG_DOCS}); mean4 = their mean.",
@@ -125,7 +127,7 @@ def main() -> None:
             continue
         secs = built.get("seconds", {})
         kd_b, kd_a = built.get("kd_before_recovery"), built.get("kd_after_recovery")
-        what = "default calibration text" if name != REAL else f"--calib-data {args.real_text}"
+        what = f"--calib-data {args.other_text}" if name == OTHER else f"default calibration text, {DEFAULT_CALIB_DATA}"
         lines.append(f"{name}: compress --spec (GPTQ + default recovery, {what}): wall "
                      f"{built['wall_seconds'] / 60:.1f} min, recovery {built.get('recovery_tokens')} training tokens, "
                      f"held-out KD (on its own calibration text's held-out rows) {kd_b if kd_b is None else round(kd_b, 4)}"

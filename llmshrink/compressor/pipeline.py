@@ -371,7 +371,11 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     if config.calib_data != "self":
         from llmshrink.models.data import parse_data_spec
 
-        parse_data_spec(config.calib_data)  # a missing or unreadable file fails before the run starts
+        data = parse_data_spec(config.calib_data)  # a missing or unreadable file fails before the run starts
+        if data.kind == "builtin":  # as does a corpus the package index cannot serve (fetched once, then cached)
+            from llmshrink.models.corpora import BUILTIN_CORPORA, ensure_corpus
+
+            dist.main_only(lambda: ensure_corpus(BUILTIN_CORPORA.get(data.ref), progress=progress))
     previous = _check_out(out, config, resume)  # and makes ``out``, checked writable
     measurable = target.runtime in MEASURABLE_RUNTIMES
     notes += () if measurable else (device_note(target.name, table.kind, workload),)

