@@ -115,12 +115,12 @@ def main() -> None:
              f"context 512, stride 256. acc: ARC-Easy dev, BoolQ, WinoGrande (full sets), HellaSwag (first "
              f"{HELLASWAG_DOCS}); mean4 = their mean.",
              "",
-             f"{'model':<20}{'ppl':>7}" + "".join(f"{v:>8}" for v in names.values()) + f"{'mean4':>8}"]
+             f"{'model':<24}{'ppl':>7}" + "".join(f"{v:>8}" for v in names.values()) + f"{'mean4':>8}"]
     for name, _built, ev in rows:
         accs = [ev["acc"].get(t) for t in names]
         cells = "".join(f"{a * 100:>8.2f}" if a is not None else f"{'-':>8}" for a in accs)
         mean = f"{sum(accs) / len(accs) * 100:>8.2f}" if all(a is not None for a in accs) else f"{'-':>8}"
-        lines.append(f"{name:<20}{ev['ppl']:>7.2f}{cells}{mean}" + ("   (eval reused)" if ev.get("reused") else ""))
+        lines.append(f"{name:<24}{ev['ppl']:>7.2f}{cells}{mean}" + ("   (eval reused)" if ev.get("reused") else ""))
     lines.append("")
     for name, built, _ev in rows:
         if name not in _COMPRESSED:

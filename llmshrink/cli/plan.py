@@ -8,6 +8,7 @@ import re
 import click
 
 from llmshrink.cli.ui import out, print_json
+from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.units import human_bytes
 
 _UNITS_BYTES = {"": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9,
@@ -52,9 +53,11 @@ def _seconds(s: float) -> str:
 @click.option("--device-memory", default=None, help="Memory per device, e.g. 40GB (default: the device's own).")
 @click.option("--host-memory", default=None,
               help="RAM of the machine holding the devices, e.g. 1TB (default: this one's, if it has them).")
+@click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True,
+              help="The calibration text compress would read (`self` adds the phase that samples it from the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: str, target: str, latency: str | None, workload: str | None, space_path: str | None, device: str,
-         devices: int, device_memory: str | None, host_memory: str | None, as_json: bool) -> None:
+         devices: int, device_memory: str | None, host_memory: str | None, calib_data: str, as_json: bool) -> None:
     """Plan a compress run before making it: search space, latencies, memory and time per phase.
 
     Reads only the model's config (no weights are downloaded or loaded) and the
@@ -79,7 +82,8 @@ def plan(model: str, target: str, latency: str | None, workload: str | None, spa
 
     p = make_plan(model, target, latency, workload=parse_workload(workload) if workload else None, device=device,
                   devices=devices, memory_bytes=parse_bytes(device_memory, "--device-memory"),
-                  host_memory_bytes=parse_bytes(host_memory, "--host-memory"), space_path=space_path)
+                  host_memory_bytes=parse_bytes(host_memory, "--host-memory"), space_path=space_path,
+                  calib_data=calib_data)
     if as_json:
         d = serde.to_dict(p)["_data"]
         d.update(feasible=p.feasible, fits=p.fits, total_seconds=p.total_seconds)

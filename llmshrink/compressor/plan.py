@@ -387,8 +387,12 @@ def _datasheet_for(gpu_name: str, target) -> dict:
 
 def make_plan(model: str, target: str, latency: str | None = None, *, workload=None, device: str = "auto",
               devices: int = 1, memory_bytes: int | None = None, host_memory_bytes: int | None = None,
-              config: CompressConfig | None = None, space_path: str | None = None, progress=None) -> Plan:
+              config: CompressConfig | None = None, space_path: str | None = None, calib_data: str | None = None,
+              progress=None) -> Plan:
     """The :class:`Plan` of ``compress --model model --target target --latency latency`` (config only).
+
+    ``calib_data`` (``compress --calib-data``; default the config's) decides whether sampling the calibration
+    text from the model is a phase (``self``).
 
     Raises:
         UsageError: unknown model or target, bad budget, or a model the tool cannot compress.
@@ -410,6 +414,8 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
     table = table_for(tgt)
     wl = workload or tgt.default_workload
     config = config or CompressConfig(model=src.describe(), target=tgt.name, budgets_ms=(1.0,))
+    if calib_data is not None:
+        config = replace(config, calib_data=calib_data)
     fmts = tgt.search_formats or tgt.formats  # as the pipeline builds its space
     space = (load_space(space_path, base, tgt.formats, search_formats=fmts) if space_path
              else default_space(base, tgt.formats, search_formats=fmts))

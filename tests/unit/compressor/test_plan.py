@@ -49,8 +49,12 @@ def test_plan_for_llama_8b_on_a100_matches_targets_predict_and_is_feasible_at_30
     assert plan["params"] == 8_030_261_248 and plan["space_log10"] > 100
     assert plan["fastest_ms"] < plan["original_ms"] and plan["feasible"] is True
     phases = {p["phase"]: p for p in plan["phases"]}
-    assert {"calibration text", "importance", "teacher targets", "search", "GPTQ", "recovery", "screening",
-            "export"} <= set(phases)
+    assert {"importance", "teacher targets", "search", "GPTQ", "recovery", "screening", "export"} <= set(phases)
+    assert "calibration text" not in phases  # the default text is read, not sampled from the 8B model
+    res = runner.invoke(cli, ["plan", "--model", str(LLAMA_8B), "--target", "a100", "--latency", "30ms",
+                              "--calib-data", "self", "--json"])
+    sampled = {p["phase"]: p for p in json.loads(res.stdout)["phases"]}
+    assert set(sampled) == set(phases) | {"calibration text"} and sampled["calibration text"]["seconds"] > 0
     # an 8B model's bf16 weights alone are 16 GB: every phase holding them needs at least that
     assert all(p["device_bytes"] >= 2 * 8_030_261_248 for p in plan["phases"] if p["phase"] != "export")
     assert plan["hardware"]["kind"] == "cuda" and any("30%" in a for a in plan["assumptions"])
