@@ -67,8 +67,15 @@ def init_from_env() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # each rank its own GPU: `--device cuda` means the current one
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     return True
+
+
+def local_rank() -> int:
+    """This process's rank on its machine as ``torchrun`` set it (0 without torchrun): its GPU's index."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def share(n: int) -> range:
@@ -87,7 +94,8 @@ def all_reduce_grads(params: Iterable[torch.Tensor]) -> None:
     import torch.distributed as dist
 
     params = list(params)
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    # on the parameters' device: NCCL reduces GPU tensors only
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
     dist.all_reduce(has)
     for p, any_grad in zip(params, has.tolist(), strict=True):
         if not any_grad:

@@ -75,8 +75,9 @@ def resume_command(out_dir: Path) -> str:
               help="Keep the target's latency table as it is when it was measured on another CPU (by default "
                    "the run first adapts it to this one: ~3 min, once, kept for later runs).")
 @click.option("--device", default="auto", show_default=True,
-              help="Where the torch phases run: auto (CUDA if present, else the CPU), cpu, cuda, cuda:N. "
-                   "This version trains on the CPU; cuda without a GPU exits 5.")
+              help="Where the torch phases run (importance, teacher, search, GPTQ, recovery, screening): auto "
+                   "(CUDA if present, else the CPU), cpu, cuda, cuda:N; under torchrun each process takes its "
+                   "own GPU. Latency is always the target's. cuda without a GPU exits 5.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def compress(model: str, target: str, latency: str | None, spec_path: str | None, quantizer: str,
              params_budget: str | None, workload: str | None,

@@ -62,7 +62,7 @@ def calibrate_activations(cm: CompressedModel, tokens: torch.Tensor) -> dict[str
         m.observer, m.act_scale = observer(n), None
     try:
         for b in tokens.split(BATCH):
-            cm(b)
+            cm(b.to(cm.embed.device))
     finally:
         for m in layers.values():
             m.observer = None
@@ -70,5 +70,5 @@ def calibrate_activations(cm: CompressedModel, tokens: torch.Tensor) -> dict[str
         raise ValueError(f"layers saw only zero inputs on the calibration tokens: {', '.join(dead[:5])}")
     scales = {n: static_scale(a) for n, a in amax.items()}
     for n, m in layers.items():
-        m.act_scale = torch.tensor(scales[n])
+        m.act_scale = torch.tensor(scales[n], device=cm.embed.device)
     return scales

@@ -61,8 +61,9 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     dist.init_from_env()  # under torchrun: join the others (data-parallel search and recovery, rank 0 writes)
     wl = parse_workload(workload) if isinstance(workload, str) else workload
     dev = resolve_device(device)  # a GPU asked for and absent fails here, before anything is measured or loaded
-    if device == "auto" and dev.kind == "cuda":  # the CUDA path is not built yet (CompressConfig says so when asked)
-        dev = resolve_device("cpu")
+    # recorded in the run (and compared by --resume) as the same string on every rank: under torchrun each rank
+    # takes its own GPU (distributed.init_from_env made it the current one), which plain "cuda" names
+    run_device = "cuda" if dev.kind == "cuda" and dist.world_size() > 1 else dev.torch_device
     if latency_ms is None and spec is None:
         from llmshrink.errors import UsageError
 
@@ -79,8 +80,9 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
-        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=dev.torch_device)
-    return run(cfg, out, resume=resume, progress=progress, notes=adapted + tuple(notes))
+        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=run_device)
+    notes = adapted + tuple(notes) + (torch_device_note(dev, dist.world_size()),)
+    return run(cfg, out, resume=resume, progress=progress, notes=notes)
 
 
 def _adapted_note(model: str, target: str, adapt: bool, progress: Progress) -> tuple[str, ...]:
@@ -100,3 +102,12 @@ def _adapted_note(model: str, target: str, adapt: bool, progress: Progress) -> t
     # timed on rank 0 alone, the other processes waiting (under torchrun they would share the cores it times)
     local = dist.main_only(lambda: table_for_this_cpu(tgt, progress=progress))
     return (local.note,) if local.adapted else ()
+
+
+def torch_device_note(dev, processes: int = 1) -> str:
+    """Where the torch phases ran and in what precision: a line of the run's notes."""
+    from llmshrink.compressor.recover import RecoveryConfig, use_bf16
+
+    where = f"{processes} x {dev.name}" if processes > 1 else dev.name
+    return (f"torch phases on {dev.kind} ({where}): original weights in {dev.dtype}, search and GPTQ in fp32, "
+            f"recovery forward autocast to bf16 {'on' if use_bf16(RecoveryConfig().bf16, dev.torch_device) else 'off'}")

@@ -58,17 +58,10 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise UsageError(f"Unknown strategy {self.strategy!r}.", f"Use one of: {', '.join(STRATEGIES)}.")
+        from llmshrink.device import parse_device
         from llmshrink.formats import QUANTIZERS
 
-        if self.device != "cpu":
-            from llmshrink.device import parse_device
-            from llmshrink.errors import LlmshrinkError
-
-            parse_device(self.device)  # a malformed name is a usage error
-            raise LlmshrinkError(
-                f"--device {self.device}: compress runs its torch phases on the CPU in this version; the CUDA "
-                "path (device placement of every phase, bf16) is not built yet.",
-                "Use --device cpu (`llmshrink plan --target T --device cuda` estimates a GPU run's memory "
-                "and time).")
+        if parse_device(self.device)[0] == "auto":  # a malformed name is a usage error
+            raise UsageError("CompressConfig.device is a resolved device (cpu, cuda, cuda:N), not auto.")
         if self.quantizer not in QUANTIZERS:
             raise UsageError(f"Unknown quantizer {self.quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")

@@ -110,11 +110,14 @@ def screen_kd(model, teacher, rows, *, batch_size: int = 8) -> float:
     import torch.nn.functional as F
 
     from llmshrink.compressor.search import kd_loss
+    from llmshrink.device import device_of
 
+    dev = device_of(teacher)
+    model = model.to(dev)  # one read back from disk (a resumed screening) loads on the host
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            ids = rows[i:i + batch_size]
+            ids = rows[i:i + batch_size].to(dev)
             vocab = int(teacher.config.vocab_size)
             target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[..., :vocab].float(), -1)
             total += float(kd_loss(model(ids)[0].float(), target, 1.0)) * len(ids)

@@ -68,12 +68,15 @@ class HessianAccumulator:
     """Running ``X^T X / n`` of a linear layer's inputs (float64 sums, so long calibration sets do not drift)."""
 
     def __init__(self, k: int) -> None:
-        self.sum = torch.zeros(k, k, dtype=torch.float64)
+        self.k = k
+        self.sum: torch.Tensor | None = None  # made on the device of the first inputs
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add the inputs ``x`` ``[..., K]`` of one forward."""
         x = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.sum is None:
+            self.sum = torch.zeros(self.k, self.k, dtype=torch.float64, device=x.device)
         self.sum += x.T @ x
         self.n += x.shape[0]
 
@@ -104,16 +107,16 @@ def gptq_codes(w: torch.Tensor, grid, hessian: torch.Tensor, config: GPTQConfig 
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else torch.arange(k, device=h.device)
     w, h = w[:, perm], h[perm][:, perm]
     scale, zero = scale[:, perm], None if zero is None else zero[:, perm]
-    h += config.damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    h += config.damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
     # upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
     for b0 in range(0, k, config.block_size):
         b1 = min(b0 + config.block_size, k)
-        wb, errb, hb = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0), hinv[b0:b1, b0:b1]
+        wb, errb, hb = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, device=w.device), hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col, s = wb[:, i], scale[:, b0 + i]
             z = 0.0 if zero is None else zero[:, b0 + i]
@@ -145,7 +148,7 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, grid, hessian: torch.Tens
     hb = h.reshape(groups, g, k)
     rhs = (c * (w @ h)).reshape(n, groups, g).sum(-1)  # A^T H w, per row
     new = old.clone()
-    eye = torch.eye(groups)
+    eye = torch.eye(groups, device=w.device)
     for r0 in range(0, n, rows_per_solve):
         cr = c[r0:r0 + rows_per_solve].reshape(-1, groups, g)
         m = torch.einsum("ngHj,nHj->ngH", torch.einsum("ngi,gik->ngk", cr, hb).reshape(-1, groups, groups, g), cr)

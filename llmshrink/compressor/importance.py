@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from llmshrink.device import device_of
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.spec import BaseShape, LayerOrder, SubnetSpec
 
@@ -137,7 +138,7 @@ class _Acc:
         self.sq = s if self.sq is None else self.sq + s
 
     def value(self) -> np.ndarray:
-        return self.sq.sqrt().numpy()
+        return self.sq.sqrt().cpu().numpy()
 
 
 @torch.no_grad()
@@ -189,10 +190,11 @@ def measure_importance(model, batches: Iterable[torch.Tensor], *, progress: Prog
         hooks.append(layer.register_forward_hook(block_io, with_kwargs=True))
     on(model.model.norm, "register_forward_hook", lambda _m, _a, out: hidden.add(out.abs().mean(1)))
     tokens = 0
+    dev = device_of(model)
     try:
         with progress.task("Importance (heads, neurons, channels, blocks)", total=total) as task:
             for ids in batches:
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(dev), use_cache=False)
                 tokens += ids.numel()
                 task.advance(1)
     finally:

@@ -17,8 +17,8 @@ from llmshrink.models.arch import check_supported
 from llmshrink.spec import BaseShape, SubnetSpec
 
 
-def layer_indices(spec: SubnetSpec, i: int) -> dict[str, torch.Tensor]:
-    """Kept row/column indices of layer ``i``'s weights, in base coordinates.
+def layer_indices(spec: SubnetSpec, i: int, device=None) -> dict[str, torch.Tensor]:
+    """Kept row/column indices of layer ``i``'s weights, in base coordinates (on ``device``, default the CPU).
 
     Returns ``q_rows``, ``k_rows``, ``v_rows`` (output rows of q/k/v_proj),
     ``o_cols`` (input columns of o_proj), ``mlp`` (neurons) and ``pairs``
@@ -34,16 +34,17 @@ def layer_indices(spec: SubnetSpec, i: int) -> dict[str, torch.Tensor]:
     v_dims = sorted(order.v_dims[: ls.head_dim])
 
     def rows(units: list[int], dims: list[int]) -> torch.Tensor:
-        return torch.tensor([u * hd + d for u in units for d in dims], dtype=torch.long)
+        return torch.tensor([u * hd + d for u in units for d in dims], dtype=torch.long, device=device)
 
     return {"q_rows": rows(heads, qk_dims), "k_rows": rows(groups, qk_dims), "v_rows": rows(groups, v_dims),
-            "o_cols": rows(heads, v_dims), "mlp": torch.tensor(sorted(order.mlp[: ls.intermediate_size])),
-            "pairs": torch.tensor(pairs, dtype=torch.long)}
+            "o_cols": rows(heads, v_dims),
+            "mlp": torch.tensor(sorted(order.mlp[: ls.intermediate_size]), dtype=torch.long, device=device),
+            "pairs": torch.tensor(pairs, dtype=torch.long, device=device)}
 
 
 def linear_slices(spec: SubnetSpec, i: int, hf_layer, hidden: torch.Tensor) -> dict[str, tuple]:
     """Per linear of layer ``i``: (the HF module, kept rows, kept columns) in base coordinates."""
-    idx = layer_indices(spec, i)
+    idx = layer_indices(spec, i, hidden.device)
     att, mlp = hf_layer.self_attn, hf_layer.mlp
     return {"q_proj": (att.q_proj, idx["q_rows"], hidden), "k_proj": (att.k_proj, idx["k_rows"], hidden),
             "v_proj": (att.v_proj, idx["v_rows"], hidden), "o_proj": (att.o_proj, hidden, idx["o_cols"]),
@@ -91,7 +92,7 @@ def build_block(spec: SubnetSpec, i: int, hf_layer, hidden: torch.Tensor, inv_fr
 
     ``linear(name, weight, bias, fmt)`` makes each :class:`QuantLinear` (``name``: q_proj, ...).
     """
-    ls, idx = spec.layers[i], layer_indices(spec, i)
+    ls, idx = spec.layers[i], layer_indices(spec, i, hidden.device)
     linears = {}
     for name, (lin, r, c) in linear_slices(spec, i, hf_layer, hidden).items():
         bias = lin.bias[r] if lin.bias is not None else None
@@ -144,7 +145,8 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
         raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is "
                         f"{BaseShape.from_config(model.config)}.", "Make the spec from this model.")
     inv_freq, _ = rope_params(model)
-    hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
+    # built where the model's weights are (a GPU, or the CPU): GPTQ then runs there too
+    hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long, device=model.model.embed_tokens.weight.device)
     hf_layers = model.model.layers
     blocks = [build_block(spec, i, hf_layers[i], hidden, inv_freq,
                           lambda name, w, b, fmt, j=j: linear(f"blocks.{j}.{name}", w, b, fmt))

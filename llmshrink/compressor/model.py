@@ -13,7 +13,7 @@ scales, per-layer rotary frequencies), ``spec.json`` and ``model_meta.json``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ class QuantLinear(nn.Module):
                  act_scale: float | None = None) -> None:
         super().__init__()
         self.fmt = fmt
-        self._init_act(act_scale)
+        self._init_act(act_scale, weight.device)
         self.out_features, self.in_features = weight.shape
         if fmt.is_float:
             w = weight.detach().float()
@@ -77,17 +77,28 @@ class QuantLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.fmt = q.fmt
-        self._init_act(act_scale)
+        self._init_act(act_scale, q.codes.device)
         self.out_features, self.in_features = q.codes.shape
         self.quantized = q
         self.register_buffer("weight", q.dequantize().contiguous())
         self.register_buffer("bias", bias)
         return self
 
-    def _init_act(self, act_scale: float | None) -> None:
+    def _init_act(self, act_scale: float | None, device) -> None:
         self.observer = None
         self.round_input: torch.dtype | None = None  # parity's perturbation probe (exporters.parity.rounded_inputs)
-        self.register_buffer("act_scale", None if act_scale is None else torch.tensor(float(act_scale)))
+        self.register_buffer("act_scale", None if act_scale is None else torch.tensor(float(act_scale), device=device))
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` / ``.cpu()`` / ``.cuda()``: the codes and scales (a plain attribute, not buffers) follow
+        the weight buffer's device; their dtypes never change (a ``.half()`` must not round the scales)."""
+        super()._apply(fn, recurse)
+        q = self.quantized
+        if q is not None and q.codes.device != self.weight.device:
+            dev = self.weight.device
+            self.quantized = replace(q, codes=q.codes.to(dev), scales=q.scales.to(dev),
+                                     zeros=None if q.zeros is None else q.zeros.to(dev))
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.round_input is not None:
@@ -164,7 +175,7 @@ class Block(nn.Module):
         kr = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
         vr = v.repeat_interleave(rep, dim=1)
         # Query t (absolute position S - T + t) sees keys 0 .. S - T + t.
-        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         att = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=meta.attention_scale)
         return att.transpose(1, 2).reshape(B, T, -1), (k, v)
 
@@ -214,7 +225,7 @@ class CompressedModel(nn.Module):
         trainable linears and trains through this same forward.
         """
         offset = past[0][0].shape[2] if past else 0
-        positions = torch.arange(offset, offset + input_ids.shape[1])
+        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
         x = F.embedding(input_ids, self.embed)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
@@ -259,7 +270,7 @@ class CompressedModel(nn.Module):
         from safetensors.torch import save
 
         directory = Path(directory)
-        tensors = {k: v.contiguous() for k, v in self.state().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state().items()}  # from any device
         storage.atomic_write_bytes(directory / "model.safetensors", save(tensors))
         storage.atomic_write_text(directory / "spec.json", self.spec.to_json())
         storage.atomic_write_text(directory / "model_meta.json", json.dumps(asdict(self.meta), indent=2))

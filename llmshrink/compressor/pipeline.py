@@ -280,9 +280,12 @@ class _Inputs:
 
     @cached_property
     def hf(self):
+        """The original model on the run's device (:func:`llmshrink.device.place_model`): the teacher, and what
+        every phase slices its weights from."""
+        from llmshrink.device import place_model, resolve_device
         from llmshrink.models import load_model
 
-        return load_model(self.source, progress=self.progress).float().eval()
+        return place_model(load_model(self.source, progress=self.progress).eval(), resolve_device(self.config.device))
 
     @cached_property
     def tok(self):

@@ -198,11 +198,13 @@ def _fsdp(full_bytes: int, layer_bytes: int, devices: int) -> int:
 
 
 def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
-                    contenders: int = 4) -> tuple[PhaseEstimate, ...]:
+                    search_formats: int | None = None, contenders: int = 4) -> tuple[PhaseEstimate, ...]:
     """Every torch phase of ``compress`` under ``config`` on ``hw`` (see module docstring).
 
     Args:
-        int_formats: integer formats the search's supernet caches quantization residuals for.
+        int_formats: the search's integer formats (each: the unpruned model quantized by the run's quantizer).
+        search_formats: all the search's formats (the supernet stacks a residual per format; default
+            ``int_formats + 1``).
         contenders: models a budget quantizes and screens (the searched subnet, the baselines and the uniform
             reference); the winner alone is recovered (:mod:`.contenders`).
     """
@@ -254,10 +256,17 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
     #    backward to the architecture logits; the teacher is read from its targets.
     step_tokens = s.batch_size * seq
     rank_tokens = max(step_tokens // n, seq)
-    supernet = _fsdp(weights * (1 + int_formats), layer * (1 + int_formats), n)
-    add("search", supernet + shape.activation_bytes(rank_tokens, seq, vb) + shape.logits_bytes(rank_tokens),
+    # What the code holds (:class:`.supernet.Supernet`): the original (the teacher, in the device's dtype), the
+    # supernet's fp32 copy, one fp32 residual per search format (stacked), and per integer format the quantizer's
+    # dequantized weights (:meth:`.Supernet.use_quantized`); all fp32 because the search prices rounding errors
+    # as small as bf16's own.
+    nf = int_formats + 1 if search_formats is None else search_formats
+    per_param = vb + 4 * (1 + nf + (int_formats if config.strategy == "joint" else 0))
+    supernet = _fsdp(shape.params * per_param, shape.block_params * per_param, n)
+    add("search", supernet + shape.activation_bytes(rank_tokens, seq, 4) + shape.logits_bytes(rank_tokens),
         targets, 3 * shape.forward_flops(step_tokens * s.steps, seq), hw.train_tflops,
-        f"weights + {int_formats} quantization residuals + activations of {s.batch_size} x {seq} tokens")
+        f"weights + fp32 supernet, {nf} residuals, {int_formats} quantized copies + activations of "
+        f"{s.batch_size} x {seq} tokens")
     # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the streamed path's peak is stated beside it.
     q = config.n_quant * seq
     hessian_flops = q * b.num_layers * 2 * (3 * b.hidden_size**2 + b.intermediate_size**2) \
@@ -432,9 +441,10 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
     hw = hardware_for(tgt, device, devices, memory_bytes, host_memory_bytes)
     shape = ModelShape(base, count_params(hf_config))
     int_formats = _residual_formats(space)
-    phases = estimate_phases(shape, config, hw, int_formats=int_formats)
+    phases = estimate_phases(shape, config, hw, int_formats=int_formats, search_formats=len(space.formats))
     min_devices = next((k for k in DEVICE_COUNTS if all(
-        p.fits for p in estimate_phases(shape, config, replace(hw, devices=k), int_formats=int_formats))), None)
+        p.fits for p in estimate_phases(shape, config, replace(hw, devices=k), int_formats=int_formats,
+                                        search_formats=len(space.formats)))), None)
     assumptions = (
         f"hardware: {hw.source}",
         "memory: formulas from what each phase holds (weights, caches, activations without recomputation, "
@@ -489,7 +499,7 @@ def check_fits(config: CompressConfig, hf_config, device, space) -> tuple[PhaseE
     hw = Hardware(device.kind, device.name, 1, device.memory_bytes, total_ram() if device.kind == "cuda" else None,
                   device.dtype, 0.0, 0.0, 0.0, None, "the device present")
     phases = estimate_phases(ModelShape(space.base, count_params(hf_config)), config, hw,
-                             int_formats=_residual_formats(space))
+                             int_formats=_residual_formats(space), search_formats=len(space.formats))
     bad = [p for p in phases if not p.fits]
     if bad:
         worst = max(bad, key=lambda p: p.device_bytes)

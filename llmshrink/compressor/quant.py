@@ -204,7 +204,7 @@ def static_scale(amax: float) -> float:
     Rounded to float16, the precision the trt flavour stores it in, so the torch
     reference divides by exactly the number the graph does.
     """
-    return float(torch.tensor(max(amax / 127, MIN_SCALE)).half().float())
+    return float(torch.tensor(max(amax / 127, MIN_SCALE), device="cpu").half().float())
 
 
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, scale: float | None = None) -> torch.Tensor:

@@ -49,6 +49,7 @@ from llmshrink.compressor.model import CompressedModel, QuantLinear
 from llmshrink.compressor.quant import WeightGrid, quantize_activation
 from llmshrink.compressor.search import kd_loss
 from llmshrink.compressor.teacher import TeacherTargets
+from llmshrink.device import autocast_bf16, device_of
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.spec import LINEARS, SubnetSpec
 
@@ -122,7 +123,7 @@ class QATLinear(nn.Linear):
     """
 
     def __init__(self, lin: QuantLinear, *, train_scales: bool = False) -> None:
-        super().__init__(lin.in_features, lin.out_features, bias=False)
+        super().__init__(lin.in_features, lin.out_features, bias=False, device=lin.weight.device)
         self.fmt = lin.fmt
         q = lin.quantized
         self.grid = None if q is None else q.grid
@@ -251,10 +252,13 @@ def _shipped(student: CompressedModel, original_head: QuantLinear) -> Compressed
     return student.eval()
 
 
-def use_bf16(setting: str) -> bool:
-    """Whether to autocast to bfloat16: ``auto`` where the CPU has native bf16 (AVX-512 BF16 or AMX)."""
+def use_bf16(setting: str, device=None) -> bool:
+    """Whether to autocast to bfloat16 on ``device`` (default the CPU): ``auto`` where the CPU has native bf16
+    (AVX-512 BF16 or AMX), on a GPU where it supports bf16 (Ampere and later)."""
     if setting in ("on", "off"):
         return setting == "on"
+    if device is not None and torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
     try:
         import torch.backends.mkldnn as mkldnn
 
@@ -268,15 +272,17 @@ class _Teacher:
 
     def __init__(self, hf, calib: torch.Tensor, targets: TeacherTargets | None, bf16: bool) -> None:
         self.hf, self.calib, self.targets, self.bf16 = hf, calib, targets, bf16
+        self.device = device_of(hf)
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities ``[len(rows), T, V]`` on the teacher's device."""
         if ids is None and self.targets is not None:
-            return self.targets[rows]
+            return self.targets[rows].to(self.device)
         ids = self.calib[rows] if ids is None else ids
         vocab = int(self.hf.config.vocab_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.hf(input_ids=ids, use_cache=False).logits[..., :vocab]
+        with autocast_bf16(self.device, self.bf16):
+            logits = self.hf(input_ids=ids.to(self.device), use_cache=False).logits[..., :vocab]
         return F.log_softmax(logits.float(), -1)
 
 
@@ -284,7 +290,7 @@ def _epochs(n: int, draws: int, seed: int) -> torch.Tensor:
     """``draws`` row indices in ``range(n)``: whole seeded permutations, one after another, so that every row is
     seen once before any is seen twice (drawing with replacement, 1,200 draws from 1,024 rows leave 31 % unseen)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-draws // n))])[:draws]
+    return torch.cat([torch.randperm(n, generator=gen, device="cpu") for _ in range(-(-draws // n))])[:draws]
 
 
 def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryConfig = RecoveryConfig(),
@@ -311,6 +317,7 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
         raise ValueError(f"{dist.world_size()} processes share recovery batches of {cfg.batch_size} rows: use at "
                          "most that many")
     teacher.eval()
+    dev = device_of(teacher)  # the student trains where the teacher runs; rows and targets come from the host
     t_start = time.perf_counter()
     calib = calib[:, : cfg.seq_len]
     if held_out is None:
@@ -322,16 +329,16 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
     if start is not None:
         if start.spec.fingerprint() != spec.fingerprint():
             raise ValueError("start is a materialization of another spec")
-        cm = start
+        cm = start.to(dev)
     else:
         with progress.task(f"Quantizing the subnet ({quantizer})"):
             cm = materialize(teacher, spec, tokenizer, calib=calib if quant_calib is None else quant_calib,
                              quantizer=quantizer, progress=progress)
     if cfg.steps == 0:
         return RecoveryResult(cm, seconds=time.perf_counter() - t_start)
-    bf16 = use_bf16(cfg.bf16)
+    bf16 = use_bf16(cfg.bf16, dev)
     teach = _Teacher(teacher, calib, targets, bf16)
-    held_targets = teach(None, held_out)
+    held_targets = teach(None, held_out).cpu()  # [M, T, V]: kept on the host, moved a batch at a time
     student = _student(cm, cfg)
     model = student
     if cfg.mode == "lora":
@@ -340,7 +347,8 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(LINEARS))
         qat_lora = _lora_linear_class()
         lora._register_custom_module({QATLinear: qat_lora})
-        model = get_peft_model(student, lora)
+        with torch.device(dev):  # the adapters are made where the student is, not on the default device
+            model = get_peft_model(student, lora)
         if cfg.train_norms:  # peft freezes everything it does not adapt
             for n, p in model.named_parameters():
                 if n.endswith(("input_norm", "post_norm", "final_norm")):
@@ -352,9 +360,9 @@ def recover(teacher, spec: SubnetSpec, calib: torch.Tensor, *, config: RecoveryC
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)) * max(0.0, 1 - s / max(cfg.steps, 1)))
 
     def kd_on(ids: torch.Tensor, target_logp: torch.Tensor, grad: bool) -> torch.Tensor:
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids)[0]
-        return kd_loss(logits.float(), target_logp, cfg.kd_temperature)
+        with torch.set_grad_enabled(grad), autocast_bf16(dev, bf16):
+            logits = model(ids.to(dev))[0]
+        return kd_loss(logits.float(), target_logp.to(dev), cfg.kd_temperature)
 
     def held_kd() -> float:
         return sum(kd_on(held_out[i:i + cfg.batch_size], held_targets[i:i + cfg.batch_size], False).item()

@@ -222,7 +222,13 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
     """One search step: a weight update (KD) on ``ids_w``, then an architecture update (KD + penalties)
     on ``ids_a``. ``targets`` are the teacher's logits (or log-probabilities) for the two batches when
     already known (:class:`~.teacher.TeacherTargets`); otherwise ``teacher`` computes them.
-    Returns the architecture half's (kd, E[latency], E[params], penalty) tensors."""
+    Returns the architecture half's (kd, E[latency], E[params], penalty) tensors.
+
+    Rows and targets may come from the host; they are moved to the supernet's device here."""
+    dev = net.embed.device
+    ids_w, ids_a = ids_w.to(dev), ids_a.to(dev)
+    if targets is not None:
+        targets = tuple(t.to(dev, non_blocking=True) for t in targets)
     if targets is None:
         with torch.no_grad():
             targets = (teacher(input_ids=ids_w, use_cache=False).logits,
@@ -236,12 +242,12 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
         rows), weighted by their share of the rows, so that the ranks' gradients sum to the whole step's.
         Every rank draws every group's subnet, so the generators stay in step."""
         if cfg.sampling != "hard":
-            mine = torch.tensor(list(dist.share(len(ids))), dtype=torch.long)
+            mine = torch.tensor(list(dist.share(len(ids))), dtype=torch.long, device=dev)
             probs = net.probs(tau, cfg.gumbel, generator)
             return kd_loss(net(ids[mine], probs), target[mine], cfg.kd_temperature) * len(mine) / len(ids)
         groups = list(zip(ids.chunk(cfg.samples), target.chunk(cfg.samples), strict=True))  # at most a row each
         mine = set(dist.share(len(groups)))
-        total = torch.zeros(())
+        total = torch.zeros((), device=dev)
         for g, (i, t) in enumerate(groups):
             probs = net.sample(tau, generator)
             if g in mine:
@@ -333,7 +339,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         if ckpt is None or not ckpt.is_file():
             raise UsageError(f"Nothing to resume: no {CHECKPOINT} in {checkpoint_dir}.",
                              "Run without --resume to start the search.")
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")  # the generator's state is a CPU tensor
         if state["config"] != asdict(cfg):
             raise UsageError("The checkpoint was made with other search settings; --resume needs the same ones.")
         net.load_state_dict(state["net"])
@@ -362,7 +368,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         for step in range(start, stop):
             t0 = time.perf_counter()
             tau = cfg.tau(step)
-            rows = [torch.randint(len(h), (cfg.batch_size,), generator=gen) for h in halves]
+            rows = [torch.randint(len(h), (cfg.batch_size,), generator=gen, device="cpu") for h in halves]
             kd, lat, params, penalty = train_step(
                 net, teacher, halves[0][rows[0]], halves[1][rows[1]], opt_w, opt_a, cfg, tau=tau, generator=gen,
                 table=table, workload=workload, budget_ms=budget_ms, params_budget=params_budget,

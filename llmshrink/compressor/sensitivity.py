@@ -76,7 +76,7 @@ def measure_sensitivity(teacher, spec: SubnetSpec, formats: Iterable[str], head_
         hooks.append(mod.register_forward_pre_hook(pre))
     try:
         for ids in batches:
-            cm(ids)
+            cm(ids.to(cm.embed.device))  # the rows come from the host; cm is where the teacher's weights are
             count["n"] += ids.numel()
     finally:
         for h in hooks:

@@ -66,7 +66,8 @@ def gptq_quantize(cm: CompressedModel, formats: Mapping[str, QuantFormat], calib
     static = [m for m in cm.modules() if isinstance(m, QuantLinear) and m.fmt.act == "int8-static"]
     for m in static:
         m.observer = _pass_through
-    xs = [torch.nn.functional.embedding(b, cm.embed) for b in calib.split(BATCH)]
+    # on the model's device (calibration rows come from the host)
+    xs = [torch.nn.functional.embedding(b.to(cm.embed.device), cm.embed) for b in calib.split(BATCH)]
     quantize = quantizer_for(formats, config)
     try:
         with progress.task("GPTQ (layer by layer)", total=len(cm.blocks) + 1) as task:
@@ -101,7 +102,7 @@ def quantize_block(block, j: int, xs: list[torch.Tensor], formats: Mapping[str, 
     One forward per stage over all calibration rows: each group's Hessian is collected on inputs that went
     through the groups before it, already quantized.
     """
-    positions = torch.arange(xs[0].shape[1])  # every row starts at position 0
+    positions = torch.arange(xs[0].shape[1], device=xs[0].device)  # every row starts at position 0
     eps = meta.rms_norm_eps
 
     def quantize_group(names: tuple[str, ...], inputs: list[torch.Tensor]) -> None:

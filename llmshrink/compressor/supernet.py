@@ -66,7 +66,7 @@ WIDTHS = {"hidden": "hidden", "kv": "kv_groups", "hpg": "heads_per_group", "mlp"
 def width_mask(probs: torch.Tensor, cands: torch.Tensor, width: int) -> torch.Tensor:
     """``[..., n]`` probabilities over candidate widths ``cands`` ``[n]`` -> ``[..., width]``
     survival probability of each of the first ``width`` channels (all candidates in one matmul)."""
-    ind = (torch.arange(width)[None, :] < cands[:, None]).to(probs.dtype)  # [n, width]
+    ind = (torch.arange(width, device=cands.device)[None, :] < cands[:, None]).to(probs.dtype)  # [n, width]
     return probs @ ind
 
 
@@ -93,7 +93,7 @@ class _ExpectedWeight(torch.autograd.Function):
 
 
 def _permute_rows(w: torch.Tensor, order: list[int]) -> torch.Tensor:
-    return w[torch.tensor(order, dtype=torch.long)]
+    return w[torch.tensor(order, dtype=torch.long, device=w.device)]
 
 
 class _Layer(nn.Module):
@@ -106,7 +106,7 @@ class _Layer(nn.Module):
         heads = [g * per + h for g in order.kv_groups for h in order.heads_in_group[g]]  # slot (rank g, rank r)
         q_rows = [u * hd + d for u in heads for d in range(hd)]
         kv_rows = [g * hd + d for g in order.kv_groups for d in range(hd)]
-        neurons = torch.tensor(order.mlp, dtype=torch.long)
+        neurons = torch.tensor(order.mlp, dtype=torch.long, device=hidden_idx.device)
 
         def p(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach().float().clone().contiguous())
@@ -114,7 +114,7 @@ class _Layer(nn.Module):
         self.q = p(_permute_rows(att.q_proj.weight, q_rows)[:, hidden_idx])
         self.k = p(_permute_rows(att.k_proj.weight, kv_rows)[:, hidden_idx])
         self.v = p(_permute_rows(att.v_proj.weight, kv_rows)[:, hidden_idx])
-        self.o = p(att.o_proj.weight[hidden_idx][:, torch.tensor(q_rows)])
+        self.o = p(att.o_proj.weight[hidden_idx][:, torch.tensor(q_rows, device=hidden_idx.device)])
         self.gate = p(mlp.gate_proj.weight[neurons][:, hidden_idx])
         self.up = p(mlp.up_proj.weight[neurons][:, hidden_idx])
         self.down = p(mlp.down_proj.weight[hidden_idx][:, neurons])
@@ -173,8 +173,11 @@ class Supernet(nn.Module):
         self.orders = [importance.layer_order(i) if importance else LayerOrder.identity(base)
                        for i in range(base.num_layers)]
         self.hidden_order = importance.hidden_order() if importance else tuple(range(base.hidden_size))
-        hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long)
         m = hf_model.model
+        # everything the supernet holds lives where the model's weights do (a GPU, or the CPU); random draws
+        # come from CPU generators and are moved, so a seed gives the same search on every device
+        dev = m.embed_tokens.weight.device
+        hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long, device=dev)
         self.layers = nn.ModuleList(_Layer(m.layers[i], self.orders[i], hidden_idx, base)
                                     for i in range(base.num_layers))
         self.embed = nn.Parameter(m.embed_tokens.weight[:, hidden_idx].detach().float().clone())
@@ -191,18 +194,20 @@ class Supernet(nn.Module):
         shapes = {"hidden": (len(space.hidden),), "keep": (L, 2), "kv": (L, len(space.kv_groups)),
                   "hpg": (L, len(space.heads_per_group)), "mlp": (L, len(space.mlp)),
                   "prec": (L, len(LINEARS), nP), "lm_head": (len(space.lm_head_formats),)}
-        self.alpha = nn.ParameterDict({k: nn.Parameter(torch.zeros(s)) for k, s in shapes.items()})
+        self.alpha = nn.ParameterDict({k: nn.Parameter(torch.zeros(s, device=dev)) for k, s in shapes.items()})
         for k, s in shapes.items():
-            self.register_buffer(f"alive_{k}", torch.ones(s, dtype=torch.bool))
+            self.register_buffer(f"alive_{k}", torch.ones(s, dtype=torch.bool, device=dev))
         if not space.depth_search:
             self.alive_keep[:, 0] = False
         # a format is a candidate of a linear only where its group fits the linear's input widths
-        self.offered_prec = torch.tensor([[f in space.linear_formats(n) for f in space.formats] for n in LINEARS])
-        self.offered_lm_head = torch.tensor([f in space.linear_formats("lm_head") for f in space.lm_head_formats])
+        self.offered_prec = torch.tensor([[f in space.linear_formats(n) for f in space.formats] for n in LINEARS],
+                                         device=dev)
+        self.offered_lm_head = torch.tensor([f in space.linear_formats("lm_head") for f in space.lm_head_formats],
+                                            device=dev)
         self.alive_prec &= self.offered_prec
         self.alive_lm_head &= self.offered_lm_head
         for k, field in WIDTHS.items():
-            self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long))
+            self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long, device=dev))
         self.fmts = [parse_format(f) for f in space.formats]
         self.head_fmts = [parse_format(f) for f in space.lm_head_formats]
         self._grids = self._make_grids()
@@ -237,7 +242,7 @@ class Supernet(nn.Module):
         for k, a in self.alpha.items():
             logits = a
             if gumbel:
-                u = torch.rand(a.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+                u = torch.rand(a.shape, generator=generator, device="cpu").to(a.device).clamp(1e-9, 1 - 1e-9)
                 logits = logits - torch.log(-torch.log(u))
             out[k] = (logits / tau).masked_fill(~self.alive(k), float("-inf")).softmax(-1)
         return Probs(**out)
@@ -253,7 +258,7 @@ class Supernet(nn.Module):
         temperature anneals."""
         out = {}
         for k, a in self.alpha.items():
-            u = torch.rand(a.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+            u = torch.rand(a.shape, generator=generator, device="cpu").to(a.device).clamp(1e-9, 1 - 1e-9)
             z = (a / tau - torch.log(-torch.log(u))).masked_fill(~self.alive(k), float("-inf"))
             soft = z.softmax(-1)
             hard = F.one_hot(z.argmax(-1), a.shape[-1]).to(soft.dtype)
@@ -282,9 +287,10 @@ class Supernet(nn.Module):
     def _influence_bonus(self) -> torch.Tensor:
         """Each block's log block influence relative to the median block's, clipped to ±1 (zeros without
         importance scores): what a keep logit starts with on top of its prior."""
+        dev = self.alpha["keep"].device
         if self.importance is None:
-            return torch.zeros(self.base.num_layers)
-        b = torch.as_tensor(self.importance.blocks, dtype=torch.float32).clamp_min(1e-6)
+            return torch.zeros(self.base.num_layers, device=dev)
+        b = torch.as_tensor(self.importance.blocks, dtype=torch.float32, device=dev).clamp_min(1e-6)
         return (b / b.median()).log().clamp(-1.0, 1.0)
 
     def init_from_spec(self, spec: SubnetSpec, strength: float) -> None:
@@ -296,7 +302,7 @@ class Supernet(nn.Module):
         s = self.space
 
         def row(values, chosen) -> torch.Tensor:
-            r = torch.zeros(len(values))
+            r = torch.zeros(len(values), device=self.alpha["hidden"].device)
             if chosen in values:
                 r[values.index(chosen)] = strength
             return r
@@ -306,7 +312,8 @@ class Supernet(nn.Module):
             self.alpha["lm_head"].copy_(row(s.lm_head_formats, spec.lm_head))
             bonus = self._influence_bonus()
             for i, ls in enumerate(spec.layers):
-                self.alpha["keep"][i] = torch.tensor([0.0, (strength if ls.keep else -strength) + float(bonus[i])])
+                self.alpha["keep"][i, 0] = 0.0
+                self.alpha["keep"][i, 1] = (strength if ls.keep else -strength) + float(bonus[i])
                 self.alpha["kv"][i] = row(s.kv_groups, ls.num_kv_heads)
                 self.alpha["hpg"][i] = row(s.heads_per_group, ls.num_heads // ls.num_kv_heads)
                 self.alpha["mlp"][i] = row(s.mlp, ls.intermediate_size)
@@ -336,11 +343,15 @@ class Supernet(nn.Module):
         nearest, 0.35 vs 0.15 under the GPTQ that ships). A pruned subnet's GPTQ compensates over its kept
         columns only, so its error is the unpruned one's estimate, sliced, not a copy.
         """
-        hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long)
+        from llmshrink.device import device_of
+
+        dev = self.embed.device
         self._quantized = {}
         for fmt, cm in models.items():
             if len(cm.blocks) != self.base.num_layers or cm.spec.hidden_size != self.base.hidden_size:
                 raise UsageError(f"The {fmt} model given to the search is pruned; it needs the unpruned one.")
+            # sliced where the quantized model is (it loads on the host), each slice then moved to the search's device
+            hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long, device=device_of(cm))
             for i, (lay, blk) in enumerate(zip(self.layers, cm.blocks, strict=True)):
                 att = SimpleNamespace(**{n: SimpleNamespace(weight=getattr(blk, n).weight, bias=None)
                                          for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
@@ -351,9 +362,9 @@ class Supernet(nn.Module):
                            self.orders[i], hidden_idx, self.base)
                 for name in LINEARS:
                     if cm.spec.layers[i].precision[name] == fmt:  # else the space placed another format there
-                        self._quantized[(id(lay.weight(name)), fmt)] = q.weight(name).data
+                        self._quantized[(id(lay.weight(name)), fmt)] = q.weight(name).data.to(dev)
             if cm.spec.lm_head == fmt:
-                self._quantized[(id(self.lm_head), fmt)] = cm.lm_head.weight[:, hidden_idx].float().clone()
+                self._quantized[(id(self.lm_head), fmt)] = cm.lm_head.weight[:, hidden_idx].float().to(dev).clone()
         self.refresh_quant()
 
     @torch.no_grad()
@@ -430,7 +441,7 @@ class Supernet(nn.Module):
         m_h = width_mask(pr.hidden, self.cands_hidden, H)
         n_h = m_h.sum()
         R = base.heads_per_group
-        pos = torch.arange(T, dtype=torch.float32)
+        pos = torch.arange(T, dtype=torch.float32, device=ids.device)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), -1)
         cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
@@ -457,7 +468,7 @@ class Supernet(nn.Module):
                 for gi, g in enumerate(self.cands_kv.tolist()):
                     for ri, r in enumerate(self.cands_hpg.tolist()):
                         if self.alive("kv")[i, gi] and self.alive("hpg")[i, ri]:
-                            ones = torch.ones(g * r)
+                            ones = torch.ones(g * r, device=h.device)
                             att_out = att_out + pr.kv[i, gi] * pr.hpg[i, ri] * self._attention(
                                 h, lay, lin, g, r, H, cos, sin, ones)
             x = x + p_keep * att_out * m_h
@@ -564,24 +575,29 @@ class Supernet(nn.Module):
         from llmshrink.targets.predict import Choice
 
         s = self.space
-        hd = Choice((self.base.head_dim,), torch.ones(1))
+        hd = Choice((self.base.head_dim,), torch.ones(1, device="cpu"))
         layers = []
         for i in range(self.base.num_layers):
             d = {"kv_heads": Choice(s.kv_groups, probs.kv[i]), "heads_per_group": Choice(s.heads_per_group, probs.hpg[i]),
                  "head_dim": hd, "mlp": Choice(s.mlp, probs.mlp[i])}
             if self.latency_formats:
-                d.update({n: Choice((self.latency_formats[n],), torch.ones(1)) for n in LINEARS})
+                d.update({n: Choice((self.latency_formats[n],), torch.ones(1, device="cpu")) for n in LINEARS})
             else:
                 d.update({name: Choice(s.formats, probs.prec[i, j]) for j, name in enumerate(LINEARS)})
             layers.append(d)
-        head = (Choice((self.latency_formats["lm_head"],), torch.ones(1)) if self.latency_formats
+        head = (Choice((self.latency_formats["lm_head"],), torch.ones(1, device="cpu")) if self.latency_formats
                 else Choice(s.lm_head_formats, probs.lm_head))
         return dict(hidden=Choice(s.hidden, probs.hidden), layers=layers, keep=list(probs.keep[:, 1]), lm_head=head)
 
     def expected_latency(self, table, workload, probs: Probs) -> torch.Tensor:
+        """E[latency] in ms under ``probs``, differentiable, on the device of ``probs``. The table's arithmetic
+        (a few hundred scalars) runs on the host, where the predictor keeps its tensors; autograd carries the
+        gradient across the move."""
         from llmshrink.targets.predict import expected_latency
 
-        return expected_latency(table, workload, vocab_size=self.base.vocab_size, **self.choices(probs))
+        dev = probs.hidden.device
+        host = Probs(**{k: getattr(probs, k).cpu() for k in Probs.__dataclass_fields__})
+        return expected_latency(table, workload, vocab_size=self.base.vocab_size, **self.choices(host)).to(dev)
 
     def expected_params(self, probs: Probs) -> torch.Tensor:
         """Expected weight count (embedding, linears; a tied lm_head in the embedding's format counts once)."""

@@ -22,7 +22,8 @@ from llmshrink.progress import NULL_PROGRESS, Progress
 
 
 class TeacherTargets:
-    """``targets[rows]`` -> float32 log-probabilities ``[len(rows), T, V]`` of ``calib[rows]`` under the teacher.
+    """``targets[rows]`` -> float32 log-probabilities ``[len(rows), T, V]`` of ``calib[rows]`` under the teacher,
+    on the host (the caller moves them to its device).
 
     Args:
         teacher: the original HF model (only its forward is used, without cache).
@@ -31,16 +32,21 @@ class TeacherTargets:
 
     def __init__(self, teacher, calib: torch.Tensor, *, batch_size: int = 4,
                  progress: Progress = NULL_PROGRESS) -> None:
+        from llmshrink.device import device_of
+
         self.calib = calib
         n, t = calib.shape
         vocab = int(teacher.config.vocab_size)
-        self.logp = torch.empty(n, t, vocab, dtype=torch.float16)
+        # on the host whatever device the teacher runs on: N*T*V (1.6 GB for 135M, 4 GB at a 128k vocabulary)
+        # would crowd a GPU that holds the teacher and the supernet; readers move the rows they take
+        self.logp = torch.empty(n, t, vocab, dtype=torch.float16, device="cpu")
         teacher.eval()
+        dev = device_of(teacher)
         with progress.task("Teacher targets for KD", total=n) as task, torch.no_grad():
             for i in range(0, n, batch_size):
                 ids = calib[i:i + batch_size]
-                logits = teacher(input_ids=ids, use_cache=False).logits[..., :vocab].float()
-                self.logp[i:i + len(ids)] = F.log_softmax(logits, -1).half()
+                logits = teacher(input_ids=ids.to(dev), use_cache=False).logits[..., :vocab].float()
+                self.logp[i:i + len(ids)] = F.log_softmax(logits, -1).half().cpu()
                 task.advance(len(ids))
 
     @classmethod

@@ -134,6 +134,7 @@ def export_compressed(cm, tokenizer, out: str | Path, *, flavour: str, target=No
     fl = FLAVOURS.get(flavour)()
     spec = cm.spec
     fl.check_spec(spec)
+    cm = cm.to("cpu")  # a model trained on a GPU: the graph is written, and its parity checked, on the host
     with progress.task(f"Building the {flavour} ONNX graph"):
         graph = fl.build(cm, max_length=max_length)
         fl.check_graph(graph)

@@ -288,7 +288,8 @@ class Choice:
     def mean(self):
         import torch
 
-        return (self.probs * torch.as_tensor([float(v) for v in self.values], dtype=self.probs.dtype)).sum()
+        return (self.probs * torch.as_tensor([float(v) for v in self.values], dtype=self.probs.dtype,
+                                             device=self.probs.device)).sum()
 
 
 def expected_latency(table: LatencyTable, workload: Workload, *, vocab_size: int, hidden: Choice,
@@ -330,7 +331,7 @@ def expected_latency(table: LatencyTable, workload: Workload, *, vocab_size: int
 
     h = hidden.mean()
     att, glue = pr.model("attention"), pr.model("layer_glue")
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.probs.device)
     kept = 0.0
     for lc, pk in zip(layers, keep, strict=True):
         kv, per, hd, mlp = (lc[k].mean() for k in ("kv_heads", "heads_per_group", "head_dim", "mlp"))
@@ -343,7 +344,7 @@ def expected_latency(table: LatencyTable, workload: Workload, *, vocab_size: int
                 pq = cq.probs[list(cq.values).index(f)]
                 pk_ = ck.probs[list(ck.values).index(f)]
                 pv = cv.probs[list(cv.values).index(f)]
-                one = Choice([f], torch.ones(1, dtype=cq.probs.dtype))
+                one = Choice([f], torch.ones(1, dtype=cq.probs.dtype, device=cq.probs.device))
                 packed_terms = packed_terms + pq * pk_ * pv * (
                     lin(one, h, q + 2 * kvw) - lin(one, h, q) - lin(one, h, kvw) - lin(one, h, kvw))
         layer = separate + packed_terms
