@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 from _cli import emit
@@ -44,7 +43,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from llmshrink import serde
-    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget
     from llmshrink.compressor.contenders import screen_kd
     from llmshrink.compressor.materialize import materialize
     from llmshrink.compressor.model import CompressedModel
@@ -55,6 +53,7 @@ def main() -> None:
         _Context,
         _Inputs,
         _search_start,
+        fit_searched,
     )
     from llmshrink.compressor.search import run_search
     from llmshrink.compressor.space import default_space, load_space
@@ -104,11 +103,7 @@ def main() -> None:
         res = run_search(net, inputs.hf, inputs.search_calib, table=table, workload=workload, budget_ms=budget,
                          params_budget=config.params_budget, config=cfg, targets=targets, start_from=start)
         spec = net.argmax_spec(model=source.describe())
-        imp = inputs.importance
-        spec, _ = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob,
-                                fallback=imp.preference)
-        spec, _ = grow_to_budget(spec, space, target, workload, table, budget,
-                                 preference=partial(net.log_prob, alive_only=False), fallback=imp.preference)
+        spec, _ = fit_searched(spec, net, inputs.importance, space, target, workload, table, budget)
         del net
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

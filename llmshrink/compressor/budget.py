@@ -261,12 +261,21 @@ def up_moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE
             yield what, new
 
 
-def _steps(spec: SubnetSpec, space: SearchSpace, step: int
+def _steps(spec: SubnetSpec, space: SearchSpace, step: int, block_order: Sequence[int] | None = None
            ) -> Iterator[tuple[str, str, SubnetSpec, int | None]]:
     """(kind, description, new spec, layer) of every one-notch change of ``spec`` in direction ``step``: widths
     one candidate narrower (-1) or wider (+1); a kept block dropped while ``min_layers`` allows (-1) or a
     dropped block kept (+1); any other format for any linear or the lm_head (either direction). ``layer``
-    is the one layer the change touches (None: the hidden width or the lm_head)."""
+    is the one layer the change touches (None: the hidden width or the lm_head).
+
+    With ``block_order`` (blocks most important first, :meth:`.Importance.block_order`) a depth step follows
+    it: only the least important kept block may be dropped, only the most important dropped one kept."""
+    if block_order is not None:
+        kept = [i for i in block_order if spec.layers[i].keep]
+        dropped = [i for i in block_order if not spec.layers[i].keep]
+        depth_ok = {kept[-1]} if step < 0 and kept else {dropped[0]} if step > 0 and dropped else set()
+    else:
+        depth_ok = range(len(spec.layers))
     h = _neighbour(space.hidden, spec.hidden_size, step)
     if h:
         yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h), None
@@ -281,10 +290,10 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int
             return replace(spec, layers=tuple(layers))
 
         if not ls.keep:
-            if step > 0:
+            if step > 0 and i in depth_ok:
                 yield "depth", f"keep block {i}", at(replace(ls, keep=True)), i
             continue
-        if step < 0 and can_drop:
+        if step < 0 and can_drop and i in depth_ok:
             yield "depth", f"drop block {i}", at(replace(ls, keep=False)), i
         m = _neighbour(space.mlp, ls.intermediate_size, step)
         if m:
@@ -328,9 +337,10 @@ class _MovePricer:
     SmolLM2-135M, ~3 s a step). Changes that are not finite (a pruned choice: -inf) are never kept.
     """
 
-    def __init__(self, space: SearchSpace, target, workload, table, preference, fallback) -> None:
+    def __init__(self, space: SearchSpace, target, workload, table, preference, fallback,
+                 block_order: Sequence[int] | None = None) -> None:
         self.space, self.target, self.workload, self.table = space, target, workload, table
-        self.preference, self.fallback = preference, fallback
+        self.preference, self.fallback, self.block_order = preference, fallback, block_order
         self._deltas: dict[tuple, tuple[float, float, float]] = {}
 
     def ms(self, spec: SubnetSpec) -> float:
@@ -344,7 +354,7 @@ class _MovePricer:
     def moves(self, spec: SubnetSpec, now: tuple[float, float, float], step: int,
               kinds: tuple[str, ...]) -> Iterator[_Priced]:
         """Every move of ``kinds`` from ``spec`` (whose scores are ``now``) in direction ``step``, priced."""
-        for kind, what, new, i in _steps(spec, self.space, step):
+        for kind, what, new, i in _steps(spec, self.space, step, self.block_order):
             if kind not in kinds:
                 continue
             key = None if i is None else (what, spec.hidden_size, spec.lm_head, _layer_key(spec.layers[i]))
@@ -366,7 +376,8 @@ def _layer_key(ls) -> tuple:
 
 def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
                    preference: Callable[[SubnetSpec], float], fallback: Callable[[SubnetSpec], float] | None = None,
-                   kinds: tuple[str, ...] = MOVE_KINDS, max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
+                   kinds: tuple[str, ...] = MOVE_KINDS, max_moves: int = 500,
+                   block_order: Sequence[int] | None = None) -> tuple[SubnetSpec, list[Move]]:
     """Spend what ``spec`` leaves of ``budget_ms``: add capacity back while the table predicts it fits.
 
     A search overshoots (its penalty acts only above the budget, and annealing sharpens the choices
@@ -374,10 +385,11 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
     — time the user gave and quality left on the table. Each step takes the step up (see
     :func:`up_moves`) that fits and loses the least ``preference`` per millisecond it costs (gains
     first); ties go by ``fallback`` (as in :func:`fit_to_budget`). It stops when none fits. ``Move.cost``
-    is the preference lost (negative: gained).
+    is the preference lost (negative: gained). ``block_order``: a block comes back only in that order (see
+    :func:`fit_to_budget`).
     """
     taken: list[Move] = []
-    pricer = _MovePricer(space, target, workload, table, preference, fallback)
+    pricer = _MovePricer(space, target, workload, table, preference, fallback, block_order)
     now = pricer.scores(spec)
     while len(taken) < max_moves:
         best: _Priced | None = None
@@ -401,7 +413,7 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
 def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table, budget_ms: float, *,
                   preference: Callable[[SubnetSpec], float] | None = None,
                   fallback: Callable[[SubnetSpec], float] | None = None, kinds: tuple[str, ...] = MOVE_KINDS,
-                  max_moves: int = 500) -> tuple[SubnetSpec, list[Move]]:
+                  max_moves: int = 500, block_order: Sequence[int] | None = None) -> tuple[SubnetSpec, list[Move]]:
     """Step ``spec`` down until its predicted latency is within ``budget_ms``.
 
     Each step takes the move with the least preference lost per millisecond
@@ -411,13 +423,15 @@ def fit_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table,
     pruned: cost inf) — go by the least ``fallback`` lost per millisecond
     (a prior such as :meth:`.Importance.preference`), so a settled search
     never drops an important block because it saves the most; with neither,
-    the largest saving. Returns the final spec and the moves taken.
+    the largest saving. With ``block_order`` (most important first) a block is dropped only when every
+    block after it in that order is already dropped: whatever the preference, the fit never drops a
+    block the order ranks above one it keeps. Returns the final spec and the moves taken.
 
     Raises:
         InfeasibleBudgetError: no move helps any more and the budget is still not met.
     """
     taken: list[Move] = []
-    pricer = _MovePricer(space, target, workload, table, preference, fallback)
+    pricer = _MovePricer(space, target, workload, table, preference, fallback, block_order)
     now = pricer.scores(spec)
     while now[0] > budget_ms:
         best: _Priced | None = None

@@ -7,7 +7,7 @@ each searched budget ``compress`` also builds (:func:`baselines`):
   that no other fitting format is at least as faithful as (``budget.uniform_fits``);
 - the importance heuristic: the unpruned model in the space's fastest format,
   brought under the budget by the cuts :meth:`.Importance.preference` minds
-  least (blocks by influence, widths by importance; never a format change);
+  least (blocks by measured drop cost, widths by importance; never a format change);
   left out when that unpruned model already fits (it is then a uniform model).
 
 All contenders then get the same treatment (:func:`screen`): the run's
@@ -83,22 +83,23 @@ def baselines(space, target, workload, table, budget_ms: float, importance, *, p
     fastest = fastest_format(space, target, workload, table)
     start = importance.apply(space.largest(fastest), choose_blocks=False)
     kinds = ("width", "depth")
+    order = importance.block_order()
     try:
         spec, cuts = fit_to_budget(start, space, target, workload, table, budget_ms,
-                                   preference=importance.preference, kinds=kinds)
+                                   preference=importance.preference, kinds=kinds, block_order=order)
     except InfeasibleBudgetError:  # the fastest format alone cannot reach it; the search may, with others
         return out
     if not cuts:  # the unpruned model in the fastest format fits: a uniform model, listed or outdone by one
         return out
     spec, _ = grow_to_budget(spec, space, target, workload, table, budget_ms, preference=importance.preference,
-                             kinds=kinds)
+                             kinds=kinds, block_order=order)
     if not accepts(spec) or any(c.spec == spec for c in out):
         return out
     kept = len(spec.kept_layers())
     ms = predict(spec, target, workload, table=table).total_ms
     out.append(Contender("importance", spec, ms, (
         f"the importance heuristic in {fastest}, the space's fastest format: {kept}/{spec.base.num_layers} blocks, "
-        f"cut by block influence and channel importance to {ms:.2f} ms")))
+        f"cut by block drop cost and channel importance to {ms:.2f} ms")))
     return out
 
 

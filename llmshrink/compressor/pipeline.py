@@ -154,6 +154,9 @@ def _save(out: Path, rec: CompressRecord) -> None:
     dist.main_only(lambda: storage.atomic_write_text(out / RECORD, serde.dumps(rec)))
 
 
+BLOCK_MEASURE = "drop-kl"  # what importance.npz's "blocks" holds (see llmshrink.compressor.importance)
+
+
 def _importance(hf, calib, out: Path, progress: Progress):
     from llmshrink.compressor.importance import Importance, measure_importance
     from llmshrink.spec import BaseShape
@@ -162,13 +165,15 @@ def _importance(hf, calib, out: Path, progress: Progress):
     base = BaseShape.from_config(hf.config)
     if path.is_file():
         z = np.load(path)
-        return Importance(base, **{k: z[k] for k in ("heads", "v_dims", "rope_pairs", "mlp", "hidden", "blocks")},
-                          tokens=int(z["tokens"]))
+        # a file without the marker holds ShortGPT's block influence (runs before block drop costs): re-measured
+        if str(z.get("block_measure", "")) == BLOCK_MEASURE:
+            return Importance(base, **{k: z[k] for k in ("heads", "v_dims", "rope_pairs", "mlp", "hidden", "blocks")},
+                              tokens=int(z["tokens"]))
     batches = [calib[i:i + 4] for i in range(0, len(calib), 4)]
     imp = measure_importance(hf, batches, progress=progress, total=len(batches))
     tmp = out / "importance.tmp.npz"
     np.savez(tmp, heads=imp.heads, v_dims=imp.v_dims, rope_pairs=imp.rope_pairs, mlp=imp.mlp, hidden=imp.hidden,
-             blocks=imp.blocks, tokens=imp.tokens)
+             blocks=imp.blocks, tokens=imp.tokens, block_measure=BLOCK_MEASURE)
     tmp.replace(path)
     return imp
 
@@ -649,7 +654,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     """One budget through search, extraction and fit, recovery, export, measurement and held-out scoring.
 
     ``searched``: how many of the run's budgets are searched (several share one weight warm-up)."""
-    from llmshrink.compressor.budget import fastest_format, fit_to_budget, grow_to_budget
+    from llmshrink.compressor.budget import fastest_format
     from llmshrink.compressor.search import run_search
     from llmshrink.compressor.supernet import Supernet
     from llmshrink.spec import LINEARS
@@ -689,11 +694,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     dist.main_only(lambda: storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json()))
     with progress.task(f"Fitting the subnet to {label}"):
         if config.strategy == "joint":
-            spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob,
-                                        fallback=imp.preference)
-            spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
-                                         preference=partial(net.log_prob, alive_only=False), fallback=imp.preference)
-            moves = moves + grown
+            spec, moves = fit_searched(spec, net, imp, space, target, workload, table, budget)
         else:
             from llmshrink.compressor.sensitivity import assign_precision, measure_sensitivity
 
@@ -721,6 +722,27 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
         return _ship(ctx, label, budget, cm, searched.predicted_ms, tuple(mv.what for mv in moves), tuple(kd), secs,
                      expected_ms=expected)
     return _screen_and_ship(ctx, budget, pool, sdir, tuple(mv.what for mv in moves), expected, secs)
+
+
+def fit_searched(spec, net, imp, space, target, workload, table, budget: float):
+    """The joint search's most probable subnet ``spec`` brought to ``budget``: (spec, moves taken).
+
+    How many blocks to keep is the search's; which ones is the importance order's (measured drop costs,
+    :func:`.importance.block_drop_kl`): the search's keep logits learn from straight-through estimates,
+    first order in a block's mask, and on SmolLM2-135M they preferred dropping block 11 (drop cost KL 2.4,
+    the 4th most costly) while keeping the ten cheapest. Then the fit steps down and the grow step spends
+    what is left (:func:`.budget.fit_to_budget`, :func:`.budget.grow_to_budget`), by the search's preference
+    with the importance as tie-break, and depth steps in the importance order only."""
+    from llmshrink.compressor.budget import fit_to_budget, grow_to_budget
+
+    order = imp.block_order()
+    spec = imp.apply(spec)
+    spec, moves = fit_to_budget(spec, space, target, workload, table, budget, preference=net.log_prob,
+                                fallback=imp.preference, block_order=order)
+    spec, grown = grow_to_budget(spec, space, target, workload, table, budget,
+                                 preference=partial(net.log_prob, alive_only=False), fallback=imp.preference,
+                                 block_order=order)
+    return spec, moves + grown
 
 
 def _search_start(ctx: _Context, budget: float, baselines: list[Contender]):

@@ -52,7 +52,7 @@ at its choice, ``start_strength`` logits ahead (:meth:`Supernet.init_from_spec`)
 so the search refines a model that already fits rather than a random one.
 Otherwise every width starts at the pretrained one (``width_prior``,
 :meth:`Supernet.init_width_logits`) and every block's keep logit at
-``keep_prior`` plus its block influence (:meth:`Supernet.init_keep_logits`).
+``keep_prior`` plus its block's drop cost (:meth:`Supernet.init_keep_logits`).
 
 The softmax temperature anneals geometrically from ``tau_start`` to
 ``tau_end``. Every ``settle_every`` steps from step ``settle_after`` on,
@@ -114,7 +114,7 @@ class SearchConfig:
     tau_end: float = 0.2
     sampling: str = "hard"  # "hard": one sampled subnet per forward (straight-through); "soft": expected network
     gumbel: bool = False  # soft sampling only: perturb the logits with Gumbel noise
-    keep_prior: float = 1.5  # initial keep logit (p(keep) = 0.82) before block influence; see init_keep_logits
+    keep_prior: float = 1.5  # initial keep logit (p(keep) = 0.82) before block drop cost; see init_keep_logits
     lambda_latency: float = 4.0
     lambda_params: float = 4.0
     entropy_threshold: float = 0.2
@@ -306,7 +306,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
 
     ``start_from``: a SubnetSpec a fresh search starts from (:meth:`Supernet.init_from_spec`, lead
     ``config.start_strength``), e.g. the best baseline of the budget; None starts from the pretrained widths
-    and block influence (:meth:`Supernet.init_width_logits`, :meth:`Supernet.init_keep_logits`).
+    and block drop costs (:meth:`Supernet.init_width_logits`, :meth:`Supernet.init_keep_logits`).
 
     ``targets``: the teacher's log-probabilities on ``calib[:, :seq_len]`` when the caller has them
     (several budgets and recovery share them); computed here otherwise.

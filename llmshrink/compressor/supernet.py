@@ -277,15 +277,15 @@ class Supernet(nn.Module):
 
     def init_keep_logits(self, prior: float) -> None:
         """Start each block's keep-vs-drop logit at ``prior`` (p(keep) = sigmoid(prior)) plus its
-        log block influence relative to the median block's, clipped to ±1 (:mod:`.importance`;
-        ShortGPT's measure), so a search starts from "keep everything, the redundant middle blocks
-        least surely" instead of a coin flip per block."""
+        log drop cost relative to the median block's, clipped to ±1 (:mod:`.importance`: the KL of the
+        model without it), so a search starts from "keep everything, the cheapest blocks to drop least
+        surely" instead of a coin flip per block."""
         with torch.no_grad():
             self.alpha["keep"].zero_()
-            self.alpha["keep"][:, 1] = prior + self._influence_bonus()
+            self.alpha["keep"][:, 1] = prior + self._drop_cost_bonus()
 
-    def _influence_bonus(self) -> torch.Tensor:
-        """Each block's log block influence relative to the median block's, clipped to ±1 (zeros without
+    def _drop_cost_bonus(self) -> torch.Tensor:
+        """Each block's log drop cost relative to the median block's, clipped to ±1 (zeros without
         importance scores): what a keep logit starts with on top of its prior."""
         dev = self.alpha["keep"].device
         if self.importance is None:
@@ -296,7 +296,7 @@ class Supernet(nn.Module):
     def init_from_spec(self, spec: SubnetSpec, strength: float) -> None:
         """Start every decision at ``spec``'s choice, ``strength`` logits ahead of each other candidate (a
         choice the space does not offer leaves its row even); each block's keep logit is ``±strength`` (kept
-        or dropped in ``spec``) plus its log block influence relative to the median's, clipped to ±1 (as in
+        or dropped in ``spec``) plus its log drop cost relative to the median's, clipped to ±1 (as in
         :meth:`init_keep_logits`), so the search starts at a baseline that fits the budget (e.g. the
         importance order's blocks) and leaves it only where its samples say so."""
         s = self.space
@@ -310,7 +310,7 @@ class Supernet(nn.Module):
         with torch.no_grad():
             self.alpha["hidden"].copy_(row(s.hidden, spec.hidden_size))
             self.alpha["lm_head"].copy_(row(s.lm_head_formats, spec.lm_head))
-            bonus = self._influence_bonus()
+            bonus = self._drop_cost_bonus()
             for i, ls in enumerate(spec.layers):
                 self.alpha["keep"][i, 0] = 0.0
                 self.alpha["keep"][i, 1] = (strength if ls.keep else -strength) + float(bonus[i])

@@ -172,6 +172,33 @@ def test_the_preference_overrules_the_importance_order_when_it_has_a_view(setup,
     assert [i for i, ls in enumerate(fitted.layers) if not ls.keep] == [1]
 
 
+def test_with_a_block_order_depth_follows_it_whatever_the_preference(setup, tiny_base):
+    """compress's joint fit passes the measured drop-cost order: a search that learnt to want an important block
+    gone (SmolLM2's block 11) must not drop it while a less important one is kept, and blocks come back in order."""
+    space, target, wl, table = setup
+    spec = space.largest("w4g32a8")
+    order = (1, 2, 3, 0)[:tiny_base.num_layers]  # most important first: block 0 is the cheapest to drop
+    wants_1_out = lambda s: sum(-5.0 if ls.keep != (i != 1) else 0.0 for i, ls in enumerate(s.layers))  # noqa: E731
+    budget = predict(spec, target, wl, table=table).total_ms - 1e-3
+    fitted, taken = fit_to_budget(spec, space, target, wl, table, budget, preference=wants_1_out,
+                                  kinds=("depth",), block_order=order)
+    assert [i for i, ls in enumerate(fitted.layers) if not ls.keep] == [0], [m.what for m in taken]
+    # among every kind of move, the kept blocks stay a prefix of the order
+    two = replace(spec, layers=tuple(replace(ls, keep=i in (1, 2)) for i, ls in enumerate(spec.layers)))
+    fitted, _ = fit_to_budget(spec, space, target, wl, table, predict(two, target, wl, table=table).total_ms,
+                              preference=wants_1_out, block_order=order)
+    kept = set(fitted.kept_layers())
+    assert kept == set(order[:len(kept)])
+    # growing back from the two least important blocks: the most important dropped block returns first
+    low = replace(spec, layers=tuple(replace(ls, keep=i in (3, 0)) for i, ls in enumerate(spec.layers)))
+    three = predict(replace(low, layers=tuple(replace(ls, keep=i != 2) for i, ls in enumerate(spec.layers))),
+                    target, wl, table=table).total_ms
+    wants_2_back = lambda s: 5.0 if s.layers[2].keep else 0.0  # noqa: E731
+    grown, taken = grow_to_budget(low, space, target, wl, table, three, preference=wants_2_back, kinds=("depth",),
+                                  block_order=order)
+    assert [m.what for m in taken] == ["keep block 1"]
+
+
 def test_moves_are_priced_as_if_each_were_predicted_afresh_after_every_step(setup):
     """The fit and grow steps keep a move's price until its layer, the hidden width or the lm_head changes:
     after any sequence of moves, every cached price must equal the latency and scores computed anew."""

@@ -98,3 +98,24 @@ def test_preference_charges_each_cut_its_share_of_the_importance(broken, tiny_ba
     narrow = replace(full, hidden_size=tiny_base.hidden_size - 1)
     assert imp.preference(narrow) == pytest.approx(0.0, abs=1e-9)  # channel 7 is dead: the narrowest cut is free
     assert imp.preference(replace(full, hidden_size=tiny_base.hidden_size // 2)) < 0
+
+
+def test_a_blocks_drop_cost_is_the_kl_of_the_model_without_it(tiny_hf):
+    """block_drop_kl replays recorded outputs instead of recomputing the blocks before the dropped one: each cost
+    must equal the KL of a copy of the model whose layer list leaves that block out."""
+    from llmshrink.compressor.importance import block_drop_kl
+    from llmshrink.compressor.search import kd_loss
+
+    batches = _batches(2)
+    costs = block_drop_kl(tiny_hf, batches)
+    vocab = tiny_hf.config.vocab_size
+    with torch.no_grad():
+        for i in range(len(tiny_hf.model.layers)):
+            m = copy.deepcopy(tiny_hf)
+            del m.model.layers[i]
+            want = sum(float(kd_loss(m(input_ids=ids, use_cache=False).logits[..., :vocab],
+                                     torch.log_softmax(tiny_hf(input_ids=ids, use_cache=False).logits[..., :vocab], -1)))
+                       * ids.numel() for ids in batches) / sum(ids.numel() for ids in batches)
+            assert costs[i] == pytest.approx(want, rel=1e-4, abs=1e-7), i
+            assert costs[i] > 0
+    assert not any(hasattr(layer, "forward") and "forward" in vars(layer) for layer in tiny_hf.model.layers)
