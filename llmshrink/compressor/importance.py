@@ -222,7 +222,11 @@ def block_drop_kl(model, batches: Iterable[torch.Tensor], *, progress: Progress 
     and batch. Pairs of drops are not measured (a fit dropping several blocks sums them; they are roughly
     additive while few are dropped).
     """
-    from llmshrink.compressor.search import kd_loss
+    import torch.nn.functional as F
+
+    def kl(logits: torch.Tensor, teacher: torch.Tensor) -> float:  # forward KL per token, as search.kd_loss
+        return float(F.kl_div(torch.log_softmax(logits.float(), -1), teacher, log_target=True,
+                              reduction="none").sum(-1).mean())
 
     layers = list(model.model.layers)
     dev = device_of(model)
@@ -262,7 +266,7 @@ def block_drop_kl(model, batches: Iterable[torch.Tensor], *, progress: Progress 
                 finally:
                     for j in range(i + 1):
                         del layers[j].forward
-                cost[i] += float(kd_loss(out, t)) * ids.numel()
+                cost[i] += kl(out, t) * ids.numel()
             task.advance(1)
     tokens = sum(ids.numel() for ids in batches)
     return cost / max(tokens, 1)

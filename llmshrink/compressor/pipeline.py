@@ -269,6 +269,7 @@ class _Inputs:
     def __init__(self, config: CompressConfig, source, out: Path, progress: Progress) -> None:
         self.config, self.source, self.out, self.progress = config, source, out, progress
         self.targets = None  # the teacher's log-probabilities on calib, set when a search or recovery runs
+        self.sensitivity = None  # per-linear quantization sensitivity, measured when a budget builds its contenders
 
     def teacher_targets(self, secs: dict[str, float]):
         """The teacher's log-probabilities on the calibration rows, computed once (its seconds go to ``secs``)
@@ -796,7 +797,37 @@ def _baselines(ctx: _Context, budget: float) -> list[Contender]:
     return baselines(ctx.space, ctx.target, ctx.workload, ctx.table, budget, ctx.inputs.importance,
                      params_budget=ctx.config.params_budget, formats=_shippable_formats(ctx.config, ctx.space,
                                                                                         ctx.target),
-                     accepts=_buildable(ctx.target))
+                     accepts=_buildable(ctx.target), sensitivity=_sensitivity(ctx))
+
+
+SENSITIVITY = "sensitivity.json"
+
+
+def _sensitivity(ctx: _Context):
+    """The unpruned model's per-linear quantization sensitivity in every search format (:mod:`.sensitivity`),
+    measured once per run on the first 32 search rows and kept in the run directory (``--resume``); the
+    mixed-precision contender of every budget reads it."""
+    from llmshrink.compressor.sensitivity import Sensitivity, measure_sensitivity
+    from llmshrink.formats import fidelity_key
+
+    inputs, space = ctx.inputs, ctx.space
+    if inputs.sensitivity is not None:
+        return inputs.sensitivity
+    path = ctx.out / SENSITIVITY
+    calib = inputs.search_calib
+
+    def measure() -> Sensitivity:
+        if path.is_file():
+            return Sensitivity({(i, n, f): v for i, n, f, v in json.loads(path.read_text())})
+        full = inputs.importance.apply(space.largest(min(space.formats, key=fidelity_key)), choose_blocks=False)
+        with inputs.progress.task("Quantization sensitivity of every linear"):
+            sens = measure_sensitivity(inputs.hf, full, space.formats, space.lm_head_formats,
+                                       [calib[i:i + 4] for i in range(0, min(len(calib), 32), 4)])
+        storage.atomic_write_text(path, json.dumps([[i, n, f, v] for (i, n, f), v in sens.scores.items()]))
+        return sens
+
+    inputs.sensitivity = dist.main_only(measure)
+    return inputs.sensitivity
 
 
 def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: Path, moves: tuple[str, ...],

@@ -1,4 +1,5 @@
-"""Per-layer quantization sensitivity, for the sequential baseline's precision assignment.
+"""Per-layer quantization sensitivity: the sequential baseline's precision assignment, and the mixed-precision
+contender of every budget (:func:`mixed_precision`).
 
 For every kept linear and candidate format, the expected squared error the
 format adds to that layer's output, relative to the output's own energy:
@@ -103,19 +104,39 @@ def measure_sensitivity(teacher, spec: SubnetSpec, formats: Iterable[str], head_
     return Sensitivity(scores)
 
 
-def assign_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, target, workload, table,
-                     budget_ms: float) -> tuple[SubnetSpec, list[Move]]:
-    """Start every linear (and the lm_head) at its least sensitive format, then step precision down
-    where it costs the least error per millisecond until the budget is met; only if precision alone
-    cannot, architecture steps too (counted in the returned moves)."""
+def _least_sensitive(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace) -> SubnetSpec:
+    """``spec`` with every kept linear (and the lm_head) in its least sensitive format of ``space``."""
     def best(i: int, name: str, fmts) -> str:
         return min(fmts, key=lambda f: sens.scores[(i, name, f)])
 
     layers = tuple(replace(ls, precision={n: best(i, n, space.linear_formats(n)) for n in LINEARS}) if ls.keep
                    else ls for i, ls in enumerate(spec.layers))
-    start = replace(spec, layers=layers, lm_head=best(HEAD, "lm_head", space.linear_formats("lm_head")))
+    return replace(spec, layers=layers, lm_head=best(HEAD, "lm_head", space.linear_formats("lm_head")))
+
+
+def assign_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, target, workload, table,
+                     budget_ms: float) -> tuple[SubnetSpec, list[Move]]:
+    """Start every linear (and the lm_head) at its least sensitive format, then step precision down
+    where it costs the least error per millisecond until the budget is met; only if precision alone
+    cannot, architecture steps too (counted in the returned moves)."""
+    start = _least_sensitive(spec, sens, space)
     try:
         return fit_to_budget(start, space, target, workload, table, budget_ms, preference=sens.preference,
                              kinds=("precision",))
     except InfeasibleBudgetError:  # precision alone cannot reach the budget: architecture gives too
         return fit_to_budget(start, space, target, workload, table, budget_ms, preference=sens.preference)
+
+
+def mixed_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, target, workload, table,
+                    budget_ms: float) -> SubnetSpec | None:
+    """``spec``'s architecture with a format per linear, by precision moves alone: every linear starts at its
+    least sensitive format of ``space`` and steps down where that adds the least summed error per millisecond
+    saved, until the table predicts ``budget_ms`` (HAWQ-style, with :class:`Sensitivity`'s proxy). None when
+    precision alone cannot reach the budget (the proxy cannot price an architecture cut: a dropped block's
+    error terms simply vanish from the sum)."""
+    try:
+        fitted, _ = fit_to_budget(_least_sensitive(spec, sens, space), space, target, workload, table, budget_ms,
+                                  preference=sens.preference, kinds=("precision",))
+    except InfeasibleBudgetError:
+        return None
+    return fitted

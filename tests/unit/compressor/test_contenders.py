@@ -69,3 +69,41 @@ def test_screen_kd_is_zero_for_the_original_and_grows_with_coarser_weights(tiny_
     w4 = screen_kd(materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w4g32a8"), quantizer="rtn"), tiny_hf, rows)
     w2 = screen_kd(materialize(tiny_hf, SubnetSpec.uniform(tiny_base, "w2g32a8"), quantizer="rtn"), tiny_hf, rows)
     assert 0 < w4 < w2
+
+
+def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sensitive_linears_kept_wide(
+        setup, tiny_hf, tiny_base):
+    from llmshrink.compressor.sensitivity import measure_sensitivity
+
+    _, target, wl, table, imp = setup
+    # on the steady table's tiny shapes w8a8 is faster than fp32: a budget between them needs a mix
+    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,), mlp=(128,),
+                        min_layers=2, formats=("fp32", "w8a8"), lm_head_formats=("fp32", "w8a8")).validate()
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(5))
+    full = imp.apply(space.largest("fp32"), choose_blocks=False)
+    sens = measure_sensitivity(tiny_hf, full, space.formats, space.lm_head_formats, [ids[:2], ids[2:]])
+    lo = predict(space.largest("w8a8"), target, wl, table=table).total_ms
+    hi = predict(space.largest("fp32"), target, wl, table=table).total_ms
+    assert lo < hi
+    budget = lo + 0.5 * (hi - lo)
+    found = baselines(space, target, wl, table, budget, imp, sensitivity=sens)
+    (m,) = [c for c in found if c.name == "mixed precision"]
+    assert m.predicted_ms <= budget and len(m.spec.kept_layers()) == tiny_base.num_layers
+    assert m.spec.hidden_size == tiny_base.hidden_size
+    assert all(ls.num_heads == tiny_base.num_heads and ls.intermediate_size == tiny_base.intermediate_size
+               for ls in m.spec.layers)
+    formats = {(i, n): f for i in m.spec.kept_layers() for n, f in m.spec.layers[i].precision.items()}
+    formats[(-1, "lm_head")] = m.spec.lm_head
+    assert set(formats.values()) == {"fp32", "w8a8"}  # mixed, not a uniform model
+    # the linears left in fp32 are those 8-bit hurts most per millisecond: among linears of one shape (the same
+    # millisecond saved), every fp32 one is at least as sensitive as every w8a8 one
+    for name in ("q_proj", "down_proj"):
+        wide = [sens.scores[(*k, "w8a8")] for k, f in formats.items() if f == "fp32" and k[1] == name]
+        narrow = [sens.scores[(*k, "w8a8")] for k, f in formats.items() if f == "w8a8" and k[1] == name]
+        if wide and narrow:
+            assert min(wide) >= max(narrow), name
+    # precision alone cannot reach a budget well below the fastest format's unpruned model: no mixed contender
+    assert all(c.name != "mixed precision"
+               for c in baselines(space, target, wl, table, lo * 0.9, imp, sensitivity=sens))
+    # without a sensitivity, no mixed contender at all
+    assert all(c.name != "mixed precision" for c in baselines(space, target, wl, table, budget, imp))
