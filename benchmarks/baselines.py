@@ -15,7 +15,10 @@ model and the recovered baseline. The shipped bundle is then timed in turn again
 (``validate --reference``, both orders).
 
     python benchmarks/baselines.py --data-dir ../shared/evaldata [--latency 1.0xint4-a8] [--out runs/baselines]
-        [--baseline-run DIR] [--full-tasks] [--results benchmarks/results/baselines_cpu.txt]
+        [--baseline-run DIR] [--run DIR] [--full-tasks] [--results benchmarks/results/baselines_cpu.txt]
+
+``--run DIR`` scores a finished (or resumed) ``compress --latency L --out DIR`` run instead of starting one; its
+wall time is then not this script's to measure, and the table gives the run's phase seconds only.
 """
 
 from __future__ import annotations
@@ -56,16 +59,22 @@ def main() -> None:
     ap.add_argument("--out", default="runs/baselines")
     ap.add_argument("--baseline-run", default=None,
                     help="a finished `compress --spec <uniform FORMAT>` run directory to reuse as the recovered baseline")
+    ap.add_argument("--run", default=None,
+                    help="a finished `compress --latency L` run directory to score instead of running compress")
     ap.add_argument("--full-tasks", action="store_true", help="score the shipped and baseline models on the four tasks")
     ap.add_argument("--results", default=None, help="also write the table to this file")
     args = ap.parse_args()
 
     out = Path(args.out)
     tasks_dir, wiki, spec = uniform_setup(out, args.data_dir, args.model, args.format)
-    run = out / "compress"
-    rec = _data(_compress(run, out / "compress.json", "--model", args.model, "--target", "cpu",
-                          "--latency", args.latency))
-    wall = json.loads((out / "compress.json").read_text())["wall_seconds"]
+    if args.run:
+        run = Path(args.run)
+        rec, wall = _data(json.loads((run / "compress.json").read_text())), None
+    else:
+        run = out / "compress"
+        rec = _data(_compress(run, out / "compress.json", "--model", args.model, "--target", "cpu",
+                              "--latency", args.latency))
+        wall = json.loads((out / "compress.json").read_text())["wall_seconds"]
     if args.baseline_run:
         base_run = Path(args.baseline_run)
         base = _data(json.loads((base_run / "compress.json").read_text()))
@@ -105,10 +114,11 @@ def main() -> None:
              HELLASWAG: f"HS{HELLASWAG_DOCS}"}
     lines = [f"$ python benchmarks/baselines.py --data-dir {args.data_dir} --latency {args.latency} --out {args.out}"
              + (f" --baseline-run {args.baseline_run}" if args.baseline_run else "")
+             + (f" --run {args.run}" if args.run else "")
              + (" --full-tasks" if args.full_tasks else ""),
              f"budget {args.latency} = {budgets} on this "
              f"machine's cpu table; decode, batch 1, 256 tokens in cache. ORT bundles as shipped. KL: the screening "
-             "KL from the original (quantizer only). held: perplexity on the run's 8 held-out self-generated rows. "
+             "KL from the original (quantizer only). held: perplexity on the run's held-out calibration rows. "
              f"wiki: WikiText-2 test, first {args.ppl_tokens} tokens, context 512, stride 256.",
              "",
              f"{'bundle':<58}{'role':>10}{'pred ms':>9}{'meas ms':>9}{'KL':>8}{'held':>8}{'wiki':>8}"
@@ -123,7 +133,8 @@ def main() -> None:
     lines += [""] + [n for n in runrec.get("notes", ()) if "search" in n and ("won" in n or "win" in n)]
     for c in cands.values():
         secs = c.get("seconds", {})
-        lines.append(f"compress --latency {args.latency}: wall {wall / 60:.1f} min; phases (s) for {c['label']}: "
+        took = f"wall {wall / 60:.1f} min" if wall else "wall not timed here (--run)"
+        lines.append(f"compress --latency {args.latency}: {took}; phases (s) for {c['label']}: "
                      + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
     if base_wall:
         lines.append(f"compress --spec {args.format} (the recovered baseline): wall {base_wall / 60:.1f} min")

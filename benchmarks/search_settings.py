@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a compress run directory with one searched budget")
     ap.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,...",
                     help="a SearchConfig override set (NAME: for the run's own settings)")
+    ap.add_argument("--start", default=None, metavar="NAME",
+                    help="start every variant from this baseline of the run (e.g. 'mixed precision') instead of the "
+                         "run's own start")
     ap.add_argument("--results", default=None)
     ap.add_argument("--out", default=None, help="write each variant's fitted spec here (NAME.json)")
     args = ap.parse_args()
@@ -83,6 +86,11 @@ def main() -> None:
                  if (d / "spec.json").is_file()}
     baselines = _baselines(ctx, budget)
     start = _search_start(ctx, budget, baselines)
+    if args.start:
+        named = {c.name: c.spec for c in baselines}
+        if args.start not in named:
+            sys.exit(f"--start {args.start!r}: the run's baselines are {', '.join(map(repr, named))}")
+        start = named[args.start]
     label = f"{budget:g}ms"
     screened = json.loads((run / f"search-{label}" / "screen.json").read_text())
     lines = [f"$ python benchmarks/search_settings.py {' '.join(sys.argv[1:])}",

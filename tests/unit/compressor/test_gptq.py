@@ -53,6 +53,23 @@ def test_gptq_lowers_a_trained_layers_output_error_on_the_same_grid(trained_tiny
         assert int(gptq.codes.min()) >= lo and int(gptq.codes.max()) <= hi
 
 
+def test_the_hessian_over_many_batches_is_the_float64_mean_of_x_transpose_x():
+    # over many batches of large activations (a massive channel, as SmolLM2's) the running mean must not drift
+    # from the exact one, nor lose the small channels. (Float32 products per batch, tried 2026-12-02, passed this
+    # but moved 8 % of SmolLM2's w4g32a8 GPTQ codes and its screening KL 0.142 -> 0.148, for 21 % less time.)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 64, 48, generator=gen) for _ in range(200)]
+    for x in batches:
+        x[..., 0] += 300.0
+    acc = HessianAccumulator(48)
+    for x in batches:
+        acc.add(x)
+    xs = torch.cat([x.reshape(-1, 48) for x in batches]).double()
+    exact = xs.T @ xs / len(xs)
+    assert acc.n == len(xs)
+    assert torch.allclose(acc.hessian.double(), exact, rtol=1e-5, atol=1e-4 * float(exact.diagonal()[1:].mean()))
+
+
 def test_gptq_without_compensation_is_round_to_nearest():
     # a diagonal Hessian has no correlations to compensate through: GPTQ must then round to nearest
     w = torch.randn(48, 64)
