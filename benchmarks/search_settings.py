@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -93,7 +94,7 @@ def main() -> None:
         start = named[args.start]
     label = f"{budget:g}ms"
     screened = json.loads((run / f"search-{label}" / "screen.json").read_text())
-    lines = [f"$ python benchmarks/search_settings.py {' '.join(sys.argv[1:])}",
+    lines = [f"$ python benchmarks/search_settings.py {shlex.join(sys.argv[1:])}",
              f"run {run}: {config.model} on {config.target} at {budget:g} ms ({config.calib_data} text), search from "
              f"{'the ' + next(c.name for c in baselines if c.spec == start) + ' baseline' if start in [c.spec for c in baselines] else 'a uniform search format'}; "
              f"screening KL: the fitted subnet quantized by {config.quantizer}, KL from the original on the run's "

@@ -747,14 +747,15 @@ def fit_searched(spec, net, imp, space, target, workload, table, budget: float):
 
 
 def _search_start(ctx: _Context, budget: float, baselines: list[Contender]):
-    """Where the joint search starts: the most faithful baseline the space can express; else (the baselines use
-    target formats that are no search format, e.g. w4g32a8z) the most faithful uniform search format that
-    fits; else None (the pretrained widths, :func:`.search.run_search`)."""
+    """Where the joint search starts: the baseline :func:`.contenders.search_start` picks (mixed precision, else
+    the most faithful the space can express); else (the baselines use target formats that are no search
+    format, e.g. w4g32a8z) the most faithful uniform search format that fits; else None (the pretrained
+    widths, :func:`.search.run_search`)."""
     from llmshrink.compressor.budget import uniform_fits
+    from llmshrink.compressor.contenders import search_start
 
-    for c in baselines:
-        if ctx.space.expresses(c.spec):
-            return c.spec
+    if (c := search_start(baselines, ctx.space.expresses)) is not None:
+        return c.spec
     fits = uniform_fits(ctx.space, ctx.target, ctx.workload, ctx.table, budget, params_budget=ctx.config.params_budget,
                         formats=ctx.space.formats, accepts=_buildable(ctx.target))
     return next((f.spec for f in fits if ctx.space.expresses(f.spec)), None)

@@ -45,9 +45,10 @@ estimator's noise at the same token count. The penalties read the
 expectation over that distribution; ``"soft"`` runs the expected network
 (soft masks everywhere, optionally Gumbel-perturbed).
 
-Start: given a ``start_from`` spec (``compress`` passes the budget's most
-faithful baseline: a uniform format that fits, else the importance
-heuristic, whose blocks follow the importance order), every decision starts
+Start: given a ``start_from`` spec (``compress`` passes the budget's
+mixed-precision baseline, else its most faithful one: a uniform format that
+fits, else the importance heuristic, whose blocks follow the importance
+order; :func:`.contenders.search_start`), every decision starts
 at its choice, ``start_strength`` logits ahead (:meth:`Supernet.init_from_spec`),
 so the search refines a model that already fits rather than a random one.
 Otherwise every width starts at the pretrained one (``width_prior``,

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from llmshrink.compressor.budget import fastest_reachable
-from llmshrink.compressor.contenders import Contender, baselines, screen, screen_kd
+from llmshrink.compressor.contenders import (
+    MIXED,
+    Contender,
+    baselines,
+    screen,
+    screen_kd,
+    search_start,
+)
 from llmshrink.compressor.importance import measure_importance
 from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.space import SearchSpace
@@ -60,6 +67,19 @@ def test_screen_ranks_by_kl_and_resumes_without_rescoring(tiny_base):
     again = screen(pool, build=lambda c: built.append(c.name) or c.name, score=kl.__getitem__,
                    done={"search": 0.3, "uniform fp32": 0.1})
     assert built == ["importance"] and again == ranked
+
+
+def test_the_search_starts_from_mixed_precision_else_the_most_faithful_baseline_it_can_express(tiny_base):
+    pool = [Contender(n, SubnetSpec.uniform(tiny_base, f), 1.0, "") for n, f in
+            (("uniform fp32", "fp32"), ("uniform w4g32", "w4g32"), (MIXED, "w4g32a8"), ("importance", "w4g32a8"))]
+    every = lambda s: True  # noqa: E731
+    assert search_start(pool, every).name == MIXED  # though listed after two more faithful uniform models
+    without = [c for c in pool if c.name != MIXED]
+    assert search_start(without, every).name == "uniform fp32"
+    # a space without fp32 cannot express the first: the next in order, not the mixed one it cannot either
+    no_fp32_no_a8 = lambda s: s.lm_head == "w4g32"  # noqa: E731
+    assert search_start(pool, no_fp32_no_a8).name == "uniform w4g32"
+    assert search_start(pool, lambda s: False) is None
 
 
 def test_screen_kd_is_zero_for_the_original_and_grows_with_coarser_weights(tiny_hf, tiny_base):
