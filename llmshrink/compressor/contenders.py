@@ -16,7 +16,8 @@ each searched budget ``compress`` also builds (:func:`baselines`):
   left out when that unpruned model already fits (it is then a uniform model).
 
 All contenders then get the same treatment (:func:`screen`): the run's
-quantizer (GPTQ) on the same calibration rows, then the forward KL from the
+quantizer (GPTQ) on the same calibration rows (the search's ``n_calib``; the winner
+is quantized again on ``n_quant`` before recovery), then the forward KL from the
 original model on *screening rows* that neither the search, the importance
 scores nor the quantizer read. The contender with the lowest KL wins and gets
 the run's recovery; the others are exported as they were screened, so the

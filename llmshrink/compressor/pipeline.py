@@ -7,7 +7,8 @@ One run directory holds everything (see :mod:`llmshrink.rundir`)::
     RUN_DIR/importance.npz          importance scores (reused by --resume and every budget)
     RUN_DIR/search-quant/<format>/  the unpruned model in each search format, by the run's quantizer: what the
                                     joint search fake-quantizes with (``Supernet.use_quantized``)
-    RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec, recovered/ model per budget
+    RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec, contenders/<name>/quantized
+                                    (as screened), the winner's requantized/ and recovered/ model per budget
     RUN_DIR/candidates/<budget>/    the bundle for each budget (the contender that won its screening, recovered)
     RUN_DIR/candidates/<budget>-<contender>/  each other contender of the budget, as screened (no recovery)
     RUN_DIR/reference/<format>/     the original (fp32) and uniform int4, unpruned: what every report compares with
@@ -22,7 +23,10 @@ quality thrown away.
 Screening (:mod:`.contenders`): the searched subnet competes with the models the budget admits without
 a search (uniform formats that fit, the importance heuristic), all quantized alike and scored on rows no
 phase before read; the lowest KL from the original is recovered and ships, and the run says whether the
-search won (``screen_verdict``).
+search won (``screen_verdict``). Screening quantizes on the search's rows (``n_calib``), so a uniform
+contender in a search format is the search's own quantized model; the winner alone is quantized again on the
+quantizer's rows (``n_quant``) before recovery. GPTQ's cost grows with its rows (375 s for the unpruned
+SmolLM2-135M on 512 rows, ~130 s on 128, 2 Zen 4 cores), and a budget screens three to four contenders.
 
 A loose budget — one the unpruned model meets with every linear in the
 space's most faithful search format (``budget.unpruned_fit``) — skips the
@@ -460,8 +464,9 @@ def _reference_points(ctx: _Context) -> list:
 
 
 def _reference_point(ctx: _Context, spec) -> Path:
-    """``reference/<format>``: ``spec`` (unpruned, uniform) exported with the run's quantizer on its rows,
-    measured (absolute) where the target is here, and scored on the held-out rows."""
+    """``reference/<format>``: ``spec`` (unpruned, uniform) exported with the run's quantizer on its rows (n_quant;
+    n_calib when the search or a screening already quantized it there), measured (absolute) where the target is
+    here, and scored on the held-out rows."""
     from llmshrink.compressor.materialize import materialize
     from llmshrink.compressor.model import CompressedModel
 
@@ -471,9 +476,13 @@ def _reference_point(ctx: _Context, spec) -> Path:
         if (ctx.out / bundle).exists():
             shutil.rmtree(ctx.out / bundle)  # an export killed half-way; it is remade whole
         spec = replace(spec, model=ctx.source.describe())
-        screened = [d for d in sorted(ctx.out.glob("search-*/contenders/*/quantized"))
+        # a budget's winner quantized on the quantizer's rows, else the search's or a screened model (the search's
+        # rows, n_calib): this very model is not quantized again
+        made = [*ctx.out.glob("search-*/requantized"), *ctx.out.glob("search-*/contenders/*/requantized"),
+                *ctx.out.glob("search-quant/*"), *ctx.out.glob("search-*/contenders/*/quantized")]
+        screened = [d for d in made
                     if (d / "spec.json").is_file() and _fingerprint(d / "spec.json") == spec.fingerprint()]
-        if screened:  # a budget screened this very model (same quantizer, same rows): not quantized twice
+        if screened:
             cm = CompressedModel.load(screened[0])
         else:
             with inputs.progress.task(f"Reference point: uniform {spec.lm_head}"):
@@ -790,6 +799,35 @@ def _search_quantized(ctx: _Context) -> dict:
     return models
 
 
+def _search_quantized_dirs(ctx: _Context) -> dict[str, Path]:
+    """The search's quantized unpruned models already in the run directory, by spec fingerprint."""
+    from llmshrink.spec import SubnetSpec
+
+    found = {}
+    for spec_json in sorted((ctx.out / "search-quant").glob("*/spec.json")):
+        found[SubnetSpec.from_json(spec_json.read_text()).fingerprint()] = spec_json.parent
+    return found
+
+
+def _requantized(ctx: _Context, spec, qdir: Path):
+    """A loader of ``spec`` quantized by the run's quantizer on ``n_quant`` rows, kept in ``qdir`` (``--resume``)."""
+    from llmshrink.compressor.materialize import materialize
+    from llmshrink.compressor.model import CompressedModel
+
+    inputs, config = ctx.inputs, ctx.config
+
+    def load():
+        if (qdir / "spec.json").is_file():
+            return CompressedModel.load(qdir)
+        with inputs.progress.task(f"Quantizing the winner ({config.quantizer}, {len(inputs.quant_calib)} rows)"):
+            cm = materialize(inputs.hf, spec, inputs.tok, calib=inputs.quant_calib, quantizer=config.quantizer,
+                             progress=inputs.progress)
+        dist.main_only(lambda: cm.save(qdir))
+        return cm
+
+    return load
+
+
 def _baselines(ctx: _Context, budget: float) -> list[Contender]:
     """The contenders of ``budget`` that need no search (:func:`.contenders.baselines`), built from what the run
     may ship: a --space file's formats, else the target's, that the flavour builds."""
@@ -841,16 +879,19 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
 
     config, inputs, label = ctx.config, ctx.inputs, budget_label(budget)
     t0 = time.perf_counter()
-    quant_calib, screen_rows, held = inputs.quant_calib, inputs.screen_rows, inputs.splits.eval
+    share, screen_rows, held = inputs.search_calib, inputs.screen_rows, inputs.splits.eval
+    # The search's unpruned models in each search format (:func:`_search_quantized`) were quantized on these same
+    # rows: a uniform contender that is one of them is read, not quantized again.
+    reused = _search_quantized_dirs(ctx)
 
     def quantized(c: Contender) -> Path:
-        return sdir / "contenders" / c.slug / "quantized"
+        return reused.get(c.spec.fingerprint(), sdir / "contenders" / c.slug / "quantized")
 
     def build(c: Contender):
         if (quantized(c) / "spec.json").is_file():
             return CompressedModel.load(quantized(c))
-        with inputs.progress.task(f"Quantizing {c.name} ({config.quantizer})"):
-            cm = materialize(inputs.hf, c.spec, inputs.tok, calib=quant_calib, quantizer=config.quantizer,
+        with inputs.progress.task(f"Quantizing {c.name} for screening ({config.quantizer}, {len(share)} rows)"):
+            cm = materialize(inputs.hf, c.spec, inputs.tok, calib=share, quantizer=config.quantizer,
                              progress=inputs.progress)
         cm.save(quantized(c))
         return cm
@@ -888,8 +929,10 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
     ship = ContenderOutcome(winner.name, winner.spec.fingerprint(), winner.predicted_ms, best_kd, why=winner.why,
                             shipped=True)
     rdir = sdir if winner.name == SEARCH else sdir / "contenders" / winner.slug
+    # the winner is quantized again on the quantizer's own rows (n_quant, what ``export`` of its spec uses), and
+    # recovery starts from that
     cm, *kd = _recovered(ctx, replace(winner.spec, model=ctx.source.describe(), notes={"budget_ms": f"{budget:g}"}),
-                         rdir, secs, start=lambda: CompressedModel.load(quantized(winner)))
+                         rdir, secs, start=_requantized(ctx, winner.spec, rdir / "requantized"))
     searched = next(kd_ for c, kd_ in ranked if c.name == SEARCH)
     reason = ("" if winner.name == SEARCH else
               f"the search did not win: {winner.name} screened at KL {best_kd:.4f} against the searched subnet's "

@@ -37,8 +37,18 @@ def setup(tiny_llama_dir, tiny_base, steady_table, tmp_path_factory):
     mp.undo()
 
 
-def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup, tiny_base):
+def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup, tiny_base, monkeypatch):
     d, cfg, target, table, _ = setup
+    from llmshrink.compressor import materialize as materialize_mod
+
+    quantized_on = []  # (spec fingerprint, calibration rows) of every quantization the run made
+    real = materialize_mod.materialize
+
+    def materialize(model, spec, *a, calib=None, **k):
+        quantized_on.append((spec.fingerprint(), None if calib is None else len(calib)))
+        return real(model, spec, *a, calib=calib, **k)
+
+    monkeypatch.setattr(materialize_mod, "materialize", materialize)
     res = compress(cfg, d / "run")
     (c,) = res.record.candidates
     assert c.predicted_ms <= cfg.budgets_ms[0]
@@ -61,6 +71,14 @@ def test_compress_writes_a_validated_bundle_under_budget_and_a_report(setup, tin
     assert "importance" in names or "the same model as the importance baseline" in searched.why
     (won,) = [k for k in c.contenders if k.shipped]
     assert won.screen_kd == min(k.screen_kd for k in c.contenders) and won.bundle == c.bundle
+    # contenders are quantized for screening on the search's rows, each once: a uniform one in a search format
+    # is the search's own quantized model; the winner alone is quantized again on the quantizer's rows
+    screened = [fp for fp, rows in quantized_on if rows == cfg.n_calib]
+    assert sorted(screened) == sorted(set(screened))
+    assert {k.spec_fingerprint for k in c.contenders} <= set(screened)
+    full = [fp for fp, rows in quantized_on if rows == cfg.n_quant]  # and the report's original and uniform int4
+    references = {SubnetSpec.original(tiny_base).fingerprint(), SubnetSpec.uniform(tiny_base, "w4g32a8").fingerprint()}
+    assert full.count(won.spec_fingerprint) == 1 and set(full) - {won.spec_fingerprint} <= references
     assert m.spec_fingerprint == won.spec_fingerprint and won.predicted_ms == pytest.approx(c.predicted_ms)
     for k in c.contenders:
         assert k.predicted_ms <= cfg.budgets_ms[0] and k.measured_ms is not None
