@@ -162,3 +162,34 @@ def test_training_rows_come_in_whole_epochs():
     assert len(order) == 25 and sorted(order[:10]) == list(range(10)) == sorted(order[10:20])
     assert set(order[20:]) <= set(range(10)) and len(set(order[20:])) == 5  # a partial epoch repeats no row
     assert order[:10] != order[10:20] and order == _epochs(10, 25, seed=3).tolist()
+
+
+def test_the_early_stop_ships_the_best_state_a_check_saw():
+    from llmshrink.compressor.recover import _EarlyStop
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    stop = _EarlyStop(RecoveryConfig(steps=30, check_every=5, min_gain=0.01), [p], kd_before=1.0)
+    assert [s for s in range(1, 31) if stop.due(s)] == [5, 10, 15, 20, 25]  # none at the end: the final KD is
+    with torch.no_grad():
+        p.fill_(1.0)
+    assert not stop.check(5, 0.5)  # gained 50 %: go on
+    with torch.no_grad():
+        p.fill_(2.0)
+    assert stop.check(10, 0.7) and stop.stopped_at == 10  # worse: stop, and the state of step 5 ships
+    assert stop.restore_best() == 0.5 and torch.equal(p.detach(), torch.ones(3))
+    assert stop.checks == [(5, 0.5), (10, 0.7)]
+    slow = _EarlyStop(RecoveryConfig(steps=30, check_every=5, min_gain=0.01), [p], kd_before=1.0)
+    assert not slow.check(5, 0.98) and slow.check(10, 0.975)  # 2 %, then 0.5 %: too little
+
+
+def test_recovery_stops_early_when_held_out_kd_stops_improving(trained_tiny):
+    hf, _, ids = trained_tiny
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w2g32a8", lm_head="w8g32")
+    calib, held = ids[:96], ids[96:]
+    cfg = RecoveryConfig(steps=20, batch_size=4, mode="scales", scales_lr=1e-2, bf16="off", check_every=5)
+    never = recover(hf, spec, calib, config=replace(cfg, min_gain=-1.0), held_out=held)
+    assert never.stopped_at is None and len(never.history) == 20 and [s for s, _ in never.checks] == [5, 10, 15]
+    first = recover(hf, spec, calib, config=replace(cfg, min_gain=1.0), held_out=held)  # no check gains 100 %
+    assert first.stopped_at == 5 and len(first.history) == 5 and first.tokens == 5 * 4 * calib.shape[1]
+    assert first.checks == never.checks[:1] and first.kd_after == pytest.approx(min(first.kd_before,
+                                                                                     first.checks[0][1]))
