@@ -94,7 +94,7 @@ class RecoveryConfig:
     # Early stop: every ``check_every`` steps the held-out KD is measured, and training stops once a check lowers
     # it by less than ``min_gain`` of the last check's value (the best state seen is what ships). A model the
     # quantizer left close to the original has little to recover: on SmolLM2-135M with 188 of 210 linears in
-    # w8g64a8 (Zen 4, 2026-12-02) 300 steps took 20.6 min and moved held-out KD 0.0633 -> 0.0630. Uniform int4
+    # w8g64a8 (Zen 4, 2026-12-02) 300 steps took 14.8 min and moved held-out KD 0.0633 -> 0.0630. Uniform int4
     # (KD 0.168 -> 0.144 in 150 steps) keeps gaining more than 1 % per 50 steps for most of its 300. 0: off.
     check_every: int = 50
     min_gain: float = 0.01
