@@ -801,12 +801,7 @@ def _search_quantized(ctx: _Context) -> dict:
 
 def _search_quantized_dirs(ctx: _Context) -> dict[str, Path]:
     """The search's quantized unpruned models already in the run directory, by spec fingerprint."""
-    from llmshrink.spec import SubnetSpec
-
-    found = {}
-    for spec_json in sorted((ctx.out / "search-quant").glob("*/spec.json")):
-        found[SubnetSpec.from_json(spec_json.read_text()).fingerprint()] = spec_json.parent
-    return found
+    return {_fingerprint(j): j.parent for j in sorted((ctx.out / "search-quant").glob("*/spec.json"))}
 
 
 def _requantized(ctx: _Context, spec, qdir: Path):
