@@ -120,7 +120,9 @@ def test_missing_table_or_format_is_an_error(tiny_base, tiny_table):
         predict(SubnetSpec.uniform(tiny_base, "w8g32"), _tiny_target(tiny_table))
 
 
-def test_builtin_cpu_table_is_measured_and_covers_smollm2():
+def test_builtin_cpu_table_is_measured_and_covers_smollm2(llmshrink_home):
+    """The shipped table, not this machine's: an empty cache, since a table `compress` adapted or `targets
+    profile` measured here takes precedence by name (it made this test fail on a machine that had run compress)."""
     from llmshrink.spec import BaseShape
 
     target = load_target("cpu")

@@ -71,7 +71,7 @@ def test_unknown_target_suggests():
     assert ei.value.suggestions[0] == "a100"
 
 
-def test_cli_list_and_show():
+def test_cli_list_and_show(llmshrink_home):  # the shipped tables: one `compress` adapted here would list as adapted
     runner = CliRunner()
     res = runner.invoke(cli, ["targets", "list", "--json"])
     listed = json.loads(res.output)
