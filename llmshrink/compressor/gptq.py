@@ -65,7 +65,13 @@ class GPTQConfig:
 
 
 class HessianAccumulator:
-    """Running ``X^T X / n`` of a linear layer's inputs (float64 sums, so long calibration sets do not drift)."""
+    """Running ``X^T X / n`` of a linear layer's inputs.
+
+    Each forward's ``X^T X`` is a float32 product, summed across forwards in float64 so that long calibration sets
+    do not drift. The product itself in float64 cost twice as much (0.118 s against 0.056 s for one 2048 x 1536
+    forward on a 2-core Zen 4) and was a third of GPTQ's time, for a relative difference of 2.5e-7, far under
+    GPTQ's own damping (1 % of the mean diagonal).
+    """
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -74,10 +80,10 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Add the inputs ``x`` ``[..., K]`` of one forward."""
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.sum is None:
             self.sum = torch.zeros(self.k, self.k, dtype=torch.float64, device=x.device)
-        self.sum += x.T @ x
+        self.sum += (x.T @ x).double()
         self.n += x.shape[0]
 
     @property
