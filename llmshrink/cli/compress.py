@@ -103,6 +103,14 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
     the target's table, the bundle is in its flavour, and the output gives
     the commands that build and validate the engine on the device (exit 0).
 
+    A relative budget (0.7xw4g32a8) is also a measured promise: before the
+    winner of a budget's screening is recovered, it is timed in turn with the
+    uniform export the budget is relative to, and one that measures more than
+    5 % over the budget's ratio does not ship. The mixed-precision contender
+    is then made again on the table that measurement corrected, and the best
+    contender that measures within ships; the report's "in turn" column and
+    notes show each one's measured ratio.
+
     Latency tables are one machine's. When the target's table was measured
     on another CPU, the run first adapts it to this one (a few subnets timed
     here, about 3 minutes, kept for later runs; --no-adapt skips it) and says

@@ -48,6 +48,11 @@ class CompressConfig:
     # A uniform format (e.g. w4g32a8) to validate against: where the target is measurable here, bundles are
     # checked relative to the unpruned model exported in it, timed in turn (set by a relative budget, 0.7xint4).
     reference: str | None = None
+    # With a reference, the latency guard: before the winner of a budget's screening is recovered, its screened
+    # bundle is timed in turn with the reference, and a contender measured over the budget's ratio to the
+    # reference by more than this share does not ship; the next in the ranking that measures within does
+    # (``pipeline._latency_guard``). None turns the guard off.
+    latency_slack_pct: float | None = 5.0
     quantizer: str = "gptq"  # how integer weights are rounded (llmshrink.formats.QUANTIZERS)
     # A fixed plan (a SubnetSpec JSON, absolute path): recovered and exported without a search
     # (``compress --spec``); budgets, if any, must not be below its prediction.

@@ -70,6 +70,9 @@ class ContenderOutcome:
     shipped: bool = False  # the winner: recovered and shipped as the budget's bundle
     bundle: str = ""  # relative to the run directory (the budget's own bundle for the winner)
     measured_ms: float | None = None
+    # timed in turn with the run's reference (relative budgets): bundle / reference, as screened
+    measured_ratio: float | None = None
+    over_latency: str = ""  # why the latency guard kept it from shipping, when it did
 
 
 def baselines(space, target, workload, table, budget_ms: float, importance, *, params_budget: float | None = None,
@@ -184,3 +187,48 @@ def screen(contenders: list[Contender], build: Callable, score: Callable, *, pro
             task.advance(1, info=f"{c.name}: kd {done[c.name]:.4f}")
     return sorted(((c, done[c.name]) for c in contenders), key=lambda p: p[1])
 
+
+
+@dataclass(frozen=True)
+class Repricing:
+    """A table corrected by one in-turn measurement (:func:`reprice`): which format, by what factor, and why."""
+
+    table: object  # LatencyTable
+    fmt: str
+    factor: float
+    note: str
+
+
+def reprice(table, target, workload, spec, reference, measured_ratio: float) -> Repricing | None:
+    """``table`` corrected so that it predicts ``spec``'s latency over ``reference``'s as measured in turn.
+
+    The excess (measured ratio x the reference's prediction, minus ``spec``'s prediction) is put on the format
+    with the most predicted time among ``spec``'s linears and lm_head in formats the reference does not use: the
+    only terms of the ratio the reference cannot share. None when the table does not under-price ``spec`` or
+    every format of ``spec`` is the reference's.
+
+    Why one format: the case it was made for is the table of a fresh Zen 4, self-adapted, that priced w8g64a8
+    linears like w4g32a8 ones, so that 188 of 210 linears in w8g64a8 predicted 1.000x uniform w4g32a8 and
+    measured 1.067x; 89 % of that subnet's linear time is w8g64a8.
+    """
+    from llmshrink.targets.predict import predict
+    from llmshrink.targets.table import with_format_scale
+
+    if table.calibration is None or workload.phase not in ("decode", "prefill"):  # e2e: two phases, one ratio
+        return None
+    mine = predict(spec, target, workload, table=table)
+    ref_ms = predict(reference, target, workload, table=table).total_ms
+    excess = measured_ratio * ref_ms - mine.total_ms
+    theirs = set(reference.formats_used(embedding=False))  # the embedding is a lookup, not priced by format
+    share: dict[str, float] = {}
+    for o in mine.ops:
+        if o.op in ("linear", "lm_head") and o.fmt not in theirs:
+            share[o.fmt] = share.get(o.fmt, 0.0) + o.ms
+    if excess <= 0 or not share:
+        return None
+    fmt = max(share, key=share.__getitem__)
+    factor = 1 + excess / share[fmt]
+    note = (f"{fmt} linears priced x{factor:.3f} for this run: a subnet with {100 * share[fmt] / mine.total_ms:.0f} % "
+            f"of its predicted time in {fmt} measured {measured_ratio:.3f}x the uniform {reference.lm_head} export "
+            f"timed in turn, predicted {mine.total_ms / ref_ms:.3f}x")
+    return Repricing(with_format_scale(table, workload.phase, fmt, factor, note), fmt, factor, note)

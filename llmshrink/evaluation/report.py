@@ -73,6 +73,9 @@ class ReportRow:
     measured_on: str
     quality: dict[str, float]
     metric: float | None
+    # timed in turn with a reference bundle (a relative budget's check): bundle / reference, and the reference
+    in_turn: float | None = None
+    in_turn_with: str = ""
 
     @property
     def error_pct(self) -> float | None:
@@ -177,7 +180,8 @@ def _row(b: RunBundle, metric: QualityMetric | None) -> ReportRow:
         measured_median_ms=last.median_ms if last else None,
         measured_on=(f"{last.host}, {last.runtime} {last.runtime_version}, {last.threads or 'default'} threads"
                      if last else ""),
-        quality=dict(m.quality), metric=metric.value(m.quality) if metric else None)
+        quality=dict(m.quality), metric=metric.value(m.quality) if metric else None,
+        in_turn=m.validation.get("measured_ratio"), in_turn_with=Path(str(m.validation.get("reference", ""))).name)
 
 
 def choose_metric(bundles: Sequence[RunBundle], key: str | None = None) -> QualityMetric | None:
@@ -253,7 +257,7 @@ def fmt_delta(r: ReportRow, original: ReportRow | None, metric: QualityMetric | 
     return f"{100 * d:+.2f} pts" if metric.higher_is_better and abs(r.metric) <= 1 else f"{d:+.3f}"
 
 
-COMPACT = ("bundle", "role", "size", "predicted", "measured", "error")  # the terminal's columns, then quality
+COMPACT = ("bundle", "role", "size", "predicted", "measured", "error", "in turn")  # the terminal's, then quality
 
 
 def _side_metric(report: Report) -> QualityMetric | None:
@@ -272,7 +276,7 @@ def result_columns(report: Report, *, compact: bool = False) -> list[str]:
     """Column names of the results table; ``compact`` (the terminal) leaves out shape and precision."""
     q = report.metric.name if report.metric else "quality"
     cols = ["bundle", "role", "layers", "hidden", "params", "size", "precision", "predicted", "measured", "error",
-            q, "vs original"]
+            *(["in turn"] if any(r.in_turn is not None for r in report.rows) else []), q, "vs original"]
     side = _side_metric(report)
     if side:
         cols.append(side.name)
@@ -284,6 +288,8 @@ def result_cells(report: Report, r: ReportRow, *, compact: bool = False) -> list
     side = _side_metric(report)
     values = [r.label, r.role, f"{r.layers_kept}/{r.layers_total}", r.hidden, f"{r.params / 1e6:.1f}M",
               fmt_size(r.size_bytes), r.precision, fmt_ms(r.predicted_ms), fmt_ms(r.measured_ms), err,
+              *([] if "in turn" not in result_columns(report) else
+                ["—" if r.in_turn is None else f"{r.in_turn:.3f}x {r.in_turn_with}"]),
               fmt_metric(r.metric, report.metric), fmt_delta(r, report.original, report.metric)]
     if side:
         values.append(fmt_metric(side.value(r.quality), side))
@@ -321,7 +327,10 @@ def render_markdown(report: Report, *, plot: str | None = PLOT_FILE) -> str:
     measured_on = sorted({r.measured_on for r in rows if r.measured_on})
     lines += ["", "Latency is for the workload above. *measured* is the fastest of the block medians "
               "(`llmshrink validate`/`bench`), *predicted* comes from the target's latency table; "
-              "*error* is measured vs predicted." + (f" Measured on: {'; '.join(measured_on)}." if measured_on else
+              "*error* is measured vs predicted." + (
+                  " *in turn* is the bundle's latency over the named reference's, both timed in turn, block of runs "
+                  "by block of runs (`llmshrink validate --reference`): the figure a shared machine's drift does "
+                  "not move." if "in turn" in result_columns(report) else "") + (f" Measured on: {'; '.join(measured_on)}." if measured_on else
                                                      " Nothing was measured yet: run `llmshrink validate`.")]
     if any(r.measured_ms is None for r in rows):
         lines += ["Bundles without a measurement are placed by their prediction in the plot (hollow markers)."]

@@ -41,7 +41,7 @@ import gzip
 import itertools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -189,9 +189,13 @@ class Calibration:
     overhead: dict[str, tuple[float, float, float]]  # phase -> (a, b per layer, c per row)
     n: dict[str, int]
     rel_rmse: dict[str, float]
+    # (phase, format) -> factor on that format's linears and lm_head, on top of its class's scale: a correction
+    # from a measurement of whole models (:func:`with_format_scale`), never fitted from the table's own entries
+    format_scales: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def scale(self, phase: str, op: str, fmt: str = "") -> float:
-        return self.scales.get(phase, {}).get(kernel_class(op, fmt), 1.0)
+        s = self.scales.get(phase, {}).get(kernel_class(op, fmt), 1.0)
+        return s * self.format_scales.get((phase, fmt), 1.0) if op in ("linear", "lm_head") else s
 
 
 RIDGE_PER_CALL = 0.01  # pull toward 1, growing with the evidence it has to outweigh
@@ -385,6 +389,29 @@ def host_mismatch(table: LatencyTable) -> str | None:
             f"predictions are not this machine's. Adapt it here with `llmshrink targets profile {table.target} "
             f"--quick` (~3 min; `compress` does so by itself), or profile this machine in full with `llmshrink "
             f"targets profile {table.target}` (~20 min); either is written where the target finds it.")
+
+
+def with_format_scale(table: LatencyTable, phase: str, fmt: str, factor: float, why: str) -> LatencyTable:
+    """``table`` with ``fmt``'s linears and lm_head predicted ``factor`` times their time in ``phase``.
+
+    A correction from measuring whole models on this machine (``compress``'s latency guard), held in memory for
+    one run and never saved: the fitted models are shared with ``table``, not refitted, and the provenance notes
+    say ``why``. Only a measured table (one with a wall-time calibration) can be corrected.
+
+    Raises:
+        ValueError: ``table`` has no calibration (an analytical table, or one without wall entries).
+    """
+    cal = table.calibration
+    if cal is None:
+        raise ValueError(f"table {table.name} has no wall-time calibration to correct")
+    prov = replace(table.provenance, notes=(*table.provenance.notes, why))
+    out = replace(table, provenance=prov)
+    key = (phase, fmt)
+    out.__dict__["models"] = table.models  # cached_property slots: the same fits, not fitted again
+    out.__dict__["_exact"] = table._exact
+    out.__dict__["calibration"] = replace(cal, format_scales={**cal.format_scales,
+                                                              key: cal.format_scales.get(key, 1.0) * factor})
+    return out
 
 
 def profiled_table_path(name: str) -> Path:

@@ -127,3 +127,29 @@ def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sen
                for c in baselines(space, target, wl, table, lo * 0.9, imp, sensitivity=sens))
     # without a sensitivity, no mixed contender at all
     assert all(c.name != "mixed precision" for c in baselines(space, target, wl, table, budget, imp))
+
+
+def test_reprice_puts_the_measured_excess_on_the_format_the_reference_does_not_use(setup, tiny_base):
+    """Corrected, the table predicts the measured ratio exactly; only the blamed format's predictions move."""
+    from dataclasses import replace
+
+    from llmshrink.compressor.contenders import reprice
+
+    _, target, wl, table, _ = setup
+    ref = SubnetSpec.uniform(tiny_base, "w4g32a8")
+    layers = list(ref.layers)
+    layers[0] = replace(layers[0], precision={**layers[0].precision, "q_proj": "fp32", "gate_proj": "fp32"})
+    spec = replace(ref, layers=tuple(layers))  # two fp32 linears, the rest the reference's format
+    mine, theirs = (predict(s, target, wl, table=table).total_ms for s in (spec, ref))
+    want = 1.3 * mine / theirs
+    rp = reprice(table, target, wl, spec, ref, want)
+    assert rp.fmt == "fp32" and rp.factor > 1 and "measured" in rp.note and rp.note in rp.table.provenance.notes
+    assert predict(spec, target, wl, table=rp.table).total_ms / predict(ref, target, wl, table=rp.table).total_ms \
+        == pytest.approx(want, rel=1e-6)
+    assert predict(ref, target, wl, table=rp.table).total_ms == pytest.approx(theirs, rel=1e-9)  # untouched
+    uniform_fp32 = SubnetSpec.uniform(tiny_base, "fp32")
+    before = predict(uniform_fp32, target, wl, table=table).total_ms
+    assert predict(uniform_fp32, target, wl, table=rp.table).total_ms > before  # every fp32 linear costs more
+    assert predict(uniform_fp32, target, wl, table=table).total_ms == before  # the run's table is not changed
+    assert reprice(table, target, wl, spec, ref, 0.9 * mine / theirs) is None  # over-priced: nothing to add
+    assert reprice(table, target, wl, ref, ref, 2.0) is None  # no format of its own to blame

@@ -126,6 +126,63 @@ def test_a_search_that_picks_worse_than_a_baseline_ships_the_baseline(setup, mon
     assert "the search did not win" in (d / "forced" / "report.md").read_text()
 
 
+def test_a_contender_measured_over_the_budget_does_not_ship(setup, monkeypatch):
+    """The latency guard: the screening's first measures over the relative budget when timed in turn with the
+    reference, so the next that measures within ships, and the report says why."""
+    from dataclasses import replace
+
+    from llmshrink.compressor import pipeline
+
+    d, cfg, *_ = setup
+    timed = []
+
+    def measured_ratio(bundle):  # the first contender timed is far over any budget; the rest are well within
+        timed.append(bundle.name)
+        return 9.0 if len(timed) == 1 else 0.5
+
+    monkeypatch.setattr(pipeline, "measured_ratio", measured_ratio)
+    res = compress(replace(cfg, reference="w4g32a8", recovery=replace(cfg.recovery, steps=1)), d / "guarded")
+    (c,) = res.record.candidates
+    (won,) = [k for k in c.contenders if k.shipped]
+    by_kl = sorted(c.contenders, key=lambda k: k.screen_kd)
+    refused = by_kl[0]
+    assert refused is not won and "measured 9.000x the uniform w4g32a8 export timed in turn" in refused.over_latency
+    assert won.measured_ratio == 0.5 and not won.over_latency
+    assert c.reason.startswith(f"{refused.name} screened best") and "(within)" in c.reason
+    assert load_manifest(d / "guarded" / c.bundle).spec_fingerprint == won.spec_fingerprint
+    assert (d / "guarded" / refused.bundle / "manifest.json").is_file()  # shown as screened, with its measurement
+    assert not (d / "guarded" / "candidates" / f"{c.label}-{won.name.replace(' ', '-')}").exists()  # timed only
+    assert f"{refused.name} did not ship: measured 9.000x" in (d / "guarded" / "report.md").read_text()
+
+
+def test_the_latency_guard_takes_the_first_within_else_the_fastest_and_times_no_more_than_it_needs(monkeypatch):
+    from types import SimpleNamespace
+
+    from llmshrink.compressor import pipeline
+    from llmshrink.compressor.contenders import Contender
+
+    ctx = SimpleNamespace(config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=5.0))
+    ranked = [(Contender(n, None, 1.0, ""), kl) for n, kl in (("search", 0.1), ("mixed", 0.2), ("uniform", 0.3))]
+
+    def guard(ratios, bound=1.05):
+        timed = []
+        monkeypatch.setattr(pipeline, "latency_bound", lambda ctx, budget: bound)
+        verdict = pipeline._latency_guard(ctx, 5.0, ranked, lambda c: (timed.append(c.name), 0, ratios[c.name]))
+        return verdict, timed
+
+    v, timed = guard({"search": 1.0, "mixed": 2.0, "uniform": 0.9})
+    assert (v.pick, v.over, v.within, timed) == (0, {}, True, ["search"])
+    v, timed = guard({"search": 1.067, "mixed": 1.2, "uniform": 1.01})
+    assert (v.pick, set(v.over), v.within, timed) == (2, {"search", "mixed"}, True, ["search", "mixed", "uniform"])
+    assert "measured 1.067x the uniform w4g32a8 export timed in turn, over this budget's 1.050x" in v.over["search"]
+    v, timed = guard({"search": 1.3, "mixed": 1.1, "uniform": 1.2})
+    assert (v.pick, set(v.over), v.within) == (1, {"search", "uniform"}, False)  # none within: the fastest
+    v, timed = guard({"search": None, "mixed": 1.0, "uniform": 1.0})
+    assert (v.pick, timed) == (0, ["search"])  # not measured: nothing to refuse it by
+    v, timed = guard({}, bound=None)
+    assert (v.pick, timed) == (0, [])  # no bound (absolute budget, guard off): nothing is timed
+
+
 def test_a_budget_below_the_fastest_subnet_fails_before_weights_load(setup, monkeypatch):
     d, cfg, *_, fastest = setup
     from dataclasses import replace
@@ -572,3 +629,43 @@ def test_a_builtin_corpus_the_index_cannot_serve_fails_before_the_run_starts(set
     with pytest.raises(RemoteUnavailableError):
         compress(replace(cfg, calib_data="unreachable"), d / "offline")
     assert not (d / "offline").exists()  # nothing written, no weights loaded
+
+
+def test_a_refused_contender_gets_the_mixed_one_made_again_on_the_table_its_measurement_corrected(
+        steady_table, tiny_base, monkeypatch):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from llmshrink.compressor import pipeline
+    from llmshrink.compressor.contenders import MIXED, Contender
+    from llmshrink.spec import SubnetSpec
+
+    table, yaml_path = steady_table
+    target = load_target(str(yaml_path))
+    wl = target.default_workload
+    ref = SubnetSpec.uniform(tiny_base, "w4g32a8")
+    layers = list(ref.layers)
+    layers[0] = replace(layers[0], precision={**layers[0].precision, "q_proj": "fp32", "gate_proj": "fp32"})
+    two_fp32 = replace(ref, layers=tuple(layers))
+    ctx = pipeline._Context(config=SimpleNamespace(reference="w4g32a8"), out=None, target=target, table=table,
+                            workload=wl, space=None, base=tiny_base, source=None, measurable=True, notes=(),
+                            inputs=None)
+    tables = []
+
+    def baselines(c, budget):  # the mixed contender as the table prices fp32: any dearer, and it is all int4
+        tables.append(c.table)
+        dear = c.table.calibration.format_scales.get(("decode", "fp32"), 1.0) > 1
+        return [Contender(MIXED, ref if dear else two_fp32, 1.0, "sensitivity")]
+
+    monkeypatch.setattr(pipeline, "_baselines", baselines)
+    mine, theirs = (predict(s, target, wl, table=table).total_ms for s in (two_fp32, ref))
+    ranked = [(Contender(MIXED, two_fp32, mine, "sensitivity"), 0.1)]
+    again = pipeline._repriced_mixed(ctx, 1.0, ranked, {MIXED: (None, None, 1.2 * mine / theirs)})
+    assert again.name == MIXED + pipeline.REPRICED and again.spec == ref and "fp32 linears priced x" in again.why
+    assert again.predicted_ms == pytest.approx(theirs)  # priced on the run's table, like every other contender
+    assert tables[-1] is not table and tables[-1].calibration.format_scales[("decode", "fp32")] > 1
+    assert table.calibration.format_scales == {}  # the run's own table is not changed
+    assert pipeline._repriced_mixed(ctx, 1.0, [(again, 0.1)], {again.name: (None, None, 2.0)}) is None  # once
+    assert pipeline._repriced_mixed(ctx, 1.0, ranked, {MIXED: (None, None, None)}) is None  # not measured
+    assert pipeline._repriced_mixed(ctx, 1.0, ranked, {MIXED: (None, None, 0.9 * mine / theirs)}) is None
+    assert pipeline._repriced_mixed(ctx, 1.0, [*ranked, (again, 0.2)], {MIXED: (None, None, 2.0)}) is None  # made
