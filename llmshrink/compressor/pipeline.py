@@ -10,7 +10,8 @@ One run directory holds everything (see :mod:`llmshrink.rundir`)::
     RUN_DIR/search-<budget>/        search checkpoint, extracted and fitted spec, contenders/<name>/quantized
                                     (as screened), the winner's requantized/ and recovered/ model per budget
     RUN_DIR/candidates/<budget>/    the bundle for each budget (the contender that won its screening, recovered)
-    RUN_DIR/candidates/<budget>-<contender>/  each other contender of the budget, as screened (no recovery)
+    RUN_DIR/candidates/<budget>-<contender>/  each other contender of the budget, as screened (no recovery); the
+                                    winner's is only made to time it for the latency guard, then removed
     RUN_DIR/reference/<format>/     the original (fp32) and uniform int4, unpruned: what every report compares with
     RUN_DIR/run.json, report.md, pareto.png
 
@@ -27,6 +28,11 @@ search won (``screen_verdict``). Screening quantizes on the search's rows (``n_c
 contender in a search format is the search's own quantized model; the winner alone is quantized again on the
 quantizer's rows (``n_quant``) before recovery. GPTQ's cost grows with its rows (375 s for the unpruned
 SmolLM2-135M on 512 rows, ~130 s on 128, 2 Zen 4 cores), and a budget screens three to four contenders.
+
+Latency guard (relative budgets measured here, :func:`_latency_guard`): the ranking is walked best first, each
+contender's screened bundle timed in turn with the reference, until one measures within the budget's ratio plus
+``latency_slack_pct``; that one ships. A refusal reprices the table for the rest of the run
+(:func:`.contenders.reprice`) and the mixed-precision contender is made again on it (:func:`_repriced_mixed`).
 
 A loose budget — one the unpruned model meets with every linear in the
 space's most faithful search format (``budget.unpruned_fit``) — skips the
