@@ -906,7 +906,7 @@ def _latency_guard(ctx: _Context, budget: float, ranked: list, timed) -> GuardVe
     """Which of the screening's ``ranked`` contenders ships: the first whose screened bundle (``timed(c)`` ->
     (bundle, ms, ratio to the reference)) measures within :func:`latency_bound`, timed in the ranking's order
     and only until one does. With no bound, the first. When none measures within, the one that measured
-    fastest. Returns (its index, {name: why it did not ship} for those measured over).
+    fastest (``within=False``).
 
     Why: the table prices subnets, the machine runs them. On a fresh Zen 4 with a self-adapted table, the 1.0x
     int4 budget admitted 188 of 210 linears in w8g64a8 (predicted 1.000x the uniform int4 export), and the
@@ -1014,17 +1014,21 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
         m = load_manifest(ctx.out / bundle)
         return bundle, (m.measured[-1].reference_ms if m.measured else None), measured_ratio(ctx.out / bundle)
 
-    exported = {}  # contender name -> screened_bundle(c)
+    exported = {}  # contender name -> screened_bundle(c), each made once
+
+    def timed(c: Contender) -> tuple[Path, float | None, float | None]:
+        if c.name not in exported:
+            exported[c.name] = dist.main_only(partial(screened_bundle, c))
+        return exported[c.name]
+
     t0 = time.perf_counter()
-    guard = _latency_guard(ctx, budget, ranked, lambda c: exported.setdefault(
-        c.name, dist.main_only(partial(screened_bundle, c))))
+    guard = _latency_guard(ctx, budget, ranked, timed)
     if guard.over and (again := _repriced_mixed(ctx, budget, ranked, exported)) is not None:
         # one more contender, made on the table the refused one's measurement corrected: screened like the rest
         ranked = sorted([*ranked, *dist.main_only(lambda: screen(
             [again], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
             done=done, on_scored=keep))], key=lambda ck: ck[1])
-        guard = _latency_guard(ctx, budget, ranked, lambda c: exported.setdefault(
-            c.name, dist.main_only(partial(screened_bundle, c))))
+        guard = _latency_guard(ctx, budget, ranked, timed)
     pick, over = guard.pick, guard.over
     if exported:
         secs["latency_guard"] = time.perf_counter() - t0
@@ -1033,7 +1037,7 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
     for c, kd in ranked:
         if c is winner:
             continue
-        bundle, measured, ratio = exported.get(c.name) or dist.main_only(partial(screened_bundle, c))
+        bundle, measured, ratio = timed(c)
         outcomes.append(ContenderOutcome(c.name, c.spec.fingerprint(), c.predicted_ms, kd, why=c.why,
                                          bundle=str(bundle), measured_ms=measured, measured_ratio=ratio,
                                          over_latency=over.get(c.name, "")))
