@@ -85,6 +85,7 @@ log = logging.getLogger("llmshrink")
 
 RECORD = "compress.json"
 RECOVERY_RECORD = "recovery.json"  # [KD before, KD after] beside the recovered model
+MOVES = "moves.json"  # the search's moves away from its start, each measured (llmshrink.compressor.moves)
 MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
 
 
@@ -706,6 +707,8 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
                         params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
                         resume=ckpt_exists, targets=targets, start_from=start, progress=progress)
     secs["search"] = time.perf_counter() - t0
+    dist.main_only(lambda: storage.atomic_write_text(
+        sdir / MOVES, json.dumps([serde.to_dict(m) for m in result.moves], indent=1)))
     t0 = time.perf_counter()
     spec = replace(net.argmax_spec(model=ctx.source.describe()), notes={"budget_ms": f"{budget:g}"})
     dist.main_only(lambda: storage.atomic_write_text(sdir / "argmax_spec.json", spec.to_json()))

@@ -82,6 +82,7 @@ import torch
 
 from llmshrink import distributed as dist
 from llmshrink import serde, storage
+from llmshrink.compressor.moves import MoveCheck, MoveState, check_moves, moves_away
 from llmshrink.compressor.supernet import Supernet
 from llmshrink.compressor.teacher import TeacherTargets
 from llmshrink.errors import UsageError
@@ -124,6 +125,9 @@ class SearchConfig:
     settle_after: int = 30  # no decision settles (nor loses a candidate) before this many steps
     # how sure a search's start (a baseline of the budget, :meth:`Supernet.init_from_spec`) is: its logit lead
     start_strength: float = 3.0
+    # rows of a fixed architecture batch on which a move away from the start is measured before it settles
+    # (:mod:`.moves`); 0 lets decisions settle on the straight-through estimates alone
+    verify_rows: int = 8
     warmup_steps: int = 0  # weight-only steps first (only meaningful with weight_lr > 0)
     kd_temperature: float = 1.0
     checkpoint_every: int = 20
@@ -170,6 +174,7 @@ class SearchResult:
     supernet: Supernet
     history: list[StepLog] = field(default_factory=list)
     resumed_from: int | None = None
+    moves: list[MoveCheck] = field(default_factory=list)  # moves away from the start, measured (:mod:`.moves`)
 
 
 class _ForwardKL(torch.autograd.Function):
@@ -209,10 +214,11 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
 
 
 def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generator, history: list[StepLog],
-                      config: SearchConfig) -> bytes:
+                      config: SearchConfig, moves: MoveState) -> bytes:
     buf = io.BytesIO()
     torch.save({"net": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(), "step": step,
-                "gen": gen.get_state(), "history": [asdict(h) for h in history], "config": asdict(config)}, buf)
+                "gen": gen.get_state(), "history": [asdict(h) for h in history], "config": asdict(config),
+                "start": moves.start, "moves": [asdict(m) for m in moves.checks]}, buf)
     return buf.getvalue()
 
 
@@ -349,12 +355,24 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         gen.set_state(state["gen"])
         history = [StepLog(**h) for h in state["history"]]
         start = resumed = state["step"]
-    elif start_from is not None:
-        net.init_from_spec(start_from, cfg.start_strength)
+        moves = MoveState(state["start"], [MoveCheck(**m) for m in state["moves"]])
     else:
-        net.init_width_logits(cfg.width_prior)
-        if net.space.depth_search:
-            net.init_keep_logits(cfg.keep_prior)
+        if start_from is not None:
+            net.init_from_spec(start_from, cfg.start_strength)
+        else:
+            net.init_width_logits(cfg.width_prior)
+            if net.space.depth_search:
+                net.init_keep_logits(cfg.keep_prior)
+        moves = MoveState(net.choice_indices(), [])
+    verify = (halves[1][:cfg.verify_rows].to(net.embed.device),
+              half_targets[1][slice(0, cfg.verify_rows)].to(net.embed.device)) if cfg.verify_rows else None
+
+    def check(step: int, rows) -> None:
+        """Measure the moves among ``rows`` (:mod:`.moves`) at the search's current price of a millisecond."""
+        if verify is not None:
+            check_moves(net, moves, moves_away(net, moves, rows), *verify, table=table, workload=workload,
+                        price_per_ms=lam / budget_ms, step=step, lead=cfg.start_strength,
+                        kd_temperature=cfg.kd_temperature)
     if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
         for p in net.weight_parameters():
             p.requires_grad_(False)
@@ -380,15 +398,21 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
                 net.refresh_quant()
             if (step + 1) % cfg.settle_every == 0 and step + 1 >= max(cfg.settle_after, cfg.warmup_steps):
                 # judged at temperature 1, not the annealed one: annealing sharpens every distribution
-                # alike, and a decision frozen because of it was never learnt (see module docstring)
-                net.settle(cfg.entropy_threshold, cfg.prune_floor, 1.0)
+                # alike, and a decision frozen because of it was never learnt (see module docstring);
+                # a decision about to settle away from its start is measured first, and undone if it costs
+                # more than it saves (:mod:`.moves`)
+                check(step + 1, net.settling(cfg.entropy_threshold, 1.0))
+                net.settle(cfg.entropy_threshold, cfg.prune_floor, 1.0, protect=moves.start)
             n_settled, n_total = net.settled()
             log = StepLog(step + 1, kd.item(), lat.item(), params.item(), penalty.item(), tau, n_settled, n_total,
                           time.perf_counter() - t0, used)
             history.append(log)
             task.advance(1, info=f"kd {log.kd:.3f} · E[lat] {log.latency_ms:.2f}/{budget_ms:.2f} ms · "
                                  f"settled {n_settled}/{n_total}")
+            if step + 1 == cfg.steps:  # what is still away from its start and unmeasured is measured now
+                check(step + 1, None)
             if ckpt is not None and dist.is_main() and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
-                storage.atomic_write_bytes(ckpt, _checkpoint_bytes(net, opt_w, opt_a, step + 1, gen, history, cfg))
-    return SearchResult(net, history, resumed)
+                storage.atomic_write_bytes(ckpt, _checkpoint_bytes(net, opt_w, opt_a, step + 1, gen, history, cfg,
+                                                                   moves))
+    return SearchResult(net, history, resumed, list(moves.checks))
 

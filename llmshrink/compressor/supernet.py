@@ -524,11 +524,19 @@ class Supernet(nn.Module):
                 out[k] = torch.where(n > 1, ent / n.clamp_min(2).float().log(), torch.zeros_like(ent))
         return out
 
-    def settle(self, threshold: float, floor: float = 0.0, tau: float = 1.0) -> int:
+    def settling(self, threshold: float, tau: float = 1.0) -> dict[str, torch.Tensor]:
+        """Per decision, which rows :meth:`settle` with this ``threshold`` and ``tau`` would freeze now."""
+        ents = self.entropies(tau)
+        return {k: (ents[k] < threshold) & (self.alive(k).sum(-1) > 1) for k in self.alpha}
+
+    def settle(self, threshold: float, floor: float = 0.0, tau: float = 1.0,
+               protect: dict[str, torch.Tensor] | None = None) -> int:
         """Freeze decisions with normalized entropy below ``threshold`` at their argmax; drop
         candidates whose probability is below ``floor``; both judged at temperature ``tau``, the one
-        the forward pass currently uses (as it anneals, decisions settle). Returns how many decisions
-        were frozen now."""
+        the forward pass currently uses (as it anneals, decisions settle). ``protect`` (per decision, candidate
+        indices ``[...]`` like :meth:`choice_indices`) names one candidate per row the floor never drops: a
+        search's start, kept alive until a decision settles elsewhere, so a move can still be undone
+        (:mod:`.moves`). Returns how many decisions were frozen now."""
         frozen = 0
         ents = self.entropies(tau)
         with torch.no_grad():
@@ -540,8 +548,9 @@ class Supernet(nn.Module):
                 if k == "keep":
                     choice, settle = self._respect_min_layers(p, alive, choice, settle)
                 onehot = F.one_hot(choice, p.shape[-1]).bool()
+                kept = onehot if protect is None else onehot | F.one_hot(protect[k], p.shape[-1]).bool()
                 frozen += int(settle.sum())
-                new = torch.where(settle[..., None], onehot, alive & ((p >= floor) | onehot))
+                new = torch.where(settle[..., None], onehot, alive & ((p >= floor) | kept))
                 if k == "keep":
                     new[~settle] = alive[~settle]  # a block is kept or dropped, never left with no option
                 alive.copy_(new)
@@ -559,6 +568,27 @@ class Supernet(nn.Module):
             choice = choice.clone()
             choice[forced] = 1
         return choice, settle
+
+    def choice_indices(self) -> dict[str, torch.Tensor]:
+        """Each decision row's most probable alive candidate: per decision, indices ``alpha[k].shape[:-1]``."""
+        with torch.no_grad():
+            return {k: a.masked_fill(~self.alive(k), float("-inf")).argmax(-1) for k, a in self.alpha.items()}
+
+    def onehot(self, choices: dict[str, torch.Tensor]) -> Probs:
+        """The one subnet ``choices`` (as :meth:`choice_indices` gives them) names, as probabilities a forward
+        pass and :meth:`expected_latency` read."""
+        return Probs(**{k: F.one_hot(choices[k], a.shape[-1]).to(a.dtype) for k, a in self.alpha.items()})
+
+    def freeze(self, name: str, row: tuple[int, ...], index: int, lead: float) -> None:
+        """Decide row ``row`` of decision ``name`` at candidate ``index``: it alone stays alive, and its logit
+        leads the row's others by ``lead`` (what later reads the logits of pruned candidates, the fit's grow
+        step, then prefers it too)."""
+        with torch.no_grad():
+            alive, a = self.alive(name), self.alpha[name]
+            alive[row] = False
+            alive[row + (index,)] = True
+            a[row] = 0.0
+            a[row + (index,)] = lead
 
     def settled(self) -> tuple[int, int]:
         """(decisions with one candidate left, all decisions)."""

@@ -101,7 +101,7 @@ def test_resume_continues_from_the_checkpoint_and_ends_where_an_unbroken_run_end
     wl, cfg = Workload("decode", 1, 16), _cfg()
     kw = dict(table=table, workload=wl, budget_ms=0.01, config=cfg)
     whole = Supernet(tiny_hf, _space(tiny_base))
-    run_search(whole, tiny_hf, calib, **kw)
+    unbroken = run_search(whole, tiny_hf, calib, **kw)
     broken = Supernet(tiny_hf, _space(tiny_base))
     with pytest.raises(KeyboardInterrupt):
         run_search(broken, tiny_hf, calib, checkpoint_dir=tmp_path, progress=_Killer(4), **kw)
@@ -109,6 +109,7 @@ def test_resume_continues_from_the_checkpoint_and_ends_where_an_unbroken_run_end
     fresh = Supernet(tiny_hf, _space(tiny_base))
     res = run_search(fresh, tiny_hf, calib, checkpoint_dir=tmp_path, resume=True, **kw)
     assert res.resumed_from == 3 and [h.step for h in res.history] == list(range(1, 7))
+    assert res.moves == unbroken.moves  # the start and the moves measured before the break come back too
     for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(UsageError, match="other search settings"):
