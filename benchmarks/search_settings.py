@@ -5,7 +5,8 @@ model quantized in each search format) and, per variant, runs the search at the 
 start (its most faithful baseline), extracts and fits the subnet as ``compress`` does, quantizes it with the run's
 quantizer and scores it on the run's screening rows (KL from the original): the number ``compress`` ranks its
 contenders by. Printed beside the baselines' screening KLs the run recorded (``screen.json``). No recovery, no
-export: a search setting is judged by what it hands the screening.
+export: a search setting is judged by what it hands the screening. "moves" counts the search's moves away from its
+start that it measured before they settled (``verify_rows``), kept/undone.
 
     python benchmarks/search_settings.py --run runs/joint-vs-sequential/joint/1.0xint4-a8 \\
         --variant default: --variant lr0.05:arch_lr=0.05 [--results FILE]
@@ -101,7 +102,7 @@ def main() -> None:
              f"{len(inputs.screen_rows)} screening rows. The run's own screening: "
              + ", ".join(f"{k} {v:.4f}" for k, v in screened.items()), "",
              f"{'variant':<22}{'kd 1-10':>9}{'kd 91-100':>10}{'E[lat]':>8}{'pred ms':>9}{'blocks':>7}{'heads cut':>10}"
-             f"{'mlp cut':>8}{'8-bit':>6}{'head':>9}{'screen KL':>10}{'min':>6}"]
+             f"{'mlp cut':>8}{'8-bit':>6}{'head':>9}{'moves':>8}{'screen KL':>10}{'min':>6}"]
     for v in args.variant:
         name, _, kv = v.partition(":")
         overrides = {k: _value(x) for k, _, x in (p.partition("=") for p in kv.split(",") if p)}
@@ -120,6 +121,8 @@ def main() -> None:
         cm = materialize(inputs.hf, spec, inputs.tok, calib=inputs.quant_calib, quantizer=config.quantizer)
         kl = screen_kd(cm, inputs.hf, inputs.screen_rows)
         h = res.history
+        # moves away from the start measured by the search (llmshrink.compressor.moves): kept/undone
+        moves = f"{sum(c.accepted for c in res.moves)}/{sum(not c.accepted for c in res.moves)}"
         kept = [ls for ls in spec.layers if ls.keep]
         dropped = [i for i, ls in enumerate(spec.layers) if not ls.keep]
         eight = sum(1 for ls in kept for f in ls.precision.values() if f.startswith("w8"))
@@ -128,7 +131,7 @@ def main() -> None:
             f"{h[-1].latency_ms:>8.2f}{predict(spec, target, workload, table=table).total_ms:>9.3f}{len(kept):>7}"
             f"{sum(base.num_heads - ls.num_heads for ls in kept):>10}"
             f"{sum(base.intermediate_size - ls.intermediate_size for ls in kept):>8}{eight:>6}{spec.lm_head:>9}"
-            f"{kl:>10.4f}{(time.perf_counter() - t0) / 60:>6.1f}  dropped {dropped}")
+            f"{moves:>8}{kl:>10.4f}{(time.perf_counter() - t0) / 60:>6.1f}  dropped {dropped}")
         print(lines[-1], flush=True)
     emit(lines, args.results)
 

@@ -109,26 +109,24 @@ def moves_away(net, state: MoveState, rows: dict[str, torch.Tensor] | None = Non
 
 
 @torch.no_grad()
-def _kd(net, ids: torch.Tensor, target: torch.Tensor, probs, temperature: float, chunk: int = 4) -> float:
-    from llmshrink.compressor.search import kd_loss
-
+def _kd(net, ids: torch.Tensor, target: torch.Tensor, probs, loss: Callable, chunk: int = 4) -> float:
     total = 0.0
     for s in range(0, len(ids), chunk):
-        total += float(kd_loss(net(ids[s:s + chunk], probs), target[s:s + chunk], temperature)) * len(ids[s:s + chunk])
+        total += float(loss(net(ids[s:s + chunk], probs), target[s:s + chunk])) * len(ids[s:s + chunk])
     return total / len(ids)
 
 
 def check_moves(net, state: MoveState, rows: list[tuple[str, tuple]], ids: torch.Tensor, target: torch.Tensor, *,
-                table, workload, price_per_ms: float, step: int, lead: float,
-                kd_temperature: float = 1.0) -> list[MoveCheck]:
+                table, workload, price_per_ms: float, step: int, lead: float, loss: Callable) -> list[MoveCheck]:
     """Measure each move in ``rows`` against the current most probable subnet (see module docstring); freeze
-    the ones that fail at their start (logit lead ``lead``). Appends to and returns ``state.checks``' new
-    entries. Costs one forward of ``ids`` for the subnet plus one per move."""
+    the ones that fail at their start (logit lead ``lead``). ``loss(student_logits, target)`` is the search's
+    KD (passed in: the search imports this module). Appends to and returns ``state.checks``' new entries.
+    Costs one forward of ``ids`` for the subnet plus one per move."""
     if not rows:
         return []
     current = net.choice_indices()
     probs = net.onehot(current)
-    kd_with = _kd(net, ids, target, probs, kd_temperature)
+    kd_with = _kd(net, ids, target, probs, loss)
     lat_with = float(net.expected_latency(table, workload, probs))
     new = []
     for k, row in rows:
@@ -136,7 +134,7 @@ def check_moves(net, state: MoveState, rows: list[tuple[str, tuple]], ids: torch
         alt = {key: v.clone() for key, v in current.items()}
         alt[k][row] = start
         p = net.onehot(alt)
-        kd_without = _kd(net, ids, target, p, kd_temperature)
+        kd_without = _kd(net, ids, target, p, loss)
         saved = float(net.expected_latency(table, workload, p)) - lat_with
         ok = kd_with - kd_without <= price_per_ms * saved
         if not ok:

@@ -85,6 +85,7 @@ log = logging.getLogger("llmshrink")
 
 RECORD = "compress.json"
 RECOVERY_RECORD = "recovery.json"  # [KD before, KD after] beside the recovered model
+SAME_AS = ": the same model as the "  # how a searched subnet that is a baseline says so (its ``why``)
 MOVES = "moves.json"  # the search's moves away from its start, each measured (llmshrink.compressor.moves)
 MEASURABLE_RUNTIMES = ("onnxruntime-cpu",)  # what this process can time on the machine it runs on
 
@@ -451,6 +452,8 @@ def screen_verdict(c: CandidateOutcome) -> str:
     won = next(k for k in c.contenders if k.shipped)
     others = ", ".join(f"{k.name} {k.screen_kd:.4f}" for k in ranked if not k.shipped)
     head = ("the search won" if won.name == SEARCH else f"the search did not win, {won.name} did")
+    if won.name == SEARCH and SAME_AS in won.why:  # it came back to a baseline: the win is that baseline's
+        head += f", with the same model as the {won.why.split(SAME_AS, 1)[1]}"
     over = "".join(f"; {k.name} did not ship: {k.over_latency}" for k in ranked if k.over_latency)
     return (f"{c.label}: {head} (KL from the original after the quantizer, before recovery: {won.name} "
             f"{won.screen_kd:.4f}; {others}){over}; {won.name} ships, recovered, the others as screened")
@@ -734,7 +737,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
                          f"the {config.strategy} search's subnet, fitted to the budget")
     same = [c for c in baselines if c.spec.fingerprint() == spec.fingerprint()]
     if same:  # the search came back to a baseline: screened once, under the search's name, and said so
-        searched = replace(searched, why=f"{searched.why}: the same model as the {same[0].name} baseline")
+        searched = replace(searched, why=f"{searched.why}{SAME_AS}{same[0].name} baseline")
     pool = [searched] + [c for c in baselines if c not in same]
     expected = result.history[-1].latency_ms if result.history else float("nan")
     if len(pool) == 1:  # nothing to compare with: no screening

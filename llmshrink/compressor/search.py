@@ -372,7 +372,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         if verify is not None:
             check_moves(net, moves, moves_away(net, moves, rows), *verify, table=table, workload=workload,
                         price_per_ms=lam / budget_ms, step=step, lead=cfg.start_strength,
-                        kd_temperature=cfg.kd_temperature)
+                        loss=lambda s, t: kd_loss(s, t, cfg.kd_temperature))
     if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
         for p in net.weight_parameters():
             p.requires_grad_(False)

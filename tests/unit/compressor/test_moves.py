@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmshrink.compressor.moves import MoveState, check_moves, moves_away
-from llmshrink.compressor.search import SearchConfig, run_search
+from llmshrink.compressor.search import SearchConfig, kd_loss, run_search
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.compressor.supernet import Supernet
 
@@ -47,7 +47,7 @@ def test_a_move_that_costs_more_kd_than_its_saving_is_worth_is_undone_at_its_sta
     net, state = _started(tiny_hf, tiny_base)
     assert moves_away(net, state) == [("mlp", (0,))]
     done = check_moves(net, state, moves_away(net, state), *rows, table=table, workload=Workload("decode", 1, 16),
-                       price_per_ms=0.0, step=7, lead=3.0)
+                       price_per_ms=0.0, step=7, lead=3.0, loss=kd_loss)
     [c] = done
     assert c.decision == "layer 0 MLP size" and (c.start, c.to) == ("128", "64") and c.step == 7
     assert c.kd_with > c.kd_without and c.saved_ms > 0 and not c.accepted
@@ -61,7 +61,7 @@ def test_a_move_whose_saving_pays_for_its_kd_stays_and_is_not_checked_again(tiny
     from llmshrink.targets.workload import Workload
 
     net, state = _started(tiny_hf, tiny_base)
-    kw = dict(table=table, workload=Workload("decode", 1, 16), step=3, lead=3.0)
+    kw = dict(table=table, workload=Workload("decode", 1, 16), step=3, lead=3.0, loss=kd_loss)
     [c] = check_moves(net, state, moves_away(net, state), *rows, price_per_ms=1e6, **kw)
     assert c.accepted and c.kd_with - c.kd_without <= c.price_per_ms * c.saved_ms
     assert net.alive("mlp")[0].all() and int(net.choice_indices()["mlp"][0]) == 0  # left as the search had it

@@ -669,3 +669,17 @@ def test_a_refused_contender_gets_the_mixed_one_made_again_on_the_table_its_meas
     assert pipeline._repriced_mixed(ctx, 1.0, ranked, {MIXED: (None, None, None)}) is None  # not measured
     assert pipeline._repriced_mixed(ctx, 1.0, ranked, {MIXED: (None, None, 0.9 * mine / theirs)}) is None
     assert pipeline._repriced_mixed(ctx, 1.0, [*ranked, (again, 0.2)], {MIXED: (None, None, 2.0)}) is None  # made
+
+
+def test_the_verdict_says_when_the_winning_search_is_a_baseline_unchanged():
+    from llmshrink.compressor.contenders import ContenderOutcome
+    from llmshrink.compressor.pipeline import SAME_AS, CandidateOutcome, screen_verdict
+
+    def outcome(why):
+        won = ContenderOutcome("search", "a", 1.0, 0.08, why=why, shipped=True)
+        return CandidateOutcome("1ms", 1.0, "b", "a", 1.0, 1.0, (), None, None,
+                                contenders=(won, ContenderOutcome("uniform", "c", 1.0, 0.1)))
+
+    assert screen_verdict(outcome("the joint search's subnet")).startswith("1ms: the search won (")
+    v = screen_verdict(outcome(f"the joint search's subnet{SAME_AS}mixed precision baseline"))
+    assert v.startswith("1ms: the search won, with the same model as the mixed precision baseline (")
