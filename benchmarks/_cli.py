@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,18 @@ def sh(*args: str, check: bool = True) -> str:
     print("$ llmshrink " + " ".join(args), file=sys.stderr)
     res = subprocess.run([sys.executable, "-m", "llmshrink", *args], check=check, stdout=subprocess.PIPE, text=True)
     return res.stdout
+
+
+def machine_line() -> str:
+    """Where and when the table was made: latency ratios move with the CPU (its ISA) and the table it was priced on."""
+    from datetime import datetime, timezone
+
+    from llmshrink.doctor import cpu_table_status
+    from llmshrink.host import cpu_features, cpu_id, cpu_model
+
+    t = cpu_table_status()
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_model()} ({cpu_id()}; {', '.join(cpu_features())}),"
+            f" {os.cpu_count()} cores; cpu table {t.get('name')} ({t.get('kind')}, {t.get('date')}): {t.get('status')}")
 
 
 def uniform_setup(out: Path, data_dir: str, model: str, fmt: str) -> tuple[Path, str, Path]:

@@ -32,6 +32,7 @@ from _cli import (  # benchmarks/ is on sys.path when a script in it runs
     HELLASWAG_DOCS,
     emit,
     evaluate,
+    machine_line,
     sh,
     timed_in_turn,
     uniform_args,
@@ -116,6 +117,7 @@ def main() -> None:
              + (f" --baseline-run {args.baseline_run}" if args.baseline_run else "")
              + (f" --run {args.run}" if args.run else "")
              + (" --full-tasks" if args.full_tasks else ""),
+             machine_line(),
              f"budget {args.latency} = {budgets} on this "
              f"machine's cpu table; decode, batch 1, 256 tokens in cache. ORT bundles as shipped. KL: the screening "
              "KL from the original (quantizer only). held: perplexity on the run's held-out calibration rows. "

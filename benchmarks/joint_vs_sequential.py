@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from _cli import HELLASWAG, HELLASWAG_DOCS, emit, evaluate, sh, uniform_setup
+from _cli import HELLASWAG, HELLASWAG_DOCS, emit, evaluate, machine_line, sh, uniform_setup
 
 STRATEGIES = ("joint", "sequential")
 TASKS = {"arc_easy_local": "ARC-E", "boolq_local": "BoolQ", "winogrande_local": "Wino",
@@ -160,6 +160,7 @@ def main() -> None:
 
     int4 = meas["uniform int4 (gptq, no recovery)"]
     lines = ["$ python benchmarks/joint_vs_sequential.py " + " ".join(sys.argv[1:]),
+             machine_line(),
              f"budgets relative to uniform w4g32a8 on this machine's cpu table ({', '.join(f'{b} = {ms[b]:g} ms' for b in budgets)}); "
              "decode, batch 1, 256 tokens in cache; ORT bundles as shipped. shipped: the contender the run screened "
              "best and recovered (search, or a baseline: uniform-<format>, importance). search KL: the search's own "
