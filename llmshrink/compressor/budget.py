@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from llmshrink.compressor.space import SearchSpace
 from llmshrink.errors import InfeasibleBudgetError, UsageError
+from llmshrink.formats import fidelity_key
 from llmshrink.progress import Progress
 from llmshrink.spec import LINEARS, BaseShape, SubnetSpec
 from llmshrink.targets.predict import predict, table_for
@@ -255,7 +256,7 @@ def moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KI
 def up_moves(spec: SubnetSpec, space: SearchSpace, kinds: tuple[str, ...] = MOVE_KINDS
              ) -> Iterator[tuple[str, SubnetSpec]]:
     """Every single step up from ``spec`` within ``space`` of the given kinds: one notch wider, a dropped block
-    back (in the shape it was extracted with), another format (the caller keeps those that cost time)."""
+    back (in the shape it was extracted with), a more faithful format."""
     for kind, what, new, _ in _steps(spec, space, +1):
         if kind in kinds:
             yield what, new
@@ -265,8 +266,10 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int, block_order: Sequenc
            ) -> Iterator[tuple[str, str, SubnetSpec, int | None]]:
     """(kind, description, new spec, layer) of every one-notch change of ``spec`` in direction ``step``: widths
     one candidate narrower (-1) or wider (+1); a kept block dropped while ``min_layers`` allows (-1) or a
-    dropped block kept (+1); any other format for any linear or the lm_head (either direction). ``layer``
-    is the one layer the change touches (None: the hidden width or the lm_head).
+    dropped block kept (+1); any other format for any linear or the lm_head (-1: either direction, the caller
+    keeps those that save time; +1: a more faithful one by :func:`.formats.fidelity_key`, so that a grow step
+    never buys a coarser format and every step up is one notch up some total order, which cannot cycle).
+    ``layer`` is the one layer the change touches (None: the hidden width or the lm_head).
 
     With ``block_order`` (blocks most important first, :meth:`.Importance.block_order`) a depth step follows
     it: only the least important kept block may be dropped, only the most important dropped one kept."""
@@ -280,7 +283,7 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int, block_order: Sequenc
     if h:
         yield "width", f"hidden {spec.hidden_size}->{h}", replace(spec, hidden_size=h), None
     for f in space.linear_formats("lm_head"):
-        if f != spec.lm_head:
+        if f != spec.lm_head and (step < 0 or _more_faithful(f, spec.lm_head)):
             yield "precision", f"lm_head {spec.lm_head}->{f}", replace(spec, lm_head=f), None
     can_drop = len(spec.kept_layers()) > space.min_layers
     for i, ls in enumerate(spec.layers):
@@ -308,7 +311,7 @@ def _steps(spec: SubnetSpec, space: SearchSpace, step: int, block_order: Sequenc
             yield "width", f"layer {i} heads/group {per}->{r}", at(replace(ls, num_heads=ls.num_kv_heads * r)), i
         for name in LINEARS:
             for f in space.linear_formats(name):
-                if f != ls.precision[name]:
+                if f != ls.precision[name] and (step < 0 or _more_faithful(f, ls.precision[name])):
                     yield "precision", f"layer {i} {name} {ls.precision[name]}->{f}", at(
                         replace(ls, precision={**ls.precision, name: f})), i
 
@@ -369,6 +372,10 @@ class _MovePricer:
             yield _Priced(what, new, ms, pref, prior)
 
 
+def _more_faithful(a: str, b: str) -> bool:
+    return fidelity_key(a) < fidelity_key(b)
+
+
 def _layer_key(ls) -> tuple:
     return (ls.keep, ls.num_heads, ls.num_kv_heads, ls.head_dim, ls.intermediate_size,
             tuple(sorted(ls.precision.items())))
@@ -384,7 +391,8 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
     after the multiplier has pushed them), and the most probable subnet can land well under the budget
     — time the user gave and quality left on the table. Each step takes the step up (see
     :func:`up_moves`) that fits and loses the least ``preference`` per millisecond it costs (gains
-    first); ties go by ``fallback`` (as in :func:`fit_to_budget`). It stops when none fits. ``Move.cost``
+    first); ties go by ``fallback`` (as in :func:`fit_to_budget`). A step the table prices at no time is
+    taken first when it gains preference (largest gain first). It stops when none fits. ``Move.cost``
     is the preference lost (negative: gained). ``block_order``: a block comes back only in that order (see
     :func:`fit_to_budget`).
     """
@@ -393,15 +401,23 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
     now = pricer.scores(spec)
     while len(taken) < max_moves:
         best: _Priced | None = None
-        best_key: tuple = (float("inf"),)
+        best_key: tuple = (2,)
         for m in pricer.moves(spec, now, +1, kinds):
             added = m.ms - now[0]
-            if added <= 1e-9 or m.ms > budget_ms:
-                continue
             cost = now[1] - m.pref
-            key = (round(cost / added, 9) if math.isfinite(cost) else cost,
-                   (now[2] - m.prior) / added if fallback else 0.0)
-            if key < best_key and math.isfinite(key[0]):
+            if m.ms > budget_ms or not math.isfinite(cost):
+                continue
+            if added <= 1e-9:
+                # a step up the table prices at no time (its prices are not one per linear: on an adapted cpu
+                # table q/k/v in one format are one fused call, and a lone 8-bit o_proj can cost more than
+                # fp32): worth taking only for a strict gain, biggest first; preference then rises every step
+                # (by more than round-off: two specs of equal preference summed in another order must not cycle)
+                if cost >= -1e-9 * max(1.0, abs(now[1])):
+                    continue
+                key = (0, cost, 0.0)
+            else:
+                key = (1, round(cost / added, 9), (now[2] - m.prior) / added if fallback else 0.0)
+            if key < best_key:
                 best, best_key = m, key
         if best is None:
             break

@@ -132,6 +132,25 @@ def test_grow_to_budget_moves_only_the_kinds_it_is_given(setup):
     assert {f for ls in grown.layers for f in ls.precision.values()} | {grown.lm_head} == {"w4g32a8"}
 
 
+def test_a_grow_step_never_buys_a_coarser_format_and_takes_a_gain_that_costs_no_time(setup):
+    """Table prices are not one per linear (fused q/k/v on an adapted cpu table; at these tiny shapes a 4-bit
+    linear costs more than an fp32 one): a step up may cost no time, and a coarser format may cost more."""
+    space, target, wl, table = setup
+    top = predict(space.largest("fp32"), target, wl, table=table).total_ms
+    coarse = space.largest("w4g32a8")
+    assert predict(coarse, target, wl, table=table).total_ms > top  # this table, these shapes: 4 bits are slower
+    # everything in fp32, time to spare: nothing to buy (a coarser format costing time is no step up)
+    same, none = grow_to_budget(space.largest("fp32"), space, target, wl, table, top * 2, preference=lambda s: 0.0)
+    assert none == [] and same == space.largest("fp32")
+    # from 4 bits at its own latency, no time to spare: the steps to fp32 that save time gain, so they are taken
+    fidelity = lambda s: -sum(f != "fp32" for ls in s.layers for f in ls.precision.values())  # noqa: E731
+    budget = predict(coarse, target, wl, table=table).total_ms
+    grown, taken = grow_to_budget(coarse, space, target, wl, table, budget, preference=fidelity,
+                                  kinds=("precision",))
+    assert taken and all(m.what.endswith("->fp32") and m.cost < 0 for m in taken)
+    assert fidelity(grown) > fidelity(coarse) and predict(grown, target, wl, table=table).total_ms <= budget
+
+
 @pytest.mark.parametrize("preference", [
     lambda s: 0.0,  # a search with no preference left
     None,  # no search at all
