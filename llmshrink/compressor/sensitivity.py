@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmshrink.compressor.budget import Move, fit_to_budget, grow_to_budget
+from llmshrink.compressor.budget import Move, fastest_format, fit_to_budget, grow_to_budget
 from llmshrink.compressor.materialize import materialize
 from llmshrink.compressor.quant import fake_quant, quantize_activation
 from llmshrink.compressor.space import SearchSpace
@@ -144,14 +144,16 @@ def assign_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, ta
 
 def mixed_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, target, workload, table,
                     budget_ms: float) -> SubnetSpec | None:
-    """``spec``'s architecture with a format per linear, by precision moves alone: every linear starts at its
-    least sensitive format of ``space`` and steps down where that adds the least summed error per millisecond
-    saved, until the table predicts ``budget_ms`` (HAWQ-style, with :class:`Sensitivity`'s proxy). None when
-    precision alone cannot reach the budget (the proxy cannot price an architecture cut: a dropped block's
-    error terms simply vanish from the sum)."""
+    """``spec``'s architecture with a format per linear, by precision moves alone (:func:`assign_precision`
+    with ``spec`` in the space's fastest format as the floor): every linear starts at its least sensitive
+    format of ``space`` and steps down where that adds the least summed error per millisecond saved, until the
+    table predicts ``budget_ms`` (HAWQ-style, with :class:`Sensitivity`'s proxy); where those steps stall, the
+    fastest format steps up instead. None when precision alone cannot reach the budget (the proxy cannot
+    price an architecture cut: a dropped block's error terms simply vanish from the sum)."""
+    fastest = fastest_format(space, target, workload, table)
+    floor = replace(spec.with_precision(fastest, lm_head=False), lm_head=space.largest(fastest).lm_head)
     try:
-        fitted, _ = fit_to_budget(_least_sensitive(spec, sens, space), space, target, workload, table, budget_ms,
-                                  preference=sens.preference, kinds=("precision",))
+        fitted, _ = assign_precision(floor, sens, space, target, workload, table, budget_ms)
     except InfeasibleBudgetError:
         return None
     return fitted

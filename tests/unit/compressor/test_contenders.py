@@ -129,6 +129,38 @@ def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sen
     assert all(c.name != "mixed precision" for c in baselines(space, target, wl, table, budget, imp))
 
 
+def test_when_one_linear_steps_stall_the_mixed_contender_steps_up_from_the_fastest_format(
+        setup, tiny_hf, tiny_base, monkeypatch):
+    """An adapted table prices q/k/v in one format as one fused call, so stepping one linear down can cost
+    time and the greedy steps down stall over the budget (SmolLM2 at 0.85x int4). The contender is then the
+    fastest format stepped up where the budget allows, not missing."""
+    from llmshrink.compressor import sensitivity as sensitivity_mod
+    from llmshrink.compressor.sensitivity import measure_sensitivity
+    from llmshrink.errors import InfeasibleBudgetError
+
+    _, target, wl, table, imp = setup
+    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,), mlp=(128,),
+                        min_layers=2, formats=("fp32", "w8a8"), lm_head_formats=("fp32", "w8a8")).validate()
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(5))
+    full = imp.apply(space.largest("fp32"), choose_blocks=False)
+    sens = measure_sensitivity(tiny_hf, full, space.formats, space.lm_head_formats, [ids[:2], ids[2:]])
+    lo = predict(space.largest("w8a8"), target, wl, table=table).total_ms
+    hi = predict(space.largest("fp32"), target, wl, table=table).total_ms
+    budget = lo + 0.5 * (hi - lo)
+
+    def stalls(*args, **kwargs):
+        raise InfeasibleBudgetError("the steps down stalled", "")
+
+    monkeypatch.setattr(sensitivity_mod, "fit_to_budget", stalls)
+    (m,) = [c for c in baselines(space, target, wl, table, budget, imp, sensitivity=sens) if c.name == MIXED]
+    assert m.predicted_ms <= budget and len(m.spec.kept_layers()) == tiny_base.num_layers
+    used = {f for ls in m.spec.layers for f in ls.precision.values()} | {m.spec.lm_head}
+    assert used == {"fp32", "w8a8"}
+    assert sens.error(m.spec) < sens.error(full.with_precision("w8a8"))  # stepped up from the fastest format
+    # under the fastest format's own latency the floor does not fit either: still no contender
+    assert all(c.name != MIXED for c in baselines(space, target, wl, table, lo * 0.9, imp, sensitivity=sens))
+
+
 def test_reprice_puts_the_measured_excess_on_the_format_the_reference_does_not_use(setup, tiny_base):
     """Corrected, the table predicts the measured ratio exactly; only the blamed format's predictions move."""
     from dataclasses import replace
