@@ -91,8 +91,10 @@ def test_screen_kd_is_zero_for_the_original_and_grows_with_coarser_weights(tiny_
     assert 0 < w4 < w2
 
 
-def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sensitive_linears_kept_wide(
-        setup, tiny_hf, tiny_base):
+@pytest.fixture(scope="module")
+def two_formats(setup, tiny_hf, tiny_base):
+    """(space, the unpruned model in fp32, its sensitivity, uniform w8a8's and fp32's predicted ms, a budget
+    half way between) for the mixed-precision contender's tests."""
     from llmshrink.compressor.sensitivity import measure_sensitivity
 
     _, target, wl, table, imp = setup
@@ -105,7 +107,13 @@ def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sen
     lo = predict(space.largest("w8a8"), target, wl, table=table).total_ms
     hi = predict(space.largest("fp32"), target, wl, table=table).total_ms
     assert lo < hi
-    budget = lo + 0.5 * (hi - lo)
+    return space, full, sens, lo, hi, lo + 0.5 * (hi - lo)
+
+
+def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sensitive_linears_kept_wide(
+        setup, two_formats, tiny_base):
+    _, target, wl, table, imp = setup
+    space, _, sens, lo, _, budget = two_formats
     found = baselines(space, target, wl, table, budget, imp, sensitivity=sens)
     (m,) = [c for c in found if c.name == "mixed precision"]
     assert m.predicted_ms <= budget and len(m.spec.kept_layers()) == tiny_base.num_layers
@@ -130,23 +138,15 @@ def test_the_mixed_precision_contender_is_unpruned_under_the_budget_with_the_sen
 
 
 def test_when_one_linear_steps_stall_the_mixed_contender_steps_up_from_the_fastest_format(
-        setup, tiny_hf, tiny_base, monkeypatch):
+        setup, two_formats, tiny_base, monkeypatch):
     """An adapted table prices q/k/v in one format as one fused call, so stepping one linear down can cost
     time and the greedy steps down stall over the budget (SmolLM2 at 0.85x int4). The contender is then the
     fastest format stepped up where the budget allows, not missing."""
     from llmshrink.compressor import sensitivity as sensitivity_mod
-    from llmshrink.compressor.sensitivity import measure_sensitivity
     from llmshrink.errors import InfeasibleBudgetError
 
     _, target, wl, table, imp = setup
-    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,), mlp=(128,),
-                        min_layers=2, formats=("fp32", "w8a8"), lm_head_formats=("fp32", "w8a8")).validate()
-    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(5))
-    full = imp.apply(space.largest("fp32"), choose_blocks=False)
-    sens = measure_sensitivity(tiny_hf, full, space.formats, space.lm_head_formats, [ids[:2], ids[2:]])
-    lo = predict(space.largest("w8a8"), target, wl, table=table).total_ms
-    hi = predict(space.largest("fp32"), target, wl, table=table).total_ms
-    budget = lo + 0.5 * (hi - lo)
+    space, full, sens, lo, _, budget = two_formats
 
     def stalls(*args, **kwargs):
         raise InfeasibleBudgetError("the steps down stalled", "")
