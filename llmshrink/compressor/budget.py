@@ -410,8 +410,8 @@ def grow_to_budget(spec: SubnetSpec, space: SearchSpace, target, workload, table
             if added <= 1e-9:
                 # a step up the table prices at no time (its prices are not one per linear: on an adapted cpu
                 # table q/k/v in one format are one fused call, and a lone 8-bit o_proj can cost more than
-                # fp32): worth taking only for a strict gain, biggest first; preference then rises every step
-                # (by more than round-off: two specs of equal preference summed in another order must not cycle)
+                # fp32): worth taking only for a strict gain, biggest first (more than round-off: a tie summed
+                # in another order is no gain)
                 if cost >= -1e-9 * max(1.0, abs(now[1])):
                     continue
                 key = (0, cost, 0.0)
