@@ -792,9 +792,7 @@ def fit_sequential(spec, net, imp, space, target, workload, table, budget: float
     from llmshrink.compressor.budget import fastest_format
     from llmshrink.compressor.sensitivity import assign_precision
 
-    fastest = fastest_format(space, target, workload, table)
-    priced = replace(spec, lm_head=space.fit_format(fastest, "lm_head"), layers=tuple(
-        replace(ls, precision={n: space.fit_format(fastest, n) for n in ls.precision}) for ls in spec.layers))
+    priced = space.in_format(spec, fastest_format(space, target, workload, table))
     arch, arch_moves = fit_searched(priced, net, imp, space, target, workload, table, budget,
                                     kinds=("width", "depth"), searched_as=lambda s: s.with_precision("fp32"))
     spec, prec_moves = assign_precision(arch, sensitivity(arch), space, target, workload, table, budget)

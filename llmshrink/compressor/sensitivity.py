@@ -150,8 +150,7 @@ def mixed_precision(spec: SubnetSpec, sens: Sensitivity, space: SearchSpace, tar
     table predicts ``budget_ms`` (HAWQ-style, with :class:`Sensitivity`'s proxy); where those steps stall, the
     fastest format steps up instead. None when precision alone cannot reach the budget (the proxy cannot
     price an architecture cut: a dropped block's error terms simply vanish from the sum)."""
-    fastest = fastest_format(space, target, workload, table)
-    floor = replace(spec.with_precision(fastest, lm_head=False), lm_head=space.largest(fastest).lm_head)
+    floor = space.in_format(spec, fastest_format(space, target, workload, table))
     try:
         fitted, _ = assign_precision(floor, sens, space, target, workload, table, budget_ms)
     except InfeasibleBudgetError:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -131,6 +131,12 @@ class SearchSpace:
             return (f.weight_bits != want.weight_bits, f.act != want.act, f.symmetric != want.symmetric, gap)
 
         return min(offered, key=distance)
+
+    def in_format(self, spec: SubnetSpec, fmt: str) -> SubnetSpec:
+        """``spec``'s architecture with every linear (and the lm_head) in ``fmt`` as :meth:`largest` places it
+        (:meth:`fit_format`): e.g. a subnet priced in the space's fastest format."""
+        layers = tuple(replace(ls, precision={n: self.fit_format(fmt, n) for n in ls.precision}) for ls in spec.layers)
+        return replace(spec, layers=layers, lm_head=self.fit_format(fmt, "lm_head"))
 
     def largest(self, fmt: str | None = None) -> SubnetSpec:
         """Every width at its largest, every block kept, in ``fmt`` (default: the first, widest-bit format)
@@ -274,6 +280,4 @@ def load_space(path: str | Path, base: BaseShape, target_formats: Sequence[str],
                for k, v in d.items()}
     if "formats" in changes and "lm_head_formats" not in changes:
         changes["lm_head_formats"] = changes["formats"]
-    from dataclasses import replace
-
     return replace(space, **changes).validate(target_formats)
