@@ -216,7 +216,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
 def _checkpoint_bytes(net: Supernet, opt_w, opt_a, step: int, gen: torch.Generator, history: list[StepLog],
                       config: SearchConfig, moves: MoveState) -> bytes:
     buf = io.BytesIO()
-    torch.save({"net": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(), "step": step,
+    # frozen weights are rebuilt from the model: only what the search changes is saved
+    weights = net.search_state() if config.weight_lr == 0 else net.state_dict()
+    torch.save({"net": weights, "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(), "step": step,
                 "gen": gen.get_state(), "history": [asdict(h) for h in history], "config": asdict(config),
                 "start": moves.start, "moves": [asdict(m) for m in moves.checks]}, buf)
     return buf.getvalue()
@@ -307,7 +309,7 @@ def optimizers(net: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Optimizer,
 def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, budget_ms: float,
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
                checkpoint_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
-               targets: TeacherTargets | None = None, start_from=None,
+               targets: TeacherTargets | None = None, start_from=None, shard: bool = False,
                progress: Progress = NULL_PROGRESS) -> SearchResult:
     """Search ``net`` (modified in place) against ``teacher`` (the original HF model) on ``calib`` ``[N, T]``.
 
@@ -321,11 +323,23 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
     ``stop_after`` ends the search after that many steps (with a checkpoint):
     several budgets share one weight warm-up this way, each resuming from it.
 
+    ``shard``: under torchrun, shard the supernet's weights over the ranks with FSDP (:meth:`Supernet.freeze_weights`)
+    instead of holding them whole on each; the same steps either way (all-gathers are exact).
+
     Raises:
-        UsageError: too few calibration sequences for two halves of one batch, or
-            ``resume`` without a checkpoint made with the same config.
+        UsageError: too few calibration sequences for two halves of one batch, ``resume`` without a
+            checkpoint made with the same config, or ``shard`` with trained weights, one process, or
+            samples the ranks cannot share evenly.
     """
     cfg = config
+    if shard and cfg.weight_lr:
+        raise UsageError("Only a search with frozen weights (weight_lr 0) is sharded: trained weights would need "
+                         "their gradients reduce-scattered and their residuals remade on the shards.",
+                         "Use weight_lr 0, or leave out sharding (data parallel).")
+    if shard and cfg.sampling == "hard" and cfg.samples % dist.world_size():
+        raise UsageError(f"A sharded search gives every rank the same number of the step's {cfg.samples} "
+                         f"architecture samples; {dist.world_size()} processes cannot share them evenly.",
+                         "Use a number of processes that divides the search's samples.")
     if dist.world_size() > min(cfg.samples, cfg.batch_size):
         raise UsageError(f"{dist.world_size()} processes share a search step of {min(cfg.samples, cfg.batch_size)} "
                          "architecture samples: some would have nothing to do.",
@@ -337,6 +351,8 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
     targets = TeacherTargets.reuse(targets, teacher, calib, batch_size=cfg.batch_size, progress=progress)
     halves = calib[0::2], calib[1::2]  # weights / architecture, disjoint
     half_targets = targets.take(slice(0, None, 2)), targets.take(slice(1, None, 2))
+    if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
+        net.freeze_weights(shard=shard)
     opt_w, opt_a = optimizers(net, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
@@ -349,7 +365,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
         state = torch.load(ckpt, weights_only=True, map_location="cpu")  # the generator's state is a CPU tensor
         if state["config"] != asdict(cfg):
             raise UsageError("The checkpoint was made with other search settings; --resume needs the same ones.")
-        net.load_state_dict(state["net"])
+        net.load_search_state(state["net"])
         opt_w.load_state_dict(state["opt_w"])
         opt_a.load_state_dict(state["opt_a"])
         gen.set_state(state["gen"])
@@ -373,9 +389,6 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
             check_moves(net, moves, moves_away(net, moves, rows), *verify, table=table, workload=workload,
                         price_per_ms=lam / budget_ms, step=step, lead=cfg.start_strength,
                         loss=lambda s, t: kd_loss(s, t, cfg.kd_temperature))
-    if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
-        for p in net.weight_parameters():
-            p.requires_grad_(False)
     lam = cfg.lambda_latency
     if history and history[-1].lambda_latency:  # resumed: the multiplier after the last logged step
         lam = _next_lambda(cfg, history[-1].lambda_latency, start - 1, history[-1].latency_ms, budget_ms)

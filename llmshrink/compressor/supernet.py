@@ -96,8 +96,35 @@ def _permute_rows(w: torch.Tensor, order: list[int]) -> torch.Tensor:
     return w[torch.tensor(order, dtype=torch.long, device=w.device)]
 
 
+class _Residuals(nn.ParameterDict):
+    """One weight's (or one layer's) cached quantization residuals ``Q_k(W) - W``, one frozen tensor per offered
+    format (key ``{linear}__{k}``, ``k`` the format's index in the space; formats a linear is not offered have
+    none). Parameters, not plain attributes, so that FSDP shards them with the weights they belong to
+    (:meth:`Supernet.shard`); never in a state dict: they are recomputed from the weights."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        pass
+
+    def get_all(self, name: str, n: int) -> list[torch.Tensor | None]:
+        return [self.get(f"{name}__{k}") for k in range(n)]
+
+    def set_all(self, name: str, resid: list[torch.Tensor | None]) -> None:
+        for k, r in enumerate(resid):
+            key = f"{name}__{k}"
+            if key in self:
+                del self[key]
+            if r is not None:
+                self[key] = nn.Parameter(r, requires_grad=False)
+
+
 class _Layer(nn.Module):
-    """One base layer's weights, reordered so that candidate widths are prefixes."""
+    """One base layer's weights, reordered so that candidate widths are prefixes, and their cached
+    quantization residuals (:class:`_Residuals`). Its forward is one block of :meth:`Supernet.forward`: a
+    module call, so that FSDP gathers the layer's shards around it (:meth:`Supernet.shard`)."""
 
     def __init__(self, hf_layer, order: LayerOrder, hidden_idx: torch.Tensor, base) -> None:
         super().__init__()
@@ -120,6 +147,7 @@ class _Layer(nn.Module):
         self.down = p(mlp.down_proj.weight[hidden_idx][:, neurons])
         self.ln1 = p(hf_layer.input_layernorm.weight[hidden_idx])
         self.ln2 = p(hf_layer.post_attention_layernorm.weight[hidden_idx])
+        self.resid = _Residuals()
         for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             if lin.bias is not None:
                 raise UsageError("The supernet does not support biased projections yet.")
@@ -127,6 +155,47 @@ class _Layer(nn.Module):
     def weight(self, name: str) -> nn.Parameter:
         return getattr(self, {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                               "up_proj": "up", "down_proj": "down"}[name])
+
+    def forward(self, net: Supernet, i: int, x: torch.Tensor, pr: Probs, H: int, m_h: torch.Tensor,
+                n_h: torch.Tensor, mask_g: torch.Tensor, mask_r: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """The residual stream ``x`` after base layer ``i`` (attention then MLP, each added with p(keep))."""
+        p_keep = pr.keep[i, 1]
+        G_a, R_a, I_a = net._top("kv", i), net._top("hpg", i), net._top("mlp", i)
+        alive_p, p_lin = net.alive("prec")[i], pr.prec[i]
+
+        def lin(x, name, cut):
+            j = LINEARS.index(name)
+            return net._linear(x, self.weight(name), self.resid.get_all(name, len(net.fmts)), cut, p_lin[j],
+                               alive_p[j], net.fmts)
+
+        h = net._norm(x, self.ln1[:H], n_h)
+        if net.vectorized:
+            att_out = net._attention(h, lin, G_a, R_a, H, cos, sin,
+                                     (mask_g[i, :G_a, None] * mask_r[i, None, :R_a]).reshape(-1))
+        else:  # one attention block per (kv groups, heads per group) candidate
+            att_out = 0
+            for gi, g in enumerate(net.cands_kv.tolist()):
+                for ri, r in enumerate(net.cands_hpg.tolist()):
+                    if net.alive("kv")[i, gi] and net.alive("hpg")[i, ri]:
+                        ones = torch.ones(g * r, device=h.device)
+                        att_out = att_out + pr.kv[i, gi] * pr.hpg[i, ri] * net._attention(
+                            h, lin, g, r, H, cos, sin, ones)
+        x = x + p_keep * att_out * m_h
+        h = net._norm(x, self.ln2[:H], n_h)
+        if net.vectorized:
+            m_mlp = width_mask(pr.mlp[i], net.cands_mlp, I_a)
+            rows = lambda t: t[..., :I_a, :H]  # noqa: E731
+            a = F.silu(lin(h, "gate_proj", rows)) * lin(h, "up_proj", rows) * m_mlp
+            mlp_out = lin(a, "down_proj", lambda t: t[..., :H, :I_a])
+        else:  # one MLP per width candidate
+            mlp_out = 0
+            for wi, w in enumerate(net.cands_mlp.tolist()):
+                if net.alive("mlp")[i, wi]:
+                    rows = lambda t, w=w: t[..., :w, :H]  # noqa: E731
+                    a = F.silu(lin(h, "gate_proj", rows)) * lin(h, "up_proj", rows)
+                    mlp_out = mlp_out + pr.mlp[i, wi] * lin(a, "down_proj", lambda t, w=w: t[..., :H, :w])
+        return x + p_keep * mlp_out * m_h
 
 
 @dataclass
@@ -210,6 +279,9 @@ class Supernet(nn.Module):
             self.register_buffer(f"cands_{k}", torch.tensor(getattr(space, field), dtype=torch.long, device=dev))
         self.fmts = [parse_format(f) for f in space.formats]
         self.head_fmts = [parse_format(f) for f in space.lm_head_formats]
+        self.head_resid = _Residuals()
+        self._has_resid = self._frozen = self._sharded = False
+        self._quantized: dict = {}  # (id(weight), format) -> the run quantizer's weight (use_quantized)
         self._grids = self._make_grids()
 
     @torch.no_grad()
@@ -230,8 +302,78 @@ class Supernet(nn.Module):
         return list(self.alpha.values())
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        arch = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch]
+        """The weights (the pretrained ones, reordered), without the architecture logits and the cached residuals."""
+        skip = {id(p) for p in self.arch_parameters()}
+        skip |= {id(p) for m in self.modules() if isinstance(m, _Residuals) for p in m.values()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def freeze_weights(self, shard: bool = False) -> None:
+        """Fix the weights for good (the search's default: they stay the pretrained ones): no gradient is
+        kept for them, their residuals are computed now and kept, and what recomputing them needs (the
+        export's grids, the run quantizer's dequantized copies: a float copy of the model per format) is
+        freed. :meth:`refresh_quant` is then a no-op.
+
+        ``shard``: also shard the weights and their residuals over the ranks with FSDP (``fully_shard``: one
+        unit per decoder layer, the embedding, final norm and lm_head in the root's), so each rank holds
+        about 1/N of them and gathers a layer for its forward and again for its backward. Layer by layer:
+        each layer's residuals are made and the layer sharded before the next one's are made, so the peak is
+        the whole supernet's weights plus one layer's residuals, not every residual at once. The
+        architecture logits stay whole on every rank (FSDP ignores them;
+        :func:`~llmshrink.distributed.all_reduce_grads` sums their gradients, as without sharding). Every
+        rank must then run the same number of forward passes (:func:`.search.run_search` shares its samples
+        evenly).
+
+        Raises:
+            UsageError: ``shard`` with one process.
+        """
+        from llmshrink import distributed as dist
+
+        if shard and dist.world_size() == 1:
+            raise UsageError("Sharding needs more than one process.",
+                             "Start the run with torchrun --nproc-per-node N (N > 1), or leave out --shard fsdp.")
+        for p in self.weight_parameters():
+            p.requires_grad_(False)
+        if not shard:
+            self._has_resid = False  # made again, as before every search (the weights may have been trained)
+            self.refresh_quant()
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for i, lay in enumerate(self.layers):
+                self._refresh_layer(i)
+                for name in LINEARS:  # what made this layer's residuals goes with its whole weights
+                    w = lay.weight(name)
+                    for f in self.fmts:
+                        self._quantized.pop((id(w), f.name), None)
+                        self._grids.pop((id(w), f.name), None)
+                fully_shard(lay)
+            self._refresh_head()
+            fully_shard(self, ignored_params=set(self.arch_parameters()))
+            self._sharded = self._has_resid = True
+        self._frozen = True
+        self._grids, self._quantized = {}, {}
+
+    def search_state(self) -> dict[str, torch.Tensor]:
+        """What a search changes, for its checkpoint: the architecture logits and which candidates are alive
+        (with frozen weights, the rest is rebuilt from the model exactly; a sharded supernet's weights are
+        not whole on any rank)."""
+        out = {f"alpha.{k}": a.detach() for k, a in self.alpha.items()}
+        out.update({f"alive_{k}": self.alive(k) for k in self.alpha})
+        return out
+
+    @torch.no_grad()
+    def load_search_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`search_state` (from any checkpoint: keys for the weights are left alone when the
+        weights are frozen, and loaded otherwise).
+
+        Raises:
+            KeyError: a logit or alive mask is missing, or the checkpoint has no weights for unfrozen ones.
+        """
+        for k in self.alpha:
+            self.alpha[k].copy_(state[f"alpha.{k}"])
+            self.alive(k).copy_(state[f"alive_{k}"])
+        if not self._frozen:
+            self.load_state_dict(state)
 
     def alive(self, name: str) -> torch.Tensor:
         return getattr(self, f"alive_{name}")
@@ -345,7 +487,6 @@ class Supernet(nn.Module):
         """
         from llmshrink.device import device_of
 
-        dev = self.embed.device
         self._quantized = {}
         for fmt, cm in models.items():
             if len(cm.blocks) != self.base.num_layers or cm.spec.hidden_size != self.base.hidden_size:
@@ -362,14 +503,14 @@ class Supernet(nn.Module):
                            self.orders[i], hidden_idx, self.base)
                 for name in LINEARS:
                     if cm.spec.layers[i].precision[name] == fmt:  # else the space placed another format there
-                        self._quantized[(id(lay.weight(name)), fmt)] = q.weight(name).data.to(dev)
+                        self._quantized[(id(lay.weight(name)), fmt)] = q.weight(name).data
             if cm.spec.lm_head == fmt:
-                self._quantized[(id(self.lm_head), fmt)] = cm.lm_head.weight[:, hidden_idx].float().to(dev).clone()
-        self.refresh_quant()
+                self._quantized[(id(self.lm_head), fmt)] = cm.lm_head.weight[:, hidden_idx].float().clone()
+        self._has_resid = False  # made from these at the next forward, refresh_quant or freeze_weights
 
     @torch.no_grad()
     def refresh_quant(self) -> None:
-        """Recompute every linear's quantization residuals ``Q_k(W) - W`` for all formats.
+        """Recompute every linear's quantization residuals ``Q_k(W) - W`` for all offered formats.
 
         Quantizing 135M weights in three formats costs far more than a step's
         matmuls, and at search learning rates the weights barely move between
@@ -377,45 +518,57 @@ class Supernet(nn.Module):
         ``SearchConfig.requant_every`` steps (and whenever asked). Groups run
         along K and widths are cut at group boundaries, so a candidate's
         residual is a slice of the full one (per-channel formats, whose scale
-        spans the row, are recomputed on the slice).
+        spans the row, are recomputed on the slice). After :meth:`freeze_weights`
+        the weights never move, and neither do their residuals: this is a no-op.
+
+        Raises:
+            UsageError: the weights are sharded (:meth:`shard`) but not frozen.
         """
-        self._resid = {}
+        if self._frozen and self._has_resid:
+            return
+        if self._sharded:
+            raise UsageError("A sharded supernet's residuals cannot be recomputed; shard it after freeze_weights().")
+        for i in range(len(self.layers)):
+            self._refresh_layer(i)
+        self._refresh_head()
+        self._has_resid = True
 
-        quantized = getattr(self, "_quantized", {})
+    def _quantize(self, w: torch.Tensor, f: QuantFormat) -> torch.Tensor:
+        """``Q_f(w)``: the run's quantizer's weight (:meth:`use_quantized`), else rounding to nearest."""
+        if (id(w), f.name) in self._quantized:  # kept on the host: moved here one weight at a time
+            return self._quantized[(id(w), f.name)].to(w.device)
+        if f.is_float or f.group_size is None:  # float, or per-channel int8 (absmax: cheap)
+            return fake_quant(w, f)
+        return self._grids[(id(w), f.name)].fake_quant(w)  # at search learning rates the weights barely move
 
-        def q(w: torch.Tensor, f: QuantFormat) -> torch.Tensor:
-            if (id(w), f.name) in quantized:  # the run's quantizer (use_quantized)
-                return quantized[(id(w), f.name)]
-            if f.is_float or f.group_size is None:  # float, or per-channel int8 (absmax: cheap)
-                return fake_quant(w, f)
-            return self._grids[(id(w), f.name)].fake_quant(w)  # at search learning rates the weights barely move
+    def _residuals(self, w: torch.Tensor, fmts: list[QuantFormat], offered: torch.Tensor) -> list[torch.Tensor | None]:
+        # a format the linear is not offered (its group does not divide K) never runs: nothing kept
+        return [self._quantize(w, f) - w if ok else None for f, ok in zip(fmts, offered, strict=True)]
 
-        def resid(w: torch.Tensor, fmts: list[QuantFormat], offered: torch.Tensor) -> torch.Tensor:
-            # a format the linear is not offered (its group does not divide K) never runs: zeros
-            return torch.stack([q(w, f) - w if ok else torch.zeros_like(w) for f, ok in zip(fmts, offered, strict=True)])
+    @torch.no_grad()
+    def _refresh_layer(self, i: int) -> None:
+        lay = self.layers[i]
+        for j, name in enumerate(LINEARS):
+            lay.resid.set_all(name, self._residuals(lay.weight(name), self.fmts, self.offered_prec[j]))
 
-        for lay in self.layers:
-            for j, name in enumerate(LINEARS):
-                w = lay.weight(name)
-                self._resid[id(w)] = resid(w, self.fmts, self.offered_prec[j])
-        self._resid[id(self.lm_head)] = resid(self.lm_head, self.head_fmts, self.offered_lm_head)
+    @torch.no_grad()
+    def _refresh_head(self) -> None:
+        self.head_resid.set_all("lm_head", self._residuals(self.lm_head, self.head_fmts, self.offered_lm_head))
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, cut, p: torch.Tensor, alive: torch.Tensor,
-                fmts: list[QuantFormat]) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, resid: list[torch.Tensor | None], cut, p: torch.Tensor,
+                alive: torch.Tensor, fmts: list[QuantFormat]) -> torch.Tensor:
         """``x @ E_p[Q(cut(w))].T`` with int8 activations weighted by P(an a8 format).
 
-        ``cut`` slices an ``[..., out, in]`` tensor to the live widths (the weight
-        and its stacked residuals alike).
+        ``resid``: ``w``'s cached residuals per format (:meth:`refresh_quant`). ``cut`` slices an
+        ``[..., out, in]`` tensor to the live widths (the weight and its residuals alike).
         """
-        if not hasattr(self, "_resid"):
-            self.refresh_quant()
         idx = [i for i in range(len(fmts)) if alive[i]]
-        wc, resid = cut(w), cut(self._resid[id(w)])
+        wc, resid = cut(w), [None if r is None else cut(r) for r in resid]
         if any(fmts[i].group_size is None and not fmts[i].is_float for i in idx):
             # a per-channel scale spans the whole row: a slice of it is not the sliced weight's
             with torch.no_grad():
-                resid = torch.stack([resid[i] if fmts[i].group_size or fmts[i].is_float or not alive[i]
-                                     else fake_quant(wc, fmts[i]) - wc for i in range(len(fmts))])
+                resid = [resid[i] if fmts[i].group_size or fmts[i].is_float or not alive[i]
+                         else fake_quant(wc, fmts[i]) - wc for i in range(len(fmts))]
         if not self.vectorized:  # one matmul per format, each with its own activation rounding
             out = 0
             for i in idx:
@@ -434,6 +587,8 @@ class Supernet(nn.Module):
 
     def forward(self, ids: torch.Tensor, probs: Probs | None = None) -> torch.Tensor:
         """Expected logits ``[B, T, V]`` of ``ids`` ``[B, T]`` (no cache: the search reads whole chunks)."""
+        if not self._has_resid:
+            self.refresh_quant()
         pr = probs or self.probs()
         base = self.base
         T = ids.shape[1]
@@ -449,47 +604,14 @@ class Supernet(nn.Module):
         mask_g = width_mask(pr.kv, self.cands_kv, base.num_kv_heads)  # [L, G]
         mask_r = width_mask(pr.hpg, self.cands_hpg, R)  # [L, R]
         for i, lay in enumerate(self.layers):
-            p_keep = pr.keep[i, 1]
             if not bool(self.alive("keep")[i, 1]):
                 continue  # dropped for good: no compute
-            G_a, R_a, I_a = self._top("kv", i), self._top("hpg", i), self._top("mlp", i)
-            alive_p, p_lin = self.alive("prec")[i], pr.prec[i]
-
-            def lin(x, name, cut, lay=lay, alive_p=alive_p, p_lin=p_lin):
-                j = LINEARS.index(name)
-                return self._linear(x, lay.weight(name), cut, p_lin[j], alive_p[j], self.fmts)
-
-            h = self._norm(x, lay.ln1[:H], n_h)
-            if self.vectorized:
-                att_out = self._attention(h, lay, lin, G_a, R_a, H, cos, sin,
-                                          (mask_g[i, :G_a, None] * mask_r[i, None, :R_a]).reshape(-1))
-            else:  # one attention block per (kv groups, heads per group) candidate
-                att_out = 0
-                for gi, g in enumerate(self.cands_kv.tolist()):
-                    for ri, r in enumerate(self.cands_hpg.tolist()):
-                        if self.alive("kv")[i, gi] and self.alive("hpg")[i, ri]:
-                            ones = torch.ones(g * r, device=h.device)
-                            att_out = att_out + pr.kv[i, gi] * pr.hpg[i, ri] * self._attention(
-                                h, lay, lin, g, r, H, cos, sin, ones)
-            x = x + p_keep * att_out * m_h
-            h = self._norm(x, lay.ln2[:H], n_h)
-            if self.vectorized:
-                m_mlp = width_mask(pr.mlp[i], self.cands_mlp, I_a)
-                rows = lambda t, I_a=I_a: t[..., :I_a, :H]  # noqa: E731
-                a = F.silu(lin(h, "gate_proj", rows)) * lin(h, "up_proj", rows) * m_mlp
-                mlp_out = lin(a, "down_proj", lambda t, I_a=I_a: t[..., :H, :I_a])
-            else:  # one MLP per width candidate
-                mlp_out = 0
-                for wi, w in enumerate(self.cands_mlp.tolist()):
-                    if self.alive("mlp")[i, wi]:
-                        rows = lambda t, w=w: t[..., :w, :H]  # noqa: E731
-                        a = F.silu(lin(h, "gate_proj", rows)) * lin(h, "up_proj", rows)
-                        mlp_out = mlp_out + pr.mlp[i, wi] * lin(a, "down_proj", lambda t, w=w: t[..., :H, :w])
-            x = x + p_keep * mlp_out * m_h
+            x = lay(self, i, x, pr, H, m_h, n_h, mask_g, mask_r, cos, sin)
         x = self._norm(x, self.final_norm[:H], n_h)
-        return self._linear(x, self.lm_head, lambda t: t[..., :H], pr.lm_head, self.alive("lm_head"), self.head_fmts)
+        return self._linear(x, self.lm_head, self.head_resid.get_all("lm_head", len(self.head_fmts)),
+                            lambda t: t[..., :H], pr.lm_head, self.alive("lm_head"), self.head_fmts)
 
-    def _attention(self, h, lay, lin, G_a: int, R_a: int, H: int, cos, sin, head_mask) -> torch.Tensor:
+    def _attention(self, h, lin, G_a: int, R_a: int, H: int, cos, sin, head_mask) -> torch.Tensor:
         """Attention over the first ``G_a`` groups x ``R_a`` heads each, heads weighted by ``head_mask``,
         through o_proj."""
         base = self.base

@@ -1,11 +1,12 @@
 """Worker of ``test_distributed.py``: a search and a recovery of the tiny Llama, run alone or under torchrun.
 
-    python distributed_worker.py OUT.json CKPT_DIR [--die-at N] [--resume]
+    python distributed_worker.py OUT.json CKPT_DIR [--die-at N] [--resume] [--shard]
     python -m torch.distributed.run --standalone --nproc-per-node 2 distributed_worker.py OUT.json CKPT_DIR ...
 
 Rank 0 writes OUT.json: the chosen spec's fingerprint, the search's per-step KD and expected latency, the
 architecture logits, and recovery's losses. ``--die-at N``: rank 0 SIGKILLs itself after step N + 1 of the
-search (its checkpoint of step N, taken every 2 steps, is on disk).
+search (its checkpoint of step N, taken every 2 steps, is on disk). ``--shard``: the supernet's weights sharded
+over the ranks with FSDP (:meth:`Supernet.shard`); rank 0 also writes how many of the weights it holds.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ def main() -> None:
     out, ckpt_dir = sys.argv[1], sys.argv[2]
     die_at = int(sys.argv[sys.argv.index("--die-at") + 1]) if "--die-at" in sys.argv else None
     resume = "--resume" in sys.argv
+    shard = "--shard" in sys.argv
 
     import torch
 
     from llmshrink import distributed as dist
+    from llmshrink.compressor.materialize import materialize
     from llmshrink.compressor.recover import RecoveryConfig, recover
     from llmshrink.compressor.search import SearchConfig, run_search
     from llmshrink.compressor.space import SearchSpace
@@ -59,8 +62,13 @@ def main() -> None:
             return T(description, total)
 
     net = Supernet(hf, space)
+    # the run's quantizer, as the joint search uses it: sharding must take its weights layer by layer too
+    net.use_quantized({"w4g32a8": materialize(hf, space.largest("w4g32a8"), calib=calib[:8], quantizer="gptq")})
     res = run_search(net, hf, calib, table=table, workload=Workload("decode", 1, 16), budget_ms=0.01, config=cfg,
-                     checkpoint_dir=ckpt_dir, resume=resume, progress=Killer())
+                     checkpoint_dir=ckpt_dir, resume=resume, shard=shard, progress=Killer())
+    # elements of the weights and residuals this rank holds (its shards, when sharded)
+    held = sum(getattr(p, "_local_tensor", p).numel() for p in net.parameters()
+               if all(p is not a for a in net.arch_parameters()))
     spec = net.argmax_spec()
     rec = recover(hf, spec, calib[:20], held_out=calib[20:], quantizer="rtn",
                   config=RecoveryConfig(steps=4, batch_size=4, seq_len=24, rows=20, bf16="off"))
@@ -68,7 +76,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"world": dist.world_size(), "spec": spec.fingerprint(), "resumed_from": res.resumed_from,
                        "kd": [h.kd for h in res.history], "latency": [h.latency_ms for h in res.history],
-                       "logits": {k: v.tolist() for k, v in net.state_dict().items() if "logit" in k},
+                       "logits": {k: v.tolist() for k, v in net.alpha.items()}, "held": held,
                        "recovery": [h.kd for h in rec.history], "kd_after": rec.kd_after}, f)
     dist.barrier()
 

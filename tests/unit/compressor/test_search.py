@@ -120,6 +120,26 @@ def test_resume_continues_from_the_checkpoint_and_ends_where_an_unbroken_run_end
                    resume=True, **kw)
 
 
+def test_a_checkpoint_holds_the_weights_only_when_the_search_trains_them(tiny_hf, tiny_base, tiny_table, calib,
+                                                                          tmp_path):
+    """Frozen weights are rebuilt from the model on resume: the checkpoint keeps the logits and alive masks (a
+    sharded supernet's weights are whole on no rank). Trained ones are saved; cached residuals never are."""
+    table, _ = tiny_table
+    from llmshrink.targets.workload import Workload
+
+    kw = dict(table=table, workload=Workload("decode", 1, 16), budget_ms=0.01)
+    saved = {}
+    for lr in (0.0, 1e-3):
+        net = Supernet(tiny_hf, _space(tiny_base))
+        run_search(net, tiny_hf, calib, config=_cfg(steps=2, weight_lr=lr, checkpoint_every=2, requant_every=1),
+                   checkpoint_dir=tmp_path / str(lr), **kw)
+        saved[lr] = torch.load(tmp_path / str(lr) / CHECKPOINT, weights_only=True)["net"]
+        assert not any("resid" in k for k in net.state_dict())
+        assert any(p.requires_grad for p in net.weight_parameters()) == bool(lr)
+    assert set(saved[0.0]) == {f"{w}{k}" for w in ("alpha.", "alive_") for k in net.alpha}
+    assert set(saved[0.0]) < set(saved[1e-3]) and "layers.0.q" in saved[1e-3]
+
+
 def test_each_step_draws_one_subnet_per_sample_and_weights_stay_pretrained_by_default(tiny_hf, tiny_base, tiny_table,
                                                                                        calib, monkeypatch):
     table, _ = tiny_table
