@@ -28,7 +28,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
              recovery_steps: int | None = None, calib_data: str = DEFAULT_CALIB_DATA, tolerance_pct: float = 10.0,
              seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
              recovery: RecoveryConfig | None = None, resume: bool = False, adapt_table: bool = True,
-             device: str = "auto", progress: Progress = NULL_PROGRESS):
+             device: str = "auto", shard: str = "auto", progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
     A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
@@ -37,6 +37,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     that plan is recovered and exported without a search; ``latency_ms`` is then optional, a check.
     ``quantizer``: ``gptq`` (default) or ``rtn``; ``recovery`` overrides the whole RecoveryConfig.
     ``device``: where the torch phases run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; :mod:`llmshrink.device`).
+    ``shard``: under torchrun, whether the search's supernet is sharded over the ranks with FSDP (``fsdp``), kept
+    whole on each (``none``: data parallel), or sharded where it would not fit whole (``auto``).
     ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
     (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`). Under ``torchrun``
@@ -64,10 +66,14 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     # recorded in the run (and compared by --resume) as the same string on every rank: under torchrun each rank
     # takes its own GPU (distributed.init_from_env made it the current one), which plain "cuda" names
     run_device = "cuda" if dev.kind == "cuda" and dist.world_size() > 1 else dev.torch_device
-    if latency_ms is None and spec is None:
-        from llmshrink.errors import UsageError
+    from llmshrink.errors import UsageError
 
+    if latency_ms is None and spec is None:
         raise UsageError("Give a latency budget (--latency) or a plan (--spec).")
+    if shard == "fsdp" and dist.world_size() == 1:
+        raise UsageError("--shard fsdp shards the search over torchrun processes, and this is one process.",
+                         "Start it with torchrun --nproc-per-node N -m llmshrink compress ... (N > 1), or leave "
+                         "--shard at auto.")
     adapted = _adapted_note(model, target, adapt_table, progress)
     budgets, notes, reference = (resolve_budgets(latency_ms, model, target, wl, progress) if latency_ms is not None
                                  else ((), (), None))
@@ -80,7 +86,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
-        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=run_device)
+        quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=run_device,
+        shard=shard)
     notes = adapted + tuple(notes) + (torch_device_note(dev, dist.world_size()),)
     return run(cfg, out, resume=resume, progress=progress, notes=notes)
 

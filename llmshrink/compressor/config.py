@@ -59,6 +59,9 @@ class CompressConfig:
     spec: str | None = None
     # where the torch phases run (a resolved ``--device``: "cpu" or "cuda:N"; see llmshrink.device)
     device: str = "cpu"
+    # under torchrun: shard the search's supernet with FSDP (plan.search_sharded): auto (where it would not fit
+    # whole), fsdp, none (data parallel: every rank holds it whole)
+    shard: str = "auto"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -68,5 +71,7 @@ class CompressConfig:
 
         if parse_device(self.device)[0] == "auto":  # a malformed name is a usage error
             raise UsageError("CompressConfig.device is a resolved device (cpu, cuda, cuda:N), not auto.")
+        if self.shard not in ("auto", "fsdp", "none"):
+            raise UsageError(f"Unknown shard mode {self.shard!r}.", "Use one of: auto, fsdp, none.")
         if self.quantizer not in QUANTIZERS:
             raise UsageError(f"Unknown quantizer {self.quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")

@@ -357,7 +357,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         UsageError: bad input, or ``out`` holds another run (or nothing to resume).
     """
     from llmshrink.compressor.budget import check_budget
-    from llmshrink.compressor.plan import check_fits
+    from llmshrink.compressor.plan import check_fits, shards_search
     from llmshrink.compressor.space import default_space, load_space
     from llmshrink.device import resolve_device
     from llmshrink.evaluation.report import write_report
@@ -388,7 +388,9 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         fastest = min(check_budget(space, target, workload, table, b) for b in config.budgets_ms)
         shortcuts = _shortcuts(config, space, target, workload, table)
     # before any weights load; under torchrun rank 0 judges (free memory read at one moment decides for all)
-    dist.main_only(lambda: check_fits(config, hf_config, resolve_device(config.device), space))
+    dev = resolve_device(config.device)
+    dist.main_only(lambda: check_fits(config, hf_config, dev, space, dist.world_size()))
+    shard = dist.main_only(lambda: shards_search(config, hf_config, dev, space, dist.world_size()))
     if config.calib_data != "self":
         from llmshrink.models.data import parse_data_spec
 
@@ -402,11 +404,14 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     notes += () if measurable else (device_note(target.name, table.kind, workload),)
     if measurable and (why := host_mismatch(table)):
         notes += (why,)  # bundles will likely miss their budgets here; say so where the results are read
+    if shard:
+        notes += (f"search: the supernet's weights sharded over {dist.world_size()} processes with FSDP "
+                  f"(--shard {config.shard})",)
     rec = previous or CompressRecord(config, fastest, notes=notes)
     _save(out, rec)
 
     inputs = _Inputs(config, source, out, progress)
-    ctx = _Context(config, out, target, table, workload, space, base, source, measurable, notes, inputs)
+    ctx = _Context(config, out, target, table, workload, space, base, source, measurable, notes, inputs, shard)
     done = {c.label: c for c in rec.candidates}
     outcomes = []
     for budget in sorted(config.budgets_ms) if plan is None else [min(config.budgets_ms, default=fastest)]:
@@ -525,6 +530,7 @@ class _Context:
     measurable: bool
     notes: tuple[str, ...]
     inputs: _Inputs
+    shard: bool = False  # the search's supernet sharded over the torchrun ranks (plan.shards_search)
 
 
 def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float], bundle: Path | None = None):
@@ -708,7 +714,7 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     start = _search_start(ctx, budget, baselines) if config.strategy == "joint" else None
     result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                         params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
-                        resume=ckpt_exists, targets=targets, start_from=start, progress=progress)
+                        resume=ckpt_exists, targets=targets, start_from=start, shard=ctx.shard, progress=progress)
     secs["search"] = time.perf_counter() - t0
     dist.main_only(lambda: storage.atomic_write_text(
         sdir / MOVES, json.dumps([serde.to_dict(m) for m in result.moves], indent=1)))

@@ -15,9 +15,11 @@ follow what the phases hold (module by module below) with the run's own defaults
 (:class:`~.config.CompressConfig`), so a changed default changes the plan. ``compress`` consults the same
 plan before loading weights and refuses a run whose phase cannot fit (:class:`InsufficientMemoryError`).
 
-Sharding (``devices > 1``): phases that train (search, recovery) or run the teacher shard weights FSDP-style,
-so a device holds ``1/N`` of the weights plus the one block being gathered, and its share of the batch;
-GPTQ and export run on one device (rank 0) and are not divided.
+Several devices (``devices > 1``, ``torchrun --nproc-per-node N``): every rank holds what one process holds,
+and the training phases split their rows (data parallel), except the search when it is sharded
+(:func:`search_sharded`; ``compress --shard``): FSDP then shards the supernet's weights and residuals, and a
+device holds its ``1/N`` share plus the layer being gathered, after building the supernet whole with one
+layer's residuals at a time (:meth:`.supernet.Supernet.freeze_weights`). GPTQ and export run on rank 0.
 """
 
 from __future__ import annotations
@@ -192,9 +194,50 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     return int(held + states + hessian + work)
 
 
-def _fsdp(full_bytes: int, layer_bytes: int, devices: int) -> int:
-    """Per-device bytes of a sharded model: its shard plus the one block gathered at a time."""
-    return full_bytes if devices == 1 else full_bytes // devices + layer_bytes
+SHARD_MODES = ("auto", "fsdp", "none")
+
+
+def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
+                  search_formats: int | None = None, sharded: bool = False) -> tuple[int, int]:
+    """(device bytes, host bytes) per rank of the search phase, unsharded or sharded over ``hw.devices``.
+
+    What the code holds (:class:`.supernet.Supernet`): the original (the teacher, in the device's dtype),
+    the supernet's fp32 copy of the weights, one fp32 residual per offered search format (fp32 because the
+    search prices rounding errors as small as bf16's own), activations and logits of the rank's share of a
+    step; on the host the teacher's float16 targets and, for the joint search with a calibrating quantizer,
+    its dequantized weights per integer format (:meth:`.Supernet.use_quantized`, freed once the residuals are
+    made). Sharded: the supernet is built whole, then each layer's residuals are made and the layer
+    sharded before the next (peak: the weights plus one layer's residuals), then a device holds its share
+    and gathers one layer (weights and residuals) at a time.
+    """
+    b, n, vb = shape.base, hw.devices, hw.bytes_per_value
+    s = config.search
+    nf = int_formats + 1 if search_formats is None else search_formats
+    rank_tokens = max(s.batch_size * s.seq_len // n, s.seq_len)
+    act = shape.activation_bytes(rank_tokens, s.seq_len, 4) + shape.logits_bytes(rank_tokens)
+    teacher, weights, resid = shape.params * vb, shape.params * 4, shape.params * 4 * nf
+    layer = shape.block_params * 4
+    if sharded and n > 1:
+        device = max(teacher + weights + layer * nf, teacher + (weights + resid) // n + layer * (1 + nf) + act)
+    else:
+        device = teacher + weights + resid + act
+    host = config.n_calib * s.seq_len * b.vocab_size * 2
+    if config.strategy == "joint" and config.quantizer != "rtn":
+        host += shape.params * 4 * int_formats
+    return device, host
+
+
+def search_sharded(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
+                   search_formats: int | None = None) -> bool:
+    """Whether the search shards its supernet over ``hw.devices`` processes: ``config.shard`` ``fsdp`` with
+    more than one, never with ``none``; ``auto`` when the unsharded search would not fit on a device (data
+    parallel, every rank whole, where it fits: no gathers)."""
+    if hw.devices == 1 or config.shard == "none":
+        return False
+    if config.shard == "fsdp":
+        return True
+    device, _ = search_memory(shape, config, hw, int_formats=int_formats, search_formats=search_formats)
+    return device > FIT_FRACTION * hw.memory_bytes
 
 
 def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
@@ -213,7 +256,6 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
     b, n = shape.base, hw.devices
     vb = hw.bytes_per_value
     weights = shape.params * vb
-    layer = shape.block_params * vb
     host_is_device = hw.kind == "cpu"
     s, r = config.search, config.recovery
     seq = s.seq_len
@@ -222,15 +264,17 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
 
     def add(phase: str, device: int, host: int, flops: float, rate_tflops: float, holds: str,
             extra_seconds: float = 0.0, sharded: bool = True) -> None:
+        """``sharded``: the work splits over the devices (data parallel or FSDP); memory is per device as given,
+        and on the host every rank's (the ranks of one machine share its RAM)."""
         seconds = flops / (rate_tflops * 1e12) + extra_seconds if rate_tflops else math.nan
         if sharded:
             seconds /= n
         if host_is_device:
             device, host = device + host, 0
-            fits = device <= FIT_FRACTION * hw.memory_bytes
+            fits = device * (n if sharded else 1) <= FIT_FRACTION * hw.memory_bytes
         else:  # an unknown host (a GPU planned from elsewhere) is judged on the device alone
             fits = device <= FIT_FRACTION * hw.memory_bytes and (
-                hw.host_memory_bytes is None or host <= FIT_FRACTION * hw.host_memory_bytes)
+                hw.host_memory_bytes is None or host * (n if sharded else 1) <= FIT_FRACTION * hw.host_memory_bytes)
         out.append(PhaseEstimate(phase, int(device), int(host), seconds, fits, holds))
 
     # 1. Calibration text: the model samples its own text (batches of 8 rows), KV cache of a batch.
@@ -240,33 +284,28 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
         read_s = 0.0
         if hw.memory_gbps:  # memory-bound decode: every step of a batch reads all the weights
             read_s = (rows / 8) * seq * weights / (hw.memory_gbps * 1e9 * GPU_MEMORY_EFFICIENCY)
-        add("calibration text", _fsdp(weights, layer, n) + kv, rows * seq * 8,
+        add("calibration text", weights + kv, rows * seq * 8,
             gen_flops if not hw.memory_gbps else 0.0, hw.decode_tflops,
             f"weights + KV cache of 8 rows; {rows} rows x {seq} tokens sampled", extra_seconds=read_s)
     # 2. Importance: one forward over the search's rows with hooks, no gradients.
-    add("importance", _fsdp(weights, layer, n) + shape.logits_bytes(4 * seq) // 3 + 4 * seq * b.intermediate_size * 4,
+    add("importance", weights + shape.logits_bytes(4 * seq) // 3 + 4 * seq * b.intermediate_size * 4,
         0, shape.forward_flops(config.n_calib * seq, seq), hw.train_tflops,
         f"weights + one batch's forward; {config.n_calib} rows")
     # 3. Teacher targets: the original's log-probabilities on the search's rows, cached in float16 on the host.
     targets = config.n_calib * seq * b.vocab_size * 2
-    add("teacher targets", _fsdp(weights, layer, n) + shape.logits_bytes(4 * seq), targets,
+    add("teacher targets", weights + shape.logits_bytes(4 * seq), targets,
         shape.forward_flops(config.n_calib * seq, seq), hw.train_tflops,
         f"weights + float16 targets {config.n_calib} x {seq} x {b.vocab_size} on the host")
-    # 4. Search: the supernet (frozen weights + one cached residual per integer format), sampled forwards with
-    #    backward to the architecture logits; the teacher is read from its targets.
+    # 4. Search: the supernet (see search_memory), sampled forwards with backward to the architecture logits; the
+    #    teacher is read from its targets.
     step_tokens = s.batch_size * seq
-    rank_tokens = max(step_tokens // n, seq)
-    # What the code holds (:class:`.supernet.Supernet`): the original (the teacher, in the device's dtype), the
-    # supernet's fp32 copy, one fp32 residual per search format (stacked), and per integer format the quantizer's
-    # dequantized weights (:meth:`.Supernet.use_quantized`); all fp32 because the search prices rounding errors
-    # as small as bf16's own.
     nf = int_formats + 1 if search_formats is None else search_formats
-    per_param = vb + 4 * (1 + nf + (int_formats if config.strategy == "joint" else 0))
-    supernet = _fsdp(shape.params * per_param, shape.block_params * per_param, n)
-    add("search", supernet + shape.activation_bytes(rank_tokens, seq, 4) + shape.logits_bytes(rank_tokens),
-        targets, 3 * shape.forward_flops(step_tokens * s.steps, seq), hw.train_tflops,
-        f"weights + fp32 supernet, {nf} residuals, {int_formats} quantized copies + activations of "
-        f"{s.batch_size} x {seq} tokens")
+    shard = search_sharded(shape, config, hw, int_formats=int_formats, search_formats=search_formats)
+    device, host = search_memory(shape, config, hw, int_formats=int_formats, search_formats=search_formats,
+                                 sharded=shard)
+    add("search", device, host, 3 * shape.forward_flops(step_tokens * s.steps, seq), hw.train_tflops,
+        f"weights + fp32 supernet, {nf} residuals" + (f" sharded over {n} (FSDP)" if shard else "")
+        + f" + activations of {s.batch_size} x {seq} tokens")
     # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the streamed path's peak is stated beside it.
     q = config.n_quant * seq
     hessian_flops = q * b.num_layers * 2 * (3 * b.hidden_size**2 + b.intermediate_size**2) \
@@ -278,17 +317,17 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
         extra_seconds=contenders * hessian_flops / (hw.fp64_tflops * 1e12) if hw.fp64_tflops else math.nan,
         sharded=False)
     # 6. Recovery of the budget's winning contender: the quantized student (int16 codes + the dequantized
-    #    weights autograd keeps) and the teacher, both sharded; activations of the student's batch, logits of both.
+    #    weights autograd keeps) and the teacher, whole on every rank; activations of the rank's rows, logits of both.
     if r.steps:
         student = shape.params * 2 + weights
         rec_tokens = max(r.batch_size * r.seq_len // n, r.seq_len)
-        add("recovery", _fsdp(student + weights, 2 * layer, n)
+        add("recovery", student + weights
             + shape.activation_bytes(rec_tokens, r.seq_len, vb) + 2 * shape.logits_bytes(rec_tokens), 0,
             4 * shape.forward_flops(r.batch_size * r.seq_len * r.steps, r.seq_len), hw.train_tflops,
             f"student codes + weights, teacher, activations of {r.batch_size} x {r.seq_len} tokens; "
             f"{r.steps} steps")
     # 7. Screening and held-out perplexity: forwards of each contender.
-    add("screening", _fsdp(weights, layer, n) + shape.logits_bytes(4 * seq), 0,
+    add("screening", weights + shape.logits_bytes(4 * seq), 0,
         contenders * shape.forward_flops((config.n_screen + 8) * seq, seq), hw.train_tflops,
         f"weights + one batch's logits; {config.n_screen} rows x{contenders} contenders")
     # 8. Export (on the host, rank 0): the torch model and the ONNX graph with its weights being written.
@@ -397,11 +436,12 @@ def _datasheet_for(gpu_name: str, target) -> dict:
 def make_plan(model: str, target: str, latency: str | None = None, *, workload=None, device: str = "auto",
               devices: int = 1, memory_bytes: int | None = None, host_memory_bytes: int | None = None,
               config: CompressConfig | None = None, space_path: str | None = None, calib_data: str | None = None,
-              progress=None) -> Plan:
+              shard: str | None = None, progress=None) -> Plan:
     """The :class:`Plan` of ``compress --model model --target target --latency latency`` (config only).
 
     ``calib_data`` (``compress --calib-data``; default the config's) decides whether sampling the calibration
-    text from the model is a phase (``self``).
+    text from the model is a phase (``self``); ``shard`` (``compress --shard``; default the config's) whether
+    the search is sharded over several devices.
 
     Raises:
         UsageError: unknown model or target, bad budget, or a model the tool cannot compress.
@@ -425,6 +465,8 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
     config = config or CompressConfig(model=src.describe(), target=tgt.name, budgets_ms=(1.0,))
     if calib_data is not None:
         config = replace(config, calib_data=calib_data)
+    if shard is not None:
+        config = replace(config, shard=shard)
     fmts = tgt.search_formats or tgt.formats  # as the pipeline builds its space
     space = (load_space(space_path, base, tgt.formats, search_formats=fmts) if space_path
              else default_space(base, tgt.formats, search_formats=fmts))
@@ -453,8 +495,11 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
         "time: FLOPs / achieved throughput; GPTQ adds its float64 Hessian sums; calibration text sampling "
         + ("is memory-bound (weights read once per decode step)" if hw.memory_gbps else
            f"at {CPU_DECODE_EFFICIENCY:.0%} of the fp32 matmul rate"),
-        f"phases that train or run the teacher shard weights over {devices} device(s) FSDP-style; GPTQ and export "
-        "run on one" if devices > 1 else "one device: nothing is sharded",
+        (f"{devices} devices, one torchrun process each: every rank holds the model whole and the training phases "
+         "split their rows; the search shards its supernet with FSDP "
+         + ("(--shard fsdp)" if config.shard == "fsdp" else "where it would not fit whole (--shard auto)"
+            if config.shard == "auto" else "never (--shard none)") + "; GPTQ and export run on rank 0"
+         if devices > 1 else "one device: nothing is sharded"),
         f"the run's defaults: {config.n_calib} search rows, {config.n_quant} GPTQ rows, search {config.search.steps}"
         f" steps, recovery {config.recovery.steps} steps of {config.recovery.batch_size} x "
         f"{config.recovery.seq_len} tokens; a budget quantizes 4 contenders (search, 2 baselines, the uniform "
@@ -482,22 +527,22 @@ def log10_str(x: float) -> str:
     return f"10^{x:.0f}" if math.isfinite(x) else "-"
 
 
-def check_fits(config: CompressConfig, hf_config, device, space) -> tuple[PhaseEstimate, ...]:
-    """Refuse a run a phase of which cannot fit on ``device`` (a :class:`~llmshrink.device.Device`).
+def check_fits(config: CompressConfig, hf_config, device, space, processes: int = 1) -> tuple[PhaseEstimate, ...]:
+    """Refuse a run a phase of which cannot fit on ``device`` (a :class:`~llmshrink.device.Device`), with
+    ``processes`` torchrun ranks (each its own device of this kind; on the CPU, sharing this one's RAM).
 
     Memory only (no throughput is measured): called by ``compress`` after reading the config and before
-    loading any weights. Returns the phase estimates when all fit.
+    loading any weights. Returns the phase estimates when all fit; whether the search is sharded is
+    :func:`search_sharded` on the same estimate.
 
     Raises:
         InsufficientMemoryError: a phase's estimated peak exceeds the device's (or host's) memory.
     """
     from llmshrink.errors import InsufficientMemoryError
-    from llmshrink.host import memory_bytes as total_ram
     from llmshrink.models.info import count_params
     from llmshrink.units import human_bytes
 
-    hw = Hardware(device.kind, device.name, 1, device.memory_bytes, total_ram() if device.kind == "cuda" else None,
-                  device.dtype, 0.0, 0.0, 0.0, None, "the device present")
+    hw = _present(device, processes)
     phases = estimate_phases(ModelShape(space.base, count_params(hf_config)), config, hw,
                              int_formats=_residual_formats(space), search_formats=len(space.formats))
     bad = [p for p in phases if not p.fits]
@@ -511,3 +556,20 @@ def check_fits(config: CompressConfig, hf_config, device, space) -> tuple[PhaseE
             f"`llmshrink plan --model {config.model} --target {config.target}` shows every phase's peak and how many "
             "devices make it fit; run where there is more memory, or free some (other processes use RAM too).")
     return phases
+
+
+def _present(device, processes: int) -> Hardware:
+    """The :class:`Hardware` of ``processes`` ranks on devices like ``device`` (a :class:`~llmshrink.device.Device`)."""
+    from llmshrink.host import memory_bytes as total_ram
+
+    return Hardware(device.kind, device.name, processes, device.memory_bytes,
+                    total_ram() if device.kind == "cuda" else None, device.dtype, 0.0, 0.0, 0.0, None,
+                    "the device present")
+
+
+def shards_search(config: CompressConfig, hf_config, device, space, processes: int) -> bool:
+    """Whether this run's search shards its supernet (:func:`search_sharded` on the devices present)."""
+    from llmshrink.models.info import count_params
+
+    return search_sharded(ModelShape(space.base, count_params(hf_config)), config, _present(device, processes),
+                          int_formats=_residual_formats(space), search_formats=len(space.formats))

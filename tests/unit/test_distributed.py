@@ -70,3 +70,14 @@ def test_a_sigkilled_sharded_search_resumes_and_ends_where_an_unbroken_run_ends(
     assert resumed["spec"] == r["sharded"]["spec"]
     assert resumed["kd"] == pytest.approx(r["sharded"]["kd"], rel=1e-4)
     assert _flat(resumed["logits"]) == pytest.approx(_flat(r["sharded"]["logits"]), rel=1e-4, abs=1e-5)
+
+
+def test_shard_fsdp_in_one_process_is_refused_before_anything_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from llmshrink.cli import cli
+
+    res = CliRunner().invoke(cli, ["compress", "--target", "cpu", "--latency", "3ms", "--shard", "fsdp",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "torchrun --nproc-per-node" in " ".join(res.output.split())
+    assert not (tmp_path / "run").exists()

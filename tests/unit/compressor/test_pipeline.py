@@ -553,9 +553,10 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_compress_under_torchrun_chooses_what_one_process_chooses_and_resumes_after_sigkill(setup, tmp_path):
-    """Issue 21: `torchrun --nproc-per-node 2 -m llmshrink compress` (gloo on the CPU) ships the spec one process
-    ships, with recovery losses within a stated tolerance; rank 0 alone prints; killed mid-search (SIGKILL to
-    every process), it resumes under torchrun with the same N and finishes the search it had started."""
+    """Issue 21: `torchrun --nproc-per-node 2 -m llmshrink compress --shard fsdp` (gloo on the CPU) ships the spec
+    one process ships, with recovery losses within a stated tolerance; rank 0 alone prints; killed mid-search
+    (SIGKILL to every process; data parallel, --shard auto), it resumes under torchrun with the same N and
+    finishes the search it had started."""
     import json
     import os
     import signal
@@ -569,13 +570,16 @@ def test_compress_under_torchrun_chooses_what_one_process_chooses_and_resumes_af
     args = ["-m", "llmshrink", "compress", "--model", cfg.model, "--target", cfg.target, "--latency",
             f"{cfg.budgets_ms[0]}ms", "--space", cfg.space, "--recovery-steps", "4", "--json"]
     runs = {}
-    for nproc in (1, 2):
+    for nproc in (1, 2):  # two ranks with the search's supernet sharded (FSDP), as an 8B run shards it
         out = tmp_path / f"n{nproc}"
-        res = subprocess.run([*_torchrun(nproc), *args, "--steps", "6", "--out", str(out)], capture_output=True,
-                             text=True, env=env, timeout=900)
+        shard = ["--shard", "fsdp"] if nproc == 2 else []
+        res = subprocess.run([*_torchrun(nproc), *args, "--steps", "6", "--out", str(out), *shard],
+                             capture_output=True, text=True, env=env, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
         assert res.stdout.count('"run_dir"') == 1  # one record printed: rank 0's
         runs[nproc] = json.loads(res.stdout)
+    assert any("sharded over 2 processes with FSDP" in n for n in runs[2]["notes"])
+    assert not any("FSDP" in n for n in runs[1]["notes"])
     def plain(x: dict) -> dict:
         return x.get("_data", x)
 

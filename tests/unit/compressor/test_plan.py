@@ -63,7 +63,7 @@ def test_plan_for_llama_8b_on_a100_matches_targets_predict_and_is_feasible_at_30
     assert res.exit_code == 0 and json.loads(res.stdout)["feasible"] is False
 
 
-def test_sharding_divides_what_trains_and_leaves_gptq_whole():
+def test_the_search_shards_where_it_does_not_fit_whole_and_the_other_phases_stay_whole():
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(LLAMA_8B)
@@ -71,15 +71,27 @@ def test_sharding_divides_what_trains_and_leaves_gptq_whole():
 
     shape = ModelShape(BaseShape.from_config(config), count_params(config))
     cfg = CompressConfig(model="m", target="a100", budgets_ms=(30.0,))
-    one = {p.phase: p for p in estimate_phases(shape, cfg, _gpu(1), int_formats=4)}
-    eight = {p.phase: p for p in estimate_phases(shape, cfg, _gpu(8), int_formats=4)}
-    assert eight["search"].device_bytes < one["search"].device_bytes / 4
-    assert eight["recovery"].device_bytes < one["recovery"].device_bytes / 4
+
+    def phases(hw, c=cfg, **kw):
+        return {p.phase: p for p in estimate_phases(shape, c, hw, int_formats=4, **kw)}
+
+    one, eight = phases(_gpu(1)), phases(_gpu(8))
+    assert "FSDP" in eight["search"].holds and "FSDP" not in one["search"].holds
+    assert eight["search"].device_bytes < one["search"].device_bytes / 3
+    # data parallel: every rank holds the model whole; only its share of the rows is smaller
+    assert one["recovery"].device_bytes >= eight["recovery"].device_bytes > 0.9 * one["recovery"].device_bytes
     assert eight["GPTQ"].device_bytes == one["GPTQ"].device_bytes and eight["GPTQ"].seconds == one["GPTQ"].seconds
     assert eight["search"].seconds == pytest.approx(one["search"].seconds / 8)
+    # sharded, the peak is the supernet built whole with one layer's residuals: more devices stop helping
+    assert phases(_gpu(64))["search"].device_bytes > shape.params * (2 + 4)
+    # --shard none keeps it whole on every rank; fsdp shards even what would fit whole; auto does not
+    unsharded = phases(_gpu(8), replace(cfg, shard="none"))["search"]
+    assert "FSDP" not in unsharded.holds and unsharded.device_bytes > 0.9 * one["search"].device_bytes
+    big = _gpu(8, memory_gib=10_000)
+    assert "FSDP" not in phases(big)["search"].holds
+    assert "FSDP" in phases(big, replace(cfg, shard="fsdp"))["search"].holds
     # more search steps and more residual formats cost more
-    longer = {p.phase: p for p in estimate_phases(shape, replace(cfg, search=replace(cfg.search, steps=200)),
-                                                 _gpu(1), int_formats=4)}
+    longer = phases(_gpu(1), replace(cfg, search=replace(cfg.search, steps=200)))
     assert longer["search"].seconds == pytest.approx(2 * one["search"].seconds)
     fewer = {p.phase: p for p in estimate_phases(shape, cfg, _gpu(1), int_formats=1)}
     assert fewer["search"].device_bytes < one["search"].device_bytes
@@ -89,17 +101,18 @@ def test_an_8b_search_does_not_fit_one_a100_and_the_plan_says_how_many_do():
     res = CliRunner().invoke(cli, ["plan", "--model", str(LLAMA_8B), "--target", "a100"])
     assert res.exit_code == 0, res.output
     said = " ".join(res.output.split())  # rich wraps at the terminal's width
-    assert "does not fit" in said and "--devices 8" in said
+    assert "does not fit" in said and "--devices 4" in said
     plan = make_plan(str(LLAMA_8B), "a100", device="cuda")
-    # the supernet's fp32 copy, 5 fp32 residuals and 4 quantized copies beside the bf16 original: ~41 B a parameter
-    assert not plan.fits and plan.min_devices == 8
+    # the supernet's fp32 copy and 5 fp32 residuals beside the bf16 original: ~26 B a parameter
+    assert not plan.fits and plan.min_devices == 4
     assert [p.phase for p in plan.phases if not p.fits] == ["search"]
-    assert not make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4).fits
-    assert make_plan(str(LLAMA_8B), "a100", device="cuda", devices=8).fits
-    # on 40 GB devices whole-model GPTQ (one device, not sharded) never fits: no count helps, and it says so
+    assert not make_plan(str(LLAMA_8B), "a100", device="cuda", devices=2).fits
+    assert make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4).fits
+    assert not make_plan(str(LLAMA_8B), "a100", device="cuda", devices=8, shard="none").fits
+    # on 40 GB devices whole-model GPTQ (rank 0) and recovery (whole on every rank) never fit: no count helps
     small = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=8, memory_bytes=40 * 10**9)
     assert not small.fits and small.min_devices is None
-    assert [p.phase for p in small.phases if not p.fits] == ["search", "GPTQ"]
+    assert [p.phase for p in small.phases if not p.fits] == ["search", "GPTQ", "recovery"]
 
 
 def test_cpu_plan_of_the_default_model_fits_this_machine_and_times_every_phase():
