@@ -265,6 +265,13 @@ class CompressedModel(nn.Module):
                 _linear_state(t, p + name, getattr(b, name))
         return t
 
+    def linear(self, name: str) -> QuantLinear:
+        """The linear ``name``: ``blocks.{j}.{q_proj,...}`` or ``lm_head`` (as :meth:`SavedModel.linear`)."""
+        if name == "lm_head":
+            return self.lm_head
+        _, j, linear = name.split(".")
+        return getattr(self.blocks[int(j)], linear)
+
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors``, ``spec.json`` and ``model_meta.json`` atomically."""
         from safetensors.torch import save
@@ -295,6 +302,34 @@ class CompressedModel(nn.Module):
         lm_head = _linear_from_state(t, "lm_head", parse_format(spec.lm_head))
         embedding = _linear_from_state(t, "embed", parse_format(spec.embedding))
         return cls(spec, meta, embedding, blocks, t["final_norm"], lm_head)
+
+
+class SavedModel:
+    """A :meth:`CompressedModel.save` directory read one linear at a time: its spec now, a linear's tensors from
+    the safetensors file when :meth:`linear` asks for them, so holding one costs no memory until then (the
+    joint search reads the run quantizer's models this way, a layer at a time: :meth:`.Supernet.use_quantized`).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.spec = SubnetSpec.from_json((self.directory / "spec.json").read_text())
+
+    def linear(self, name: str) -> QuantLinear:
+        """The linear ``name`` (``blocks.{j}.{q_proj,...}`` or ``lm_head``) as :meth:`CompressedModel.load` makes it."""
+        from safetensors import safe_open
+
+        if name == "lm_head":
+            fmt = parse_format(self.spec.lm_head)
+        else:
+            _, j, linear = name.split(".")
+            fmt = self.spec.layers[self.spec.kept_layers()[int(j)]].fmt(linear)
+        with safe_open(self.directory / "model.safetensors", "pt") as st:
+            keys = set(st.keys())
+            t = {k: st.get_tensor(k) for k in (f"{name}.{part}" for part in _LINEAR_PARTS) if k in keys}
+        return _linear_from_state(t, name, fmt)
+
+
+_LINEAR_PARTS = ("weight", "codes", "scales", "zeros", "bias", "act_scale")  # what _linear_state may write
 
 
 def _linear_state(t: dict[str, torch.Tensor], prefix: str, lin: QuantLinear) -> None:

@@ -823,9 +823,10 @@ def _search_start(ctx: _Context, budget: float, baselines: list[Contender]):
 def _search_quantized(ctx: _Context) -> dict:
     """The unpruned model in each integer search format, quantized by the run's quantizer on the search's rows
     (``RUN_DIR/search-quant/<format>``, shared by every budget and kept for --resume): what the joint search
-    fake-quantizes with (:meth:`.Supernet.use_quantized`), so it prices formats by the error that ships."""
+    fake-quantizes with (:meth:`.Supernet.use_quantized`), so it prices formats by the error that ships. Returned
+    as :class:`~.model.SavedModel` s: the search reads them a layer at a time, not each model whole on every rank."""
     from llmshrink.compressor.materialize import materialize
-    from llmshrink.compressor.model import CompressedModel
+    from llmshrink.compressor.model import SavedModel
     from llmshrink.formats import parse_format
 
     config, inputs, space = ctx.config, ctx.inputs, ctx.space
@@ -845,7 +846,7 @@ def _search_quantized(ctx: _Context) -> dict:
                                 progress=inputs.progress).save(qdir)
 
             dist.main_only(quantize)  # under torchrun rank 0 quantizes; every rank reads what it saved
-        models[fmt] = CompressedModel.load(qdir)
+        models[fmt] = SavedModel(qdir)
     return models
 
 

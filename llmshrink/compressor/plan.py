@@ -205,8 +205,8 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
     the supernet's fp32 copy of the weights, one fp32 residual per offered search format (fp32 because the
     search prices rounding errors as small as bf16's own), activations and logits of the rank's share of a
     step; on the host the teacher's float16 targets and, for the joint search with a calibrating quantizer,
-    its dequantized weights per integer format (:meth:`.Supernet.use_quantized`, freed once the residuals are
-    made). Sharded: the supernet is built whole, then each layer's residuals are made and the layer
+    one layer's dequantized weights per integer format (:meth:`.Supernet.use_quantized` reads them a layer at a
+    time from the saved models). Sharded: the supernet is built whole, then each layer's residuals are made and the layer
     sharded before the next (peak: the weights plus one layer's residuals), then a device holds its share
     and gathers one layer (weights and residuals) at a time.
     """
@@ -223,7 +223,7 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
         device = teacher + weights + resid + act
     host = config.n_calib * s.seq_len * b.vocab_size * 2
     if config.strategy == "joint" and config.quantizer != "rtn":
-        host += shape.params * 4 * int_formats
+        host += layer * int_formats
     return device, host
 
 

@@ -281,7 +281,9 @@ class Supernet(nn.Module):
         self.head_fmts = [parse_format(f) for f in space.lm_head_formats]
         self.head_resid = _Residuals()
         self._has_resid = self._frozen = self._sharded = False
-        self._quantized: dict = {}  # (id(weight), format) -> the run quantizer's weight (use_quantized)
+        self._sources: dict = {}  # format -> the run quantizer's model of it (use_quantized)
+        self._quantized: dict = {}  # (id(weight), format) -> that model's weight, reordered; read per layer
+        self._read: set = set()  # layers (None: the lm_head) read into _quantized
         self._grids = self._make_grids()
 
     @torch.no_grad()
@@ -333,25 +335,23 @@ class Supernet(nn.Module):
                              "Start the run with torchrun --nproc-per-node N (N > 1), or leave out --shard fsdp.")
         for p in self.weight_parameters():
             p.requires_grad_(False)
-        if not shard:
-            self._has_resid = False  # made again, as before every search (the weights may have been trained)
-            self.refresh_quant()
-        else:
+        if self._sharded:
+            raise UsageError("This supernet is sharded already.")
+        if shard:
             from torch.distributed.fsdp import fully_shard
-
-            for i, lay in enumerate(self.layers):
-                self._refresh_layer(i)
-                for name in LINEARS:  # what made this layer's residuals goes with its whole weights
-                    w = lay.weight(name)
-                    for f in self.fmts:
-                        self._quantized.pop((id(w), f.name), None)
-                        self._grids.pop((id(w), f.name), None)
+        # layer by layer (the weights may have been trained: residuals made again, as before every search)
+        for i, lay in enumerate(self.layers):
+            self._refresh_layer(i)
+            self._forget_quantized([lay.weight(n) for n in LINEARS])
+            if shard:
                 fully_shard(lay)
-            self._refresh_head()
+        self._refresh_head()
+        self._forget_quantized([self.lm_head])
+        if shard:
             fully_shard(self, ignored_params=set(self.arch_parameters()))
-            self._sharded = self._has_resid = True
-        self._frozen = True
-        self._grids, self._quantized = {}, {}
+        self._sharded = shard
+        self._has_resid = self._frozen = True
+        self._grids, self._quantized, self._sources = {}, {}, {}
 
     def search_state(self) -> dict[str, torch.Tensor]:
         """What a search changes, for its checkpoint: the architecture logits and which candidates are alive
@@ -474,9 +474,11 @@ class Supernet(nn.Module):
     @torch.no_grad()
     def use_quantized(self, models: dict) -> None:
         """Fake-quantize with the run's quantizer from now on: ``models`` maps a format name to the unpruned
-        model quantized in it (a :class:`~.model.CompressedModel` of ``space.largest(fmt)``, e.g. by GPTQ),
-        and every linear (and the lm_head) offered that format takes its dequantized weight, reordered like
-        the supernet's, as ``Q(W)``. Formats not listed keep rounding to nearest on the export's grid.
+        model quantized in it (a :class:`~.model.CompressedModel` of ``space.largest(fmt)``, e.g. by GPTQ, or a
+        :class:`~.model.SavedModel` of one, read a layer at a time), and every linear (and the lm_head) offered
+        that format takes its dequantized weight, reordered like the supernet's, as ``Q(W)``. Formats not listed
+        keep rounding to nearest on the export's grid. A layer's weights are read when its residuals are made
+        (:meth:`refresh_quant`, :meth:`freeze_weights`), and kept on the host.
 
         Why: GPTQ compensates most of what rounding to nearest loses at 4 bits (SmolLM2-135M uniform w4g32a8,
         KL from the original on held-out rows: 0.61 rounded to nearest, 0.15 with GPTQ), but it cannot
@@ -484,29 +486,49 @@ class Supernet(nn.Module):
         weights with blocks (a 1.0x int4 search: KL 0.50 vs 0.61 for uniform int4 under rounding to
         nearest, 0.35 vs 0.15 under the GPTQ that ships). A pruned subnet's GPTQ compensates over its kept
         columns only, so its error is the unpruned one's estimate, sliced, not a copy.
-        """
-        from llmshrink.device import device_of
 
-        self._quantized = {}
-        for fmt, cm in models.items():
-            if len(cm.blocks) != self.base.num_layers or cm.spec.hidden_size != self.base.hidden_size:
+        Raises:
+            UsageError: a model is pruned.
+        """
+        for fmt, m in models.items():
+            if len(m.spec.kept_layers()) != self.base.num_layers or m.spec.hidden_size != self.base.hidden_size:
                 raise UsageError(f"The {fmt} model given to the search is pruned; it needs the unpruned one.")
-            # sliced where the quantized model is (it loads on the host), each slice then moved to the search's device
-            hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long, device=device_of(cm))
-            for i, (lay, blk) in enumerate(zip(self.layers, cm.blocks, strict=True)):
-                att = SimpleNamespace(**{n: SimpleNamespace(weight=getattr(blk, n).weight, bias=None)
-                                         for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
-                mlp = SimpleNamespace(**{n: SimpleNamespace(weight=getattr(blk, n).weight, bias=None)
-                                         for n in ("gate_proj", "up_proj", "down_proj")})
-                norm = SimpleNamespace(weight=blk.input_norm)
-                q = _Layer(SimpleNamespace(self_attn=att, mlp=mlp, input_layernorm=norm, post_attention_layernorm=norm),
-                           self.orders[i], hidden_idx, self.base)
-                for name in LINEARS:
-                    if cm.spec.layers[i].precision[name] == fmt:  # else the space placed another format there
-                        self._quantized[(id(lay.weight(name)), fmt)] = q.weight(name).data
-            if cm.spec.lm_head == fmt:
-                self._quantized[(id(self.lm_head), fmt)] = cm.lm_head.weight[:, hidden_idx].float().clone()
+        self._sources, self._quantized, self._read = dict(models), {}, set()
         self._has_resid = False  # made from these at the next forward, refresh_quant or freeze_weights
+
+    @torch.no_grad()
+    def _read_quantized(self, i: int | None) -> None:
+        """Put layer ``i``'s (None: the lm_head's) weights from the run quantizer's models in ``_quantized``."""
+        if i in self._read:
+            return
+        for fmt, src in self._sources.items():
+            if i is None:
+                if src.spec.lm_head == fmt:
+                    w = src.linear("lm_head").weight
+                    hidden_idx = torch.tensor(self.hidden_order, dtype=torch.long, device=w.device)
+                    self._quantized[(id(self.lm_head), fmt)] = w[:, hidden_idx].float().clone()
+                continue
+            names = [n for n in LINEARS if src.spec.layers[i].precision[n] == fmt]  # else the space placed another
+            if not names:
+                continue
+            lins = {n: SimpleNamespace(weight=src.linear(f"blocks.{i}.{n}").weight, bias=None) for n in LINEARS}
+            dev = lins["q_proj"].weight.device  # sliced where the quantized model is (the host)
+            norm = SimpleNamespace(weight=torch.ones(self.base.hidden_size, device=dev))  # its norms are not read
+            hf_like = SimpleNamespace(self_attn=SimpleNamespace(**{n: lins[n] for n in LINEARS[:4]}),
+                                      mlp=SimpleNamespace(**{n: lins[n] for n in LINEARS[4:]}),
+                                      input_layernorm=norm, post_attention_layernorm=norm)
+            q = _Layer(hf_like, self.orders[i], torch.tensor(self.hidden_order, dtype=torch.long, device=dev),
+                       self.base)
+            for name in names:
+                self._quantized[(id(self.layers[i].weight(name)), fmt)] = q.weight(name).data
+        self._read.add(i)
+
+    def _forget_quantized(self, weights: list[torch.Tensor]) -> None:
+        """Drop what made ``weights``' residuals (their quantizer weights and export grids): frozen, never needed again."""
+        for w in weights:
+            for f in (*self.fmts, *self.head_fmts):
+                self._quantized.pop((id(w), f.name), None)
+                self._grids.pop((id(w), f.name), None)
 
     @torch.no_grad()
     def refresh_quant(self) -> None:
@@ -547,12 +569,14 @@ class Supernet(nn.Module):
 
     @torch.no_grad()
     def _refresh_layer(self, i: int) -> None:
+        self._read_quantized(i)
         lay = self.layers[i]
         for j, name in enumerate(LINEARS):
             lay.resid.set_all(name, self._residuals(lay.weight(name), self.fmts, self.offered_prec[j]))
 
     @torch.no_grad()
     def _refresh_head(self) -> None:
+        self._read_quantized(None)
         self.head_resid.set_all("lm_head", self._residuals(self.lm_head, self.head_fmts, self.offered_lm_head))
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, resid: list[torch.Tensor | None], cut, p: torch.Tensor,

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
 
     from llmshrink import distributed as dist
     from llmshrink.compressor.materialize import materialize
+    from llmshrink.compressor.model import SavedModel
     from llmshrink.compressor.recover import RecoveryConfig, recover
     from llmshrink.compressor.search import SearchConfig, run_search
     from llmshrink.compressor.space import SearchSpace
@@ -63,7 +65,10 @@ def main() -> None:
 
     net = Supernet(hf, space)
     # the run's quantizer, as the joint search uses it: sharding must take its weights layer by layer too
-    net.use_quantized({"w4g32a8": materialize(hf, space.largest("w4g32a8"), calib=calib[:8], quantizer="gptq")})
+    # ... read a layer at a time from where it was saved, as compress gives it
+    saved = Path(ckpt_dir).with_name(f"{Path(ckpt_dir).name}-quant-{dist.rank()}")
+    materialize(hf, space.largest("w4g32a8"), calib=calib[:8], quantizer="gptq").save(saved)
+    net.use_quantized({"w4g32a8": SavedModel(saved)})
     res = run_search(net, hf, calib, table=table, workload=Workload("decode", 1, 16), budget_ms=0.01, config=cfg,
                      checkpoint_dir=ckpt_dir, resume=resume, shard=shard, progress=Killer())
     # elements of the weights and residuals this rank holds (its shards, when sharded)

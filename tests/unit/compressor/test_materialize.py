@@ -85,6 +85,23 @@ def test_quantized_model_is_close_and_saves_exactly(tiny_hf, tiny_base, ids, tmp
     assert back.spec == spec and torch.equal(back(ids)[0], out)
 
 
+def test_a_saved_model_read_a_linear_at_a_time_gives_what_loading_it_whole_gives(tiny_hf, tiny_base, tmp_path):
+    from llmshrink.compressor.model import SavedModel
+
+    # a pruned spec in two formats, so block j is not layer j and formats differ per linear
+    spec = SubnetSpec.original(tiny_base).with_precision("w8g32").with_precision("fp32", ["up_proj"], lm_head=False)
+    spec = replace(spec, lm_head="w4g32", layers=(replace(spec.layers[0], keep=False), *spec.layers[1:]))
+    cm = materialize(tiny_hf, spec)
+    saved = SavedModel(cm.save(tmp_path))
+    assert saved.spec == spec
+    for name in ("blocks.0.q_proj", "blocks.1.up_proj", "blocks.1.down_proj", "lm_head"):
+        a, b = saved.linear(name), cm.linear(name)
+        assert a.fmt == b.fmt and torch.equal(a.weight, b.weight), name
+        assert (a.quantized is None) == (b.quantized is None) and (a.quantized is None
+                                                                     or torch.equal(a.quantized.codes, b.quantized.codes))
+    assert saved.linear("blocks.1.up_proj").quantized is None and saved.linear("lm_head").fmt.weight_bits == 4
+
+
 def test_spec_for_another_model_is_refused(tiny_hf, tiny_base):
     other = replace(tiny_base, hidden_size=tiny_base.hidden_size * 2)
     with pytest.raises(SpecError) as ei:
