@@ -333,23 +333,25 @@ class Supernet(nn.Module):
         if shard and dist.world_size() == 1:
             raise UsageError("Sharding needs more than one process.",
                              "Start the run with torchrun --nproc-per-node N (N > 1), or leave out --shard fsdp.")
+        from torch.distributed.fsdp import fully_shard
+
         for p in self.weight_parameters():
             p.requires_grad_(False)
-        if self._sharded:
-            raise UsageError("This supernet is sharded already.")
-        if shard:
-            from torch.distributed.fsdp import fully_shard
-        # layer by layer (the weights may have been trained: residuals made again, as before every search)
+        shard = shard and not self._sharded
+        # layer by layer (the weights may have been trained: residuals made again, as before every search; frozen
+        # already, e.g. by an earlier search of the same supernet, they are what they were)
         for i, lay in enumerate(self.layers):
-            self._refresh_layer(i)
-            self._forget_quantized([lay.weight(n) for n in LINEARS])
+            if not self._frozen:
+                self._refresh_layer(i)
+                self._forget_quantized([lay.weight(n) for n in LINEARS])
             if shard:
                 fully_shard(lay)
-        self._refresh_head()
-        self._forget_quantized([self.lm_head])
+        if not self._frozen:
+            self._refresh_head()
+            self._forget_quantized([self.lm_head])
         if shard:
             fully_shard(self, ignored_params=set(self.arch_parameters()))
-        self._sharded = shard
+        self._sharded = self._sharded or shard
         self._has_resid = self._frozen = True
         self._grids, self._quantized, self._sources = {}, {}, {}
 
@@ -488,8 +490,10 @@ class Supernet(nn.Module):
         columns only, so its error is the unpruned one's estimate, sliced, not a copy.
 
         Raises:
-            UsageError: a model is pruned.
+            UsageError: a model is pruned, or the weights are frozen already (their residuals are made).
         """
+        if self._frozen:
+            raise UsageError("use_quantized comes before freeze_weights: frozen weights' residuals are made once.")
         for fmt, m in models.items():
             if len(m.spec.kept_layers()) != self.base.num_layers or m.spec.hidden_size != self.base.hidden_size:
                 raise UsageError(f"The {fmt} model given to the search is pruned; it needs the unpruned one.")
@@ -544,7 +548,7 @@ class Supernet(nn.Module):
         the weights never move, and neither do their residuals: this is a no-op.
 
         Raises:
-            UsageError: the weights are sharded (:meth:`shard`) but not frozen.
+            UsageError: the weights are sharded but not frozen (cannot happen through :meth:`freeze_weights`).
         """
         if self._frozen and self._has_resid:
             return
