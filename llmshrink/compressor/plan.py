@@ -217,10 +217,16 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
     act = shape.activation_bytes(rank_tokens, s.seq_len, 4) + shape.logits_bytes(rank_tokens)
     teacher, weights, resid = shape.params * vb, shape.params * 4, shape.params * 4 * nf
     layer = shape.block_params * 4
+    # each of the rank's sampled forwards keeps every linear's effective (fake-quantized) fp32 weight for its
+    # backward until the step's backward: a model-sized copy per sample, sharded or not (measured on SmolLM2-135M,
+    # benchmarks/search_sharding.py: without it the formula missed most of the search's peak)
+    samples = -(-s.samples // n) if s.sampling == "hard" else 1
+    effective = weights * samples
     if sharded and n > 1:
-        device = max(teacher + weights + layer * nf, teacher + (weights + resid) // n + layer * (1 + nf) + act)
+        device = max(teacher + weights + layer * nf,
+                     teacher + (weights + resid) // n + layer * (1 + nf) + act + effective)
     else:
-        device = teacher + weights + resid + act
+        device = teacher + weights + resid + act + effective
     host = config.n_calib * s.seq_len * b.vocab_size * 2
     if config.strategy == "joint" and config.quantizer != "rtn":
         host += layer * int_formats
@@ -305,7 +311,10 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
                                  sharded=shard)
     add("search", device, host, 3 * shape.forward_flops(step_tokens * s.steps, seq), hw.train_tflops,
         f"weights + fp32 supernet, {nf} residuals" + (f" sharded over {n} (FSDP)" if shard else "")
-        + f" + activations of {s.batch_size} x {seq} tokens")
+        + f" + a model-sized effective weight per sampled forward + activations of {s.batch_size} x {seq} tokens")
+    if n > min(s.samples, s.batch_size):  # run_search refuses ranks that would have no sample of a step
+        out[-1] = replace(out[-1], fits=False, holds=f"{n} processes share {min(s.samples, s.batch_size)} "
+                          "architecture samples a step: refused (some would have nothing to do)")
     # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the streamed path's peak is stated beside it.
     q = config.n_quant * seq
     hessian_flops = q * b.num_layers * 2 * (3 * b.hidden_size**2 + b.intermediate_size**2) \
