@@ -28,7 +28,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
              recovery_steps: int | None = None, calib_data: str = DEFAULT_CALIB_DATA, tolerance_pct: float = 10.0,
              seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
              recovery: RecoveryConfig | None = None, resume: bool = False, adapt_table: bool = True,
-             device: str = "auto", shard: str = "auto", progress: Progress = NULL_PROGRESS):
+             device: str = "auto", shard: str = "auto", recompute: str = "auto",
+             progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
     A budget is milliseconds (``30`` or ``"30ms"``) or relative to a uniform
@@ -39,6 +40,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     ``device``: where the torch phases run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; :mod:`llmshrink.device`).
     ``shard``: under torchrun, whether the search's supernet is sharded over the ranks with FSDP (``fsdp``), kept
     whole on each (``none``: data parallel), or sharded where it would not fit whole (``auto``).
+    ``recompute``: whether the search recomputes its blocks in per-sample backwards (``on``), never (``off``),
+    or only where it would not fit otherwise (``auto``; slower by about a forward a step).
     ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
     (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`). Under ``torchrun``
@@ -87,7 +90,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
         search=SearchConfig() if steps is None else SearchConfig(steps=steps),
         recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
         quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=run_device,
-        shard=shard)
+        shard=shard, recompute=recompute)
     notes = adapted + tuple(notes) + (torch_device_note(dev, dist.world_size()),)
     return run(cfg, out, resume=resume, progress=progress, notes=notes)
 

@@ -59,9 +59,12 @@ class CompressConfig:
     spec: str | None = None
     # where the torch phases run (a resolved ``--device``: "cpu" or "cuda:N"; see llmshrink.device)
     device: str = "cpu"
-    # under torchrun: shard the search's supernet with FSDP (plan.search_sharded): auto (where it would not fit
+    # under torchrun: shard the search's supernet with FSDP (plan.search_mode): auto (where it would not fit
     # whole), fsdp, none (data parallel: every rank holds it whole)
     shard: str = "auto"
+    # the search recomputes its blocks in per-sample backwards (plan.search_mode): auto (where it would not fit
+    # otherwise), on, off
+    recompute: str = "auto"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -73,5 +76,7 @@ class CompressConfig:
             raise UsageError("CompressConfig.device is a resolved device (cpu, cuda, cuda:N), not auto.")
         if self.shard not in ("auto", "fsdp", "none"):
             raise UsageError(f"Unknown shard mode {self.shard!r}.", "Use one of: auto, fsdp, none.")
+        if self.recompute not in ("auto", "on", "off"):
+            raise UsageError(f"Unknown recompute mode {self.recompute!r}.", "Use one of: auto, on, off.")
         if self.quantizer not in QUANTIZERS:
             raise UsageError(f"Unknown quantizer {self.quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")

@@ -77,6 +77,7 @@ from llmshrink import serde, storage
 from llmshrink.compressor.calibration_text import calibration_splits
 from llmshrink.compressor.config import CompressConfig
 from llmshrink.compressor.contenders import SEARCH, Contender, ContenderOutcome
+from llmshrink.compressor.plan import SearchMode
 from llmshrink.errors import UsageError, ValidationFailedError
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.targets.workload import Workload
@@ -191,7 +192,7 @@ def _importance(hf, calib, out: Path, progress: Progress):
 
 
 def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, workload, budget: float, targets,
-                progress: Progress) -> None:
+                progress: Progress, recompute: bool = False) -> None:
     """The weight warm-up (no architecture updates, so no budget involved) all budgets start from: run once."""
     from llmshrink.compressor.search import CHECKPOINT, run_search
 
@@ -199,7 +200,7 @@ def _warm_start(net, hf, calib, out: Path, config: CompressConfig, table, worklo
     if not (warm / CHECKPOINT).is_file():
         run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget, params_budget=config.params_budget,
                    config=config.search, checkpoint_dir=warm, stop_after=config.search.warmup_steps, targets=targets,
-                   progress=progress)
+                   recompute=recompute, progress=progress)
 
 
 def held_out_key(calib_data: str, ids) -> str:
@@ -357,7 +358,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
         UsageError: bad input, or ``out`` holds another run (or nothing to resume).
     """
     from llmshrink.compressor.budget import check_budget
-    from llmshrink.compressor.plan import check_fits, shards_search
+    from llmshrink.compressor.plan import check_fits, search_mode_here
     from llmshrink.compressor.space import default_space, load_space
     from llmshrink.device import resolve_device
     from llmshrink.evaluation.report import write_report
@@ -390,7 +391,7 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     # before any weights load; under torchrun rank 0 judges (free memory read at one moment decides for all)
     dev = resolve_device(config.device)
     dist.main_only(lambda: check_fits(config, hf_config, dev, space, dist.world_size()))
-    shard = dist.main_only(lambda: shards_search(config, hf_config, dev, space, dist.world_size()))
+    mode = dist.main_only(lambda: search_mode_here(config, hf_config, dev, space, dist.world_size()))
     if config.calib_data != "self":
         from llmshrink.models.data import parse_data_spec
 
@@ -404,14 +405,16 @@ def compress(config: CompressConfig, out: str | Path, *, resume: bool = False,
     notes += () if measurable else (device_note(target.name, table.kind, workload),)
     if measurable and (why := host_mismatch(table)):
         notes += (why,)  # bundles will likely miss their budgets here; say so where the results are read
-    if shard:
+    if mode.sharded:
         notes += (f"search: the supernet's weights sharded over {dist.world_size()} processes with FSDP "
                   f"(--shard {config.shard})",)
+    if mode.recompute:
+        notes += (f"search: blocks recomputed in per-sample backwards to fit (--recompute {config.recompute})",)
     rec = previous or CompressRecord(config, fastest, notes=notes)
     _save(out, rec)
 
     inputs = _Inputs(config, source, out, progress)
-    ctx = _Context(config, out, target, table, workload, space, base, source, measurable, notes, inputs, shard)
+    ctx = _Context(config, out, target, table, workload, space, base, source, measurable, notes, inputs, mode)
     done = {c.label: c for c in rec.candidates}
     outcomes = []
     for budget in sorted(config.budgets_ms) if plan is None else [min(config.budgets_ms, default=fastest)]:
@@ -530,7 +533,7 @@ class _Context:
     measurable: bool
     notes: tuple[str, ...]
     inputs: _Inputs
-    shard: bool = False  # the search's supernet sharded over the torchrun ranks (plan.shards_search)
+    search_mode: SearchMode = SearchMode()  # how the search holds its supernet (plan.search_mode_here)
 
 
 def _export_and_check(ctx: _Context, cm, label: str, secs: dict[str, float], bundle: Path | None = None):
@@ -705,7 +708,8 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
         net.use_quantized(_search_quantized(ctx))
     sdir = out / f"search-{label}"
     if searched > 1 and config.search.warmup_steps and not (sdir / "search.ckpt").is_file():
-        _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress)
+        _warm_start(net, hf, calib, out, config, table, workload, budget, targets, progress,
+                    ctx.search_mode.recompute)
         dist.main_only(lambda: storage.atomic_write_bytes(sdir / "search.ckpt",
                                                           (out / "warmup" / "search.ckpt").read_bytes()))
     ckpt_exists = (sdir / "search.ckpt").is_file()
@@ -714,7 +718,8 @@ def _search_and_ship(ctx: _Context, budget: float, searched: int) -> CandidateOu
     start = _search_start(ctx, budget, baselines) if config.strategy == "joint" else None
     result = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                         params_budget=config.params_budget, config=config.search, checkpoint_dir=sdir,
-                        resume=ckpt_exists, targets=targets, start_from=start, shard=ctx.shard, progress=progress)
+                        resume=ckpt_exists, targets=targets, start_from=start, shard=ctx.search_mode.sharded,
+                        recompute=ctx.search_mode.recompute, progress=progress)
     secs["search"] = time.perf_counter() - t0
     dist.main_only(lambda: storage.atomic_write_text(
         sdir / MOVES, json.dumps([serde.to_dict(m) for m in result.moves], indent=1)))

@@ -17,9 +17,11 @@ plan before loading weights and refuses a run whose phase cannot fit (:class:`In
 
 Several devices (``devices > 1``, ``torchrun --nproc-per-node N``): every rank holds what one process holds,
 and the training phases split their rows (data parallel), except the search when it is sharded
-(:func:`search_sharded`; ``compress --shard``): FSDP then shards the supernet's weights and residuals, and a
+(:func:`search_mode`; ``compress --shard``): FSDP then shards the supernet's weights and residuals, and a
 device holds its ``1/N`` share plus the layer being gathered, after building the supernet whole with one
 layer's residuals at a time (:meth:`.supernet.Supernet.freeze_weights`). GPTQ and export run on rank 0.
+Where the search would not fit, it may also recompute its blocks (``compress --recompute``): its peak then
+holds one sampled forward's block at a time instead of a model-sized effective weight per sample.
 """
 
 from __future__ import annotations
@@ -195,11 +197,28 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
 
 
 SHARD_MODES = ("auto", "fsdp", "none")
+RECOMPUTE_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class SearchMode:
+    """How the search holds its supernet: sharded over the processes (FSDP) and/or recomputing its blocks in
+    per-sample backwards (:func:`.search.train_step`)."""
+
+    sharded: bool = False
+    recompute: bool = False
+
+    def describe(self, processes: int) -> str:
+        parts = ([f"sharded over {processes} (FSDP)"] if self.sharded else []) + (
+            ["blocks recomputed in per-sample backwards"] if self.recompute else [])
+        return ", ".join(parts) or "whole, one backward a step"
 
 
 def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
-                  search_formats: int | None = None, sharded: bool = False) -> tuple[int, int]:
-    """(device bytes, host bytes) per rank of the search phase, unsharded or sharded over ``hw.devices``.
+                  search_formats: int | None = None, sharded: bool = False,
+                  recompute: bool = False) -> tuple[int, int]:
+    """(device bytes, host bytes) per rank of the search phase, unsharded or sharded over ``hw.devices``,
+    with or without recomputation.
 
     What the code holds (:class:`.supernet.Supernet`): the original (the teacher, in the device's dtype),
     the supernet's fp32 copy of the weights, one fp32 residual per offered search format (fp32 because the
@@ -209,19 +228,28 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
     time from the saved models). Sharded: the supernet is built whole, then each layer's residuals are made and the layer
     sharded before the next (peak: the weights plus one layer's residuals), then a device holds its share
     and gathers one layer (weights and residuals) at a time.
+
+    Each sampled forward keeps every linear's effective (fake-quantized) fp32 weight for the backward: without
+    recomputation, a model-sized copy per sample of the rank's until the step's backward. Recomputing, the
+    samples' backwards run one after the other and a block keeps only its input: one sample's block inputs, one
+    block's effective weights and activations, and the lm_head's effective weight and logits of one sample.
     """
     b, n, vb = shape.base, hw.devices, hw.bytes_per_value
     s = config.search
     nf = int_formats + 1 if search_formats is None else search_formats
     rank_tokens = max(s.batch_size * s.seq_len // n, s.seq_len)
-    act = shape.activation_bytes(rank_tokens, s.seq_len, 4) + shape.logits_bytes(rank_tokens)
     teacher, weights, resid = shape.params * vb, shape.params * 4, shape.params * 4 * nf
     layer = shape.block_params * 4
-    # each of the rank's sampled forwards keeps every linear's effective (fake-quantized) fp32 weight for its
-    # backward until the step's backward: a model-sized copy per sample, sharded or not (measured on SmolLM2-135M,
-    # benchmarks/search_sharding.py: without it the formula missed most of the search's peak)
     samples = -(-s.samples // n) if s.sampling == "hard" else 1
-    effective = weights * samples
+    if recompute and s.sampling == "hard":
+        tokens = max(rank_tokens // samples, s.seq_len)  # one sample's rows
+        act = (b.num_layers * tokens * b.hidden_size * 4 + shape.activation_bytes(tokens, s.seq_len, 4)
+               // b.num_layers + shape.logits_bytes(tokens))
+        effective = layer + b.vocab_size * b.hidden_size * 4
+    else:
+        act = shape.activation_bytes(rank_tokens, s.seq_len, 4) + shape.logits_bytes(rank_tokens)
+        # measured on SmolLM2-135M (benchmarks/search_sharding.py): without it the formula missed most of the peak
+        effective = weights * samples
     if sharded and n > 1:
         device = max(teacher + weights + layer * nf,
                      teacher + (weights + resid) // n + layer * (1 + nf) + act + effective)
@@ -233,17 +261,24 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
     return device, host
 
 
-def search_sharded(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
-                   search_formats: int | None = None) -> bool:
-    """Whether the search shards its supernet over ``hw.devices`` processes: ``config.shard`` ``fsdp`` with
-    more than one, never with ``none``; ``auto`` when the unsharded search would not fit on a device (data
-    parallel, every rank whole, where it fits: no gathers)."""
-    if hw.devices == 1 or config.shard == "none":
-        return False
-    if config.shard == "fsdp":
-        return True
-    device, _ = search_memory(shape, config, hw, int_formats=int_formats, search_formats=search_formats)
-    return device > FIT_FRACTION * hw.memory_bytes
+def search_mode(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
+                search_formats: int | None = None) -> SearchMode:
+    """How the search holds its supernet on ``hw.devices`` processes: the first of (whole), (recompute),
+    (sharded), (sharded and recompute) that ``config.shard`` and ``config.recompute`` allow and that fits on a
+    device, or the leanest allowed when none fits. ``fsdp`` and ``on`` force theirs; ``none`` and ``off`` forbid
+    theirs; ``auto`` takes it only where the run would not fit without it (recomputing costs about a forward a
+    step; sharding, gathers of every layer twice a step, slow between processes of one CPU). One process is
+    never sharded."""
+    shards = [False] if hw.devices == 1 or config.shard == "none" else [True] if config.shard == "fsdp" \
+        else [False, True]
+    recomputes = {"auto": [False, True], "on": [True], "off": [False]}[config.recompute]
+    modes = [SearchMode(sh, rc) for sh in shards for rc in recomputes]
+    for mode in modes:
+        device, _ = search_memory(shape, config, hw, int_formats=int_formats, search_formats=search_formats,
+                                  sharded=mode.sharded, recompute=mode.recompute)
+        if device <= FIT_FRACTION * hw.memory_bytes:
+            return mode
+    return modes[-1]
 
 
 def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
@@ -306,12 +341,15 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
     #    teacher is read from its targets.
     step_tokens = s.batch_size * seq
     nf = int_formats + 1 if search_formats is None else search_formats
-    shard = search_sharded(shape, config, hw, int_formats=int_formats, search_formats=search_formats)
+    mode = search_mode(shape, config, hw, int_formats=int_formats, search_formats=search_formats)
     device, host = search_memory(shape, config, hw, int_formats=int_formats, search_formats=search_formats,
-                                 sharded=shard)
-    add("search", device, host, 3 * shape.forward_flops(step_tokens * s.steps, seq), hw.train_tflops,
-        f"weights + fp32 supernet, {nf} residuals" + (f" sharded over {n} (FSDP)" if shard else "")
-        + f" + a model-sized effective weight per sampled forward + activations of {s.batch_size} x {seq} tokens")
+                                 sharded=mode.sharded, recompute=mode.recompute)
+    add("search", device, host, (3 + mode.recompute) * shape.forward_flops(step_tokens * s.steps, seq),
+        hw.train_tflops, f"weights + fp32 supernet, {nf} residuals" + (f" sharded over {n} (FSDP)" if mode.sharded
+                                                                        else "")
+        + (" + one block's effective weights, activations of one sample's rows (blocks recomputed in per-sample "
+           "backwards)" if mode.recompute else
+           f" + a model-sized effective weight per sampled forward + activations of {s.batch_size} x {seq} tokens"))
     if n > min(s.samples, s.batch_size):  # run_search refuses ranks that would have no sample of a step
         out[-1] = replace(out[-1], fits=False, holds=f"{n} processes share {min(s.samples, s.batch_size)} "
                           "architecture samples a step: refused (some would have nothing to do)")
@@ -445,12 +483,13 @@ def _datasheet_for(gpu_name: str, target) -> dict:
 def make_plan(model: str, target: str, latency: str | None = None, *, workload=None, device: str = "auto",
               devices: int = 1, memory_bytes: int | None = None, host_memory_bytes: int | None = None,
               config: CompressConfig | None = None, space_path: str | None = None, calib_data: str | None = None,
-              shard: str | None = None, progress=None) -> Plan:
+              shard: str | None = None, recompute: str | None = None, progress=None) -> Plan:
     """The :class:`Plan` of ``compress --model model --target target --latency latency`` (config only).
 
     ``calib_data`` (``compress --calib-data``; default the config's) decides whether sampling the calibration
     text from the model is a phase (``self``); ``shard`` (``compress --shard``; default the config's) whether
-    the search is sharded over several devices.
+    the search is sharded over several devices; ``recompute`` (``compress --recompute``) whether it may recompute
+    its blocks to fit.
 
     Raises:
         UsageError: unknown model or target, bad budget, or a model the tool cannot compress.
@@ -476,6 +515,8 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
         config = replace(config, calib_data=calib_data)
     if shard is not None:
         config = replace(config, shard=shard)
+    if recompute is not None:
+        config = replace(config, recompute=recompute)
     fmts = tgt.search_formats or tgt.formats  # as the pipeline builds its space
     space = (load_space(space_path, base, tgt.formats, search_formats=fmts) if space_path
              else default_space(base, tgt.formats, search_formats=fmts))
@@ -498,7 +539,8 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
                                         search_formats=len(space.formats)))), None)
     assumptions = (
         f"hardware: {hw.source}",
-        "memory: formulas from what each phase holds (weights, caches, activations without recomputation, "
+        "memory: formulas from what each phase holds (weights, caches, activations without recomputation except "
+        "in a search that recomputes its blocks, "
         f"float32 logits); a phase fits in {FIT_FRACTION:.0%} of the memory (the rest: allocator, CUDA context, "
         "libraries)",
         "time: FLOPs / achieved throughput; GPTQ adds its float64 Hessian sums; calibration text sampling "
@@ -541,8 +583,8 @@ def check_fits(config: CompressConfig, hf_config, device, space, processes: int 
     ``processes`` torchrun ranks (each its own device of this kind; on the CPU, sharing this one's RAM).
 
     Memory only (no throughput is measured): called by ``compress`` after reading the config and before
-    loading any weights. Returns the phase estimates when all fit; whether the search is sharded is
-    :func:`search_sharded` on the same estimate.
+    loading any weights. Returns the phase estimates when all fit; how the search holds its supernet is
+    :func:`search_mode` on the same estimate.
 
     Raises:
         InsufficientMemoryError: a phase's estimated peak exceeds the device's (or host's) memory.
@@ -576,9 +618,9 @@ def _present(device, processes: int) -> Hardware:
                     "the device present")
 
 
-def shards_search(config: CompressConfig, hf_config, device, space, processes: int) -> bool:
-    """Whether this run's search shards its supernet (:func:`search_sharded` on the devices present)."""
+def search_mode_here(config: CompressConfig, hf_config, device, space, processes: int) -> SearchMode:
+    """How this run's search holds its supernet (:func:`search_mode` on the devices present)."""
     from llmshrink.models.info import count_params
 
-    return search_sharded(ModelShape(space.base, count_params(hf_config)), config, _present(device, processes),
+    return search_mode(ModelShape(space.base, count_params(hf_config)), config, _present(device, processes),
                           int_formats=_residual_formats(space), search_formats=len(space.formats))

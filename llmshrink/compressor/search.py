@@ -233,6 +233,10 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
     already known (:class:`~.teacher.TeacherTargets`); otherwise ``teacher`` computes them.
     Returns the architecture half's (kd, E[latency], E[params], penalty) tensors.
 
+    ``net.recompute`` (hard sampling): each sample's backward runs right after its forward, and the blocks
+    recompute their activations there: the step holds one sample's graph of one block at a time. The
+    same gradients up to float order (which can flip a later hard draw: the search is that sensitive).
+
     Rows and targets may come from the host; they are moved to the supernet's device here."""
     dev = net.embed.device
     ids_w, ids_a = ids_w.to(dev), ids_a.to(dev)
@@ -243,7 +247,7 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
             targets = (teacher(input_ids=ids_w, use_cache=False).logits,
                        teacher(input_ids=ids_a, use_cache=False).logits)
 
-    def sampled_kd(ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def sampled_kd(ids: torch.Tensor, target: torch.Tensor, lean: bool | None) -> torch.Tensor:
         """Mean KD over ``cfg.samples`` groups of rows, each through its own draw (hard sampling: a subnet
         each; several draws per step average out more of the estimator's noise at the same token count).
 
@@ -259,18 +263,34 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
         total = torch.zeros((), device=dev)
         for g, (i, t) in enumerate(groups):
             probs = net.sample(tau, generator)
-            if g in mine:
+            if g not in mine:
+                continue
+            if lean is None:
                 total = total + kd_loss(net(i, probs), t, cfg.kd_temperature) * len(i)
-        return total / len(ids)
+                continue
+            # lean: this draw's graph is gone before the next draw's forward (gradients accumulate)
+            share = kd_loss(net(i, probs), t, cfg.kd_temperature) * (len(i) / len(ids))
+            if lean:
+                share.backward()
+            total = total + share.detach()
+        return total if lean is not None else total / len(ids)
 
+    # lean (recompute): each sample's backward runs right after its forward instead of one backward of the
+    # summed loss, so a step holds one sample's graph, not all of them (True: backward; False: no update)
+    lean = True if net.recompute and cfg.sampling == "hard" else None
     if cfg.weight_lr > 0:
-        loss_w = sampled_kd(ids_w, targets[0])
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
-        loss_w.backward()
+        loss_w = sampled_kd(ids_w, targets[0], lean)
+        if lean is None:
+            loss_w.backward()
         dist.all_reduce_grads(net.weight_parameters())
         opt_w.step()
-    kd = sampled_kd(ids_a, targets[1])
+    if lean is not None:
+        opt_w.zero_grad(set_to_none=True)
+        opt_a.zero_grad(set_to_none=True)
+        lean = update_arch
+    kd = sampled_kd(ids_a, targets[1], lean)
     # the penalties read the expectation over the distribution the samples come from
     pr = net.probs(tau)
     lat = net.expected_latency(table, workload, pr)
@@ -280,10 +300,13 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
     if params_budget:
         penalty = penalty + cfg.lambda_params * torch.relu(params / params_budget - 1)
     if update_arch:
-        opt_w.zero_grad(set_to_none=True)
-        opt_a.zero_grad(set_to_none=True)
         # every rank computes the same penalty: each adds its 1/N, the all-reduce sums them back to one
-        (kd + penalty.float() / dist.world_size()).backward()
+        if lean is None:
+            opt_w.zero_grad(set_to_none=True)
+            opt_a.zero_grad(set_to_none=True)
+            (kd + penalty.float() / dist.world_size()).backward()
+        elif penalty.requires_grad:  # the KD's gradients are in already
+            (penalty.float() / dist.world_size()).backward()
         dist.all_reduce_grads(net.arch_parameters())
         if cfg.arch_grad_clip:
             torch.nn.utils.clip_grad_value_(net.arch_parameters(), cfg.arch_grad_clip)
@@ -310,7 +333,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
                params_budget: float | None = None, config: SearchConfig = SearchConfig(),
                checkpoint_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
                targets: TeacherTargets | None = None, start_from=None, shard: bool = False,
-               progress: Progress = NULL_PROGRESS) -> SearchResult:
+               recompute: bool = False, progress: Progress = NULL_PROGRESS) -> SearchResult:
     """Search ``net`` (modified in place) against ``teacher`` (the original HF model) on ``calib`` ``[N, T]``.
 
     ``start_from``: a SubnetSpec a fresh search starts from (:meth:`Supernet.init_from_spec`, lead
@@ -325,6 +348,10 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
 
     ``shard``: under torchrun, shard the supernet's weights over the ranks with FSDP (:meth:`Supernet.freeze_weights`)
     instead of holding them whole on each; the same steps either way (all-gathers are exact).
+
+    ``recompute``: trade compute for memory (:func:`train_step`): a step's peak holds one sample's graph, and
+    of it one block's effective weights and activations, plus every block's input. About one more forward a
+    step. Neither ``shard`` nor ``recompute`` is a search setting: a checkpoint resumes under either.
 
     Raises:
         UsageError: too few calibration sequences for two halves of one batch, ``resume`` without a
@@ -353,6 +380,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
     half_targets = targets.take(slice(0, None, 2)), targets.take(slice(1, None, 2))
     if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
         net.freeze_weights(shard=shard)
+    net.recompute = recompute
     opt_w, opt_a = optimizers(net, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []

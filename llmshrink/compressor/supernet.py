@@ -50,6 +50,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmshrink.compressor.importance import Importance
 from llmshrink.compressor.model import rotate_half
@@ -159,7 +160,22 @@ class _Layer(nn.Module):
     def forward(self, net: Supernet, i: int, x: torch.Tensor, pr: Probs, H: int, m_h: torch.Tensor,
                 n_h: torch.Tensor, mask_g: torch.Tensor, mask_r: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        """The residual stream ``x`` after base layer ``i`` (attention then MLP, each added with p(keep))."""
+        """The residual stream ``x`` after base layer ``i`` (attention then MLP, each added with p(keep)).
+
+        With ``net.recompute`` (and gradients on) the block keeps only its input for the backward and runs
+        again there (activation checkpointing): its effective weights, one fp32 copy of the layer per linear
+        and sample, then live one layer at a time instead of all at once. Same gradients; the backward
+        costs one more forward of the block. Inside the module call, so that FSDP's gathers wrap both runs."""
+        args = (net, i, x, pr, H, m_h, n_h, mask_g, mask_r, cos, sin)
+        if net.recompute and torch.is_grad_enabled():
+            # non-reentrant: the architecture probabilities reach the block inside ``pr`` (not as tensor
+            # arguments) and still get their gradients
+            return checkpoint(self._block, *args, use_reentrant=False)
+        return self._block(*args)
+
+    def _block(self, net: Supernet, i: int, x: torch.Tensor, pr: Probs, H: int, m_h: torch.Tensor,
+               n_h: torch.Tensor, mask_g: torch.Tensor, mask_r: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
         p_keep = pr.keep[i, 1]
         G_a, R_a, I_a = net._top("kv", i), net._top("hpg", i), net._top("mlp", i)
         alive_p, p_lin = net.alive("prec")[i], pr.prec[i]
@@ -232,6 +248,8 @@ class Supernet(nn.Module):
                  vectorized: bool = True, latency_formats: dict[str, str] | None = None) -> None:
         super().__init__()
         self.vectorized = vectorized
+        # recompute each block in the backward instead of keeping its activations (set by run_search)
+        self.recompute = False
         self.latency_formats = latency_formats
         base = space.base
         if len(space.head_dim) != 1 or space.head_dim[0] != base.head_dim:

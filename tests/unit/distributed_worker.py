@@ -1,12 +1,13 @@
 """Worker of ``test_distributed.py``: a search and a recovery of the tiny Llama, run alone or under torchrun.
 
-    python distributed_worker.py OUT.json CKPT_DIR [--die-at N] [--resume] [--shard]
+    python distributed_worker.py OUT.json CKPT_DIR [--die-at N] [--resume] [--shard] [--recompute]
     python -m torch.distributed.run --standalone --nproc-per-node 2 distributed_worker.py OUT.json CKPT_DIR ...
 
 Rank 0 writes OUT.json: the chosen spec's fingerprint, the search's per-step KD and expected latency, the
 architecture logits, and recovery's losses. ``--die-at N``: rank 0 SIGKILLs itself after step N + 1 of the
 search (its checkpoint of step N, taken every 2 steps, is on disk). ``--shard``: the supernet's weights sharded
 over the ranks with FSDP (:meth:`Supernet.shard`); rank 0 also writes how many of the weights it holds.
+``--recompute``: the search's lean steps (per-sample backward, blocks recomputed in it; :func:`train_step`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     die_at = int(sys.argv[sys.argv.index("--die-at") + 1]) if "--die-at" in sys.argv else None
     resume = "--resume" in sys.argv
     shard = "--shard" in sys.argv
+    recompute = "--recompute" in sys.argv
 
     import torch
 
@@ -70,7 +72,8 @@ def main() -> None:
     materialize(hf, space.largest("w4g32a8"), calib=calib[:8], quantizer="gptq").save(saved)
     net.use_quantized({"w4g32a8": SavedModel(saved)})
     res = run_search(net, hf, calib, table=table, workload=Workload("decode", 1, 16), budget_ms=0.01, config=cfg,
-                     checkpoint_dir=ckpt_dir, resume=resume, shard=shard, progress=Killer())
+                     checkpoint_dir=ckpt_dir, resume=resume, shard=shard, recompute=recompute,
+                     progress=Killer())
     # elements of the weights and residuals this rank holds (its shards, when sharded)
     held = sum(getattr(p, "_local_tensor", p).numel() for p in net.parameters()
                if all(p is not a for a in net.arch_parameters()))

@@ -1,5 +1,5 @@
 """torchrun: the search and recovery over 2 gloo processes, data-parallel or with the search's weights sharded
-by FSDP, choose what one process chooses."""
+by FSDP (also recomputing its blocks in per-sample backwards), choose what one process chooses."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def _run(out: Path, ckpt: Path, nproc: int, *extra: str) -> subprocess.Completed
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     done = {}
-    for name, nproc, extra in (("one", 1, ()), ("two", 2, ()), ("sharded", 2, ("--shard",))):
+    for name, nproc, extra in (("one", 1, ()), ("two", 2, ()), ("sharded", 2, ("--shard",)),
+                               ("sharded-recompute", 2, ("--shard", "--recompute"))):
         res = _run(d / f"{name}.json", d / f"ckpt-{name}", nproc, *extra)
         assert res.returncode == 0, res.stderr[-3000:]
         done[name] = json.loads((d / f"{name}.json").read_text())
@@ -36,13 +37,14 @@ def _flat(logits: dict) -> list[float]:
     return [float(x) for k in sorted(logits) for x in torch.tensor(logits[k]).flatten()]
 
 
-@pytest.mark.parametrize("name", ["two", "sharded"])
+@pytest.mark.parametrize("name", ["two", "sharded", "sharded-recompute"])
 def test_two_processes_choose_the_spec_one_process_chooses(runs, name):
     _, r = runs
     one, two = r["one"], r[name]
     assert one["world"] == 1 and two["world"] == 2
     assert two["spec"] == one["spec"]
-    # the same steps up to the order of float sums: gradients summed over ranks, not in one backward
+    # the same steps up to the order of float sums: gradients summed over ranks (and, recomputing, over each
+    # sample's backward), not in one backward
     assert two["kd"] == pytest.approx(one["kd"], rel=1e-4)
     assert two["latency"] == pytest.approx(one["latency"], rel=1e-5)
     assert len(_flat(one["logits"])) > 80  # every decision row's logits, not an empty dict

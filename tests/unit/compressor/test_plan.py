@@ -70,7 +70,8 @@ def test_the_search_shards_where_it_does_not_fit_whole_and_the_other_phases_stay
     from llmshrink.models.info import count_params
 
     shape = ModelShape(BaseShape.from_config(config), count_params(config))
-    cfg = CompressConfig(model="m", target="a100", budgets_ms=(30.0,))
+    # without recomputation (its own test below): sharding alone decides what a device holds
+    cfg = CompressConfig(model="m", target="a100", budgets_ms=(30.0,), recompute="off")
 
     def phases(hw, c=cfg, **kw):
         return {p.phase: p for p in estimate_phases(shape, c, hw, int_formats=4, **kw)}
@@ -100,25 +101,62 @@ def test_the_search_shards_where_it_does_not_fit_whole_and_the_other_phases_stay
     assert fewer["search"].device_bytes < one["search"].device_bytes
 
 
-def test_an_8b_search_fits_no_a100_count_and_the_plan_says_so():
-    """The search keeps a model-sized fp32 effective weight per sampled forward (whole, sharded or not) and
-    shares 4 samples a step: 8B's search fits on no number of A100 80GB (per-layer recomputation would be
-    needed), and the plan says so instead of naming a count that would fail."""
-    res = CliRunner().invoke(cli, ["plan", "--model", str(LLAMA_8B), "--target", "a100"])
+def test_an_8b_search_fits_on_4_a100s_only_by_recomputing_and_sharding_and_the_plan_says_so():
+    """Without recomputation the search keeps a model-sized fp32 effective weight per sampled forward (whole,
+    sharded or not) and shares 4 samples a step: 8B's search fits on no number of A100 80GB, and the plan says
+    so instead of naming a count that would fail. Recomputing its blocks (the default where needed), it fits on
+    4, sharded; --recompute on alone is not enough on one."""
+    res = CliRunner().invoke(cli, ["plan", "--model", str(LLAMA_8B), "--target", "a100", "--recompute", "off"])
     assert res.exit_code == 0, res.output
     said = " ".join(res.output.split())  # rich wraps at the terminal's width
     assert "does not fit" in said and "no device count" in said
-    plan = make_plan(str(LLAMA_8B), "a100", device="cuda")
+    plan = make_plan(str(LLAMA_8B), "a100", device="cuda", recompute="off")
     assert not plan.fits and plan.min_devices is None
     assert [p.phase for p in plan.phases if not p.fits] == ["search"]
-    four = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4)
+    four = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4, recompute="off")
     assert [p.phase for p in four.phases if not p.fits] == ["search"]
-    # on 40 GB devices whole-model GPTQ (rank 0) and recovery (whole on every rank) do not fit either
+    # recomputing where it must: 4 A100s, sharded; the plan names the count and how the search holds it
+    auto = make_plan(str(LLAMA_8B), "a100", device="cuda")
+    assert auto.min_devices == 4 and not auto.fits
+    four = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4)
+    search = {p.phase: p for p in four.phases}["search"]
+    assert four.fits and "recomputed" in search.holds and "FSDP" in search.holds
+    # and it costs the search about one more forward a step (3 -> 4 forward-equivalents)
+    off = {p.phase: p for p in make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4, recompute="off").phases}
+    assert search.seconds == pytest.approx(off["search"].seconds * 4 / 3)
+    res = CliRunner().invoke(cli, ["plan", "--model", str(LLAMA_8B), "--target", "a100", "--devices", "4",
+                                   "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["fits"] is True
+    # on 40 GB devices whole-model GPTQ (rank 0) and recovery (whole on every rank) do not fit
     small = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4, memory_bytes=40 * 10**9)
-    assert [p.phase for p in small.phases if not p.fits] == ["search", "GPTQ", "recovery"]
-    # a 1B model fits on one A100 80GB; 8 processes would be refused by the search
-    assert make_plan(str(LLAMA_1B), "a100", device="cuda").fits
+    assert {"GPTQ", "recovery"} <= {p.phase for p in small.phases if not p.fits}
+    # a 1B model fits on one A100 80GB, whole, without recomputing; 8 processes would be refused by the search
+    one_b = make_plan(str(LLAMA_1B), "a100", device="cuda")
+    assert one_b.fits and "recomputed" not in {p.phase: p for p in one_b.phases}["search"].holds
     assert not make_plan(str(LLAMA_1B), "a100", device="cuda", devices=8).fits
+
+
+def test_recompute_auto_takes_the_cheapest_mode_that_fits():
+    """Whole before recomputing before sharding; on and fsdp force theirs; recomputing holds far less."""
+    import transformers
+
+    from llmshrink.compressor.plan import SearchMode, search_memory, search_mode
+    from llmshrink.models.info import count_params
+
+    config = transformers.AutoConfig.from_pretrained(LLAMA_1B)
+    shape = ModelShape(BaseShape.from_config(config), count_params(config))
+    cfg = CompressConfig(model="m", target="a100", budgets_ms=(30.0,))
+    kw = dict(int_formats=4)
+    whole, lean = (search_memory(shape, cfg, _gpu(1), recompute=r, **kw)[0] for r in (False, True))
+    assert lean < 0.75 * whole
+    between = _gpu(1, memory_gib=(whole + lean) / 2 / 0.9 / 1024**3)  # fits recomputing only
+    assert search_mode(shape, cfg, _gpu(1, 10_000), **kw) == SearchMode(False, False)
+    assert search_mode(shape, cfg, between, **kw) == SearchMode(False, True)
+    assert search_mode(shape, replace(cfg, recompute="on"), _gpu(1, 10_000), **kw) == SearchMode(False, True)
+    assert search_mode(shape, replace(cfg, recompute="off"), between, **kw) == SearchMode(False, False)
+    small = replace(between, devices=2, memory_bytes=between.memory_bytes // 4)
+    assert search_mode(shape, cfg, small, **kw).sharded
+    assert search_mode(shape, replace(cfg, shard="none"), small, **kw) == SearchMode(False, True)
 
 
 def test_cpu_plan_of_the_default_model_fits_this_machine_and_times_every_phase():

@@ -194,3 +194,56 @@ def test_an_architecture_step_moves_no_logit_further_than_the_clipped_gradient_a
                    budget_ms=1e-4, lambda_latency=1e4)
         moved[clip] = max(float((a - b).abs().max()) for a, b in zip(net.arch_parameters(), before, strict=True))
     assert 0 < moved[0.01] <= 0.01 + 1e-7 < moved[0.0]
+
+
+def _one_step(net, hf, calib, table, cfg):
+    from llmshrink.compressor.search import optimizers, train_step
+    from llmshrink.targets.workload import Workload
+
+    opt_w, opt_a = optimizers(net, cfg)
+    kd, *_ = train_step(net, hf, calib[:4], calib[4:8], opt_w, opt_a, cfg, tau=1.0,
+                        generator=torch.Generator().manual_seed(3), table=table, workload=Workload("decode", 1, 16),
+                        budget_ms=0.01)
+    return float(kd)
+
+
+def test_a_recomputing_step_makes_the_same_update(tiny_hf, tiny_base, tiny_table, calib):
+    """Recompute (per-sample backward, blocks checkpointed) changes what is kept, not the step: the trained
+    weights and the architecture logits land where the whole graph's backward puts them."""
+    table, _ = tiny_table
+    cfg = _cfg(samples=2, batch_size=4, weight_lr=1e-2, arch_lr=1.0, arch_grad_clip=0.0)
+    nets, kds = [], []
+    for recompute in (False, True):
+        net = Supernet(tiny_hf, _space(tiny_base))
+        net.recompute = recompute
+        kds.append(_one_step(net, tiny_hf, calib, table, cfg))
+        nets.append(net)
+    assert kds[0] == pytest.approx(kds[1], rel=1e-5)
+    moved = False
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(nets[0].arch_parameters(), Supernet(tiny_hf, _space(tiny_base)).arch_parameters(), strict=True):
+        moved |= not torch.equal(a, b)
+    assert moved  # the step did move the logits (else equality says nothing)
+
+
+def test_a_recomputing_forward_keeps_a_fraction_of_the_tensors_for_its_backward(tiny_hf, tiny_base):
+    """What the memory saving rests on: with recompute, a sampled forward's blocks keep only their inputs
+    for the backward, not their effective weights and activations."""
+    kept = {}
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    for recompute in (False, True):
+        net = Supernet(tiny_hf, _space(tiny_base))
+        net.recompute = recompute
+        nbytes = []
+
+        def pack(t, nbytes=nbytes):
+            nbytes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = net(ids, net.sample(1.0, torch.Generator().manual_seed(0)))
+        logits.sum().backward()  # and the recomputation runs in it
+        kept[recompute] = sum(nbytes)
+        assert net.alpha["mlp"].grad is not None and net.alpha["mlp"].grad.abs().sum() > 0
+    assert kept[True] < 0.5 * kept[False]
