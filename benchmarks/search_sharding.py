@@ -6,8 +6,9 @@ modes, one thread per rank), on the same seeded random token rows, with the sear
 count: the supernet of the cpu target's default space (its formats rounded to nearest on the export's grid,
 which hold the same memory as the run quantizer's residuals), the teacher's targets, and ``--steps`` steps.
 
-Per rank: peak RSS (``VmHWM``) above the RSS after loading the model (before the supernet is built), and the
-median step time. "plan" is ``plan.search_memory`` for the same rows (device + host: one memory on the CPU),
+Per rank: peak RSS (``VmHWM``) above the RSS after loading the model (before the supernet is built), while
+building the supernet ("build": its grids' clip searches) and, the peak reset (``/proc/self/clear_refs``), during
+the search itself ("search": its residuals and steps), and the median step time. "plan" is ``plan.search_memory`` for the same rows (device + host: one memory on the CPU),
 what ``llmshrink plan`` would print; the teacher's own weights are in the baseline, not above it. The
 per-step KD of each mode is compared with one process's (the same steps up to the order of float sums; the
 two-rank modes run one thread per rank, and the thread count alone moves it: see the README).
@@ -64,9 +65,11 @@ def worker(out: str, steps: int, rows: int, shard: bool, recompute: bool) -> Non
     calib = torch.randint(3, base.vocab_size, (rows, 128), generator=torch.Generator().manual_seed(0))
     baseline = rss("VmRSS")
     net = Supernet(hf, space)
+    built = rss("VmHWM") - baseline
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     res = run_search(net, hf, calib, table=table, workload=workload, budget_ms=budget,
                      config=SearchConfig(steps=steps, verify_rows=0), shard=shard, recompute=recompute)
-    mine = {"rank": dist.rank(), "above": rss("VmHWM") - baseline,
+    mine = {"rank": dist.rank(), "above": rss("VmHWM") - baseline, "built": built,
             "step_s": statistics.median(h.seconds for h in res.history), "kd": [h.kd for h in res.history],
             "held": sum(getattr(p, "_local_tensor", p).numel() for p in net.parameters())}
     everyone: list = [None] * dist.world_size()
@@ -130,13 +133,14 @@ def main() -> None:
     lines = [f"$ python benchmarks/search_sharding.py --steps {args.steps} --rows {args.rows}",
              machine_line(),
              f"SmolLM2-135M, cpu target's default space ({len(space.formats)} search formats), {args.steps} search "
-             f"steps on {args.rows} random rows of 128 tokens; above = peak RSS (VmHWM) - RSS after loading the model",
+             f"steps on {args.rows} random rows of 128 tokens; peak RSS (VmHWM) - RSS after loading the model, "
+             "building the supernet and during the search",
              "",
-             f"{'mode':26}{'rank':>5}{'above':>11}{'plan':>11}{'weights held':>14}{'step':>8}{'max KD diff':>13}"]
+             f"{'mode':26}{'rank':>5}{'build':>10}{'search':>11}{'plan':>11}{'weights held':>14}{'step':>8}{'max KD diff':>13}"]
     for name, (n, shard, recompute) in MODES.items():
         for r in res[name]:
             diff = max(abs(a / b - 1) for a, b in zip(r["kd"], one_kd, strict=True))
-            lines.append(f"{name:26}{r['rank']:>5}{human_bytes(r['above']):>11}{human_bytes(plan(n, shard, recompute)):>11}"
+            lines.append(f"{name:26}{r['rank']:>5}{human_bytes(r['built']):>10}{human_bytes(r['above']):>11}{human_bytes(plan(n, shard, recompute)):>11}"
                          f"{r['held'] / 1e6:>12.1f} M{r['step_s']:>7.1f}s{diff:>13.1e}")
     dp = max(r["above"] for r in res["2 ranks, data parallel"])
     fsdp = max(r["above"] for r in res["2 ranks, FSDP"])

@@ -86,12 +86,15 @@ def resume_command(out_dir: Path) -> str:
               help="Let the search recompute each block in per-sample backwards instead of keeping a "
                    "model-sized effective weight per sample (on), never (off), or only where `llmshrink plan` "
                    "says it would not fit otherwise (auto). Costs about one more forward a step.")
+@click.option("--search-samples", default=None, type=click.IntRange(1),
+              help="Architecture samples a search step draws, a calibration row each (default 4). Under torchrun "
+                   "the processes share them, so N processes need at least N: 8 for 8 GPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def compress(model: str, target: str, latency: str | None, spec_path: str | None, quantizer: str,
              params_budget: str | None, workload: str | None,
              space_path: str | None, steps: int | None, recovery_steps: int | None, calib_data: str, tolerance: str,
              strategy: str, seed: int, out_dir: Path | None, resume: bool, no_adapt: bool, device: str,
-             shard: str, recompute: str, as_json: bool) -> None:
+             shard: str, recompute: str, search_samples: int | None, as_json: bool) -> None:
     """Search architecture and per-layer precision jointly under a latency budget, then ship the result.
 
     Phases: calibration text, importance ranking, the joint search (its
@@ -161,7 +164,8 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
                                strategy=strategy, space=space_path, steps=steps, recovery_steps=recovery_steps,
                                calib_data=calib_data, tolerance_pct=parse_tolerance(tolerance), seed=seed,
                                quantizer=quantizer, spec=spec_path, resume=resume, adapt_table=not no_adapt,
-                               device=device, shard=shard, recompute=recompute, progress=p)
+                               device=device, shard=shard, recompute=recompute,
+                               search_samples=search_samples, progress=p)
     except KeyboardInterrupt:
         from llmshrink.errors import Interrupted
 

@@ -54,6 +54,9 @@ def _seconds(s: float) -> str:
               help="As compress --shard: whether the search's supernet is sharded over the devices with FSDP.")
 @click.option("--recompute", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="As compress --recompute: whether the search recomputes its blocks to fit.")
+@click.option("--search-samples", default=None, type=click.IntRange(1),
+              help="As compress --search-samples: architecture samples a search step draws (default 4); "
+                   "torchrun processes share them.")
 @click.option("--device-memory", default=None, help="Memory per device, e.g. 40GB (default: the device's own).")
 @click.option("--host-memory", default=None,
               help="RAM of the machine holding the devices, e.g. 1TB (default: this one's, if it has them).")
@@ -61,7 +64,7 @@ def _seconds(s: float) -> str:
               help="The calibration text compress would read (`self` adds the phase that samples it from the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: str, target: str, latency: str | None, workload: str | None, space_path: str | None, device: str,
-         devices: int, shard: str, recompute: str, device_memory: str | None, host_memory: str | None, calib_data: str,
+         devices: int, shard: str, recompute: str, search_samples: int | None, device_memory: str | None, host_memory: str | None, calib_data: str,
          as_json: bool) -> None:
     """Plan a compress run before making it: search space, latencies, memory and time per phase.
 
@@ -88,7 +91,8 @@ def plan(model: str, target: str, latency: str | None, workload: str | None, spa
     p = make_plan(model, target, latency, workload=parse_workload(workload) if workload else None, device=device,
                   devices=devices, memory_bytes=parse_bytes(device_memory, "--device-memory"),
                   host_memory_bytes=parse_bytes(host_memory, "--host-memory"), space_path=space_path,
-                  calib_data=calib_data, shard=shard, recompute=recompute)
+                  calib_data=calib_data, shard=shard, recompute=recompute,
+                  search_samples=search_samples)
     if as_json:
         d = serde.to_dict(p)["_data"]
         d.update(feasible=p.feasible, fits=p.fits, total_seconds=p.total_seconds)

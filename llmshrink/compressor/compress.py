@@ -28,7 +28,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
              recovery_steps: int | None = None, calib_data: str = DEFAULT_CALIB_DATA, tolerance_pct: float = 10.0,
              seed: int = 0, quantizer: str = "gptq", spec: str | Path | None = None,
              recovery: RecoveryConfig | None = None, resume: bool = False, adapt_table: bool = True,
-             device: str = "auto", shard: str = "auto", recompute: str = "auto",
+             device: str = "auto", shard: str = "auto", recompute: str = "auto", search_samples: int | None = None,
              progress: Progress = NULL_PROGRESS):
     """Compress ``model`` for ``target`` under ``latency_ms`` (one budget or several) into run directory ``out``.
 
@@ -42,6 +42,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     whole on each (``none``: data parallel), or sharded where it would not fit whole (``auto``).
     ``recompute``: whether the search recomputes its blocks in per-sample backwards (``on``), never (``off``),
     or only where it would not fit otherwise (``auto``; slower by about a forward a step).
+    ``search_samples``: architecture samples a search step draws (default the SearchConfig's 4), a row each (the
+    step's batch grows to hold them); torchrun processes share them, so N processes need at least N.
     ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
     (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`). Under ``torchrun``
@@ -60,7 +62,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     from llmshrink import distributed as dist
     from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.pipeline import compress as run
-    from llmshrink.compressor.search import SearchConfig
+    from llmshrink.compressor.search import search_config
     from llmshrink.device import resolve_device
 
     dist.init_from_env()  # under torchrun: join the others (data-parallel search and recovery, rank 0 writes)
@@ -87,7 +89,7 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     cfg = CompressConfig(
         model=model, target=target, budgets_ms=budgets, params_budget=params_budget, workload=wl,
         space=str(Path(space).resolve()) if space else None, calib_data=calib_data,
-        search=SearchConfig() if steps is None else SearchConfig(steps=steps),
+        search=search_config(steps, search_samples),
         recovery=recovery, tolerance_pct=tolerance_pct, seed=seed, strategy=strategy, reference=reference,
         quantizer=quantizer, spec=str(Path(spec).resolve()) if spec else None, device=run_device,
         shard=shard, recompute=recompute)

@@ -352,7 +352,8 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
            f" + a model-sized effective weight per sampled forward + activations of {s.batch_size} x {seq} tokens"))
     if n > min(s.samples, s.batch_size):  # run_search refuses ranks that would have no sample of a step
         out[-1] = replace(out[-1], fits=False, holds=f"{n} processes share {min(s.samples, s.batch_size)} "
-                          "architecture samples a step: refused (some would have nothing to do)")
+                          "architecture samples a step: refused (some would have nothing to do; "
+                          f"--search-samples {n} gives each one)")
     # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the streamed path's peak is stated beside it.
     q = config.n_quant * seq
     hessian_flops = q * b.num_layers * 2 * (3 * b.hidden_size**2 + b.intermediate_size**2) \
@@ -483,13 +484,14 @@ def _datasheet_for(gpu_name: str, target) -> dict:
 def make_plan(model: str, target: str, latency: str | None = None, *, workload=None, device: str = "auto",
               devices: int = 1, memory_bytes: int | None = None, host_memory_bytes: int | None = None,
               config: CompressConfig | None = None, space_path: str | None = None, calib_data: str | None = None,
-              shard: str | None = None, recompute: str | None = None, progress=None) -> Plan:
+              shard: str | None = None, recompute: str | None = None, search_samples: int | None = None,
+              progress=None) -> Plan:
     """The :class:`Plan` of ``compress --model model --target target --latency latency`` (config only).
 
     ``calib_data`` (``compress --calib-data``; default the config's) decides whether sampling the calibration
     text from the model is a phase (``self``); ``shard`` (``compress --shard``; default the config's) whether
     the search is sharded over several devices; ``recompute`` (``compress --recompute``) whether it may recompute
-    its blocks to fit.
+    its blocks to fit; ``search_samples`` (``compress --search-samples``) the search's samples a step.
 
     Raises:
         UsageError: unknown model or target, bad budget, or a model the tool cannot compress.
@@ -517,6 +519,10 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
         config = replace(config, shard=shard)
     if recompute is not None:
         config = replace(config, recompute=recompute)
+    if search_samples is not None:
+        from llmshrink.compressor.search import search_config
+
+        config = replace(config, search=search_config(samples=search_samples, base=config.search))
     fmts = tgt.search_formats or tgt.formats  # as the pipeline builds its space
     space = (load_space(space_path, base, tgt.formats, search_formats=fmts) if space_path
              else default_space(base, tgt.formats, search_formats=fmts))

@@ -75,7 +75,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -193,6 +193,18 @@ class _ForwardKL(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         s, p = ctx.saved_tensors
         return torch.softmax(s, -1).sub_(p).mul_(grad.unsqueeze(-1)), None, None
+
+
+def search_config(steps: int | None = None, samples: int | None = None,
+                  base: SearchConfig | None = None) -> SearchConfig:
+    """``base`` (default: the default :class:`SearchConfig`) with ``compress --steps`` and ``--search-samples``
+    applied: more samples than the batch has rows grow the batch to one row per sample."""
+    cfg = base or SearchConfig()
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    if samples is not None:
+        cfg = replace(cfg, samples=samples, batch_size=max(cfg.batch_size, samples))
+    return cfg
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -370,7 +382,8 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
     if dist.world_size() > min(cfg.samples, cfg.batch_size):
         raise UsageError(f"{dist.world_size()} processes share a search step of {min(cfg.samples, cfg.batch_size)} "
                          "architecture samples: some would have nothing to do.",
-                         "Use at most that many processes, or raise the search's samples and batch size.")
+                         "Use at most that many processes, or raise the search's samples (compress "
+                         "--search-samples N).")
     if calib.shape[0] < 2 * cfg.batch_size:
         raise UsageError(f"The search needs at least {2 * cfg.batch_size} calibration sequences "
                          f"(two halves of batch {cfg.batch_size}); got {calib.shape[0]}.")

@@ -127,6 +127,12 @@ def test_an_8b_search_fits_on_4_a100s_only_by_recomputing_and_sharding_and_the_p
     res = CliRunner().invoke(cli, ["plan", "--model", str(LLAMA_8B), "--target", "a100", "--devices", "4",
                                    "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["fits"] is True
+    # 8 A100s: refused with the default 4 samples a step, fits when the step draws 8 (a row each)
+    eight = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=8)
+    refused = {p.phase: p for p in eight.phases}["search"]
+    assert not refused.fits and "--search-samples 8" in refused.holds
+    eight = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=8, search_samples=8)
+    assert eight.fits and {p.phase: p for p in eight.phases}["search"].device_bytes < search.device_bytes
     # on 40 GB devices whole-model GPTQ (rank 0) and recovery (whole on every rank) do not fit
     small = make_plan(str(LLAMA_8B), "a100", device="cuda", devices=4, memory_bytes=40 * 10**9)
     assert {"GPTQ", "recovery"} <= {p.phase for p in small.phases if not p.fits}
