@@ -87,8 +87,8 @@ def resume_command(out_dir: Path) -> str:
                    "model-sized effective weight per sample (on), never (off), or only where `llmshrink plan` "
                    "says it would not fit otherwise (auto). Costs about one more forward a step.")
 @click.option("--search-samples", default=None, type=click.IntRange(1),
-              help="Architecture samples a search step draws, a calibration row each (default 4). Under torchrun "
-                   "the processes share them, so N processes need at least N: 8 for 8 GPUs.")
+              help="Architecture samples a search step draws (default 4; the step's batch grows to a multiple of "
+                   "them). Under torchrun the processes share them, so N processes need at least N: 8 for 8 GPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def compress(model: str, target: str, latency: str | None, spec_path: str | None, quantizer: str,
              params_budget: str | None, workload: str | None,

@@ -122,7 +122,9 @@ def plan(model: str, target: str, latency: str | None, workload: str | None, spa
     total = "-" if math.isnan(p.total_seconds) else _seconds(p.total_seconds)
     out.print(f"total time {total} (one budget)", highlight=False)
     if not p.fits:
-        need = (f"it fits on {p.min_devices} such devices (--devices {p.min_devices})" if p.min_devices
+        flags = f"--devices {p.min_devices}" + (f" --search-samples {p.min_devices_samples}"
+                                                 if p.min_devices_samples else "")
+        need = (f"it fits on {p.min_devices} such devices ({flags})" if p.min_devices
                 else "no device count up to 64 makes every phase fit")
         refuse = "; compress refuses it before loading weights (exit 7)" if hw.kind == "cpu" else ""
         out.print(f"[red]This run does not fit[/]: {need}{refuse}.")

@@ -42,8 +42,8 @@ def compress(model: str = "smollm2-135m", *, target: str, latency_ms: float | st
     whole on each (``none``: data parallel), or sharded where it would not fit whole (``auto``).
     ``recompute``: whether the search recomputes its blocks in per-sample backwards (``on``), never (``off``),
     or only where it would not fit otherwise (``auto``; slower by about a forward a step).
-    ``search_samples``: architecture samples a search step draws (default the SearchConfig's 4), a row each (the
-    step's batch grows to hold them); torchrun processes share them, so N processes need at least N.
+    ``search_samples``: architecture samples a search step draws (default the SearchConfig's 4; the step's batch
+    grows to a multiple of them); torchrun processes share them, so N processes need at least N.
     ``adapt_table``: when the target's table (by name) was measured on another CPU, adapt it to this one first
     (:func:`llmshrink.targets.adapt.table_for_this_cpu`, about 3 minutes, kept for later runs); the run's notes say so.
     The Python face of ``llmshrink compress`` (see :mod:`llmshrink.compressor.pipeline`). Under ``torchrun``

@@ -113,6 +113,8 @@ class Plan:
     table_kind: str = ""
     # the fewest devices like these on which every phase fits (None: not even 64; GPTQ and export do not shard)
     min_devices: int | None = None
+    # the search's samples a step that count needs (compress --search-samples; None: the run's own suffice)
+    min_devices_samples: int | None = None
 
     @property
     def feasible(self) -> bool | None:
@@ -208,11 +210,6 @@ class SearchMode:
     sharded: bool = False
     recompute: bool = False
 
-    def describe(self, processes: int) -> str:
-        parts = ([f"sharded over {processes} (FSDP)"] if self.sharded else []) + (
-            ["blocks recomputed in per-sample backwards"] if self.recompute else [])
-        return ", ".join(parts) or "whole, one backward a step"
-
 
 def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_formats: int,
                   search_formats: int | None = None, sharded: bool = False,
@@ -233,6 +230,10 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
     recomputation, a model-sized copy per sample of the rank's until the step's backward. Recomputing, the
     samples' backwards run one after the other and a block keeps only its input: one sample's block inputs, one
     block's effective weights and activations, and the lm_head's effective weight and logits of one sample.
+    Either way the lm_head's backward holds its effective weight's gradient and one gradient-times-residual
+    product (:class:`.supernet._ExpectedWeight`). Sharded, FSDP keeps its root unit (embedding, final norm,
+    lm_head and the lm_head's residuals) whole from the forward to the backward, and holds the layer being
+    computed and the next one, prefetched.
     """
     b, n, vb = shape.base, hw.devices, hw.bytes_per_value
     s = config.search
@@ -240,21 +241,25 @@ def search_memory(shape: ModelShape, config: CompressConfig, hw: Hardware, *, in
     rank_tokens = max(s.batch_size * s.seq_len // n, s.seq_len)
     teacher, weights, resid = shape.params * vb, shape.params * 4, shape.params * 4 * nf
     layer = shape.block_params * 4
+    head = b.vocab_size * b.hidden_size * 4
+    root = (shape.params - b.num_layers * shape.block_params) * 4 + head * nf  # the FSDP root unit, gathered
+    head_backward = 2 * head
     samples = -(-s.samples // n) if s.sampling == "hard" else 1
     if recompute and s.sampling == "hard":
         tokens = max(rank_tokens // samples, s.seq_len)  # one sample's rows
         act = (b.num_layers * tokens * b.hidden_size * 4 + shape.activation_bytes(tokens, s.seq_len, 4)
                // b.num_layers + shape.logits_bytes(tokens))
-        effective = layer + b.vocab_size * b.hidden_size * 4
+        effective = layer + head
     else:
         act = shape.activation_bytes(rank_tokens, s.seq_len, 4) + shape.logits_bytes(rank_tokens)
         # measured on SmolLM2-135M (benchmarks/search_sharding.py): without it the formula missed most of the peak
         effective = weights * samples
     if sharded and n > 1:
         device = max(teacher + weights + layer * nf,
-                     teacher + (weights + resid) // n + layer * (1 + nf) + act + effective)
+                     teacher + (weights + resid - root) // n + root + 2 * layer * (1 + nf) + act + effective
+                     + head_backward)
     else:
-        device = teacher + weights + resid + act + effective
+        device = teacher + weights + resid + act + effective + head_backward
     host = config.n_calib * s.seq_len * b.vocab_size * 2
     if config.strategy == "joint" and config.quantizer != "rtn":
         host += layer * int_formats
@@ -272,6 +277,8 @@ def search_mode(shape: ModelShape, config: CompressConfig, hw: Hardware, *, int_
     shards = [False] if hw.devices == 1 or config.shard == "none" else [True] if config.shard == "fsdp" \
         else [False, True]
     recomputes = {"auto": [False, True], "on": [True], "off": [False]}[config.recompute]
+    if config.search.sampling != "hard":  # one forward a step: nothing to split (run_search does not recompute)
+        recomputes = [False]
     modes = [SearchMode(sh, rc) for sh in shards for rc in recomputes]
     for mode in modes:
         device, _ = search_memory(shape, config, hw, int_formats=int_formats, search_formats=search_formats,
@@ -540,9 +547,16 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
     shape = ModelShape(base, count_params(hf_config))
     int_formats = _residual_formats(space)
     phases = estimate_phases(shape, config, hw, int_formats=int_formats, search_formats=len(space.formats))
+    from llmshrink.compressor.search import search_config
+
+    def with_samples(k: int) -> CompressConfig:  # more processes than a step's samples need one each
+        s = config.search
+        return config if k <= min(s.samples, s.batch_size) else replace(config, search=search_config(samples=k, base=s))
+
     min_devices = next((k for k in DEVICE_COUNTS if all(
-        p.fits for p in estimate_phases(shape, config, replace(hw, devices=k), int_formats=int_formats,
+        p.fits for p in estimate_phases(shape, with_samples(k), replace(hw, devices=k), int_formats=int_formats,
                                         search_formats=len(space.formats)))), None)
+    min_samples = with_samples(min_devices).search.samples if min_devices else None
     assumptions = (
         f"hardware: {hw.source}",
         "memory: formulas from what each phase holds (weights, caches, activations without recomputation except "
@@ -566,7 +580,8 @@ def make_plan(model: str, target: str, latency: str | None = None, *, workload=N
                 space_log10=space.log10_size(), decisions=_decisions(space), original_format=fmt,
                 original_ms=pred.total_ms, fastest_ms=fastest, budget_ms=budget_ms, budget_note=note,
                 hardware=hw, phases=phases, assumptions=assumptions, table_kind=pred.table_kind,
-                min_devices=min_devices if hw.kind == "cuda" else (1 if all(p.fits for p in phases) else None))
+                min_devices=min_devices if hw.kind == "cuda" else (1 if all(p.fits for p in phases) else None),
+                min_devices_samples=min_samples if hw.kind == "cuda" and min_samples != config.search.samples else None)
 
 
 def _decisions(space) -> int:

@@ -145,6 +145,12 @@ class SearchConfig:
             raise UsageError(f"Unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}.")
         if self.samples < 1:
             raise UsageError(f"samples must be at least 1; got {self.samples}.")
+        groups = len(range(self.batch_size)[::-(-self.batch_size // min(self.samples, self.batch_size))])
+        if self.sampling == "hard" and groups != min(self.samples, self.batch_size):
+            # a step splits its batch into the samples' groups (torch.chunk): 3 samples of a batch of 4 make 2
+            raise UsageError(f"A batch of {self.batch_size} rows does not split into {self.samples} samples' groups.",
+                             "Use a batch size that is a multiple of the samples (compress --search-samples "
+                             "rounds it up).")
 
     def tau(self, step: int) -> float:
         if self.steps <= 1:
@@ -198,12 +204,12 @@ class _ForwardKL(torch.autograd.Function):
 def search_config(steps: int | None = None, samples: int | None = None,
                   base: SearchConfig | None = None) -> SearchConfig:
     """``base`` (default: the default :class:`SearchConfig`) with ``compress --steps`` and ``--search-samples``
-    applied: more samples than the batch has rows grow the batch to one row per sample."""
+    applied: the batch grows to the next multiple of the samples (a sample's rows: at least one each)."""
     cfg = base or SearchConfig()
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     if samples is not None:
-        cfg = replace(cfg, samples=samples, batch_size=max(cfg.batch_size, samples))
+        cfg = replace(cfg, samples=samples, batch_size=-(-max(cfg.batch_size, samples) // samples) * samples)
     return cfg
 
 
@@ -281,10 +287,12 @@ def train_step(net: Supernet, teacher, ids_w: torch.Tensor, ids_a: torch.Tensor,
                 total = total + kd_loss(net(i, probs), t, cfg.kd_temperature) * len(i)
                 continue
             # lean: this draw's graph is gone before the next draw's forward (gradients accumulate)
-            share = kd_loss(net(i, probs), t, cfg.kd_temperature) * (len(i) / len(ids))
+            with torch.set_grad_enabled(lean):
+                share = kd_loss(net(i, probs), t, cfg.kd_temperature) * (len(i) / len(ids))
             if lean:
                 share.backward()
             total = total + share.detach()
+            del share
         return total if lean is not None else total / len(ids)
 
     # lean (recompute): each sample's backward runs right after its forward instead of one backward of the
@@ -363,7 +371,9 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
 
     ``recompute``: trade compute for memory (:func:`train_step`): a step's peak holds one sample's graph, and
     of it one block's effective weights and activations, plus every block's input. About one more forward a
-    step. Neither ``shard`` nor ``recompute`` is a search setting: a checkpoint resumes under either.
+    step; hard sampling only (soft sampling runs one forward a step: nothing to split). Neither ``shard`` nor
+    ``recompute`` is a search setting here: a checkpoint resumes under either (``compress --resume`` still asks
+    for the same command).
 
     Raises:
         UsageError: too few calibration sequences for two halves of one batch, ``resume`` without a
@@ -393,7 +403,7 @@ def run_search(net: Supernet, teacher, calib: torch.Tensor, *, table, workload, 
     half_targets = targets.take(slice(0, None, 2)), targets.take(slice(1, None, 2))
     if cfg.weight_lr == 0:  # the pretrained weights, fixed: no gradient is kept for them
         net.freeze_weights(shard=shard)
-    net.recompute = recompute
+    net.recompute = recompute and cfg.sampling == "hard"
     opt_w, opt_a = optimizers(net, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []

@@ -196,35 +196,44 @@ def test_an_architecture_step_moves_no_logit_further_than_the_clipped_gradient_a
     assert 0 < moved[0.01] <= 0.01 + 1e-7 < moved[0.0]
 
 
-def _one_step(net, hf, calib, table, cfg):
-    from llmshrink.compressor.search import optimizers, train_step
+def _two_steps(net, hf, calib, table, cfg) -> list[float]:
+    from llmshrink.compressor.search import train_step
     from llmshrink.targets.workload import Workload
 
-    opt_w, opt_a = optimizers(net, cfg)
-    kd, *_ = train_step(net, hf, calib[:4], calib[4:8], opt_w, opt_a, cfg, tau=1.0,
-                        generator=torch.Generator().manual_seed(3), table=table, workload=Workload("decode", 1, 16),
-                        budget_ms=0.01)
-    return float(kd)
+    # plain SGD on both halves: an update is its gradient (Adam's first step, ~lr * sign, would hide its scale)
+    opt_w = torch.optim.SGD(net.weight_parameters(), lr=cfg.weight_lr)
+    opt_a = torch.optim.SGD(net.arch_parameters(), lr=cfg.arch_lr)
+    gen, kds = torch.Generator().manual_seed(3), []
+    for k in range(2):  # a second step: gradients left over from the first must not leak into it
+        kd, *_ = train_step(net, hf, calib[8 * k:8 * k + 4], calib[8 * k + 4:8 * k + 8], opt_w, opt_a, cfg, tau=1.0,
+                            generator=gen, table=table, workload=Workload("decode", 1, 16), budget_ms=0.01)
+        kds.append(float(kd))
+    return kds
 
 
-def test_a_recomputing_step_makes_the_same_update(tiny_hf, tiny_base, tiny_table, calib):
-    """Recompute (per-sample backward, blocks checkpointed) changes what is kept, not the step: the trained
-    weights and the architecture logits land where the whole graph's backward puts them."""
+def test_recomputing_steps_make_the_same_updates(tiny_hf, tiny_base, tiny_table, calib):
+    """Recompute (per-sample backwards, blocks checkpointed) changes what is kept, not the steps: after two
+    steps the trained weights, the architecture logits and their last gradients are where the whole graph's
+    backward puts them."""
     table, _ = tiny_table
-    cfg = _cfg(samples=2, batch_size=4, weight_lr=1e-2, arch_lr=1.0, arch_grad_clip=0.0)
+    cfg = _cfg(samples=2, batch_size=4, weight_lr=1e-1, arch_lr=1.0, arch_grad_clip=0.0)
     nets, kds = [], []
     for recompute in (False, True):
         net = Supernet(tiny_hf, _space(tiny_base))
         net.recompute = recompute
-        kds.append(_one_step(net, tiny_hf, calib, table, cfg))
+        kds.append(_two_steps(net, tiny_hf, calib, table, cfg))
         nets.append(net)
     assert kds[0] == pytest.approx(kds[1], rel=1e-5)
-    moved = False
+    fresh, moved = dict(Supernet(tiny_hf, _space(tiny_base)).named_parameters()), []
     for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    for a, b in zip(nets[0].arch_parameters(), Supernet(tiny_hf, _space(tiny_base)).arch_parameters(), strict=True):
-        moved |= not torch.equal(a, b)
-    assert moved  # the step did move the logits (else equality says nothing)
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
+        if name in fresh and not torch.equal(a, fresh[name]):  # (cached residuals are made by the first step)
+            moved.append(name)
+    # the steps did move logits and weights (else equality says nothing)
+    assert any(n.startswith("alpha") for n in moved) and any(n.startswith("layers") for n in moved)
 
 
 def test_a_recomputing_forward_keeps_a_fraction_of_the_tensors_for_its_backward(tiny_hf, tiny_base):
