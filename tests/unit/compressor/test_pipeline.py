@@ -689,3 +689,73 @@ def test_the_verdict_says_when_the_winning_search_is_a_baseline_unchanged():
     assert screen_verdict(outcome("the joint search's subnet")).startswith("1ms: the search won (")
     v = screen_verdict(outcome(f"the joint search's subnet{SAME_AS}mixed precision baseline"))
     assert v.startswith("1ms: the search won, with the same model as the mixed precision baseline (")
+
+
+def test_a_pick_timed_well_under_the_budget_is_grown_into_the_time_it_left(steady_table, tiny_base):
+    """The table over-prices a pruned pick's savings on this machine: measured in turn at 0.6x the reference
+    where it predicted 0.8x, under a 0.8x budget, the pick is grown (blocks back first, in the importance
+    order) to the prediction that, with its savings corrected the same way, is the budget. Not when it measured
+    within the slack of the budget, was not measured, or was grown already."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llmshrink.compressor import pipeline
+    from llmshrink.compressor.contenders import Contender
+    from llmshrink.compressor.importance import Importance
+    from llmshrink.compressor.space import SearchSpace
+    from llmshrink.spec import SubnetSpec
+
+    table, yaml_path = steady_table
+    target = load_target(str(yaml_path))
+    wl = target.default_workload
+    n = tiny_base.num_layers
+    rng = np.random.default_rng(0)
+    imp = Importance(tiny_base, rng.random((n, tiny_base.num_heads)), rng.random((n, tiny_base.head_dim)),
+                     rng.random((n, tiny_base.head_dim // 2)), rng.random((n, tiny_base.intermediate_size)),
+                     rng.random(tiny_base.hidden_size), np.array([3.0, 1.0, 2.0, 4.0])[:n], 0)
+    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,),
+                        mlp=(64, 128), min_layers=1, formats=("w4g32a8",), lm_head_formats=("w4g32a8",)).validate()
+    ctx = pipeline._Context(config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=5.0), out=None,
+                            target=target, table=table, workload=wl, space=space, base=tiny_base, source=None,
+                            measurable=True, notes=(), inputs=SimpleNamespace(importance=imp))
+    ms = lambda s: predict(s, target, wl, table=table).total_ms  # noqa: E731
+    ref_ms = ms(SubnetSpec.uniform(tiny_base, "w4g32a8"))
+    one = imp.apply(replace(space.largest("w4g32a8"), layers=tuple(
+        replace(ls, keep=i == 3) for i, ls in enumerate(space.largest("w4g32a8").layers))))  # block 3 alone
+    pick = Contender("search", one, ms(one), "the search's subnet")
+    predicted = pick.predicted_ms / ref_ms
+    budget = ref_ms * (predicted + 0.8 * (1 - predicted))  # the pick predicts well under it
+    aim = budget / ref_ms
+    measured = predicted / 2  # ... and measures further under: it saves more than the table says
+    grown = pipeline._grown_into_slack(ctx, budget, pick, measured)
+    assert grown is not None and grown.name == "search" + pipeline.GROWN and "grown by" in grown.why
+    k = (1 - measured) / (1 - predicted)
+    assert pick.predicted_ms < grown.predicted_ms <= ref_ms * (1 - (1 - aim) / k) + 1e-9
+    kept = grown.spec.kept_layers()
+    assert 3 in kept and len(kept) > 1 and (len(kept) == n or 1 not in kept)  # block 1, the least important, last
+    assert pipeline._grown_into_slack(ctx, budget, pick, aim * 0.97) is None  # within the 5 % slack
+    assert pipeline._grown_into_slack(ctx, budget, pick, None) is None  # not measured
+    assert pipeline._grown_into_slack(ctx, budget, grown, measured) is None  # once
+    unguarded = replace(ctx, config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=None))
+    assert pipeline._grown_into_slack(unguarded, budget, pick, measured) is None  # no bound: nothing to aim at
+
+
+def test_a_pick_measured_far_under_the_budget_is_grown_screened_and_timed_like_the_rest(setup, monkeypatch):
+    """Every bundle times at 0.05x the reference: the guard's pick is grown into the time it left, the grown
+    subnet is screened and timed beside the others, and the lowest KL among those within ships."""
+    from dataclasses import replace
+
+    from llmshrink.compressor import pipeline
+
+    d, cfg, *_ = setup
+    monkeypatch.setattr(pipeline, "measured_ratio", lambda bundle: 0.05)
+    res = compress(replace(cfg, reference="w4g32a8", recovery=replace(cfg.recovery, steps=1)), d / "grown")
+    (c,) = res.record.candidates
+    (grown,) = [k for k in c.contenders if k.name.endswith(pipeline.GROWN)]
+    pick = next(k for k in c.contenders if k.name == grown.name.removesuffix(pipeline.GROWN))
+    assert "grown by" in grown.why and grown.predicted_ms > pick.predicted_ms
+    assert grown.measured_ratio == 0.05 or grown.shipped  # timed by the guard (the shipped one's bundle is redone)
+    won = next(k for k in c.contenders if k.shipped)
+    assert won.screen_kd == min(k.screen_kd for k in c.contenders)
