@@ -1037,12 +1037,14 @@ def _grown_into_slack(ctx: _Context, budget: float, c: Contender, ratio: float |
     0.772x (the sequential run's at 0.767x). A tenth of the reference's time was left on the table, and quality
     with it (WikiText-2 perplexity 49 against 33.7 for the unpruned int4).
     """
-    from llmshrink.compressor.budget import grow_to_budget
+    from llmshrink.compressor.budget import grow_to_budget, num_weights
     from llmshrink.spec import SubnetSpec
     from llmshrink.targets.predict import predict
 
     bound = latency_bound(ctx, budget)
-    if ratio is None or bound is None or c.name.endswith(GROWN):
+    # only a subnet of the search space grows (the importance and sensitivity price its formats): a uniform
+    # baseline in another of the target's formats is left as it is
+    if ratio is None or bound is None or c.name.endswith(GROWN) or not ctx.space.expresses(c.spec):
         return None
     slack = ctx.config.latency_slack_pct / 100
     ref_ms = predict(SubnetSpec.uniform(ctx.base, ctx.config.reference), ctx.target, ctx.workload,
@@ -1061,13 +1063,38 @@ def _grown_into_slack(ctx: _Context, budget: float, c: Contender, ratio: float |
                                  block_order=imp.block_order())
     if not steps or spec.fingerprint() == c.spec.fingerprint():
         return None
+    if ctx.config.params_budget and num_weights(spec) > ctx.config.params_budget:
+        return None  # grown past the user's parameter cap
     ms = predict(spec, ctx.target, ctx.workload, table=ctx.table).total_ms
     log.info("%s: %s measured %.3fx the reference against the budget's %.3fx; grown by %d steps to %.3fx predicted",
              budget_label(budget), c.name, ratio, aim, len(steps), ms / ref_ms)
     return Contender(c.name + GROWN, spec, ms,
                      f"{c.why}, grown by {len(steps)} steps into the time it left: it measured {ratio:.3f}x the "
-                     f"reference timed in turn against the budget's {aim:.3f}x (predicted {predicted:.3f}x: the "
-                     f"table under-prices its savings x{k:.2f} here), so grown to {ms / ref_ms:.3f}x predicted")
+                     f"reference timed in turn against the budget's {aim:.3f}x (predicted {predicted:.3f}x: its "
+                     f"savings measured x{k:.2f} the table's), so grown to {ms / ref_ms:.3f}x predicted")
+
+
+def _grown_once(ctx: _Context, budget: float, ranked: list, c: Contender, ratio: float | None,
+                sdir: Path) -> Contender | None:
+    """:func:`_grown_into_slack`, made once per budget and kept in ``sdir`` (a resumed run re-times the pick and
+    could grow it differently; what was screened and timed under the grown name must stay that subnet); None
+    also when it is a contender already ranked."""
+    from llmshrink.spec import SubnetSpec
+
+    path = sdir / "grown.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        grown = Contender(d["name"], SubnetSpec.from_json(d["spec"]), d["predicted_ms"], d["why"])
+    else:
+        grown = _grown_into_slack(ctx, budget, c, ratio)
+        if grown is None:
+            return None
+        dist.main_only(lambda: storage.atomic_write_text(path, json.dumps(
+            {"name": grown.name, "spec": grown.spec.to_json(), "predicted_ms": grown.predicted_ms,
+             "why": grown.why}, indent=1)))
+    if any(grown.spec.fingerprint() == k.spec.fingerprint() for k, _ in ranked):
+        return None
+    return grown
 
 
 def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: Path, moves: tuple[str, ...],
@@ -1136,9 +1163,10 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
             [again], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
             done=done, on_scored=keep))], key=lambda ck: ck[1])
         guard = _latency_guard(ctx, budget, ranked, timed)
-    if latency_bound(ctx, budget) is not None and guard.within and (grown := _grown_into_slack(
-            ctx, budget, ranked[guard.pick][0], timed(ranked[guard.pick][0])[2])) is not None:
+    if latency_bound(ctx, budget) is not None and guard.within and not guard.over and (grown := _grown_once(
+            ctx, budget, ranked, ranked[guard.pick][0], timed(ranked[guard.pick][0])[2], sdir)) is not None:
         # the pick left time unspent: the same subnet grown into it, screened like the rest, timed by the guard
+        # (not after a refusal: the table's prices are then known to be off the other way)
         ranked = sorted([*ranked, *dist.main_only(lambda: screen(
             [grown], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
             done=done, on_scored=keep))], key=lambda ck: ck[1])
@@ -1181,6 +1209,7 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
         reason = (f"the search did not win: {winner.name} screened at KL {best_kd:.4f} against the searched subnet's "
                   f"{searched:.4f} (the run's quantizer, no recovery, {len(inputs.screen_rows)} rows no phase "
                   f"read), so it ships, recovered; {winner.why}")
-    return _ship(ctx, label, budget, cm, winner.predicted_ms, moves if winner.name == SEARCH else (), tuple(kd),
+    return _ship(ctx, label, budget, cm, winner.predicted_ms, moves if winner.name in (SEARCH, SEARCH + GROWN) else (),
+                 tuple(kd),
                  secs, reason=reason, expected_ms=expected_ms if winner.name == SEARCH else None,
                  contenders=(ship, *outcomes))
