@@ -145,8 +145,8 @@ class SearchConfig:
             raise UsageError(f"Unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}.")
         if self.samples < 1:
             raise UsageError(f"samples must be at least 1; got {self.samples}.")
-        groups = len(range(self.batch_size)[::-(-self.batch_size // min(self.samples, self.batch_size))])
-        if self.sampling == "hard" and groups != min(self.samples, self.batch_size):
+        rows = math.ceil(self.batch_size / min(self.samples, self.batch_size))  # torch.chunk's rows per group
+        if self.sampling == "hard" and math.ceil(self.batch_size / rows) != min(self.samples, self.batch_size):
             # a step splits its batch into the samples' groups (torch.chunk): 3 samples of a batch of 4 make 2
             raise UsageError(f"A batch of {self.batch_size} rows does not split into {self.samples} samples' groups.",
                              "Use a batch size that is a multiple of the samples (compress --search-samples "
