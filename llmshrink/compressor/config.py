@@ -17,6 +17,8 @@ from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.targets.workload import Workload
 
 STRATEGIES = ("joint", "sequential")
+SHARD_MODES = ("auto", "fsdp", "none")  # CompressConfig.shard (plan.search_mode)
+RECOMPUTE_MODES = ("auto", "on", "off")  # CompressConfig.recompute (plan.search_mode)
 
 
 @serde.serializable("CompressConfig")
@@ -74,9 +76,10 @@ class CompressConfig:
 
         if parse_device(self.device)[0] == "auto":  # a malformed name is a usage error
             raise UsageError("CompressConfig.device is a resolved device (cpu, cuda, cuda:N), not auto.")
-        if self.shard not in ("auto", "fsdp", "none"):
-            raise UsageError(f"Unknown shard mode {self.shard!r}.", "Use one of: auto, fsdp, none.")
-        if self.recompute not in ("auto", "on", "off"):
-            raise UsageError(f"Unknown recompute mode {self.recompute!r}.", "Use one of: auto, on, off.")
+        if self.shard not in SHARD_MODES:
+            raise UsageError(f"Unknown shard mode {self.shard!r}.", f"Use one of: {', '.join(SHARD_MODES)}.")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise UsageError(f"Unknown recompute mode {self.recompute!r}.",
+                             f"Use one of: {', '.join(RECOMPUTE_MODES)}.")
         if self.quantizer not in QUANTIZERS:
             raise UsageError(f"Unknown quantizer {self.quantizer!r}.", f"Use one of: {', '.join(QUANTIZERS)}.")

@@ -198,10 +198,6 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     return int(held + states + hessian + work)
 
 
-SHARD_MODES = ("auto", "fsdp", "none")
-RECOMPUTE_MODES = ("auto", "on", "off")
-
-
 @dataclass(frozen=True)
 class SearchMode:
     """How the search holds its supernet: sharded over the processes (FSDP) and/or recomputing its blocks in
