@@ -196,7 +196,7 @@ def build(bundle: Path, max_batch: int, workloads: tuple[str, ...], runs: int, a
               help="Check the latency relative to this bundle instead (blocks of runs of both timed in turn, both predicted now "
                    "by the target's table): for shared machines whose speed drifts.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
-              help="With --reference: rounds of timing both bundles in turn (the median ratio is compared).")
+              help="With --reference: rounds of timing both bundles in turn (the ratio of the two floors is compared).")
 @click.option("--no-record", is_flag=True, help="Do not write the measurement and verdict into the manifest.")
 @click.option("--adapt", is_flag=True,
               help="Predict now with the target's table adapted to this CPU (when it was measured on another one: "

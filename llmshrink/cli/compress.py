@@ -208,7 +208,7 @@ def compress(model: str, target: str, latency: str | None, spec_path: str | None
         v = load_manifest(out_dir / c.bundle).validation or {}
         if v.get("reference"):
             err.print(f"{c.label}: latency relative to {v['reference']} predicted {v['predicted_ratio']:.3f}×, "
-                      f"measured {v['measured_ratio']:.3f}× ({v['error_pct']:+.1f}%, blocks timed in turn)")
+                      f"measured {v['measured_ratio']:.3f}× ({v['error_pct']:+.1f}%, floors, timed in turn)")
     for n in rec.notes:
         err.print(f"note: {n}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     from llmshrink.compressor.pipeline import device_commands

@@ -61,8 +61,9 @@ class Validation:
     Absolute (no reference): ``error_pct`` is the measured floor against the predicted latency.
     Relative (``reference`` set): the bundle and the reference were timed in turn, block of runs
     by block of runs, for several rounds, and ``error_pct`` is the measured ratio bundle/reference
-    (median over rounds of each round's median block-pair ratio) against the predicted ratio;
-    ``measured`` is then the bundle's measurement from the median round.
+    (the ratio of the two bundles' floors over all rounds, the speed latency tables are profiled at)
+    against the predicted ratio; ``measured`` is then the bundle's measurement from the round of its
+    floor.
     """
 
     bundle: str
@@ -77,8 +78,11 @@ class Validation:
     reference: str | None = None
     reference_predicted_ms: float | None = None
     predicted_ratio: float | None = None  # predicted_ms / reference_predicted_ms
-    measured_ratio: float | None = None  # median over rounds of the median block-pair ratio bundle/reference
+    measured_ratio: float | None = None  # this bundle's floor over all rounds / the reference's
     rounds: int | None = None
+    # Median over rounds of the median block-pair ratio: what the check compared before floors. Kept because
+    # the two part in slow spells (see validate), and the gap says the machine was contended.
+    paired_ratio: float | None = None
 
     @property
     def measured_ms(self) -> float:
@@ -90,7 +94,7 @@ class Validation:
         if self.reference is not None:
             return (f"latency relative to {self.reference}: predicted {self.predicted_ratio:.3f}× "
                     f"({self.predicted_ms:.2f} / {self.reference_predicted_ms:.2f} ms), measured "
-                    f"{self.measured_ratio:.3f}× (median of {self.rounds} rounds timed in turn; this bundle "
+                    f"{self.measured_ratio:.3f}× (floors, median of {self.rounds} rounds timed in turn; this bundle "
                     f"{self.measured_ms:.2f} ms floor) ({self.error_pct:+.1f}%, {verdict} ±{self.tolerance_pct:g}%) — "
                     f"{self.workload.describe()}")
         return (f"predicted {self.predicted_ms:.2f} ms, measured {self.measured_ms:.2f} ms "
@@ -197,13 +201,22 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
     With ``reference`` (another bundle of the same target, e.g. the uniform
     int4 export), the check is relative: both bundles are timed in turn,
     block of runs by block of runs (:func:`~llmshrink.exporters.timing.time_in_turn`),
-    for ``rounds`` rounds, and the measured ratio bundle/reference (median
-    over rounds of each round's median block-pair ratio) is compared with the
-    predicted ratio. On a shared machine whose
-    speed drifts by tens of percent within the hour (ours does), an absolute
-    check fails on the neighbours, not on the prediction; the ratio of two
-    graphs timed seconds apart does not move with them. It checks the table's
-    *relative* accuracy only: the absolute figures are reported, not judged.
+    for ``rounds`` rounds, and the measured ratio bundle/reference (the ratio
+    of their floors: each one's fastest block median over all rounds) is
+    compared with the predicted ratio. On a shared machine whose speed drifts by tens
+    of percent within the hour (ours does), an absolute check fails on the
+    neighbours, not on the prediction; two graphs timed seconds apart see the
+    same neighbours. It checks the table's *relative* accuracy only: the
+    absolute figures are reported, not judged.
+
+    Why floors and not the median of block-pair ratios: contention does not
+    slow all graphs alike. On the Xeon of 2026-12-04, a w8g64a8 subnet timed
+    in turn with the uniform int4 export read 1.28-1.35x (block-pair medians,
+    fresh processes) while the machine ran at its usual speed, and 1.11-1.21x
+    in a slow spell (the int4 export slowed more); a guard that timed it in
+    such a spell let a 1.3x model ship under a 1.2x bound. The floors (the
+    fastest block over all rounds: the uncontended speed latency tables are
+    profiled at) read 1.20-1.32x in the same spell. ``paired_ratio`` keeps the old figure.
 
     Raises:
         UsageError: the bundle (or reference) has no target/prediction and none was given.
@@ -240,23 +253,25 @@ def validate(path: str | Path, *, tolerance_pct: float = 10.0, target: str | Non
         rb = open_bundle(reference, threads=threads)
         rpred = _bundle_prediction(rb, reference, target, workload)
         mine: list = []
+        theirs: list[float] = []
         ratios: list[float] = []
         with progress.task(f"Timing {workload}, in turn with {reference}", total=rounds) as task:
             for _ in range(rounds):
                 p = time_in_turn(b.decoder, rb.decoder, workload, runs=runs,
                                  vocab_sizes=(b.spec.base.vocab_size, rb.spec.base.vocab_size))
                 mine.append(p.first)
+                theirs.append(p.second.reference_ms)
                 ratios.append(p.ratio)
                 task.advance()
-        got, want = statistics.median(ratios), predicted / rpred.predicted_ms
-        measured = mine[sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]]  # the median round's
+        measured = min(mine, key=lambda x: x.reference_ms)  # the round of this bundle's floor
+        got, want = measured.reference_ms / min(theirs), predicted / rpred.predicted_ms
         err = (got - want) / want * 100
         v = Validation(bundle=str(path), workload=workload, predicted_ms=predicted,
                        prediction_provenance=pred.provenance, measured=measured, error_pct=err,
                        tolerance_pct=tolerance_pct, passed=abs(err) <= tolerance_pct,
                        repredicted_ms=pred.repredicted_ms, reference=str(reference),
                        reference_predicted_ms=rpred.predicted_ms, predicted_ratio=want, measured_ratio=got,
-                       rounds=rounds)
+                       rounds=rounds, paired_ratio=statistics.median(ratios))
     if record:
         keep = [x for x in m.measured if not (x.workload == measured.workload and x.threads == measured.threads)]
         verdict = {k: v for k, v in serde.to_dict(v)["_data"].items() if k != "measured"}
