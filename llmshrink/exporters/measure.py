@@ -94,7 +94,7 @@ class Validation:
         if self.reference is not None:
             return (f"latency relative to {self.reference}: predicted {self.predicted_ratio:.3f}× "
                     f"({self.predicted_ms:.2f} / {self.reference_predicted_ms:.2f} ms), measured "
-                    f"{self.measured_ratio:.3f}× (floors, median of {self.rounds} rounds timed in turn; this bundle "
+                    f"{self.measured_ratio:.3f}× (floors over {self.rounds} rounds timed in turn; this bundle "
                     f"{self.measured_ms:.2f} ms floor) ({self.error_pct:+.1f}%, {verdict} ±{self.tolerance_pct:g}%) — "
                     f"{self.workload.describe()}")
         return (f"predicted {self.predicted_ms:.2f} ms, measured {self.measured_ms:.2f} ms "
