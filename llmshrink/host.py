@@ -76,3 +76,30 @@ def available_memory_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return memory_bytes() or 0
+
+
+def release_freed_memory() -> bool:
+    """Give the heap memory this process has freed back to the system (glibc's ``malloc_trim(0)``).
+
+    Why: glibc keeps freed heap for reuse, and after the first large free it serves ever larger tensors from
+    the heap (its mmap threshold follows the largest freed block, up to 32 MiB), so a phase that builds
+    big tensors and drops them (the supernet's whole weights before FSDP shards them) leaves its peak in the
+    process's resident memory for the rest of the run. ``malloc_trim(0)`` returns the free pages in the
+    middle of the heap too (``madvise(MADV_DONTNEED)``), once, with no cost to later allocations beyond
+    faulting pages back in where they are reused.
+
+    Returns True where it ran (glibc), False elsewhere (musl, macOS, Windows: a no-op).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
