@@ -462,7 +462,7 @@ def screen_verdict(c: CandidateOutcome) -> str:
     won = next(k for k in c.contenders if k.shipped)
     others = ", ".join(f"{k.name} {k.screen_kd:.4f}" for k in ranked if not k.shipped)
     head = ("the search won" if won.name == SEARCH else "the search won, grown into the time it left"
-            if won.name == SEARCH + GROWN else f"the search did not win, {won.name} did")
+            if won.name in (SEARCH + GROWN, SEARCH + REAIMED) else f"the search did not win, {won.name} did")
     if won.name == SEARCH and SAME_AS in won.why:  # it came back to a baseline: the win is that baseline's
         head += f", with the same model as the {won.why.split(SAME_AS, 1)[1]}"
     over = "".join(f"; {k.name} did not ship: {k.over_latency}" for k in ranked if k.over_latency)
@@ -1044,7 +1044,7 @@ def _grown_into_slack(ctx: _Context, budget: float, c: Contender, ratio: float |
     bound = latency_bound(ctx, budget)
     # only a subnet of the search space grows (the importance and sensitivity price its formats): a uniform
     # baseline in another of the target's formats is left as it is
-    if ratio is None or bound is None or c.name.endswith(GROWN) or not ctx.space.expresses(c.spec):
+    if ratio is None or bound is None or _is_grown(c.name) or not ctx.space.expresses(c.spec):
         return None
     slack = ctx.config.latency_slack_pct / 100
     ref_ms = predict(SubnetSpec.uniform(ctx.base, ctx.config.reference), ctx.target, ctx.workload,
@@ -1095,6 +1095,83 @@ def _grown_once(ctx: _Context, budget: float, ranked: list, c: Contender, ratio:
     if any(grown.spec.fingerprint() == k.spec.fingerprint() for k, _ in ranked):
         return None
     return grown
+
+
+REAIMED = " (grown, re-aimed)"  # the suffix of a pick grown again, aimed by its own and its growth's measurements
+
+
+def _is_grown(name: str) -> bool:
+    return name.endswith((GROWN, REAIMED))
+
+
+def _reaimed(ctx: _Context, budget: float, c: Contender, ratio: float | None, grown: Contender,
+             grown_ratio: float | None) -> Contender | None:
+    """``c`` (the pick :func:`_grown_into_slack` grew) grown again, when its growth ``grown`` measured over the
+    budget's bound, or still short of its aim: aimed at the prediction the two in-turn measurements put at the
+    budget's ratio (the line through (predicted, measured) of ``c`` and of ``grown``), at most the reference's.
+    None when ``grown`` landed within the slack, either was not measured, the measurements do not rise with
+    the prediction (noise larger than the step), or no other subnet fits the new aim.
+
+    Why: the first growth trusts one measurement of ``c``. At 0.7x int4 on a 2-core Xeon (6/167/1) the
+    sequential run's importance pick measured 0.60x, its growth to 0.79x predicted measured 0.738x against the
+    0.735x bound, so it was refused and the pick shipped: 0.544x the int4 export in the benchmark's timing,
+    WikiText-2 120 where the grown subnet had screened at KL 1.35 against 1.78.
+    """
+    from llmshrink.compressor.budget import grow_to_budget, num_weights
+    from llmshrink.spec import SubnetSpec
+    from llmshrink.targets.predict import predict
+
+    bound = latency_bound(ctx, budget)
+    if ratio is None or grown_ratio is None or bound is None:
+        return None
+    slack = ctx.config.latency_slack_pct / 100
+    aim = bound / (1 + slack)
+    if aim * (1 - slack) <= grown_ratio <= bound:
+        return None
+    ref_ms = predict(SubnetSpec.uniform(ctx.base, ctx.config.reference), ctx.target, ctx.workload,
+                     table=ctx.table).total_ms
+    p0, p1 = c.predicted_ms / ref_ms, grown.predicted_ms / ref_ms
+    if p1 <= p0 or grown_ratio <= ratio:
+        return None
+    target = min(1.0, p0 + (aim - ratio) * (p1 - p0) / (grown_ratio - ratio))
+    imp = ctx.inputs.importance
+    sens = getattr(ctx.inputs, "sensitivity", None)
+    spec, steps = grow_to_budget(c.spec, ctx.space, ctx.target, ctx.workload, ctx.table, target * ref_ms,
+                                 preference=imp.preference, fallback=sens.preference if sens else None,
+                                 block_order=imp.block_order())
+    if not steps or spec.fingerprint() in (c.spec.fingerprint(), grown.spec.fingerprint()):
+        return None
+    if ctx.config.params_budget and num_weights(spec) > ctx.config.params_budget:
+        return None
+    ms = predict(spec, ctx.target, ctx.workload, table=ctx.table).total_ms
+    log.info("%s: %s measured %.3fx at %.3fx predicted, its growth %.3fx at %.3fx; grown again by %d steps to "
+             "%.3fx predicted", budget_label(budget), c.name, ratio, p0, grown_ratio, p1, len(steps), ms / ref_ms)
+    return Contender(c.name + REAIMED, spec, ms,
+                     f"{c.why}, grown by {len(steps)} steps: it measured {ratio:.3f}x the reference timed in turn at "
+                     f"{p0:.3f}x predicted, and its first growth {grown_ratio:.3f}x at {p1:.3f}x, so grown to "
+                     f"{ms / ref_ms:.3f}x predicted, where the line through the two meets the budget's "
+                     f"{aim:.3f}x")
+
+
+def _reaimed_once(ctx: _Context, budget: float, ranked: list, c: Contender, ratio: float | None,
+                  grown: Contender, grown_ratio: float | None, sdir: Path) -> Contender | None:
+    """:func:`_reaimed`, made once per budget and kept in ``sdir`` (as :func:`_grown_once`)."""
+    from llmshrink.spec import SubnetSpec
+
+    path = sdir / "reaimed.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        again = Contender(d["name"], SubnetSpec.from_json(d["spec"]), d["predicted_ms"], d["why"])
+    else:
+        again = _reaimed(ctx, budget, c, ratio, grown, grown_ratio)
+        if again is None:
+            return None
+        dist.main_only(lambda: storage.atomic_write_text(path, json.dumps(
+            {"name": again.name, "spec": again.spec.to_json(), "predicted_ms": again.predicted_ms,
+             "why": again.why}, indent=1)))
+    if any(again.spec.fingerprint() == k.spec.fingerprint() for k, _ in ranked):
+        return None
+    return again
 
 
 def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: Path, moves: tuple[str, ...],
@@ -1163,14 +1240,23 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
             [again], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
             done=done, on_scored=keep))], key=lambda ck: ck[1])
         guard = _latency_guard(ctx, budget, ranked, timed)
+    def screened_too(c: Contender) -> list:
+        return sorted([*ranked, *dist.main_only(lambda: screen(
+            [c], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
+            done=done, on_scored=keep))], key=lambda ck: ck[1])
+
     if latency_bound(ctx, budget) is not None and guard.within and not guard.over and (grown := _grown_once(
-            ctx, budget, ranked, ranked[guard.pick][0], timed(ranked[guard.pick][0])[2], sdir)) is not None:
+            ctx, budget, ranked, pick := ranked[guard.pick][0], timed(pick)[2], sdir)) is not None:
         # the pick left time unspent: the same subnet grown into it, screened like the rest, timed by the guard
         # (not after a refusal: the table's prices are then known to be off the other way)
-        ranked = sorted([*ranked, *dist.main_only(lambda: screen(
-            [grown], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
-            done=done, on_scored=keep))], key=lambda ck: ck[1])
+        ranked = screened_too(grown)
         guard = _latency_guard(ctx, budget, ranked, timed)
+        # the growth measured over the bound (so it was refused) or still short of it: once more, aimed by both
+        # measurements; timed only if it would ship first (the guard times in the ranking's order)
+        if (again := _reaimed_once(ctx, budget, ranked, pick, timed(pick)[2], grown, timed(grown)[2], sdir)
+                ) is not None:
+            ranked = screened_too(again)
+            guard = _latency_guard(ctx, budget, ranked, timed)
     pick, over = guard.pick, guard.over
     if exported:
         secs["latency_guard"] = time.perf_counter() - t0
@@ -1201,15 +1287,15 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
                   f"recovered; {winner.why}")
     elif winner.name == SEARCH:
         reason = ""
-    elif winner.name.endswith(GROWN):
-        reason = ("" if winner.name == SEARCH + GROWN else "the search did not win: ") + (
+    elif _is_grown(winner.name):
+        reason = ("" if winner.name in (SEARCH + GROWN, SEARCH + REAIMED) else "the search did not win: ") + (
             f"{winner.name} screened at KL {best_kd:.4f} and measured {ship.measured_ratio:.3f}x (within), so it "
             f"ships, recovered; {winner.why}")
     else:
         reason = (f"the search did not win: {winner.name} screened at KL {best_kd:.4f} against the searched subnet's "
                   f"{searched:.4f} (the run's quantizer, no recovery, {len(inputs.screen_rows)} rows no phase "
                   f"read), so it ships, recovered; {winner.why}")
-    return _ship(ctx, label, budget, cm, winner.predicted_ms, moves if winner.name in (SEARCH, SEARCH + GROWN) else (),
+    return _ship(ctx, label, budget, cm, winner.predicted_ms, moves if winner.name in (SEARCH, SEARCH + GROWN, SEARCH + REAIMED) else (),
                  tuple(kd),
                  secs, reason=reason, expected_ms=expected_ms if winner.name == SEARCH else None,
                  contenders=(ship, *outcomes))

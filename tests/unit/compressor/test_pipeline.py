@@ -748,6 +748,68 @@ def test_a_pick_timed_well_under_the_budget_is_grown_into_the_time_it_left(stead
     assert pipeline._grown_into_slack(unguarded, budget, pick, measured) is None  # no bound: nothing to aim at
 
 
+def test_a_growth_measured_over_the_bound_is_re_aimed_between_the_two_measurements(steady_table, tiny_base):
+    """The pick measured 0.3x the reference at its predicted ratio, its growth over the bound: grown again from
+    the pick, to a prediction between the two (on the line through both measurements), under the growth's.
+    Short of the aim, further than the growth. Not when the growth landed within the slack, or when the
+    measurements fall as the prediction rises (noise)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llmshrink.compressor import pipeline
+    from llmshrink.compressor.contenders import Contender
+    from llmshrink.compressor.importance import Importance
+    from llmshrink.compressor.space import SearchSpace
+    from llmshrink.spec import SubnetSpec
+
+    table, yaml_path = steady_table
+    target = load_target(str(yaml_path))
+    wl = target.default_workload
+    n = tiny_base.num_layers
+    rng = np.random.default_rng(0)
+    imp = Importance(tiny_base, rng.random((n, tiny_base.num_heads)), rng.random((n, tiny_base.head_dim)),
+                     rng.random((n, tiny_base.head_dim // 2)), rng.random((n, tiny_base.intermediate_size)),
+                     rng.random(tiny_base.hidden_size), np.array([3.0, 1.0, 2.0, 4.0])[:n], 0)
+    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,),
+                        mlp=(64, 128), min_layers=1, formats=("w4g32a8",), lm_head_formats=("w4g32a8",)).validate()
+    ctx = pipeline._Context(config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=5.0, params_budget=None),
+                            out=None, target=target, table=table, workload=wl, space=space, base=tiny_base,
+                            source=None, measurable=True, notes=(), inputs=SimpleNamespace(importance=imp))
+    ms = lambda s: predict(s, target, wl, table=table).total_ms  # noqa: E731
+    ref_ms = ms(SubnetSpec.uniform(tiny_base, "w4g32a8"))
+    one = imp.apply(replace(space.largest("w4g32a8"), layers=tuple(
+        replace(ls, keep=i == 3) for i, ls in enumerate(space.largest("w4g32a8").layers))))  # block 3 alone
+    pick = Contender("importance", one, ms(one), "the heuristic")
+    full = space.largest("w4g32a8")
+    grown = Contender("importance" + pipeline.GROWN, full, ms(full), "grown")
+    p0, p1 = pick.predicted_ms / ref_ms, grown.predicted_ms / ref_ms
+    assert p0 < p1
+    aim = (p0 + p1) / 2
+    budget = aim * ref_ms
+    bound = aim * 1.05
+    # over: 0.3 at p0, bound + 0.2 at p1 -> the line meets the aim between them
+    again = pipeline._reaimed(ctx, budget, pick, 0.3, grown, bound + 0.2)
+    assert again is not None and again.name == "importance" + pipeline.REAIMED and "grown by" in again.why
+    target_ratio = p0 + (aim - 0.3) * (p1 - p0) / (bound + 0.2 - 0.3)
+    assert pick.predicted_ms < again.predicted_ms <= target_ratio * ref_ms + 1e-9 < grown.predicted_ms
+    assert again.spec.fingerprint() not in (pick.spec.fingerprint(), grown.spec.fingerprint())
+    assert pipeline._reaimed(ctx, budget, pick, 0.3, grown, aim * 0.99) is None  # the growth landed within
+    assert pipeline._reaimed(ctx, budget, pick, 0.3, grown, 0.25) is None  # measured faster when grown: noise
+    assert pipeline._reaimed(ctx, budget, pick, None, grown, bound + 0.2) is None  # not measured
+    # a growth that fell short of the aim (block 0 back): grown again past it, toward the aim
+    two = imp.apply(replace(full, layers=tuple(replace(ls, keep=i in (0, 3)) for i, ls in enumerate(full.layers))))
+    mid = Contender("importance" + pipeline.GROWN, two, ms(two), "grown")
+    pm = mid.predicted_ms / ref_ms
+    assert p0 < pm < p1
+    high = (pm + p1) / 2
+    short = high * 0.5  # well short of 0.95x the aim, and above the pick's 0.1
+    assert short > 0.1
+    further = pipeline._reaimed(ctx, high * ref_ms, pick, 0.1, mid, short)
+    assert further is not None and further.predicted_ms > mid.predicted_ms
+
+
 def test_a_pick_measured_far_under_the_budget_is_grown_screened_and_timed_like_the_rest(setup, monkeypatch):
     """The pick times at 0.05x the reference: it is grown into the time it left, and the grown subnet is
     screened and timed beside the others. Timed over the budget (9x) it does not ship: the pick does."""
