@@ -1097,7 +1097,7 @@ def _grown_once(ctx: _Context, budget: float, ranked: list, c: Contender, ratio:
     return grown
 
 
-REAIMED = " (grown, re-aimed)"  # the suffix of a pick grown again, aimed by its own and its growth's measurements
+REAIMED = " (grown again)"  # the suffix of a pick grown again, aimed by its own and its growth's measurements
 
 
 def _is_grown(name: str) -> bool:
@@ -1159,16 +1159,18 @@ def _reaimed_once(ctx: _Context, budget: float, ranked: list, c: Contender, rati
     from llmshrink.spec import SubnetSpec
 
     path = sdir / "reaimed.json"
-    if path.is_file():
+    if path.is_file():  # decided before (a resumed run re-times its bundles and could decide otherwise)
         d = json.loads(path.read_text())
+        if d.get("none"):
+            return None
         again = Contender(d["name"], SubnetSpec.from_json(d["spec"]), d["predicted_ms"], d["why"])
     else:
         again = _reaimed(ctx, budget, c, ratio, grown, grown_ratio)
+        record = {"none": True} if again is None else {
+            "name": again.name, "spec": again.spec.to_json(), "predicted_ms": again.predicted_ms, "why": again.why}
+        dist.main_only(lambda: storage.atomic_write_text(path, json.dumps(record, indent=1)))
         if again is None:
             return None
-        dist.main_only(lambda: storage.atomic_write_text(path, json.dumps(
-            {"name": again.name, "spec": again.spec.to_json(), "predicted_ms": again.predicted_ms,
-             "why": again.why}, indent=1)))
     if any(again.spec.fingerprint() == k.spec.fingerprint() for k, _ in ranked):
         return None
     return again
@@ -1232,30 +1234,30 @@ def _screen_and_ship(ctx: _Context, budget: float, pool: list[Contender], sdir: 
             exported[c.name] = dist.main_only(partial(screened_bundle, c))
         return exported[c.name]
 
-    t0 = time.perf_counter()
-    guard = _latency_guard(ctx, budget, ranked, timed)
-    if guard.over and (again := _repriced_mixed(ctx, budget, ranked, exported)) is not None:
-        # one more contender, made on the table the refused one's measurement corrected: screened like the rest
-        ranked = sorted([*ranked, *dist.main_only(lambda: screen(
-            [again], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
-            done=done, on_scored=keep))], key=lambda ck: ck[1])
-        guard = _latency_guard(ctx, budget, ranked, timed)
-    def screened_too(c: Contender) -> list:
+    def screened_too(ranked: list, c: Contender) -> list:
+        """``ranked`` with one more contender, screened like the rest."""
         return sorted([*ranked, *dist.main_only(lambda: screen(
             [c], build, partial(screen_kd, teacher=inputs.hf, rows=screen_rows), progress=inputs.progress,
             done=done, on_scored=keep))], key=lambda ck: ck[1])
 
+    t0 = time.perf_counter()
+    guard = _latency_guard(ctx, budget, ranked, timed)
+    if guard.over and (again := _repriced_mixed(ctx, budget, ranked, exported)) is not None:
+        # one more contender, made on the table the refused one's measurement corrected
+        ranked = screened_too(ranked, again)
+        guard = _latency_guard(ctx, budget, ranked, timed)
     if latency_bound(ctx, budget) is not None and guard.within and not guard.over and (grown := _grown_once(
-            ctx, budget, ranked, pick := ranked[guard.pick][0], timed(pick)[2], sdir)) is not None:
+            ctx, budget, ranked, first_pick := ranked[guard.pick][0], timed(first_pick)[2], sdir)) is not None:
         # the pick left time unspent: the same subnet grown into it, screened like the rest, timed by the guard
         # (not after a refusal: the table's prices are then known to be off the other way)
-        ranked = screened_too(grown)
+        ranked = screened_too(ranked, grown)
         guard = _latency_guard(ctx, budget, ranked, timed)
-        # the growth measured over the bound (so it was refused) or still short of it: once more, aimed by both
-        # measurements; timed only if it would ship first (the guard times in the ranking's order)
-        if (again := _reaimed_once(ctx, budget, ranked, pick, timed(pick)[2], grown, timed(grown)[2], sdir)
-                ) is not None:
-            ranked = screened_too(again)
+        # the growth screened better than the pick and measured over the bound (refused) or still short of it
+        # (shipping): once more, aimed by both measurements. Not when it screened worse: the guard never timed
+        # it, and a subnet between the two would be growing what already lost on quality
+        if ((grown.name in guard.over or ranked[guard.pick][0] is grown) and (again := _reaimed_once(
+                ctx, budget, ranked, first_pick, timed(first_pick)[2], grown, timed(grown)[2], sdir)) is not None):
+            ranked = screened_too(ranked, again)
             guard = _latency_guard(ctx, budget, ranked, timed)
     pick, over = guard.pick, guard.over
     if exported:

@@ -796,7 +796,13 @@ def test_a_growth_measured_over_the_bound_is_re_aimed_between_the_two_measuremen
     assert pick.predicted_ms < again.predicted_ms <= target_ratio * ref_ms + 1e-9 < grown.predicted_ms
     assert again.spec.fingerprint() not in (pick.spec.fingerprint(), grown.spec.fingerprint())
     assert pipeline._reaimed(ctx, budget, pick, 0.3, grown, aim * 0.99) is None  # the growth landed within
-    assert pipeline._reaimed(ctx, budget, pick, 0.3, grown, 0.25) is None  # measured faster when grown: noise
+    # aimed as far as the line allows: no step up is left under it
+    from llmshrink.compressor.budget import grow_to_budget
+
+    _, more = grow_to_budget(again.spec, space, target, wl, table, target_ratio * ref_ms,
+                             preference=imp.preference, block_order=imp.block_order())
+    assert more == []
+    assert pipeline._reaimed(ctx, budget, pick, 0.3, grown, 0.3) is None  # measured the same when grown: noise
     assert pipeline._reaimed(ctx, budget, pick, None, grown, bound + 0.2) is None  # not measured
     # a growth that fell short of the aim (block 0 back): grown again past it, toward the aim
     two = imp.apply(replace(full, layers=tuple(replace(ls, keep=i in (0, 3)) for i, ls in enumerate(full.layers))))
@@ -827,5 +833,13 @@ def test_a_pick_measured_far_under_the_budget_is_grown_screened_and_timed_like_t
     assert (d / "grown" / f"search-{c.label}" / "grown.json").is_file()  # kept for --resume
     assert not grown.shipped and grown.measured_ratio == 9.0
     assert pick.shipped and pick.measured_ratio == 0.05
+    again = [k for k in c.contenders if k.name.endswith(pipeline.REAIMED)]
+    assert all(not k.shipped and k.measured_ratio == 9.0 for k in again)  # re-aimed or not, timed over: refused
+    decided = d / "grown" / f"search-{c.label}" / "reaimed.json"
     if grown.screen_kd < pick.screen_kd:  # ranked first, timed first, refused by the guard's second pass
-        assert "measured 9.000x" in grown.over_latency and c.reason.startswith(grown.name)
+        assert "measured 9.000x" in grown.over_latency
+        assert decided.is_file()  # the re-aim was considered, and its decision kept for --resume
+        first = min(c.contenders, key=lambda k: k.screen_kd)
+        assert c.reason.startswith(first.name) and "measured 9.000x" in first.over_latency
+    else:  # screened worse than the pick: never timed by the guard, so nothing to aim by
+        assert not decided.exists() and not again
