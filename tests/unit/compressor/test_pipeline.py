@@ -691,75 +691,15 @@ def test_the_verdict_says_when_the_winning_search_is_a_baseline_unchanged():
     assert v.startswith("1ms: the search won, with the same model as the mixed precision baseline (")
 
 
-def test_a_pick_timed_well_under_the_budget_is_grown_into_the_time_it_left(steady_table, tiny_base):
-    """The table under-states a pruned pick's savings on this machine: measured in turn at 0.6x the reference
-    where it predicted 0.8x, under a 0.8x budget, the pick is grown (blocks back first, in the importance
-    order) to the prediction that, with its savings corrected the same way, is the budget. Not when it measured
-    within the slack of the budget, was not measured, or was grown already."""
+def _growth_setup(steady_table, tiny_base):
+    """A tiny base with random importance (block 1 least important), a one-format space, a guarded pipeline
+    context, the predictor, the reference's prediction, and block 3 alone: what the growth tests start from."""
     from dataclasses import replace
     from types import SimpleNamespace
 
     import numpy as np
 
     from llmshrink.compressor import pipeline
-    from llmshrink.compressor.contenders import Contender
-    from llmshrink.compressor.importance import Importance
-    from llmshrink.compressor.space import SearchSpace
-    from llmshrink.spec import SubnetSpec
-
-    table, yaml_path = steady_table
-    target = load_target(str(yaml_path))
-    wl = target.default_workload
-    n = tiny_base.num_layers
-    rng = np.random.default_rng(0)
-    imp = Importance(tiny_base, rng.random((n, tiny_base.num_heads)), rng.random((n, tiny_base.head_dim)),
-                     rng.random((n, tiny_base.head_dim // 2)), rng.random((n, tiny_base.intermediate_size)),
-                     rng.random(tiny_base.hidden_size), np.array([3.0, 1.0, 2.0, 4.0])[:n], 0)
-    space = SearchSpace(tiny_base, hidden=(64,), kv_groups=(2,), heads_per_group=(2,), head_dim=(16,),
-                        mlp=(64, 128), min_layers=1, formats=("w4g32a8",), lm_head_formats=("w4g32a8",)).validate()
-    ctx = pipeline._Context(config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=5.0, params_budget=None), out=None,
-                            target=target, table=table, workload=wl, space=space, base=tiny_base, source=None,
-                            measurable=True, notes=(), inputs=SimpleNamespace(importance=imp))
-    ms = lambda s: predict(s, target, wl, table=table).total_ms  # noqa: E731
-    ref_ms = ms(SubnetSpec.uniform(tiny_base, "w4g32a8"))
-    one = imp.apply(replace(space.largest("w4g32a8"), layers=tuple(
-        replace(ls, keep=i == 3) for i, ls in enumerate(space.largest("w4g32a8").layers))))  # block 3 alone
-    pick = Contender("search", one, ms(one), "the search's subnet")
-    predicted = pick.predicted_ms / ref_ms
-    budget = ref_ms * (predicted + 0.8 * (1 - predicted))  # the pick predicts well under it
-    aim = budget / ref_ms
-    measured = predicted / 2  # ... and measures further under: it saves more than the table says
-    grown = pipeline._grown_into_slack(ctx, budget, pick, measured)
-    assert grown is not None and grown.name == "search" + pipeline.GROWN and "grown by" in grown.why
-    k = (1 - measured) / (1 - predicted)
-    assert pick.predicted_ms < grown.predicted_ms <= ref_ms * (1 - (1 - aim) / k) + 1e-9
-    from llmshrink.compressor.budget import grow_to_budget
-
-    # grown as far as the corrected aim allows: no step up is left under it
-    _, more = grow_to_budget(grown.spec, space, target, wl, table, ref_ms * (1 - (1 - aim) / k),
-                             preference=imp.preference, block_order=imp.block_order())
-    assert more == []
-    kept = grown.spec.kept_layers()
-    assert 3 in kept and len(kept) > 1 and (len(kept) == n or 1 not in kept)  # block 1, the least important, last
-    assert pipeline._grown_into_slack(ctx, budget, pick, aim * 0.97) is None  # within the 5 % slack
-    assert pipeline._grown_into_slack(ctx, budget, pick, None) is None  # not measured
-    assert pipeline._grown_into_slack(ctx, budget, grown, measured) is None  # once
-    unguarded = replace(ctx, config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=None, params_budget=None))
-    assert pipeline._grown_into_slack(unguarded, budget, pick, measured) is None  # no bound: nothing to aim at
-
-
-def test_a_growth_measured_over_the_bound_is_re_aimed_between_the_two_measurements(steady_table, tiny_base):
-    """The pick measured 0.3x the reference at its predicted ratio, its growth over the bound: grown again from
-    the pick, to a prediction between the two (on the line through both measurements), under the growth's.
-    Short of the aim, further than the growth. Not when the growth landed within the slack, or when the
-    measurements fall as the prediction rises (noise)."""
-    from dataclasses import replace
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from llmshrink.compressor import pipeline
-    from llmshrink.compressor.contenders import Contender
     from llmshrink.compressor.importance import Importance
     from llmshrink.compressor.space import SearchSpace
     from llmshrink.spec import SubnetSpec
@@ -781,6 +721,62 @@ def test_a_growth_measured_over_the_bound_is_re_aimed_between_the_two_measuremen
     ref_ms = ms(SubnetSpec.uniform(tiny_base, "w4g32a8"))
     one = imp.apply(replace(space.largest("w4g32a8"), layers=tuple(
         replace(ls, keep=i == 3) for i, ls in enumerate(space.largest("w4g32a8").layers))))  # block 3 alone
+    return SimpleNamespace(ctx=ctx, imp=imp, space=space, target=target, wl=wl, table=table, ms=ms, ref_ms=ref_ms,
+                           one=one)
+
+
+def test_a_pick_timed_well_under_the_budget_is_grown_into_the_time_it_left(steady_table, tiny_base):
+    """The table under-states a pruned pick's savings on this machine: measured in turn at 0.6x the reference
+    where it predicted 0.8x, under a 0.8x budget, the pick is grown (blocks back first, in the importance
+    order) to the prediction that, with its savings corrected the same way, is the budget. Not when it measured
+    within the slack of the budget, was not measured, or was grown already."""
+    from dataclasses import replace
+
+    from llmshrink.compressor import pipeline
+    from llmshrink.compressor.contenders import Contender
+
+    g = _growth_setup(steady_table, tiny_base)
+    ctx, imp, space, target, wl, table, ms, ref_ms, one = (g.ctx, g.imp, g.space, g.target, g.wl, g.table, g.ms,
+                                                           g.ref_ms, g.one)
+    pick = Contender("search", one, ms(one), "the search's subnet")
+    predicted = pick.predicted_ms / ref_ms
+    budget = ref_ms * (predicted + 0.8 * (1 - predicted))  # the pick predicts well under it
+    aim = budget / ref_ms
+    measured = predicted / 2  # ... and measures further under: it saves more than the table says
+    grown = pipeline._grown_into_slack(ctx, budget, pick, measured)
+    assert grown is not None and grown.name == "search" + pipeline.GROWN and "grown by" in grown.why
+    k = (1 - measured) / (1 - predicted)
+    assert pick.predicted_ms < grown.predicted_ms <= ref_ms * (1 - (1 - aim) / k) + 1e-9
+    from llmshrink.compressor.budget import grow_to_budget
+
+    # grown as far as the corrected aim allows: no step up is left under it
+    _, more = grow_to_budget(grown.spec, space, target, wl, table, ref_ms * (1 - (1 - aim) / k),
+                             preference=imp.preference, block_order=imp.block_order())
+    assert more == []
+    kept = grown.spec.kept_layers()
+    assert 3 in kept and len(kept) > 1 and (len(kept) == tiny_base.num_layers or 1 not in kept)  # block 1, the least important, last
+    assert pipeline._grown_into_slack(ctx, budget, pick, aim * 0.97) is None  # within the 5 % slack
+    assert pipeline._grown_into_slack(ctx, budget, pick, None) is None  # not measured
+    assert pipeline._grown_into_slack(ctx, budget, grown, measured) is None  # once
+    from types import SimpleNamespace
+
+    unguarded = replace(ctx, config=SimpleNamespace(reference="w4g32a8", latency_slack_pct=None, params_budget=None))
+    assert pipeline._grown_into_slack(unguarded, budget, pick, measured) is None  # no bound: nothing to aim at
+
+
+def test_a_growth_measured_over_the_bound_is_re_aimed_between_the_two_measurements(steady_table, tiny_base):
+    """The pick measured 0.3x the reference at its predicted ratio, its growth over the bound: grown again from
+    the pick, to a prediction between the two (on the line through both measurements), under the growth's.
+    Short of the aim, further than the growth. Not when the growth landed within the slack, or when the
+    measurements fall as the prediction rises (noise)."""
+    from dataclasses import replace
+
+    from llmshrink.compressor import pipeline
+    from llmshrink.compressor.contenders import Contender
+
+    g = _growth_setup(steady_table, tiny_base)
+    ctx, imp, space, target, wl, table, ms, ref_ms, one = (g.ctx, g.imp, g.space, g.target, g.wl, g.table, g.ms,
+                                                           g.ref_ms, g.one)
     pick = Contender("importance", one, ms(one), "the heuristic")
     full = space.largest("w4g32a8")
     grown = Contender("importance" + pipeline.GROWN, full, ms(full), "grown")
