@@ -1037,7 +1037,6 @@ def _grown_into_slack(ctx: _Context, budget: float, c: Contender, ratio: float |
     0.772x (the sequential run's at 0.767x). A tenth of the reference's time was left on the table, and quality
     with it (WikiText-2 perplexity 49 against 33.7 for the unpruned int4).
     """
-    from llmshrink.compressor.budget import grow_to_budget, num_weights
     from llmshrink.spec import SubnetSpec
     from llmshrink.targets.predict import predict
 
@@ -1054,18 +1053,9 @@ def _grown_into_slack(ctx: _Context, budget: float, c: Contender, ratio: float |
         return None
     k = (1 - ratio) / (1 - predicted)
     target_ms = ref_ms * (1 - (1 - aim) / k)
-    imp = ctx.inputs.importance
-    # importance prices blocks and widths, not formats: among steps it values alike (8-bit linears), the run's
-    # quantization sensitivity (the mixed contender's, made by now) goes first
-    sens = getattr(ctx.inputs, "sensitivity", None)
-    spec, steps = grow_to_budget(c.spec, ctx.space, ctx.target, ctx.workload, ctx.table, target_ms,
-                                 preference=imp.preference, fallback=sens.preference if sens else None,
-                                 block_order=imp.block_order())
-    if not steps or spec.fingerprint() == c.spec.fingerprint():
+    if (up := _grow(ctx, c, target_ms)) is None:
         return None
-    if ctx.config.params_budget and num_weights(spec) > ctx.config.params_budget:
-        return None  # grown past the user's parameter cap
-    ms = predict(spec, ctx.target, ctx.workload, table=ctx.table).total_ms
+    spec, steps, ms = up
     log.info("%s: %s measured %.3fx the reference against the budget's %.3fx; grown by %d steps to %.3fx predicted",
              budget_label(budget), c.name, ratio, aim, len(steps), ms / ref_ms)
     return Contender(c.name + GROWN, spec, ms,
@@ -1097,6 +1087,26 @@ def _grown_once(ctx: _Context, budget: float, ranked: list, c: Contender, ratio:
     return grown
 
 
+def _grow(ctx: _Context, c: Contender, target_ms: float):
+    """``c``'s spec grown up to ``target_ms`` predicted, as the fit's grow step grows (:func:`.budget.grow_to_budget`:
+    blocks back in the importance order, widths by importance; among steps importance values alike, such as
+    8-bit linears, the run's quantization sensitivity goes first): (spec, steps, predicted ms), or None when no
+    step fits or the growth passes ``--params-budget``."""
+    from llmshrink.compressor.budget import grow_to_budget, num_weights
+    from llmshrink.targets.predict import predict
+
+    imp = ctx.inputs.importance
+    sens = getattr(ctx.inputs, "sensitivity", None)
+    spec, steps = grow_to_budget(c.spec, ctx.space, ctx.target, ctx.workload, ctx.table, target_ms,
+                                 preference=imp.preference, fallback=sens.preference if sens else None,
+                                 block_order=imp.block_order())
+    if not steps or spec.fingerprint() == c.spec.fingerprint():
+        return None
+    if ctx.config.params_budget and num_weights(spec) > ctx.config.params_budget:
+        return None  # grown past the user's parameter cap
+    return spec, steps, predict(spec, ctx.target, ctx.workload, table=ctx.table).total_ms
+
+
 REAIMED = " (grown again)"  # the suffix of a pick grown again, aimed by its own and its growth's measurements
 
 
@@ -1117,7 +1127,6 @@ def _reaimed(ctx: _Context, budget: float, c: Contender, ratio: float | None, gr
     0.735x bound, so it was refused and the pick shipped: 0.544x the int4 export in the benchmark's timing,
     WikiText-2 120 where the grown subnet had screened at KL 1.35 against 1.78.
     """
-    from llmshrink.compressor.budget import grow_to_budget, num_weights
     from llmshrink.spec import SubnetSpec
     from llmshrink.targets.predict import predict
 
@@ -1134,16 +1143,9 @@ def _reaimed(ctx: _Context, budget: float, c: Contender, ratio: float | None, gr
     if p1 <= p0 or grown_ratio <= ratio:
         return None
     target = min(1.0, p0 + (aim - ratio) * (p1 - p0) / (grown_ratio - ratio))
-    imp = ctx.inputs.importance
-    sens = getattr(ctx.inputs, "sensitivity", None)
-    spec, steps = grow_to_budget(c.spec, ctx.space, ctx.target, ctx.workload, ctx.table, target * ref_ms,
-                                 preference=imp.preference, fallback=sens.preference if sens else None,
-                                 block_order=imp.block_order())
-    if not steps or spec.fingerprint() in (c.spec.fingerprint(), grown.spec.fingerprint()):
+    if (up := _grow(ctx, c, target * ref_ms)) is None or up[0].fingerprint() == grown.spec.fingerprint():
         return None
-    if ctx.config.params_budget and num_weights(spec) > ctx.config.params_budget:
-        return None
-    ms = predict(spec, ctx.target, ctx.workload, table=ctx.table).total_ms
+    spec, steps, ms = up
     log.info("%s: %s measured %.3fx at %.3fx predicted, its growth %.3fx at %.3fx; grown again by %d steps to "
              "%.3fx predicted", budget_label(budget), c.name, ratio, p0, grown_ratio, p1, len(steps), ms / ref_ms)
     return Contender(c.name + REAIMED, spec, ms,
