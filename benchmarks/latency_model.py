@@ -23,6 +23,10 @@ predictions fill the per-spec rows, every table gets its summary lines). SOURCE 
 * ``adapted``: the shipped table adapted to this CPU by the quick profile (``targets profile --quick``),
   measured by this run before the specs are timed (its wall time is printed).
 
+SOURCE may also be ``OTHER:no-anchors``, OTHER the NAME of a table judged before it: that table without its
+uniform anchor calls (``LatencyTable.without_anchors``), so one profile is judged with and without what the
+anchors add (``--table full=profiled --table full-bare=full:no-anchors``).
+
 ``--formats`` says which kernels the random specs draw from: ``stable`` (default) is the target's formats
 without the 2- and 8-bit MatMulNBits kernels at accuracy level 0 (float activations), whose times swing up
 to 2x between runs on the same machine and which the cpu target never searches (its ``search_formats`` are
@@ -213,25 +217,32 @@ def _tables(specs: list[str] | None, target):
     if not specs:
         yield "target", table_for(target)
         return
+    made: dict[str, object] = {}
     for item in specs:
         name, _, src = item.partition("=")
         src = src or name
-        if src == "shipped":
-            yield name, load_table(builtin_table_path(target.table))
+        if src.endswith(":no-anchors"):  # a table judged above, without its uniform anchor calls (what they add)
+            of = src.removesuffix(":no-anchors")
+            if of not in made:
+                raise SystemExit(f"--table {item}: name a table judged before it ({', '.join(made) or 'none yet'})")
+            table = made[of].without_anchors()
+        elif src == "shipped":
+            table = load_table(builtin_table_path(target.table))
         elif src == "profiled":
             path = profiled_table_path(target.table)
             if not path.is_file():
                 print(f"table {name}: no profiled table at {path}; skipped", file=sys.stderr)
                 continue
-            yield name, load_table(path)
+            table = load_table(path)
         elif src == "adapted":
             t0 = time.time()
-            adapted = quick_adapt(load_table(builtin_table_path(target.table)), target.formats,
-                                  search_formats=target.search_formats, command=" ".join(sys.argv))
+            table = quick_adapt(load_table(builtin_table_path(target.table)), target.formats,
+                                search_formats=target.search_formats, command=" ".join(sys.argv))
             print(f"table {name}: quick adaptation took {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-            yield name, adapted
         else:
-            yield name, load_table(src)
+            table = load_table(src)
+        made[name] = table
+        yield name, table
 
 
 if __name__ == "__main__":

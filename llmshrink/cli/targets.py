@@ -261,14 +261,14 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     if from_table:
         raise UsageError("--from names the table --quick adapts; a full profile measures from scratch.",
                          "Add --quick, or drop --from.")
-    from llmshrink.targets.profilers.cpu import ProfilePlan, profile_cpu
+    from llmshrink.targets.profilers.cpu import ProfilePlan, anchor_formats, profile_cpu
 
     source = resolve_model(model_name)
     base = BaseShape.from_config(load_config(source))
     short = source.describe().removeprefix("builtin:").replace("/", "_").replace(":", "_")
     out_path = out_path or profiled_table_path(f"{p.name}-{short}")
     command = "llmshrink " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmshrink") else " ".join(sys.argv)
-    plan = replace(ProfilePlan(), models=n_models, seed=seed)
+    plan = replace(ProfilePlan(), models=n_models, seed=seed, anchors=anchor_formats(p.formats, p.search_formats))
     with progress(not as_json) as prog:
         table = profile_cpu(base, p.formats, model=source.describe(), plan=plan, threads=threads,
                             command=command, name=out_path.name.split(".")[0], target=p.name, progress=prog)

@@ -43,14 +43,19 @@ from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, kernel_cl
 MIN_SAMPLES = 3  # quick entries a group needs to get its own ratio, not its kernel class's
 
 
-def adaptation_plan():
-    """The quick profile's plan: ~2-3 minutes for SmolLM2-135M on 2 cores (``targets profile --quick``)."""
+def adaptation_plan(search_formats: Sequence[str] = ()):
+    """The quick profile's plan: ~3 minutes for SmolLM2-135M on 2 cores (``targets profile --quick``).
+
+    Six random subnets, then a uniform full-width model in each of the search's formats (the plan's
+    ``anchors``): those calls pin the node-to-wall scale of the kernels a search weighs and time the
+    uniform int4 model that ``xint4`` budgets are measured against.
+    """
     from llmshrink.targets.profilers.cpu import ProfilePlan
 
     # Fewer subnets than a full profile, but every workload timed as the full profile and `validate` time it
     # (runs, blocks, warm-up): a floor taken over fewer blocks is a higher floor, and with 16 runs in 3 blocks
     # the adapted table over-predicted decode by ~10 %.
-    return ProfilePlan(models=8)
+    return ProfilePlan(models=6, anchors=tuple(search_formats))
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,11 @@ def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats:
     from llmshrink.targets.profilers.cpu import volatile_kernel
 
     steady = [f for f in formats if not volatile_kernel(f)] or list(formats)
-    order = lm_head_rotation(steady, search_formats)
+    plan = plan or adaptation_plan(search_formats)
+    # the anchors time their formats' lm_heads already: the random models' lm_heads go to other kernels
+    order = lm_head_rotation(steady, [f for f in search_formats if f not in plan.anchors])
     t0 = time.perf_counter()
-    quick = profile_cpu(base, order, model=model, plan=plan or adaptation_plan(), threads=threads, command=command,
+    quick = profile_cpu(base, order, model=model, plan=plan, threads=threads, command=command,
                         name=source.name, target=source.target, progress=progress,
                         title=f"Adapting latency table {source.name} to this CPU")
     return adapt_table(source, quick, command=command, seconds=time.perf_counter() - t0)

@@ -40,6 +40,7 @@ import functools
 import gzip
 import itertools
 import json
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -174,14 +175,37 @@ def kernel_class(op: str, fmt: str) -> str:
     return f"{op}:{kind}"
 
 
+def uniform_calls(entries: Sequence[OpEntry]) -> dict[tuple[str, int], str]:
+    """(phase, call) -> format of every profiled call whose linears and lm_head all ran one format: a profile's
+    uniform anchor models (``ProfilePlan.anchors``), never a random model's mix."""
+    fmts: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for e in entries:
+        if e.op in ("linear", "lm_head") and "call" in e.dims:
+            fmts[(e.phase, e.dims["call"])].add(e.fmt)
+    return {k: next(iter(fs)) for k, fs in fmts.items() if len(fs) == 1}
+
+
+def calibration_key(op: str, fmt: str, anchored: frozenset[str] | set[str] = frozenset()) -> str:
+    """The calibration column an op's time goes to: its kernel class (:func:`kernel_class`), or for a linear or
+    lm_head whose format the table has a uniform anchor model of, that format's own (``linear:int-a8@w4g32a8``).
+
+    Why per format there: formats of one class differ in what the node profiler adds to them (on a Xeon with
+    AMX, w4g32a8's MatMulNBits nodes read ~1.45x their share of the wall time, w4g64a8's and w8g64a8's much
+    less), and the anchors are the evidence that tells them apart; without an anchor a format keeps its class's.
+    """
+    k = kernel_class(op, fmt)
+    return f"{k}@{fmt}" if op in ("linear", "lm_head") and fmt in anchored else k
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Per-phase scales from profiled op times to wall time, and the per-call overhead.
 
-    ``wall ≈ Σ_class scale[class] · Σ(op times of that class) + a + b·layers + c·rows``,
+    ``wall ≈ Σ_key scale[key] · Σ(op times of that key) + a + b·layers + c·rows``,
     fitted on the table's ``wall`` entries (whole calls of the profiled
-    models; every entry of one call carries the same ``call`` number). The scales absorb what per-node profiling adds to or misses from
-    each kernel family; they are pulled toward 1 (ridge), so a class seen in
+    models; every entry of one call carries the same ``call`` number). A key is a kernel class, or a format of
+    which the table has a uniform anchor model (:func:`calibration_key`). The scales absorb what per-node
+    profiling adds to or misses from each kernel family; they are pulled toward 1 (ridge), so a class seen in
     few models keeps its measured times.
     """
 
@@ -192,9 +216,12 @@ class Calibration:
     # (phase, format) -> factor on that format's linears and lm_head, on top of its class's scale: a correction
     # from a measurement of whole models (:func:`with_format_scale`), never fitted from the table's own entries
     format_scales: dict[tuple[str, str], float] = field(default_factory=dict)
+    anchored: frozenset[str] = frozenset()  # formats with scales of their own (:func:`calibration_key`)
 
     def scale(self, phase: str, op: str, fmt: str = "") -> float:
-        s = self.scales.get(phase, {}).get(kernel_class(op, fmt), 1.0)
+        ph = self.scales.get(phase, {})
+        key = calibration_key(op, fmt, self.anchored)
+        s = ph[key] if key in ph else ph.get(kernel_class(op, fmt), 1.0)
         return s * self.format_scales.get((phase, fmt), 1.0) if op in ("linear", "lm_head") else s
 
 
@@ -204,6 +231,7 @@ RIDGE_PER_CALL = 0.01  # pull toward 1, growing with the evidence it has to outw
 def _calibrate(entries: Sequence[OpEntry]) -> Calibration | None:
     calls: dict[tuple, dict[str, float]] = {}
     walls: dict[tuple, OpEntry] = {}
+    anchored = frozenset(uniform_calls(entries).values())
     for e in entries:
         if "call" not in e.dims:
             continue
@@ -212,7 +240,7 @@ def _calibrate(entries: Sequence[OpEntry]) -> Calibration | None:
             walls[key] = e
         elif e.op != "overhead":
             c = calls.setdefault(key, {})
-            k = kernel_class(e.op, e.fmt)
+            k = calibration_key(e.op, e.fmt, anchored)
             c[k] = c.get(k, 0.0) + e.mean_ms
     if not walls:
         return None
@@ -246,7 +274,7 @@ def _calibrate(entries: Sequence[OpEntry]) -> Calibration | None:
         overhead[phase] = (float(coef[nc]), float(coef[nc + 1]), float(coef[nc + 2]))
         n[phase] = len(keys)
         err[phase] = float(np.sqrt(np.mean(((X @ coef - y) * w) ** 2)))
-    return Calibration(scales, overhead, n, err)
+    return Calibration(scales, overhead, n, err, anchored=anchored)
 
 
 def _fit(op: str, entries: Sequence[OpEntry]) -> CostModel:
@@ -333,6 +361,17 @@ class LatencyTable:
 
     def is_exact(self, op: str, phase: str, fmt: str, dims: dict[str, int]) -> bool:
         return (op, phase, fmt, _sig(dims)) in self._exact
+
+    def uniform_calls(self) -> set[tuple[str, int]]:
+        """(phase, call) of the profile's uniform anchor models (module function :func:`uniform_calls`)."""
+        return set(uniform_calls(self.entries))
+
+    def without_anchors(self) -> LatencyTable:
+        """This table without the entries of its uniform calls (:meth:`uniform_calls`): what it would be had
+        the profile timed no anchors, for judging what they add (``benchmarks/latency_model.py``)."""
+        drop = self.uniform_calls()
+        return replace(self, entries=tuple(e for e in self.entries
+                                           if "call" not in e.dims or (e.phase, e.dims["call"]) not in drop))
 
     def linear_rows(self, fmt: str) -> list[int]:
         """The row counts a format's linear was measured at, ascending."""

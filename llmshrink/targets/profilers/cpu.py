@@ -61,9 +61,19 @@ class ProfilePlan:
     """What a profile run samples. The defaults take about 12-15 minutes for SmolLM2-135M on 2 cores.
 
     52 models give each of the cpu target's 26 formats two lm_head samples.
+
+    ``anchors`` are formats timed as whole *uniform* models after the random ones: the full widths, every
+    linear and the lm_head in that one format (:func:`anchor_formats`). Why: the wall-time calibration fits
+    one node-to-wall scale per kernel class from whole calls, and a random model mixes ~10 classes in one
+    call, so a class's scale is only as good as the mixes separate it. On a Xeon with AMX the node profiler
+    inflated w4g32a8's kernel time ~1.45x and w8g64a8's ~1.05x (estimated from one pair of
+    models' node and wall times), while the fit gave their shared class one
+    scale; a call of one format pins its class's scale, and the uniform int4 model is the reference every
+    ``xint4`` budget is measured against.
     """
 
     models: int = 52
+    anchors: tuple[str, ...] = ()
     decode_contexts: tuple[int, ...] = (64, 256, 1024)
     prefill_contexts: tuple[int, ...] = (32, 128, 256)
     decode_runs: int = 40
@@ -82,6 +92,20 @@ class ProfilePlan:
         others = [c for c in pre if c != mid]
         chosen = [mid] + ([others[i % len(others)]] if others else [])
         return [Workload("decode", 1, c) for c in self.decode_contexts] + [Workload("prefill", 1, c) for c in chosen]
+
+
+def anchor_formats(formats: Sequence[str], search_formats: Sequence[str] = ()) -> tuple[str, ...]:
+    """The uniform models a full profile times (:attr:`ProfilePlan.anchors`): the search's formats, then the
+    first steady format (:func:`volatile_kernel`) of every linear kernel class they leave uncovered."""
+    from llmshrink.targets.table import kernel_class
+
+    out = [f for f in search_formats if f in formats]
+    covered = {kernel_class("linear", f) for f in out}
+    for f in formats:
+        if not volatile_kernel(f) and kernel_class("linear", f) not in covered:
+            out.append(f)
+            covered.add(kernel_class("linear", f))
+    return tuple(out)
 
 
 def volatile_kernel(fmt: str) -> bool:
@@ -311,10 +335,12 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
     started = time.time()
     max_len = max(plan.decode_contexts + plan.prefill_contexts) + 2
     title = title or f"Profiling {plan.models} subnets of {model} on ONNX Runtime CPU"
-    with progress.task(title, total=plan.models) as task, \
+    specs = [(i, lambda i=i: sample_spec(base, formats, i, plan)) for i in range(plan.models)]
+    specs += [(plan.models + a, lambda f=f: SubnetSpec.uniform(base, f).validate()) for a, f in enumerate(plan.anchors)]
+    with progress.task(title, total=len(specs)) as task, \
             tempfile.TemporaryDirectory(prefix="llmshrink-profile-") as tmp:
-        for i in range(plan.models):
-            spec = sample_spec(base, formats, i, plan)
+        for i, make in specs:
+            spec = make()
             graph = build_ort_graph(random_model(spec, seed=i), max_length=max_len).SerializeToString()
             workloads = plan.workloads(i)
             runs = {"decode": plan.decode_runs, "prefill": plan.prefill_runs}
@@ -337,6 +363,8 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
                              "with random weights; per-node times from ORT's profiler, wall times from a plain session.",
                              f"decode contexts {list(plan.decode_contexts)}, prefill contexts {list(plan.prefill_contexts)}; "
                              f"{plan.decode_runs} decode / {plan.prefill_runs} prefill runs per workload.",
+                             *([f"then uniform full-width models (anchors) in {', '.join(plan.anchors)}"]
+                               if plan.anchors else []),
                              f"profiling took {elapsed / 60:.1f} minutes"))
     return LatencyTable(name=name, target=target, provenance=prov, entries=tuple(entries), threads=threads)
 

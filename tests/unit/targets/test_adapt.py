@@ -246,21 +246,22 @@ def test_a_short_plan_gives_every_steady_lm_head_class_a_model_before_any_format
     assert not volatile_kernel("w4g32") and not volatile_kernel("w8a8") and not volatile_kernel("fp32")
 
 
-def test_quick_adapt_times_only_steady_kernels_search_formats_first(monkeypatch, tiny_llama_dir):
+def test_quick_adapt_times_only_steady_kernels_and_anchors_the_search_formats(monkeypatch, tiny_llama_dir):
     """The quick calls calibrate wall times: a call full of 2-/8-bit level-0 kernels (7-40 ms against the 2.5-6 ms
-    of searched subnets) set the adapted level 19 % low in one run and 8 % high in the next."""
+    of searched subnets) set the adapted level 19 % low in one run and 8 % high in the next. The search's formats
+    get whole uniform models of their own (anchors), so the random models' lm_heads start with the other classes."""
     import llmshrink.targets.profilers.cpu as profiler
     from llmshrink.targets.adapt import quick_adapt
 
     timed = []
 
     def fake_profile(base, formats, **kw):
-        timed.append(list(formats))
+        timed.append((list(formats), kw["plan"].anchors))
         return _quick()
 
     monkeypatch.setattr(profiler, "profile_cpu", fake_profile)
     src = LatencyTable("cpu-smollm2-135m", "cpu", Provenance(kind="measured", host=_elsewhere(),
                                                             model=str(tiny_llama_dir)), _source().entries)
     adapted = quick_adapt(src, ("w2g32", "fp32", "w8g64", "w4g32a8", "w4g64a8"), search_formats=("w4g64a8",))
-    assert timed == [["w4g64a8", "fp32", "w4g32a8"]]  # the search's first, then the lm_head classes' in order
+    assert timed == [(["fp32", "w4g32a8", "w4g64a8"], ("w4g64a8",))]  # lm_head classes in order; the search's anchored
     assert adapted.kind == "adapted" and adapted.provenance.adapted_from["calls"] == 1

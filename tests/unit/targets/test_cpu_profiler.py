@@ -70,3 +70,36 @@ def test_tiny_profile_is_a_measured_table_with_provenance(tiny_table):
     assert set(cal.scales) == {"decode", "prefill"} and cal.n["decode"] == 8 * 2
     assert all(s >= 0 for ph in cal.scales.values() for s in ph.values())
     assert all(e.mean_ms > 0 for e in table.entries)
+
+
+def test_a_full_profile_anchors_the_search_formats_then_every_other_steady_kernel_class():
+    from llmshrink.targets import load_target
+    from llmshrink.targets.profilers.cpu import anchor_formats, volatile_kernel
+    from llmshrink.targets.table import kernel_class
+
+    cpu = load_target("cpu")
+    anchors = anchor_formats(cpu.formats, cpu.search_formats)
+    assert anchors[:len(cpu.search_formats)] == cpu.search_formats
+    steady = {kernel_class("linear", f) for f in cpu.formats if not volatile_kernel(f)}
+    assert {kernel_class("linear", f) for f in anchors} == steady
+    assert not any(volatile_kernel(f) for f in anchors) and len(set(anchors)) == len(anchors)
+
+
+def test_anchor_models_are_uniform_full_width_calls_after_the_random_ones(tiny_base):
+    from dataclasses import replace
+
+    from llmshrink.targets.profilers.cpu import profile_cpu, quick_plan
+
+    plan = replace(quick_plan(2), anchors=("w4g32a8",))
+    table = profile_cpu(tiny_base, ("fp32", "w4g32", "w4g32a8"), model="tiny-llama", plan=plan)
+    per_model = len(plan.workloads(0))
+    walls = sorted((e.dims["call"], e.phase, e.dims["layers"]) for e in table.entries if e.op == "wall")
+    assert len(walls) == 3 * per_model
+    uniform = table.uniform_calls()
+    assert uniform == {(ph, c) for c, ph, _ in walls[2 * per_model:]}  # the anchor's calls, and only those
+    assert all(n == tiny_base.num_layers for c, _, n in walls[2 * per_model:])
+    anchored = [e for e in table.entries if (e.phase, e.dims.get("call")) in uniform and e.op == "linear"]
+    assert {e.fmt for e in anchored} == {"w4g32a8"} and max(e.dims["n"] for e in anchored) == tiny_base.intermediate_size
+    assert "w4g32a8" in table.provenance.notes[-2]
+    bare = table.without_anchors()
+    assert sum(e.op == "wall" for e in bare.entries) == 2 * per_model and bare.calibration is not None

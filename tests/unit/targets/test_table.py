@@ -87,3 +87,44 @@ def test_a_table_profiled_on_this_machine_overrides_the_built_in_one(llmshrink_h
     mine = LatencyTable("cpu-smollm2-135m", "cpu", Provenance(kind="measured", command="mine"), builtin.entries[:50])
     mine.save(profiled_table_path("cpu-smollm2-135m"))
     assert load_table("cpu-smollm2-135m").provenance.command == "mine"
+
+
+def _calls(anchors: bool):
+    """Profiled calls whose w4g32a8 and w8g64a8 node times (one kernel class) always come in one proportion in
+    random models, so a wall-time fit cannot tell their node-to-wall scales apart (true: 0.7 and 1.0, overhead
+    0.5 ms); with ``anchors``, uniform calls of each format as well."""
+    rng = np.random.default_rng(0)
+    out, call = [], 0
+
+    def one(parts: dict[str, float], layers: int):
+        nonlocal call
+        wall = 0.5 + 0.7 * parts.get("w4g32a8", 0.0) + 1.0 * parts.get("w8g64a8", 0.0)
+        for fmt, ms in parts.items():
+            for j in range(layers):
+                out.append(OpEntry("linear", "decode", {"rows": 1, "k": 64 * (j + 1), "n": 64, "call": call}, fmt,
+                                   ms / layers, 0.0, 5))
+        out.append(OpEntry("wall", "decode", {"rows": 1, "past": 8, "layers": layers, "call": call}, "", wall, 0.0, 5))
+        call += 1
+
+    for _ in range(24):
+        x, layers = float(rng.uniform(1, 6)), int(rng.integers(4, 12))
+        one({"w4g32a8": 0.6 * x, "w8g64a8": 0.4 * x}, layers)
+    for fmt in ("w4g32a8", "w8g64a8") if anchors else ():
+        for x in (2.0, 4.0, 6.0):
+            one({fmt: x}, 10)
+    return out
+
+
+def test_uniform_anchor_calls_give_formats_of_one_kernel_class_scales_of_their_own():
+    table = _table(_calls(anchors=True))
+    assert len(table.uniform_calls()) == 6 and not _table(_calls(anchors=False)).uniform_calls()
+    cal = table.calibration
+    assert cal.anchored == {"w4g32a8", "w8g64a8"}
+    assert cal.scale("decode", "linear", "w4g32a8") == pytest.approx(0.7, rel=0.03)
+    assert cal.scale("decode", "linear", "w8g64a8") == pytest.approx(1.0, rel=0.03)
+    assert cal.scale("decode", "linear", "w4g64a8") == 1.0  # no anchor, no samples of its class: measured times
+    # the same table without its anchors: one scale for the class, between the two
+    bare = table.without_anchors().calibration
+    assert len(table.without_anchors().entries) == len(_table(_calls(anchors=False)).entries)
+    assert not bare.anchored and bare.scale("decode", "linear", "w4g32a8") == bare.scale("decode", "linear", "w8g64a8")
+    assert abs(bare.scale("decode", "linear", "w4g32a8") - 0.7) > 0.05
