@@ -133,7 +133,7 @@ class Predictor:
         self.cal = table.calibration
 
     def scale(self, op: str, fmt: str = "") -> float:
-        """The calibration scale of an op's kernel class (1 without a calibration)."""
+        """The calibration scale of an op (its kernel class's, or its anchored format's; 1 without a calibration)."""
         return self.cal.scale(self.phase, op, fmt) if self.cal is not None else 1.0
 
     def overhead_ms(self, layers):

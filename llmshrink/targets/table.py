@@ -155,9 +155,10 @@ def _sig(dims: dict[str, int]) -> tuple:
 def kernel_class(op: str, fmt: str) -> str:
     """The calibration class of an op: one per kernel family (and per op kind for the lm_head).
 
-    Classes, not formats, get a calibration scale: formats sharing a kernel
-    share its profiling bias, and 14 scales can be fitted from a few hundred
-    wall times where 52 could not.
+    Classes, not formats, get a calibration scale (unless a uniform anchor model
+    gives a format its own, :func:`calibration_key`): formats sharing a kernel
+    share most of its profiling bias, and 14 scales can be fitted from a few
+    hundred wall times of random mixes where 52 could not.
     """
     if op not in ("linear", "lm_head"):
         return op
@@ -176,13 +177,20 @@ def kernel_class(op: str, fmt: str) -> str:
 
 
 def uniform_calls(entries: Sequence[OpEntry]) -> dict[tuple[str, int], str]:
-    """(phase, call) -> format of every profiled call whose linears and lm_head all ran one format: a profile's
-    uniform anchor models (``ProfilePlan.anchors``), never a random model's mix."""
+    """(phase, call) -> format of every timed call (one with a ``wall`` entry) whose linears and lm_head all ran one
+    format: a profile's uniform anchor models (``ProfilePlan.anchors``), never a random model's mix of a dozen
+    formats. Calls without a wall (an adapted table's scaled copies of its source's entries) are not calls here.
+    """
     fmts: dict[tuple[str, int], set[str]] = defaultdict(set)
+    timed = set()
     for e in entries:
-        if e.op in ("linear", "lm_head") and "call" in e.dims:
+        if "call" not in e.dims:
+            continue
+        if e.op in ("linear", "lm_head"):
             fmts[(e.phase, e.dims["call"])].add(e.fmt)
-    return {k: next(iter(fs)) for k, fs in fmts.items() if len(fs) == 1}
+        elif e.op == "wall":
+            timed.add((e.phase, e.dims["call"]))
+    return {k: next(iter(fs)) for k, fs in fmts.items() if len(fs) == 1 and k in timed}
 
 
 def calibration_key(op: str, fmt: str, anchored: frozenset[str] | set[str] = frozenset()) -> str:
@@ -213,7 +221,7 @@ class Calibration:
     overhead: dict[str, tuple[float, float, float]]  # phase -> (a, b per layer, c per row)
     n: dict[str, int]
     rel_rmse: dict[str, float]
-    # (phase, format) -> factor on that format's linears and lm_head, on top of its class's scale: a correction
+    # (phase, format) -> factor on that format's linears and lm_head, on top of its key's scale: a correction
     # from a measurement of whole models (:func:`with_format_scale`), never fitted from the table's own entries
     format_scales: dict[tuple[str, str], float] = field(default_factory=dict)
     anchored: frozenset[str] = frozenset()  # formats with scales of their own (:func:`calibration_key`)

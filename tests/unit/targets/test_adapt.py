@@ -84,6 +84,26 @@ def test_adaptation_recovers_a_known_scaling_per_kernel_and_lends_the_class_rati
     assert [w.mean_ms for w in walls] == [5.0] and walls[0].dims["call"] > 0
 
 
+def _anchored(table, fmt, call):
+    """``table`` plus a timed uniform call (an anchor model) of ``fmt``."""
+    from dataclasses import replace
+
+    one = [e for e in table.entries if e.op == "linear" and e.fmt == fmt][:4]
+    extra = [replace(e, dims={**e.dims, "call": call}) for e in one]
+    extra.append(OpEntry("wall", "decode", {"rows": 1, "past": 256, "layers": 30, "call": call}, "", 3.0))
+    return replace(table, entries=table.entries + tuple(extra))
+
+
+def test_the_sources_anchors_are_not_the_adapted_tables():
+    """A source's anchor calls come over as scaled op entries without their walls: only the quick run's own
+    anchors (timed here) may give a format a calibration scale of its own."""
+    src = _anchored(_source(), "w4g64a8", call=1)
+    assert src.calibration.anchored == {"w4g64a8"}
+    adapted = adapt_table(src, _anchored(_quick(), "w4g32a8", call=1))
+    assert adapted.calibration.anchored == {"w4g32a8"}
+    assert adapted.uniform_calls() and all(c > 1 for _, c in adapted.uniform_calls())
+
+
 def test_an_adapted_table_says_so_round_trips_and_is_this_machines(tmp_path):
     adapted = adapt_table(_source(), _quick(), command="llmshrink targets profile cpu --quick", seconds=150.0)
     back = load_table(adapted.save(tmp_path / "a.json"))
