@@ -57,6 +57,9 @@ def main() -> None:
                     help="which kernels the random specs draw from (see above)")
     ap.add_argument("--specs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=1000, help="first spec seed (the profiler samples its own)")
+    ap.add_argument("--uniform", default="", metavar="FMT,FMT",
+                    help="also judge the unpruned model in each of these formats (what compress's uniform baselines "
+                         "are; seed column -1, -2, ...)")
     ap.add_argument("--workloads", nargs="+", default=["decode:ctx=256", "prefill:ctx=128"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-runs", type=int, default=40)
@@ -101,9 +104,16 @@ def main() -> None:
 
     t0 = time.time()
     rows, missing = [], []
-    for i in range(args.specs):
-        seed = args.seed + i
-        spec = random_spec(base, seed, formats, model=args.model)
+    from llmshrink.spec import SubnetSpec
+
+    uniform = [f for f in args.uniform.split(",") if f]
+    for i in range(args.specs + len(uniform)):
+        if i < args.specs:
+            seed = args.seed + i
+            spec = random_spec(base, seed, formats, model=args.model)
+        else:  # a uniform baseline; its "seed" says which
+            seed = args.specs - i - 1
+            spec = SubnetSpec.uniform(base, uniform[i - args.specs], model=args.model)
         try:
             preds = {name: [predict(spec, target, w, table=t) for w in workloads] for name, t in tables.items()}
         except NoTableError as e:  # a table gap is a failure of the table, shown as such
@@ -118,11 +128,10 @@ def main() -> None:
                      "med": [[] for _ in workloads],
                      "layers": len(spec.kept_layers()), "hidden": spec.hidden_size,
                      "formats": ",".join(f"{f}:{n}" for f, n in mix.most_common(3)), "lm_head": spec.lm_head})
-        print(f"exported spec {i + 1}/{args.specs} (seed {seed})", file=sys.stderr, flush=True)
+        print(f"exported spec {i + 1}/{args.specs + len(uniform)} (seed {seed})", file=sys.stderr, flush=True)
     ref = None
     if args.reference != "none":  # the budgets' yardstick, timed in turn with the specs (see _ratio_errors)
         from llmshrink.formats import parse_format
-        from llmshrink.spec import SubnetSpec
 
         ref_spec = SubnetSpec.uniform(base, parse_format(args.reference).name, model=args.model)
         ref = {"spec": ref_spec, "preds": {name: [predict(ref_spec, target, w, table=t) for w in workloads]
@@ -180,8 +189,9 @@ def main() -> None:
             meas = float(np.median(row["meas"][k]))
             med = float(np.median(row["med"][k]))
             e = (pred - meas) / meas * 100
-            errs[k].append(e)
-            errs_median[k].append((pred - med) / med * 100)
+            if row["seed"] >= 0:  # the summaries are over the random specs; uniform ones get their own lines
+                errs[k].append(e)
+                errs_median[k].append((pred - med) / med * 100)
             line += f" | {'':>8} {pred:6.2f} {meas:6.2f} {e:+6.1f}%"
             rec["workloads"][str(w)] = {"predicted_ms": pred, "measured_ms": meas, "rounds_ms": row["meas"][k],
                                         "median_ms": med, "rounds_median_ms": row["med"][k],
@@ -189,6 +199,7 @@ def main() -> None:
         print(line)
         out.append(rec)
     print()
+    judged = [row for row in rows if row["seed"] >= 0]
     if missing:
         print(f"NO PREDICTION (table gap) for seeds {missing}: {len(missing)} of {args.specs} specs")
     for k, w in enumerate(workloads):
@@ -201,7 +212,7 @@ def main() -> None:
     if args.rounds > 1:  # how far the same graph's floor moves between rounds: the noise any table is judged against
         for k, w in enumerate(workloads):
             spread = np.array([(max(row["meas"][k]) - min(row["meas"][k])) / np.median(row["meas"][k]) * 100
-                               for row in rows])
+                               for row in judged])
             print(f"run-to-run spread of the floor, {w.phase}: median {np.median(spread):4.1f}%, max {spread.max():4.1f}% "
                   f"((max - min) / median of each spec's {args.rounds} rounds)")
     # Scale-free: each table's predictions times the one factor (median measured/predicted) that best matches
@@ -210,8 +221,8 @@ def main() -> None:
     print("tables (every row: the same measurements):")
     for name in tables:
         for k, w in enumerate(workloads):
-            pred = np.array([row["preds"][name][k].total_ms for row in rows])
-            meas = np.array([np.median(row["meas"][k]) for row in rows])
+            pred = np.array([row["preds"][name][k].total_ms for row in judged])
+            meas = np.array([np.median(row["meas"][k]) for row in judged])
             e, a = (pred - meas) / meas * 100, np.abs(pred - meas) / meas * 100
             f = float(np.median(meas / pred))
             a_free = np.abs(pred * f - meas) / meas * 100
@@ -219,7 +230,8 @@ def main() -> None:
                   f"within 10%: {(a <= 10).sum():>2}/{len(a)}  | scale-free (x{f:.3f}): MAPE {a_free.mean():5.1f}%  "
                   f"max {a_free.max():5.1f}%")
     if ref is not None:
-        _ratio_errors(rows, ref, tables, workloads, args.reference)
+        _ratio_errors(judged, ref, tables, workloads, args.reference)
+        _uniform_ratios([row for row in rows if row["seed"] < 0], ref, tables, workloads, args.reference)
     for name in tables:
         for rec, row in zip(out, rows, strict=True):
             for k, w in enumerate(workloads):
@@ -242,15 +254,7 @@ def _ratio_errors(rows, ref, tables, workloads, reference: str) -> None:
     print(f"ratios to the unpruned {reference} model timed in turn (every row: the same measurements):")
     for k, w in enumerate(workloads):
         marks = ref["times"][k]
-        meas = []
-        for row in rows:
-            per_round = []
-            for c, floor in zip(row["clock"], row["meas"][k], strict=True):
-                before = max((m for m in marks if m[0] < c), key=lambda m: m[0])
-                after = min((m for m in marks if m[0] > c), key=lambda m: m[0])
-                per_round.append(floor / ((before[1] + after[1]) / 2))
-            meas.append(float(np.median(per_round)))
-        meas = np.array(meas)
+        meas = np.array([_measured_ratio(row, k, marks) for row in rows])
         spread = np.array([f for _, f in marks])
         for name in tables:
             pref = ref["preds"][name][k].total_ms
@@ -262,6 +266,30 @@ def _ratio_errors(rows, ref, tables, workloads, reference: str) -> None:
                   f"{pref:6.2f} ms")
         print(f"  (reference floor over the run: median {np.median(spread):.2f} ms, min {spread.min():.2f}, "
               f"max {spread.max():.2f}, {len(spread)} timings)")
+
+
+def _measured_ratio(row, k: int, marks) -> float:
+    """Median over rounds of the row's floor over the mean of the reference floors timed just before and after."""
+    per_round = []
+    for c, floor in zip(row["clock"], row["meas"][k], strict=True):
+        before = max((m for m in marks if m[0] < c), key=lambda m: m[0])
+        after = min((m for m in marks if m[0] > c), key=lambda m: m[0])
+        per_round.append(floor / ((before[1] + after[1]) / 2))
+    return float(np.median(per_round))
+
+
+def _uniform_ratios(rows, ref, tables, workloads, reference: str) -> None:
+    """The ``--uniform`` baselines one by one: measured ratio to the reference beside each table's prediction."""
+    if not rows:
+        return
+    print(f"uniform unpruned models, ratio to the unpruned {reference} model timed in turn: measured | predicted by "
+          + ", ".join(tables))
+    for row in rows:
+        for k, w in enumerate(workloads):
+            meas = _measured_ratio(row, k, ref["times"][k])
+            preds = [row["preds"][n][k].total_ms / ref["preds"][n][k].total_ms for n in tables]
+            print(f"  {row['spec'].lm_head:>9} {w.phase:8s} {meas:6.3f} | "
+                  + "  ".join(f"{p:6.3f} ({(p - meas) / meas * 100:+5.1f}%)" for p in preds))
 
 
 def _formats(target, which: str) -> list[str]:
