@@ -46,7 +46,7 @@ MIN_SAMPLES = 3  # quick entries a group needs to get its own ratio, not its ker
 
 
 def adaptation_plan(search_formats: Sequence[str] = ()):
-    """The quick profile's plan: ~3 minutes for SmolLM2-135M on 2 cores (``targets profile --quick``).
+    """The quick profile's plan: ~3.2 minutes for SmolLM2-135M on 2 cores (``targets profile --quick``).
 
     Six random subnets, then a uniform full-width model in each of the search's formats (the plan's
     ``anchors``): those calls pin the node-to-wall scale of the kernels a search weighs and time the
@@ -90,10 +90,10 @@ def measure_ratios(source: LatencyTable, quick: LatencyTable) -> Ratios:
     Only op kinds the source table models are compared; ``wall`` and ``overhead`` entries never are, nor the
     entries of ``quick``'s uniform anchor calls: an anchor's ~200 same-format nodes, timed inside a full-size
     model, outvoted the random models' few samples of that format and carried the full model's per-node regime
-    into that format alone. On a Xeon with AMX the adapted table then put uniform w8a8 at 1.03x uniform
-    w4g32a8 (1.41x measured in turn) and w4g32 at 1.23x (1.56x). From the random models only, with the anchors
-    in the wall-time calibration: 1.16x and 1.40x, and the decode MAPE over 30 random subnets 7.5 % against
-    12.1 % on the same measurements (``benchmarks/results/latency_model_anchors_cpu.txt``).
+    into that format alone. On a Xeon with AMX the adapted table then put uniform w4g32 at 1.23x uniform
+    w4g32a8 (1.56x measured in turn) and its decode MAPE over 30 random subnets was 12.1 %; from the random
+    models only, with the anchors in the wall-time calibration, the next run put w4g32 at 1.47x (1.43x
+    measured) and the MAPE at 7.8 % (``benchmarks/results/latency_model_anchors_cpu.txt``, runs 2 and 3).
     """
     models = source.models
     by_group: dict[tuple, list[float]] = defaultdict(list)
