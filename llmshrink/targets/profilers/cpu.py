@@ -66,10 +66,10 @@ class ProfilePlan:
     linear and the lm_head in that one format (:func:`anchor_formats`). Why: the wall-time calibration fits
     one node-to-wall scale per kernel class from whole calls, and a random model mixes ~10 classes in one
     call, so a class's scale is only as good as the mixes separate it. On a Xeon with AMX the node profiler
-    inflated w4g32a8's kernel time ~1.45x and w8g64a8's ~1.05x (estimated from one pair of
-    models' node and wall times), while the fit gave their shared class one
-    scale; a call of one format pins its class's scale, and the uniform int4 model is the reference every
-    ``xint4`` budget is measured against.
+    inflated w4g32a8's kernel time ~1.45x and w8g64a8's ~1.05x (estimated from one pair of models' node and
+    wall times), while the fit gave their shared class one scale. A call of one format gives that format a
+    scale of its own (``table.calibration_key``), and the uniform int4 model is the reference every ``xint4``
+    budget is measured against.
     """
 
     models: int = 52

@@ -104,6 +104,17 @@ def test_the_sources_anchors_are_not_the_adapted_tables():
     assert adapted.uniform_calls() and all(c > 1 for _, c in adapted.uniform_calls())
 
 
+def test_op_ratios_come_from_the_random_models_not_the_anchors():
+    """An anchor's same-format nodes, timed in a full-size model, must not outvote the random models' samples of
+    that format (they priced uniform w4g32 at 1.23x uniform int4 against 1.56x measured on a Xeon)."""
+    from dataclasses import replace
+
+    quick = _anchored(_quick(), "w4g32a8", call=1)
+    quick = replace(quick, entries=tuple(replace(e, mean_ms=5 * e.mean_ms) if e.dims.get("call") == 1 and
+                                         e.op == "linear" else e for e in quick.entries))
+    assert measure_ratios(_source(), quick).group[("linear", "w4g32a8", 1)] == pytest.approx(1.8)
+
+
 def test_an_adapted_table_says_so_round_trips_and_is_this_machines(tmp_path):
     adapted = adapt_table(_source(), _quick(), command="llmshrink targets profile cpu --quick", seconds=150.0)
     back = load_table(adapted.save(tmp_path / "a.json"))
