@@ -331,7 +331,8 @@ def _tables(specs: list[str] | None, target):
         elif src == "adapted":
             t0 = time.time()
             table = quick_adapt(load_table(builtin_table_path(target.table)), target.formats,
-                                search_formats=target.search_formats, command=" ".join(sys.argv))
+                                search_formats=target.search_formats, anchors=target.adaptation_anchors,
+                                command=" ".join(sys.argv))
             print(f"table {name}: quick adaptation took {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         else:
             table = load_table(src)

@@ -310,8 +310,8 @@ def _profile_quick(p, from_table: str | None, out_path: Path | None, threads: in
                              "Keep it (the target already predicts from it), or write elsewhere with --out.")
     command = "llmshrink " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmshrink") else " ".join(sys.argv)
     with progress(not as_json) as prog:
-        table = quick_adapt(source, p.formats, search_formats=p.search_formats, threads=threads, command=command,
-                            progress=prog)
+        table = quick_adapt(source, p.formats, search_formats=p.search_formats, anchors=p.adaptation_anchors,
+                            threads=threads, command=command, progress=prog)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     table.save(out_path)
     info = table.provenance.adapted_from

@@ -45,19 +45,19 @@ from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, kernel_cl
 MIN_SAMPLES = 3  # quick entries a group needs to get its own ratio, not its kernel class's
 
 
-def adaptation_plan(search_formats: Sequence[str] = ()):
-    """The quick profile's plan: ~3.2 minutes for SmolLM2-135M on 2 cores (``targets profile --quick``).
-
-    Six random subnets, then a uniform full-width model in each of the search's formats (the plan's
-    ``anchors``): those calls pin the node-to-wall scale of the kernels a search weighs and time the
-    uniform int4 model that ``xint4`` budgets are measured against.
+def adaptation_plan(anchors: Sequence[str] = ()):
+    """The quick profile's plan (``targets profile --quick``): six random subnets, then a uniform full-width
+    model in each of ``anchors`` (the target's :attr:`~.profile.TargetProfile.adaptation_anchors`), timed at
+    the default decode and prefill contexts only (``lean_anchors``). The anchors pin the node-to-wall scale of
+    the formats a search weighs and a run's uniform baselines are priced in, and time the uniform int4 model
+    that ``xint4`` budgets are measured against.
     """
     from llmshrink.targets.profilers.cpu import ProfilePlan
 
     # Fewer subnets than a full profile, but every workload timed as the full profile and `validate` time it
     # (runs, blocks, warm-up): a floor taken over fewer blocks is a higher floor, and with 16 runs in 3 blocks
     # the adapted table over-predicted decode by ~10 %.
-    return ProfilePlan(models=6, anchors=tuple(search_formats))
+    return ProfilePlan(models=6, anchors=tuple(anchors), lean_anchors=True)
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,11 @@ def adapt_table(source: LatencyTable, quick: LatencyTable, *, command: str = "",
 
 
 def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats: Sequence[str] = (),
-                threads: int | None = None, command: str = "", plan=None,
+                anchors: Sequence[str] | None = None, threads: int | None = None, command: str = "", plan=None,
                 progress: Progress = NULL_PROGRESS) -> LatencyTable:
     """Measure :func:`adaptation_plan` on this machine and return ``source`` adapted to it.
+
+    ``anchors`` are the formats timed as uniform models (default: ``search_formats``).
 
     The subnets are drawn from the model family ``source`` was profiled on (its config only is read); their
     lm_heads follow :func:`lm_head_rotation`.
@@ -177,9 +179,11 @@ def quick_adapt(source: LatencyTable, formats: Sequence[str], *, search_formats:
     from llmshrink.targets.profilers.cpu import volatile_kernel
 
     steady = [f for f in formats if not volatile_kernel(f)] or list(formats)
-    plan = plan or adaptation_plan(search_formats)
-    # the anchors time their formats' lm_heads already: the random models' lm_heads go to other kernels
-    order = lm_head_rotation(steady, [f for f in search_formats if f not in plan.anchors])
+    plan = plan or adaptation_plan(search_formats if anchors is None else anchors)
+    # the anchors time their formats' lm_heads already: the random models' lm_heads go to other kernels first
+    order = lm_head_rotation([f for f in steady if f not in plan.anchors],
+                             [f for f in search_formats if f not in plan.anchors])
+    order += [f for f in steady if f in plan.anchors]
     t0 = time.perf_counter()
     quick = profile_cpu(base, order, model=model, plan=plan, threads=threads, command=command,
                         name=source.name, target=source.target, progress=progress,
@@ -256,7 +260,8 @@ def table_for_this_cpu(target, *, adapt: bool = True, threads: int | None = None
         else:  # another CPU's full profile: adapt it, keep it
             cpu = str(mine.provenance.host.get("cpu_id", "other-cpu")).replace(" ", "_").replace("/", "-")
             path.rename(path.with_name(f"{target.table}.{cpu}.json"))
-    adapted = quick_adapt(source, target.formats, search_formats=target.search_formats, threads=threads,
+    adapted = quick_adapt(source, target.formats, search_formats=target.search_formats,
+                          anchors=target.adaptation_anchors, threads=threads,
                           command=f"llmshrink (adapting {target.name}'s table)", progress=progress)
     adapted.save(path)
     info = adapted.provenance.adapted_from

@@ -47,6 +47,14 @@ class TargetProfile:
     roofline: dict[str, float] = field(default_factory=dict)  # analytical-table assumptions (see targets.analytical)
     checks: tuple[dict, ...] = ()  # published measurements the analytical table is checked against
     search_formats: tuple[str, ...] = ()  # the precision candidates a search uses by default (empty: all formats)
+    # the uniform models a quick table adaptation times (empty: the search formats): the formats whose whole-model
+    # price matters most, the search's and the uniform baselines `compress` builds near its usual budgets
+    quick_anchors: tuple[str, ...] = ()
+
+    @property
+    def adaptation_anchors(self) -> tuple[str, ...]:
+        """The formats :func:`~llmshrink.targets.adapt.quick_adapt` times as uniform models on this target."""
+        return self.quick_anchors or self.search_formats
 
     @property
     def flavour(self) -> str:
@@ -72,9 +80,10 @@ def _from_yaml(text: str, where: str) -> TargetProfile:
     for f in d["formats"]:
         if parse_format(str(f)).name != f:
             raise UsageError(f"{where}: format {f!r} is not written canonically ({parse_format(str(f)).name}).")
-    stray = [f for f in d.get("search_formats") or () if f not in d["formats"]]
-    if stray:
-        raise UsageError(f"{where}: search_formats {stray} are not among its formats.")
+    for key in ("search_formats", "quick_anchors"):
+        stray = [f for f in d.get(key) or () if f not in d["formats"]]
+        if stray:
+            raise UsageError(f"{where}: {key} {stray} are not among its formats.")
     known = {f.name for f in TargetProfile.__dataclass_fields__.values()}
     unknown = set(d) - known
     if unknown:
@@ -89,6 +98,7 @@ def _from_yaml(text: str, where: str) -> TargetProfile:
         roofline={k: float(v) for k, v in (d.get("roofline") or {}).items()},
         checks=tuple(d.get("checks") or ()),
         search_formats=tuple(d.get("search_formats") or ()),
+        quick_anchors=tuple(d.get("quick_anchors") or ()),
     )
 
 

@@ -295,4 +295,8 @@ def test_quick_adapt_times_only_steady_kernels_and_anchors_the_search_formats(mo
                                                             model=str(tiny_llama_dir)), _source().entries)
     adapted = quick_adapt(src, ("w2g32", "fp32", "w8g64", "w4g32a8", "w4g64a8"), search_formats=("w4g64a8",))
     assert timed == [(["fp32", "w4g32a8", "w4g64a8"], ("w4g64a8",))]  # lm_head classes in order; the search's anchored
+    # the target's quick anchors, beyond the search's formats: the random models' lm_heads take the rest first
+    quick_adapt(src, ("w2g32", "w4g32a8", "fp32", "w8g64", "w4g64a8"), search_formats=("w4g64a8",),
+                anchors=("w4g64a8", "w4g32a8"))
+    assert timed[-1] == (["fp32", "w4g32a8", "w4g64a8"], ("w4g64a8", "w4g32a8"))
     assert adapted.kind == "adapted" and adapted.provenance.adapted_from["calls"] == 1

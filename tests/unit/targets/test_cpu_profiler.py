@@ -1,4 +1,5 @@
 from collections import Counter
+from dataclasses import replace
 
 from llmshrink.spec import BaseShape
 from llmshrink.targets.profilers.cpu import ProfilePlan, _entries, sample_spec
@@ -103,3 +104,16 @@ def test_anchor_models_are_uniform_full_width_calls_after_the_random_ones(tiny_b
     assert "w4g32a8" in table.provenance.notes[-2]
     bare = table.without_anchors()
     assert sum(e.op == "wall" for e in bare.entries) == 2 * per_model and bare.calibration is not None
+
+
+def test_lean_anchors_are_timed_at_the_middle_contexts_only():
+    """An anchor's linears are the same at every cache length: the quick plan times each at the default decode
+    context and the middle prefill one, so five anchors cost about what three cost in full."""
+    from llmshrink.targets.adapt import adaptation_plan
+
+    plan = adaptation_plan(("w4g32a8", "w8a8"))
+    assert plan.lean_anchors and plan.anchors == ("w4g32a8", "w8a8")
+    assert len(plan.workloads(0)) == len(plan.decode_contexts) + 2  # random models: every context, as before
+    for i in (plan.models, plan.models + 1):
+        assert plan.workloads(i) == [Workload("decode", 1, 256), Workload("prefill", 1, 128)]
+    assert len(replace(plan, lean_anchors=False).workloads(plan.models)) == len(plan.workloads(0))

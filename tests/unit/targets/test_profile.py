@@ -57,12 +57,30 @@ def test_user_target_yaml(tmp_path):
                  "search_formats: [w4g32a8]\ndefault_workload: decode\n")
     with pytest.raises(UsageError, match="search_formats"):
         load_target(str(f))
+    f.write_text("name: b\ndescription: d\ndevice: x\nruntime: onnxruntime-cpu\nformats: [fp32, w4g32a8]\n"
+                 "search_formats: [w4g32a8]\nquick_anchors: [w8a8]\ndefault_workload: decode\n")
+    with pytest.raises(UsageError, match="quick_anchors"):
+        load_target(str(f))
+    f.write_text(f.read_text().replace("quick_anchors: [w8a8]\n", ""))
+    assert load_target(str(f)).adaptation_anchors == ("w4g32a8",)  # no quick_anchors: the search formats
 
 
 def test_cpu_search_formats_are_kernels_it_has_and_fit_the_default_model():
     cpu = load_target("cpu")
     assert cpu.search_formats and set(cpu.search_formats) <= set(cpu.formats)
     assert all(576 % parse_format(f).group_size == 0 for f in cpu.search_formats)
+
+
+def test_cpu_quick_adaptation_anchors_the_search_formats_and_the_uniform_baselines_near_int4():
+    """Unanchored, the quick adaptation priced uniform w4g32a8z 24 % and w8a8 20 % too fast against uniform
+    w4g32a8 on a Xeon with AMX: baselines compress builds around int4's latency, priced in or out wrongly."""
+    from llmshrink.targets.profilers.cpu import volatile_kernel
+
+    cpu = load_target("cpu")
+    anchors = cpu.adaptation_anchors
+    assert anchors[:len(cpu.search_formats)] == cpu.search_formats
+    assert {"w4g32a8z", "w8a8"} <= set(anchors) and not any(volatile_kernel(f) for f in anchors)
+    assert serde.loads(serde.dumps(cpu)) == cpu
 
 
 def test_unknown_target_suggests():
