@@ -48,7 +48,8 @@ MIN_SAMPLES = 3  # quick entries a group needs to get its own ratio, not its ker
 def adaptation_plan(anchors: Sequence[str] = ()):
     """The quick profile's plan (``targets profile --quick``): six random subnets, then a uniform full-width
     model in each of ``anchors`` (the target's :attr:`~.profile.TargetProfile.adaptation_anchors`), timed at
-    the default decode and prefill contexts only (``lean_anchors``). The anchors pin the node-to-wall scale of
+    the default decode and prefill contexts only (``lean_anchors``); node times from a third of the runs
+    (``node_blocks``). The anchors pin the node-to-wall scale of
     the formats a search weighs and a run's uniform baselines are priced in, and time the uniform int4 model
     that ``xint4`` budgets are measured against.
     """
@@ -56,8 +57,9 @@ def adaptation_plan(anchors: Sequence[str] = ()):
 
     # Fewer subnets than a full profile, but every workload timed as the full profile and `validate` time it
     # (runs, blocks, warm-up): a floor taken over fewer blocks is a higher floor, and with 16 runs in 3 blocks
-    # the adapted table over-predicted decode by ~10 %.
-    return ProfilePlan(models=6, anchors=tuple(anchors), lean_anchors=True)
+    # the adapted table over-predicted decode by ~10 %. The profiled pass (node times: how a call splits among
+    # its nodes, scaled to the wall) runs two of those blocks: the full six put a 5-anchor adaptation at 164-198 s.
+    return ProfilePlan(models=6, anchors=tuple(anchors), lean_anchors=True, node_blocks=2)
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,26 @@ def test_lean_anchors_are_timed_at_the_middle_contexts_only():
     for i in (plan.models, plan.models + 1):
         assert plan.workloads(i) == [Workload("decode", 1, 256), Workload("prefill", 1, 128)]
     assert len(replace(plan, lean_anchors=False).workloads(plan.models)) == len(plan.workloads(0))
+
+
+def test_the_profiled_pass_runs_node_blocks_of_the_plain_pass_blocks(tiny_base, monkeypatch):
+    """Node times come from a shorter profiled pass (the quick adaptation's: two of six blocks); the wall
+    floor keeps every run and block, as `validate` times it."""
+    from llmshrink.targets import adapt
+    from llmshrink.targets.profilers import cpu
+
+    assert ProfilePlan().node_runs() == ({"decode": 40, "prefill": 12}, 6)  # a full profile: every run
+    assert adapt.adaptation_plan(()).node_runs() == ({"decode": 14, "prefill": 4}, 2)
+
+    seen, real = [], cpu._run_workloads
+
+    def spy(decoder, workloads, runs, warmup_s, vocab, blocks=1):
+        seen.append((dict(runs), blocks))
+        return real(decoder, workloads, runs, warmup_s, vocab, blocks=blocks)
+
+    monkeypatch.setattr(cpu, "_run_workloads", spy)
+    plan = replace(cpu.quick_plan(1), decode_runs=6, prefill_runs=3, blocks=3, node_blocks=1)
+    table = cpu.profile_cpu(tiny_base, ("fp32", "w4g32"), model="tiny-llama", plan=plan)
+    assert seen == [({"decode": 6, "prefill": 3}, 3), ({"decode": 2, "prefill": 1}, 1)]  # plain, then profiled
+    assert {e.n for e in table.entries if e.op == "wall"} == {6, 3}  # walls: the plain pass's runs
+    assert "(2 / 1 profiled)" in " ".join(table.provenance.notes)
