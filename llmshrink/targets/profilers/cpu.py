@@ -359,6 +359,7 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
     title = title or f"Profiling {plan.models} subnets of {model} on ONNX Runtime CPU"
     specs = [(i, lambda i=i: sample_spec(base, formats, i, plan)) for i in range(plan.models)]
     specs += [(plan.models + a, lambda f=f: SubnetSpec.uniform(base, f).validate()) for a, f in enumerate(plan.anchors)]
+    node_runs, node_blocks = plan.node_runs()
     with progress.task(title, total=len(specs)) as task, \
             tempfile.TemporaryDirectory(prefix="llmshrink-profile-") as tmp:
         for i, make in specs:
@@ -371,7 +372,6 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
             plain = _run_workloads(OrtDecoder(graph, threads=threads), workloads, runs, plan.warmup_s,
                                    base.vocab_size, blocks=plan.blocks)
             prof = OrtDecoder(graph, threads=threads, profile_prefix=os.path.join(tmp, f"m{i}"))
-            node_runs, node_blocks = plan.node_runs()
             timed = _run_workloads(prof, workloads, node_runs, plan.warmup_s, base.vocab_size, blocks=node_blocks)
             nodes = _node_times(prof.session.end_profiling(), timed, node_blocks)
             for (w, t, _), per_node in zip(plain, nodes, strict=True):
@@ -386,8 +386,8 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
                              "with random weights; per-node times from ORT's profiler, wall times from a plain session.",
                              f"decode contexts {list(plan.decode_contexts)}, prefill contexts {list(plan.prefill_contexts)}; "
                              f"{plan.decode_runs} decode / {plan.prefill_runs} prefill runs per workload"
-                             + (f" ({plan.node_runs()[0]['decode']} / {plan.node_runs()[0]['prefill']} profiled)."
-                                if plan.node_runs()[1] < plan.blocks else "."),
+                             + (f" ({node_runs['decode']} / {node_runs['prefill']} profiled)."
+                                if node_blocks < plan.blocks else "."),
                              *([f"then uniform full-width models (anchors) in {', '.join(plan.anchors)}"]
                                if plan.anchors else []),
                              f"profiling took {elapsed / 60:.1f} minutes"))
