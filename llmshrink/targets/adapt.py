@@ -12,8 +12,9 @@ samples; this does the same for a :class:`~.table.LatencyTable`:
    decode and prefill contexts with fewer runs. Each subnet's per-node times
    sample every kernel class at once: linears per format and row count, the
    lm_head, attention at three cache lengths, per-layer glue. Then one uniform
-   full-width model per search format (the plan's anchors), whose calls give
-   those formats wall-time calibration scales of their own.
+   full-width model per format of the target's ``quick_anchors`` (the plan's
+   anchors; default: the search formats), whose calls give those formats
+   wall-time calibration scales of their own.
 2. **Ratios** (:func:`adapt_table`): for every quick op entry, this machine's
    time over the source table's prediction at the same dims. Each cost-model
    group (a linear's format and rows, an lm_head format, attention or glue per
