@@ -25,7 +25,8 @@ predictions fill the per-spec rows, every table gets its summary lines). SOURCE 
 
 SOURCE may also be ``OTHER:no-anchors``, OTHER the NAME of a table judged before it: that table without its
 uniform anchor calls (``LatencyTable.without_anchors``), so one profile is judged with and without what the
-anchors add (``--table full=profiled --table full-bare=full:no-anchors``).
+anchors add (``--table full=profiled --table full-bare=full:no-anchors``); ``OTHER:no-anchor-fit`` keeps the
+anchor calls but predicts without the relative factors fitted on them (``LatencyTable.without_anchor_fit``).
 
 ``--formats`` says which kernels the random specs draw from: ``stable`` (default) is the target's formats
 without the 2- and 8-bit MatMulNBits kernels at accuracy level 0 (float activations), whose times swing up
@@ -302,6 +303,10 @@ def _formats(target, which: str) -> list[str]:
     return [f for f in target.formats if not volatile_kernel(f)]
 
 
+# OTHER:suffix table sources: a table judged before, without its anchor calls or without its anchor fit
+VARIANTS = {":no-anchors": lambda t: t.without_anchors(), ":no-anchor-fit": lambda t: t.without_anchor_fit()}
+
+
 def _tables(specs: list[str] | None, target):
     """(name, table) per ``--table NAME=SOURCE``, in order (see the module docstring)."""
     from llmshrink.targets.adapt import builtin_table_path, quick_adapt
@@ -315,11 +320,12 @@ def _tables(specs: list[str] | None, target):
     for item in specs:
         name, _, src = item.partition("=")
         src = src or name
-        if src.endswith(":no-anchors"):  # a table judged above, without its uniform anchor calls (what they add)
-            of = src.removesuffix(":no-anchors")
+        variant = next((v for v in VARIANTS if src.endswith(v)), None)
+        if variant:  # a table judged above, without part of what its anchors add
+            of = src.removesuffix(variant)
             if of not in made:
                 raise SystemExit(f"--table {item}: name a table judged before it ({', '.join(made) or 'none yet'})")
-            table = made[of].without_anchors()
+            table = VARIANTS[variant](made[of])
         elif src == "shipped":
             table = load_table(builtin_table_path(target.table))
         elif src == "profiled":

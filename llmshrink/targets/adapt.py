@@ -33,7 +33,6 @@ profile`` (full) replaces it while ``--quick`` never replaces a full profile.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from llmshrink.progress import NULL_PROGRESS, Progress
-from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, kernel_class
+from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, geo_median, kernel_class
 
 MIN_SAMPLES = 3  # quick entries a group needs to get its own ratio, not its kernel class's
 
@@ -80,13 +79,6 @@ class Ratios:
         return k if k is not None else self.phase.get(e.phase, 1.0)
 
 
-def _geo_median(xs: Sequence[float]) -> float:
-    """The median in log space: robust to the odd node the profiler caught mid-burst."""
-    logs = sorted(math.log(x) for x in xs)
-    mid = len(logs) // 2
-    return math.exp(logs[mid] if len(logs) % 2 else (logs[mid - 1] + logs[mid]) / 2)
-
-
 def measure_ratios(source: LatencyTable, quick: LatencyTable) -> Ratios:
     """Ratios of ``quick``'s op times to ``source``'s predictions at the same dims (see module docstring).
 
@@ -116,9 +108,9 @@ def measure_ratios(source: LatencyTable, quick: LatencyTable) -> Ratios:
         by_group[e.group()].append(r)
         by_class[(e.phase, kernel_class(e.op, e.fmt))].append(r)
         by_phase[e.phase].append(r)
-    return Ratios(group={g: _geo_median(rs) for g, rs in by_group.items() if len(rs) >= MIN_SAMPLES},
-                  klass={k: _geo_median(rs) for k, rs in by_class.items()},
-                  phase={p: _geo_median(rs) for p, rs in by_phase.items()},
+    return Ratios(group={g: geo_median(rs) for g, rs in by_group.items() if len(rs) >= MIN_SAMPLES},
+                  klass={k: geo_median(rs) for k, rs in by_class.items()},
+                  phase={p: geo_median(rs) for p, rs in by_phase.items()},
                   samples=sum(len(rs) for rs in by_group.values()))
 
 

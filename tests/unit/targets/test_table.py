@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from llmshrink.errors import UsageError
-from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, load_table
+from llmshrink.targets.table import LatencyTable, OpEntry, Provenance, load_table, uniform_calls
 
 
 def _table(entries):
@@ -130,3 +130,54 @@ def test_uniform_anchor_calls_give_formats_of_one_kernel_class_scales_of_their_o
     # op entries without their call's wall (an adapted table's copies of its source's) anchor nothing
     unwalled = _table([e for e in _calls(anchors=True) if e.op != "wall"])
     assert not unwalled.uniform_calls()
+
+
+def _mispriced_anchor_table():
+    """Calls whose node times follow each format's true cost (w4g32a8: 1e-4 ms per k*n, w8g64a8: 1.5e-4) and
+    whose wall is 0.3 ms plus their node times; random mixes, then one uniform anchor call per format. Besides
+    the calls, w8g64a8 has ten times as many uncalled entries 30 % over its true cost (an adapted table's scaled
+    copies of its source), so its cost models over-price it while the calls' node times do not."""
+    rng = np.random.default_rng(1)
+    cost = {"w4g32a8": 1e-4, "w8g64a8": 1.5e-4}
+    out, call = [], 0
+
+    def one(fmts: list[str]):
+        nonlocal call
+        total = 0.0
+        for j, fmt in enumerate(fmts):
+            k = 64 * (1 + j % 4)
+            ms = cost[fmt] * k * 128
+            total += ms
+            out.append(OpEntry("linear", "decode", {"rows": 1, "k": k, "n": 128, "call": call}, fmt, ms, 0.0, 5))
+        out.append(OpEntry("wall", "decode", {"rows": 1, "past": 8, "layers": len(fmts), "call": call}, "",
+                           0.3 + total, 0.0, 5))
+        call += 1
+
+    for _ in range(20):
+        one([str(f) for f in rng.choice(list(cost), size=int(rng.integers(8, 16)))])
+    for fmt in cost:
+        one([fmt] * 12)
+    for j in range(4):
+        k = 64 * (1 + j)
+        out += [OpEntry("linear", "decode", {"rows": 1, "k": k, "n": 128}, "w8g64a8", 1.3 * cost["w8g64a8"] * k * 128,
+                        0.0, 5)] * 40
+    return _table(out)
+
+
+def test_anchor_fit_prices_uniform_models_as_their_anchors_measured_apart():
+    table = _mispriced_anchor_table()
+    anchors = {fmt: call for (_, call), fmt in uniform_calls(table.entries).items()}
+    wall = {fmt: next(e.mean_ms for e in table.entries if e.op == "wall" and e.dims["call"] == c)
+            for fmt, c in anchors.items()}
+    measured = wall["w8g64a8"] / wall["w4g32a8"]
+
+    def predicted(t):
+        return t.replayed_ms("decode", anchors["w8g64a8"]) / t.replayed_ms("decode", anchors["w4g32a8"])
+
+    assert predicted(table.without_anchor_fit()) > 1.08 * measured  # the copies pull w8g64a8 up ~12 %
+    assert predicted(table) == pytest.approx(measured, rel=0.02)
+    fit = table.calibration.anchor_fit
+    assert set(fit) == {("decode", "w4g32a8"), ("decode", "w8g64a8")}
+    assert fit[("decode", "w8g64a8")] < fit[("decode", "w4g32a8")]
+    assert np.prod(list(fit.values())) == pytest.approx(1.0)  # relative: the level stays the calibration's
+    assert not _table([e for e in table.entries if "call" not in e.dims or e.dims["call"] < 20]).calibration.anchor_fit
