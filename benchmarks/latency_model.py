@@ -25,8 +25,8 @@ predictions fill the per-spec rows, every table gets its summary lines). SOURCE 
 
 SOURCE may also be ``OTHER:no-anchors``, OTHER the NAME of a table judged before it: that table without its
 uniform anchor calls (``LatencyTable.without_anchors``), so one profile is judged with and without what the
-anchors add (``--table full=profiled --table full-bare=full:no-anchors``); ``OTHER:no-anchor-fit`` keeps the
-anchor calls but predicts without the relative factors fitted on them (``LatencyTable.without_anchor_fit``).
+anchors add (``--table full=profiled --table full-bare=full:no-anchors``); ``OTHER:anchor-fit`` predicts with
+the relative factors fitted on the anchor calls (``LatencyTable.with_anchor_fit``; not the default).
 
 ``--formats`` says which kernels the random specs draw from: ``stable`` (default) is the target's formats
 without the 2- and 8-bit MatMulNBits kernels at accuracy level 0 (float activations), whose times swing up
@@ -303,8 +303,8 @@ def _formats(target, which: str) -> list[str]:
     return [f for f in target.formats if not volatile_kernel(f)]
 
 
-# OTHER:suffix table sources: a table judged before, without its anchor calls or without its anchor fit
-VARIANTS = {":no-anchors": lambda t: t.without_anchors(), ":no-anchor-fit": lambda t: t.without_anchor_fit()}
+# OTHER:suffix table sources: a table judged before, without its anchor calls or with the anchor fit
+VARIANTS = {":no-anchors": lambda t: t.without_anchors(), ":anchor-fit": lambda t: t.with_anchor_fit()}
 
 
 def _tables(specs: list[str] | None, target):

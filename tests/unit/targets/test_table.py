@@ -174,10 +174,13 @@ def test_anchor_fit_prices_uniform_models_as_their_anchors_measured_apart():
     def predicted(t):
         return t.replayed_ms("decode", anchors["w8g64a8"]) / t.replayed_ms("decode", anchors["w4g32a8"])
 
-    assert predicted(table.without_anchor_fit()) > 1.08 * measured  # the copies pull w8g64a8 up ~12 %
-    assert predicted(table) == pytest.approx(measured, rel=0.02)
-    fit = table.calibration.anchor_fit
+    fitted = table.with_anchor_fit()
+    assert predicted(table) > 1.08 * measured  # the copies pull w8g64a8 up ~12 %
+    assert predicted(fitted) == pytest.approx(measured, rel=0.02)
+    assert not table.calibration.anchor_fit and fitted.models is table.models
+    fit = fitted.calibration.anchor_fit
     assert set(fit) == {("decode", "w4g32a8"), ("decode", "w8g64a8")}
     assert fit[("decode", "w8g64a8")] < fit[("decode", "w4g32a8")]
     assert np.prod(list(fit.values())) == pytest.approx(1.0)  # relative: the level stays the calibration's
-    assert not _table([e for e in table.entries if "call" not in e.dims or e.dims["call"] < 20]).calibration.anchor_fit
+    unanchored = _table([e for e in table.entries if "call" not in e.dims or e.dims["call"] < 20]).with_anchor_fit()
+    assert not unanchored.calibration.anchor_fit
