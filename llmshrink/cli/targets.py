@@ -220,8 +220,10 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     each call's wall time. About 15 minutes for SmolLM2-135M on 2 cores.
 
     --quick adapts a table measured elsewhere instead (the built-in one by
-    default): 8 subnets timed here, each kernel family's time ratio to that
-    table's prediction applied to its entries. `compress` does this by itself
+    default): 6 random subnets and one uniform full-size model per anchor
+    format of the target timed here (about 2.5 minutes), each kernel
+    family's time ratio to that table's prediction applied to its entries,
+    the wall-time calibration from the calls timed here. `compress` does this by itself
     when the target's table comes from another CPU. It never replaces a full
     profile of this machine.
 
