@@ -471,11 +471,8 @@ class LatencyTable:
         """This table predicting with :attr:`Calibration.anchor_fit` (:func:`_anchor_fit`; the same fits and
         calibration otherwise), for judging what the fit does (``benchmarks/latency_model.py``). Not the default:
         see :func:`_anchor_fit` for what it did to a compress run."""
-        out = replace(self)
-        out.__dict__["models"] = self.models
         cal = self.calibration
-        out.__dict__["calibration"] = _anchor_fit(cal, self.entries, self.models) if cal and cal.anchored else cal
-        return out
+        return _with_calibration(self, _anchor_fit(cal, self.entries, self.models) if cal and cal.anchored else cal)
 
     def replayed_ms(self, phase: str, call: int) -> float:
         """A timed call of this table's profile predicted by the table from its own op dims (its wall's model)."""
@@ -555,12 +552,22 @@ def with_format_scale(table: LatencyTable, phase: str, fmt: str, factor: float, 
     if cal is None:
         raise ValueError(f"table {table.name} has no wall-time calibration to correct")
     prov = replace(table.provenance, notes=(*table.provenance.notes, why))
-    out = replace(table, provenance=prov)
     key = (phase, fmt)
-    out.__dict__["models"] = table.models  # cached_property slots: the same fits, not fitted again
-    out.__dict__["_exact"] = table._exact
-    out.__dict__["calibration"] = replace(cal, format_scales={**cal.format_scales,
-                                                              key: cal.format_scales.get(key, 1.0) * factor})
+    return _with_calibration(replace(table, provenance=prov),
+                             replace(cal, format_scales={**cal.format_scales,
+                                                         key: cal.format_scales.get(key, 1.0) * factor}),
+                             like=table)
+
+
+def _with_calibration(table: LatencyTable, cal: Calibration | None, like: LatencyTable | None = None
+                      ) -> LatencyTable:
+    """A copy of ``table`` predicting with ``cal``, sharing the fits of ``like`` (default ``table``): the
+    cached_property slots are filled, so nothing is fitted again."""
+    like = like or table
+    out = replace(table)
+    out.__dict__["models"] = like.models
+    out.__dict__["_exact"] = like._exact
+    out.__dict__["calibration"] = cal
     return out
 
 
