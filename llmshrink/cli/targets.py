@@ -204,7 +204,7 @@ def predict_cmd(target_name: str, model_name: str, spec_path: Path | None, workl
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quick", is_flag=True,
-              help="About 3 minutes instead of 15: measure a few subnets here and adapt the target's built-in table "
+              help="About 3 minutes instead of 20: measure a few subnets here and adapt the target's built-in table "
                    "to this CPU (per-kernel time ratios). Written where a full profile goes, marked ADAPTED.")
 @click.option("--from", "from_table", default=None,
               help="With --quick: the table to adapt (a JSON path or table name; default: the target's built-in).")
@@ -214,10 +214,13 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     """Measure a target's latency table on this machine.
 
     For `cpu` (ONNX Runtime): builds random subnets of the model family with
-    the exporter itself (every format the target lists, widths from a quarter
-    to full, a third to all layers), runs decode and prefill workloads on
-    each, and records per-op times from ONNX Runtime's node profiler plus
-    each call's wall time. About 15 minutes for SmolLM2-135M on 2 cores.
+    the exporter itself (widths from a quarter to full, a third to all
+    layers), runs decode and prefill workloads on each, and records per-op
+    times from ONNX Runtime's node profiler plus each call's wall time, then
+    times one uniform full-size model per anchor format. Of the 52 subnets,
+    the last 12 also draw the 2- and 8-bit kernels at accuracy level 0,
+    whose times swing up to 2x between runs; the wall-time calibration is
+    fitted on the other calls. About 20 minutes for SmolLM2-135M on 2 cores.
 
     --quick adapts a table measured elsewhere instead (the built-in one by
     default): 6 random subnets and one uniform full-size model per anchor

@@ -58,7 +58,7 @@ _LAYER = re.compile(r"^/model/layers\.(\d+)/")
 
 @dataclass(frozen=True)
 class ProfilePlan:
-    """What a profile run samples. The defaults take about 12-15 minutes for SmolLM2-135M on 2 cores.
+    """What a profile run samples. The defaults take about 20 minutes for SmolLM2-135M on 2 cores (with anchors).
 
     52 models give each of the cpu target's 26 formats two lm_head samples.
 
@@ -75,6 +75,14 @@ class ProfilePlan:
     the same at every cache length, so its other calls pin nothing more, and the quick adaptation then times
     five anchors in the time of three.
 
+    ``volatile_models`` of the ``models`` (the last ones) may draw the kernels that swing between runs
+    (:func:`volatile_kernel`) and give them lm_heads; the others draw steady formats only, as the search's
+    subnets do. Why: with every model drawing from all 26 formats, 260 of a full profile's 295 calls held a 2- or
+    8-bit level-0 kernel, and the wall-time calibration fitted on them over-predicted the search's subnets'
+    decode by 20 % right after the profile (run 7); with this split (36 of 177 decode calls volatile), -1.4 %
+    (run 8, ``benchmarks/results/latency_model_anchors_cpu.txt``; one run each, other hours). The default 12
+    give each of the 6 volatile formats two lm_head samples, as the 40 steady models give the 20 steady ones.
+
     ``node_blocks`` (default: ``blocks``) is how many of the ``blocks`` the *profiled* pass runs, each as long
     as the plain pass's: node times only split a call's time among its nodes and are scaled to the wall
     (``table.Calibration``), so they need fewer runs than the wall floor. The profiled pass and the parsing of
@@ -82,6 +90,7 @@ class ProfilePlan:
     """
 
     models: int = 52
+    volatile_models: int = 12
     anchors: tuple[str, ...] = ()
     lean_anchors: bool = False
     decode_contexts: tuple[int, ...] = (64, 256, 1024)
@@ -151,8 +160,10 @@ def _grid(full: int, step: int, lo_frac: float, rng: np.random.Generator, extrem
     return int(rng.choice(choices))
 
 
-def sample_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePlan) -> SubnetSpec:
+def sample_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePlan, *,
+                lm_head: str | None = None) -> SubnetSpec:
     """Profile model ``i``: random widths and formats; model 0 has the full widths, model 1 the smallest.
+    The lm_head is ``lm_head``, by default ``formats[i % len(formats)]``.
 
     Widths step by 32 (hidden, MLP) and 16 (head size) as the search's
     candidates do; each linear draws a format among those whose group
@@ -163,7 +174,7 @@ def sample_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePl
     # The lm_head cycles through the formats, so each gets its own samples (it is
     # one op per model, but a large one); the hidden size is then drawn among the
     # widths that format's group divides.
-    lm_head = formats[i % len(formats)]
+    lm_head = lm_head or formats[i % len(formats)]
     step = math.lcm(32, parse_format(lm_head).group_size or 1)
     if extreme == "max":
         hidden = base.hidden_size
@@ -199,6 +210,19 @@ def sample_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePl
             prec["k_proj"] = prec["v_proj"] = prec["q_proj"]
         layers.append(LayerSpec(j in keep, kv * per, kv, hd, mlp, prec))
     return SubnetSpec(base, hidden, tuple(layers), lm_head=lm_head).validate()
+
+
+def random_model_spec(base: BaseShape, formats: Sequence[str], i: int, plan: ProfilePlan) -> SubnetSpec:
+    """Random model ``i`` of a profile (:func:`sample_spec`): the first ``models - volatile_models`` draw from the
+    steady formats only (model 0 at full widths and model 1 at the smallest among them), the rest from all
+    ``formats`` with their lm_heads rotating through the volatile kernels (:attr:`ProfilePlan.volatile_models`).
+    At most a quarter of the models are volatile ones."""
+    steady = [f for f in formats if not volatile_kernel(f)] or list(formats)
+    volatile = [f for f in formats if volatile_kernel(f)]
+    n_steady = plan.models - (min(plan.volatile_models, plan.models // 4) if volatile else 0)
+    if i < n_steady:
+        return sample_spec(base, steady, i, plan)
+    return sample_spec(base, volatile + steady, i, plan, lm_head=volatile[(i - n_steady) % len(volatile)])
 
 
 # ----------------------------------------------------------------- running
@@ -357,7 +381,7 @@ def profile_cpu(base: BaseShape, formats: Sequence[str], *, model: str, plan: Pr
     started = time.time()
     max_len = max(plan.decode_contexts + plan.prefill_contexts) + 2
     title = title or f"Profiling {plan.models} subnets of {model} on ONNX Runtime CPU"
-    specs = [(i, lambda i=i: sample_spec(base, formats, i, plan)) for i in range(plan.models)]
+    specs = [(i, lambda i=i: random_model_spec(base, formats, i, plan)) for i in range(plan.models)]
     specs += [(plan.models + a, lambda f=f: SubnetSpec.uniform(base, f).validate()) for a, f in enumerate(plan.anchors)]
     node_runs, node_blocks = plan.node_runs()
     with progress.task(title, total=len(specs)) as task, \
