@@ -219,8 +219,9 @@ def profile(target: str, model_name: str, out_path: Path | None, n_models: int, 
     times from ONNX Runtime's node profiler plus each call's wall time, then
     times one uniform full-size model per anchor format. Of the 52 subnets,
     the last 12 also draw the 2- and 8-bit kernels at accuracy level 0,
-    whose times swing up to 2x between runs; the wall-time calibration is
-    fitted on the other calls. About 20 minutes for SmolLM2-135M on 2 cores.
+    whose times swing up to 2x between runs, so most of the calls that
+    calibrate node times to wall times hold only the kernels a search uses.
+    About 20 minutes for SmolLM2-135M on 2 cores.
 
     --quick adapts a table measured elsewhere instead (the built-in one by
     default): 6 random subnets and one uniform full-size model per anchor
