@@ -90,6 +90,9 @@ ALIASES = {
 FP32 = QuantFormat(32)
 # How integer weights are rounded onto their grid (llmshrink.compressor.materialize): GPTQ by default.
 QUANTIZERS = ("gptq", "rtn")
+# Where the float weights a quantizer reads come from (llmshrink.exporters.export.streams_layers): the model loaded
+# whole, or one decoder layer at a time from disk.
+LAYER_STREAMING = ("auto", "on", "off")
 
 
 def parse_format(name: str) -> QuantFormat:

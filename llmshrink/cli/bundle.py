@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from llmshrink.cli.ui import err, kv_table, out, print_json, progress, warn
-from llmshrink.formats import QUANTIZERS
+from llmshrink.formats import LAYER_STREAMING, QUANTIZERS
 from llmshrink.models.data import DEFAULT_CALIB_DATA
 
 
@@ -26,10 +26,16 @@ from llmshrink.models.data import DEFAULT_CALIB_DATA
 @click.option("--calib-data", default=DEFAULT_CALIB_DATA, show_default=True,
               help="Text GPTQ and the static activation scales of w8a8s layers are calibrated on (as compress's "
                    "--calib-data: `wiki`, `self`, a .txt/.jsonl/.parquet file or a dataset id); unused by float specs.")
+@click.option("--layer-streaming", type=click.Choice(LAYER_STREAMING), default="auto", show_default=True,
+              help="Build the model one decoder layer at a time from its safetensors checkpoint, never loading it "
+                   "whole (peak: the quantized model + one layer + the calibration states). auto: only where the "
+                   "whole model's path would not fit in the memory available now (it is the faster). Same model "
+                   "either way.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,
-           out_dir: Path, quantizer: str, calib_data: str, trust_remote_code: bool, as_json: bool) -> None:
+           out_dir: Path, quantizer: str, calib_data: str, layer_streaming: str, trust_remote_code: bool,
+           as_json: bool) -> None:
     """Build a bundle (ONNX model + tokenizer + spec + manifest) from a spec.
 
     The spec is validated against the model before any weights are loaded;
@@ -47,7 +53,8 @@ def export(model_name: str, spec_path: Path | None, target: str | None, flavour:
 
     with progress(not as_json) as p:
         manifest = api.export(model_name, spec_path, out_dir, flavour=flavour, target=target, max_length=max_length,
-                              trust_remote_code=trust_remote_code, calib_data=calib_data, quantizer=quantizer, progress=p)
+                              trust_remote_code=trust_remote_code, calib_data=calib_data, quantizer=quantizer,
+                              layer_streaming=layer_streaming, progress=p)
     if as_json:
         print_json(serde.to_dict(manifest)["_data"])
         return

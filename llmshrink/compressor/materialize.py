@@ -86,6 +86,19 @@ def uses_gptq(spec: SubnetSpec, quantizer: str) -> bool:
     return quantizer == "gptq" and any(not parse_format(f).is_float for f in spec.formats_used(embedding=False))
 
 
+def require_calibration(spec: SubnetSpec, run_gptq: bool, calib) -> None:
+    """Raise UsageError when building ``spec`` needs calibration tokens (GPTQ, or ``w8a8s`` scales) and none came."""
+    from llmshrink.compressor.calibrate import needs_calibration
+    from llmshrink.errors import UsageError
+
+    if needs_calibration(spec) and calib is None:
+        raise UsageError("This spec uses w8a8s (static int8 activation scales), which are calibrated on text.",
+                         "Pass calibration tokens (the CLI's --calib-data; `self` samples them from the model).")
+    if run_gptq and calib is None:
+        raise UsageError("GPTQ quantizes on calibration text, and none was given.",
+                         "Pass calibration tokens (the CLI's --calib-data), or use --quantizer rtn.")
+
+
 def build_block(spec: SubnetSpec, i: int, hf_layer, hidden: torch.Tensor, inv_freq: torch.Tensor,
                 linear) -> Block:
     """The :class:`Block` of base layer ``i`` sliced to ``spec`` from an HF decoder layer.
@@ -120,16 +133,10 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
         UsageError: the spec needs calibration tokens and none were given, or an unknown quantizer.
     """
     from llmshrink.compressor.calibrate import calibrate_activations, needs_calibration
-    from llmshrink.errors import UsageError
     from llmshrink.progress import NULL_PROGRESS
 
-    if needs_calibration(spec) and calib is None:
-        raise UsageError("This spec uses w8a8s (static int8 activation scales), which are calibrated on text.",
-                         "Pass calibration tokens (the CLI's --calib-data; `self` samples them from the model).")
     run_gptq = uses_gptq(spec, quantizer)
-    if run_gptq and calib is None:
-        raise UsageError("GPTQ quantizes on calibration text, and none was given.",
-                         "Pass calibration tokens (the CLI's --calib-data), or use --quantizer rtn.")
+    require_calibration(spec, run_gptq, calib)
     deferred: dict = {}  # module name -> integer format, for GPTQ after the float model is built
 
     def linear(name: str, w: torch.Tensor, bias, fmt) -> QuantLinear:

@@ -172,14 +172,16 @@ class ModelShape:
         return 3 * tokens * self.base.vocab_size * 4
 
 
-def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False) -> int:
+def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False,
+               codes_only: bool = False) -> int:
     """Peak bytes of GPTQ on ``rows`` calibration rows of ``seq`` tokens (:mod:`.sequential`), all linears integer.
 
     Whole-model path (``materialize`` then ``gptq_quantize``): the loaded model, and the
     :class:`~.model.CompressedModel` being built: a float copy whose linears become their dequantized weight
     plus int16 codes (``value_bytes + 2`` a weight), with the embedding's own copy. Layer-streamed
-    (``gptq_streamed``): the int16 codes made so far, one decoder layer three times over (as loaded, sliced,
-    quantized), and the lm_head read from disk. Both: the calibration hidden states of one block (residual
+    (``materialize_streamed``): that quantized model as it grows (``codes_only``, ``gptq_streamed``: the int16
+    codes made so far) and the embedding, one decoder layer three times over (as loaded, sliced, quantized), and
+    the lm_head read from disk. Both: the calibration hidden states of one block (residual
     stream, normed input, MLP hidden; float32), a float64 Hessian with its Cholesky factors, and GPTQ's
     working copies of the matrix being quantized (~6 float32 copies: weights, codes, the RTN candidate,
     two dequantized errors; the lm_head's is the largest).
@@ -192,7 +194,8 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     work = 6 * 4 * max(vh, b.hidden_size * b.intermediate_size)
     linears = b.num_layers * block_linears + vh  # the blocks' and the lm_head's
     if streamed:
-        held = 2 * linears + 3 * (value_bytes + 2) * block_linears + 2 * 4 * vh
+        kept = (2 if codes_only else value_bytes + 2) * linears + value_bytes * vh
+        held = kept + 3 * (value_bytes + 2) * block_linears + 2 * 4 * vh
     else:
         held = shape.params * value_bytes + (value_bytes + 2) * linears + value_bytes * vh
     return int(held + states + hessian + work)
@@ -357,13 +360,14 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
         out[-1] = replace(out[-1], fits=False, holds=f"{n} processes share {min(s.samples, s.batch_size)} "
                           "architecture samples a step: refused (some would have nothing to do; "
                           f"--search-samples {n} gives each one)")
-    # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the streamed path's peak is stated beside it.
+    # 5. GPTQ, per contender, on rank 0 (see gptq_bytes); the peak of `export --layer-streaming on` is stated beside
+    #    it (compress keeps the teacher loaded for screening and recovery, so streaming would not lower its peak).
     q = config.n_quant * seq
     hessian_flops = q * b.num_layers * 2 * (3 * b.hidden_size**2 + b.intermediate_size**2) \
         + q * 2 * b.hidden_size**2  # X^T X of each input group (q/k/v, o, gate/up, down) and the lm_head's
     add("GPTQ", gptq_bytes(shape, config.n_quant, seq, vb), 0, contenders * shape.forward_flops(q, seq),
         hw.train_tflops, f"the float model + the quantized one being built + hidden states of {config.n_quant} "
-        f"rows; x{contenders} contenders (layer-streamed: "
+        f"rows; x{contenders} contenders (an export streaming layers from disk: "
         f"{human_bytes(gptq_bytes(shape, config.n_quant, seq, vb, streamed=True))})",
         extra_seconds=contenders * hessian_flops / (hw.fp64_tflops * 1e12) if hw.fp64_tflops else math.nan,
         sharded=False)

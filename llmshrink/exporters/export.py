@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmshrink.compressor.calibration_text import calibration_tokens
+from llmshrink.compressor.config import CompressConfig
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import Manifest, write_bundle
+from llmshrink.formats import LAYER_STREAMING
 from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.registry import Registry
@@ -62,9 +64,44 @@ FLAVOURS.register("ort", _ort_flavour)
 FLAVOURS.register("trt", _trt_flavour)
 
 
+def streams_layers(choice: str, source, spec: SubnetSpec, calib_rows: int, seq_len: int, calib_data: str) -> bool:
+    """Whether :func:`export` builds ``spec`` layer by layer from disk (:func:`.streamed.materialize_streamed`).
+
+    ``on``: always (UsageError where it cannot: no safetensors checkpoint). ``off``: never. ``auto``: when the
+    whole-model path's peak by the plan's formula (:func:`~llmshrink.compressor.plan.gptq_bytes`, the loaded model
+    plus the one being built) would not fit in the memory available now, and the checkpoint is safetensors. Both
+    paths build the same model; the whole one is kept where it fits because it is the faster
+    (``benchmarks/gptq_streaming.py``).
+    """
+    from llmshrink.compressor.plan import FIT_FRACTION, ModelShape, gptq_bytes
+    from llmshrink.host import available_memory_bytes
+    from llmshrink.models import load_config
+    from llmshrink.models.info import count_params
+    from llmshrink.models.lazy import has_safetensors
+    from llmshrink.models.load import local_dir
+
+    if choice not in LAYER_STREAMING:
+        raise UsageError(f"Unknown layer streaming choice {choice!r}.", f"Use one of: {', '.join(LAYER_STREAMING)}.")
+    if choice == "off":
+        return False
+    on_disk = has_safetensors(local_dir(source))
+    if choice == "on":
+        if not on_disk:
+            raise UsageError(f"{source.describe()} has no safetensors checkpoint to stream layers from.",
+                             "Use --layer-streaming off (the whole model is loaded), or save the model with "
+                             "save_pretrained(..., safe_serialization=True).")
+        return True
+    if not on_disk:
+        return False
+    config = load_config(source)
+    whole = gptq_bytes(ModelShape(spec.base, count_params(config)), calib_rows, seq_len, 4)
+    return whole > FIT_FRACTION * available_memory_bytes()
+
+
 def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *, flavour: str | None = None,
            target: str | None = None, max_length: int = 2048, trust_remote_code: bool = False,
-           calib_data: str = DEFAULT_CALIB_DATA, quantizer: str = "gptq", progress: Progress = NULL_PROGRESS) -> Manifest:
+           calib_data: str = DEFAULT_CALIB_DATA, quantizer: str = "gptq", layer_streaming: str = "auto",
+           progress: Progress = NULL_PROGRESS) -> Manifest:
     """Materialize ``spec`` of ``model``, export it, check parity, and write a bundle at ``out``.
 
     The spec is checked against the model's shape, the target's kernels (when
@@ -73,6 +110,8 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     ``quantizer``: ``gptq`` (default) or ``rtn`` for integer weights, recorded in the manifest.
     ``calib_data`` (as ``compress --calib-data``) is read when the spec needs text: GPTQ and
     static activation scales (``w8a8s``) use the sequences ``compress`` calibrates on.
+    ``layer_streaming`` (see :func:`streams_layers`): build the model one decoder layer at a time from the
+    safetensors checkpoint, never loading it whole; the same model either way.
 
     Raises:
         SpecError / UsageError: the spec does not fit the model or the flavour.
@@ -104,11 +143,27 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
         spec.validate(allowed_formats=set(profile.formats))
     fl.check_spec(spec)
     needs_text = needs_calibration(spec) or uses_gptq(spec, quantizer)
-    hf = load_model(source, trust_remote_code=trust_remote_code, progress=progress)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
-    calib = calibration_tokens(hf, tokenizer, source, calib_data, progress) if needs_text else None
-    with progress.task("Materializing and quantizing the subnet"):
-        cm = materialize(hf, spec, tokenizer, calib=calib, quantizer=quantizer, progress=progress)
+    calib_config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,))
+    if streams_layers(layer_streaming, source, spec, calib_config.n_quant, calib_config.search.seq_len, calib_data):
+        from llmshrink.compressor.streamed import materialize_streamed
+        from llmshrink.models.lazy import LazyModel
+
+        calib = None
+        if needs_text:  # self-generated text needs the model whole, once: it is dropped before the build
+            sampler = load_model(source, trust_remote_code=trust_remote_code, progress=progress) \
+                if calib_data == "self" else None
+            calib = calibration_tokens(sampler, tokenizer, source, calib_data, progress)
+            del sampler
+        lazy = LazyModel(source, progress=progress)
+        with progress.task("Materializing and quantizing the subnet, layer by layer from disk"):
+            cm = materialize_streamed(lazy, spec, tokenizer, calib=calib, quantizer=quantizer, progress=progress)
+    else:
+        hf = load_model(source, trust_remote_code=trust_remote_code, progress=progress)
+        calib = calibration_tokens(hf, tokenizer, source, calib_data, progress) if needs_text else None
+        with progress.task("Materializing and quantizing the subnet"):
+            cm = materialize(hf, spec, tokenizer, calib=calib, quantizer=quantizer, progress=progress)
+        del hf
     return export_compressed(cm, tokenizer, out, flavour=flavour, target=profile, model_source=source.describe(),
                              model_fingerprint=fingerprint(source), max_length=max_length, quantizer=quantizer,
                              progress=progress)

@@ -24,6 +24,12 @@ from llmshrink.errors import UsageError
 from llmshrink.progress import NULL_PROGRESS, Progress
 
 
+def has_safetensors(directory) -> bool:
+    """True when ``directory`` (a local checkpoint; a hub id is not one) holds safetensors weights to stream."""
+    d = Path(directory)
+    return d.is_dir() and ((d / "model.safetensors.index.json").is_file() or any(d.glob("*.safetensors")))
+
+
 class LazyModel:
     """An HF causal LM with its weights on disk (see module docstring).
 

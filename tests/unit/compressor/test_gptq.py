@@ -162,6 +162,53 @@ def test_layer_streamed_gptq_gives_the_whole_model_paths_codes(trained_tiny, tmp
         assert torch.equal(streamed[name].scales, q.scales), name
 
 
+@pytest.mark.parametrize(("seed", "quantizer", "lm_head"), [(1, "gptq", "w8a8"), (5, "gptq", "fp16"),
+                                                          (2, "rtn", "w4g32a8")])
+def test_streamed_materialize_builds_the_whole_model_paths_model(trained_tiny, tmp_path, seed, quantizer, lm_head):
+    """The subnet built a layer at a time from disk is the one built from the loaded model: every buffer (codes,
+    dequantized weights, norms, rotary frequencies, w8a8s activation scales) and so every logit."""
+    from dataclasses import replace
+
+    from llmshrink.compressor.streamed import materialize_streamed
+    from llmshrink.models.lazy import LazyModel
+    from llmshrink.spec import random_spec
+
+    hf, tok, ids = trained_tiny
+    hf.save_pretrained(tmp_path)
+    base = BaseShape.from_config(hf.config)
+    spec = random_spec(base, seed, formats=("fp32", "w4g32", "w4g32a8", "w8a8", "w8a8s", "w2g32a8"))
+    spec = replace(spec, lm_head=lm_head)
+    calib = ids[:24]
+    whole = materialize(hf, spec, tok, calib=calib, quantizer=quantizer)
+    streamed = materialize_streamed(LazyModel(str(tmp_path)), spec, tok, calib=calib, quantizer=quantizer)
+    assert streamed.meta == whole.meta
+    want = dict(whole.named_buffers())
+    got = dict(streamed.named_buffers())
+    assert set(got) == set(want)
+    assert any(n.endswith("act_scale") for n in got), "the spec has no w8a8s linear: the scales go untested"
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+    for name, m in whole.named_modules():
+        if isinstance(m, QuantLinear) and m.quantized is not None:
+            q = streamed.get_submodule(name).quantized
+            assert torch.equal(q.codes, m.quantized.codes) and torch.equal(q.scales, m.quantized.scales), name
+    with torch.no_grad():
+        assert torch.equal(streamed(ids[:2])[0], whole(ids[:2])[0])
+
+
+def test_streamed_materialize_refuses_gptq_without_text_before_reading_a_layer(trained_tiny, tmp_path):
+    from llmshrink.compressor.streamed import materialize_streamed
+    from llmshrink.models.lazy import LazyModel
+
+    hf, _, _ = trained_tiny
+    hf.save_pretrained(tmp_path)
+    lazy = LazyModel(str(tmp_path))
+    lazy.layer = None  # reading a layer would raise TypeError, not the UsageError asserted
+    spec = SubnetSpec.uniform(BaseShape.from_config(hf.config), "w4g32", lm_head="w4g32")
+    with pytest.raises(UsageError, match="GPTQ quantizes on calibration text"):
+        materialize_streamed(lazy, spec, quantizer="gptq")
+
+
 @pytest.mark.parametrize("fmt", ["w4g32", "w4g32z", "w8a8"])
 def test_refit_scales_are_the_least_squares_optimum_for_the_codes_and_never_raise_a_rows_error(fmt):
     from dataclasses import replace

@@ -268,3 +268,58 @@ def test_w8a8s_export_for_a100_calibrates_on_the_given_text(tiny_llama_dir, tmp_
     res = run(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(tmp_path / "w8-fp32-head.json"),
                     "--flavour", "ort", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "w8a8 (dynamic activation scales" in res.output
+
+
+def _initializers(bundle):
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(bundle / "model.onnx"))
+    return {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+
+
+def test_layer_streamed_export_writes_the_whole_model_paths_graph_without_loading_the_model(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    """--layer-streaming on builds the pruned, GPTQ-quantized subnet from disk a layer at a time: the bundle's
+    weights equal the whole-model path's to the bit, and the model is never loaded whole. auto streams only when
+    the whole path would not fit in the memory available."""
+    import llmshrink.host
+    import llmshrink.models
+    import llmshrink.models.lazy
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    spec = tmp_path / "s.json"
+    spec.write_text(random_spec(base, 3, formats=("fp32", "w4g32", "w4g32a8", "w8a8")).to_json())
+    whole = api.export(str(tiny_llama_dir), spec, tmp_path / "whole", max_length=64, layer_streaming="off")
+    load_model = llmshrink.models.load_model
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr(llmshrink.models, "load_model", refuse)
+    res = CliRunner().invoke(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec), "--max-length",
+                                   "64", "--layer-streaming", "on", "--out", str(tmp_path / "on"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["spec_fingerprint"] == whole.spec_fingerprint
+    want, got = _initializers(tmp_path / "whole"), _initializers(tmp_path / "on")
+    assert set(got) == set(want) and any("Q4" in n for n in got)
+    for name, a in want.items():
+        np.testing.assert_array_equal(got[name], a, err_msg=name)
+    # auto: streams when the whole path would not fit, else loads the model (refused here: it must not be asked)
+    monkeypatch.setattr(llmshrink.host, "available_memory_bytes", lambda: 1)
+    api.export(str(tiny_llama_dir), spec, tmp_path / "auto-small", max_length=64)
+    monkeypatch.setattr(llmshrink.models, "load_model", load_model)
+    monkeypatch.setattr(llmshrink.host, "available_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(llmshrink.models.lazy.LazyModel, "__init__", refuse)
+    api.export(str(tiny_llama_dir), spec, tmp_path / "auto-large", max_length=64)
+
+
+def test_layer_streaming_on_refuses_a_checkpoint_without_safetensors(tiny_llama_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "bin"
+    shutil.copytree(tiny_llama_dir, d, ignore=shutil.ignore_patterns("*.safetensors*"))
+    with pytest.raises(UsageError, match="no safetensors checkpoint to stream layers from"):
+        api.export(str(d), None, tmp_path / "o", max_length=64, layer_streaming="on")
