@@ -29,8 +29,8 @@ from llmshrink.models.data import DEFAULT_CALIB_DATA
 @click.option("--layer-streaming", type=click.Choice(LAYER_STREAMING), default="auto", show_default=True,
               help="Build the model one decoder layer at a time from its safetensors checkpoint, never loading it "
                    "whole (peak: the quantized model + one layer + the calibration states). auto: only where the "
-                   "whole model's path would not fit in the memory available now (it is the faster). Same model "
-                   "either way.")
+                   "whole model's path would not fit in the memory available now. Same model, about the same time. "
+                   "Needs a local checkpoint (a directory, a .gguf or a built-in name; not a hub id).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with a hub model to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model_name: str, spec_path: Path | None, target: str | None, flavour: str | None, max_length: int,

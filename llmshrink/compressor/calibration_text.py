@@ -31,12 +31,35 @@ def calibration_splits(config: CompressConfig, hf, tokenizer, model_fingerprint:
     follow: ``export`` (``whole_run=False``) quantizes on the very rows ``compress`` quantized on, without
     sampling the rest.
     """
-    from llmshrink.models.data import self_cache_path, token_splits
+    from llmshrink.models.data import token_splits
 
     seq, n = config.search.seq_len, n_rows(config, whole_run)
-    cache = self_cache_path(model_fingerprint, seq_len=seq, n=n + HELD_OUT_ROWS, seed=config.seed)
     return token_splits(config.calib_data, tokenizer, model=hf, seq_len=seq, n_calib=n, n_eval=HELD_OUT_ROWS,
-                        seed=config.seed, progress=progress, cache_path=cache)
+                        seed=config.seed, progress=progress, cache_path=_self_cache(config, model_fingerprint,
+                                                                                     whole_run))
+
+
+def _self_cache(config: CompressConfig, model_fingerprint: str, whole_run: bool):
+    from llmshrink.models.data import self_cache_path
+
+    return self_cache_path(model_fingerprint, seq_len=config.search.seq_len,
+                           n=n_rows(config, whole_run) + HELD_OUT_ROWS, seed=config.seed)
+
+
+def _export_config(source, calib_data: str) -> CompressConfig:
+    from llmshrink.compressor.config import CompressConfig
+
+    return CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
+
+
+def calibration_needs_model(source, calib_data: str) -> bool:
+    """Whether :func:`calibration_tokens` needs the model loaded: self-generated text not sampled yet."""
+    from llmshrink.models.data import parse_data_spec
+    from llmshrink.models.load import fingerprint
+
+    if parse_data_spec(calib_data).kind != "self":
+        return False
+    return not _self_cache(_export_config(source, calib_data), fingerprint(source), whole_run=False).is_file()
 
 
 def n_rows(config: CompressConfig, whole_run: bool = True) -> int:
@@ -59,11 +82,12 @@ def compress_shape() -> tuple[int, int, int]:
 
 def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progress):
     """The sequences ``compress`` quantizes on (same split, seed and cache): GPTQ reads them all,
-    static activation scales the first :data:`~llmshrink.compressor.calibrate.STATIC_CALIB_ROWS`."""
-    from llmshrink.compressor.config import CompressConfig
+    static activation scales the first :data:`~llmshrink.compressor.calibrate.STATIC_CALIB_ROWS`.
+
+    ``hf`` may be None unless :func:`calibration_needs_model` (self-generated text not cached yet)."""
     from llmshrink.models.load import fingerprint
 
-    config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
+    config = _export_config(source, calib_data)
     with progress.task("Calibration text"):
         splits = calibration_splits(config, hf, tokenizer, fingerprint(source), progress, whole_run=False)
         return splits.calib[:config.n_quant]

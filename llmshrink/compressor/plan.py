@@ -179,9 +179,9 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     Whole-model path (``materialize`` then ``gptq_quantize``): the loaded model, and the
     :class:`~.model.CompressedModel` being built: a float copy whose linears become their dequantized weight
     plus int16 codes (``value_bytes + 2`` a weight), with the embedding's own copy. Layer-streamed
-    (``materialize_streamed``): that quantized model as it grows (``codes_only``, ``gptq_streamed``: the int16
-    codes made so far) and the embedding, one decoder layer three times over (as loaded, sliced, quantized), and
-    the lm_head read from disk. Both: the calibration hidden states of one block (residual
+    (``materialize_streamed``): that quantized model as it grows and the embedding (``codes_only``,
+    ``gptq_streamed``: the int16 codes made so far, no embedding), one decoder layer three times over (as
+    loaded, sliced, quantized), and the lm_head read from disk. Both: the calibration hidden states of one block (residual
     stream, normed input, MLP hidden; float32), a float64 Hessian with its Cholesky factors, and GPTQ's
     working copies of the matrix being quantized (~6 float32 copies: weights, codes, the RTN candidate,
     two dequantized errors; the lm_head's is the largest).
@@ -194,7 +194,7 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     work = 6 * 4 * max(vh, b.hidden_size * b.intermediate_size)
     linears = b.num_layers * block_linears + vh  # the blocks' and the lm_head's
     if streamed:
-        kept = (2 if codes_only else value_bytes + 2) * linears + value_bytes * vh
+        kept = 2 * linears if codes_only else (value_bytes + 2) * linears + value_bytes * vh
         held = kept + 3 * (value_bytes + 2) * block_linears + 2 * 4 * vh
     else:
         held = shape.params * value_bytes + (value_bytes + 2) * linears + value_bytes * vh

@@ -40,29 +40,35 @@ from llmshrink.spec import BaseShape, SubnetSpec
 
 @torch.no_grad()
 def _stream(lazy, spec: SubnetSpec, calib: torch.Tensor | None, gptq: GPTQConfig | None, device,
-            progress: Progress, on_block: Callable[[int, Block, dict[str, QuantFormat]], None]):
+            progress: Progress, on_block: Callable[[int, Block, dict[str, QuantFormat]], None], *,
+            whole: bool = True):
     """Build, quantize and hand over each kept block in turn (``on_block(j, block, gptq_formats)``).
 
     ``gptq`` None: integer linears are rounded to nearest as they are built. Else they are built float and
     quantized by GPTQ on ``calib``'s hidden states, stage by stage, as :func:`.sequential.gptq_quantize` does.
+    Every weight is moved to ``device`` before it is quantized (as the whole path quantizes where the model is).
 
     Returns:
-        (embedding, final norm weight, lm_head): the lm_head quantized the same way.
+        (embedding, final norm weight, lm_head): the lm_head quantized the same way. Without ``whole`` (codes
+        only): the embedding is dropped once the calibration states are made and returned as None, and so is a
+        float lm_head, which is then not read.
     """
     meta = model_meta(lazy.model)
-    inv_freq, _ = rope_params(lazy.model)
-    hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long)
-    embedding = QuantLinear(lazy.tensor("model.embed_tokens.weight")[:, hidden], None,
-                            parse_format(spec.embedding)).to(device)
+    inv_freq = rope_params(lazy.model)[0].to(device)
+    hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long, device=device)
+    embedding = QuantLinear(lazy.tensor("model.embed_tokens.weight").to(device)[:, hidden], None,
+                            parse_format(spec.embedding))
     formats: dict[str, QuantFormat] = {}  # module name -> integer format, quantized by GPTQ
     quantize = quantizer_for(formats, gptq) if gptq is not None else None
     xs = None if quantize is None else [torch.nn.functional.embedding(b.to(device), embedding.weight)
                                         for b in calib.split(BATCH)]
+    if not whole:
+        embedding = None
     kept = spec.kept_layers()
     title = "GPTQ (layer by layer, streamed)" if quantize else "Building the subnet (layer by layer, streamed)"
     with progress.task(title, total=len(kept) + 1) as task:
         for j, i in enumerate(kept):
-            layer = lazy.layer(i)
+            layer = lazy.layer(i).to(device)
 
             def linear(name, w, b, fmt, j=j):
                 if quantize is None or fmt.is_float:
@@ -70,23 +76,25 @@ def _stream(lazy, spec: SubnetSpec, calib: torch.Tensor | None, gptq: GPTQConfig
                 formats[f"blocks.{j}.{name}"] = fmt
                 return QuantLinear(w, b, FP32)
 
-            block = build_block(spec, i, layer, hidden, inv_freq, linear).to(device)
+            block = build_block(spec, i, layer, hidden, inv_freq, linear)
             lazy.release(layer)
             if quantize is not None:
                 xs = quantize_block(block, j, xs, formats, quantize, meta)
             on_block(j, block, formats)
             del block
             task.advance(1)
-        final_norm = lazy.tensor("model.norm.weight")[hidden].to(device)
-        head_w = lazy.tensor("lm_head.weight")[:, hidden]
-        head_b = lazy.tensor("lm_head.bias") if getattr(lazy.model.lm_head, "bias", None) is not None else None
+        final_norm = lazy.tensor("model.norm.weight").to(device)[hidden]
         head_fmt = parse_format(spec.lm_head)
-        if quantize is None or head_fmt.is_float:
-            lm_head = QuantLinear(head_w, head_b, head_fmt).to(device)
-        else:
-            formats["lm_head"] = head_fmt
-            lm_head = quantize("lm_head", QuantLinear(head_w, head_b, FP32).to(device),
-                               head_hessian(xs, final_norm, meta))
+        lm_head = None
+        if whole or not head_fmt.is_float:
+            head_w = lazy.tensor("lm_head.weight").to(device)[:, hidden]
+            head_b = lazy.tensor("lm_head.bias").to(device) \
+                if getattr(lazy.model.lm_head, "bias", None) is not None else None
+            if quantize is None or head_fmt.is_float:
+                lm_head = QuantLinear(head_w, head_b, head_fmt)
+            else:
+                formats["lm_head"] = head_fmt
+                lm_head = quantize("lm_head", QuantLinear(head_w, head_b, FP32), head_hessian(xs, final_norm, meta))
         task.advance(1)
     return embedding, final_norm, lm_head
 
@@ -114,7 +122,8 @@ def materialize_streamed(lazy, spec: SubnetSpec, tokenizer=None, calib: torch.Te
 
     Args:
         lazy: a :class:`~llmshrink.models.lazy.LazyModel`.
-        device: where the model is built and GPTQ runs (default the CPU); layers are read on the host.
+        device: where the model is built and quantized (default the CPU); layers are read on the host and
+            moved there one at a time.
 
     Raises:
         SpecError: the spec breaks a rule, or was made for another shape.
@@ -170,7 +179,8 @@ def gptq_streamed(lazy, spec: SubnetSpec, calib: torch.Tensor, *, config: GPTQCo
         out.update({f"blocks.{j}.{n}": getattr(block, n).quantized for n in GROUPS_ALL
                     if f"blocks.{j}.{n}" in formats})
 
-    _, _, lm_head = _stream(lazy, spec, calib, config or GPTQConfig(), torch.device("cpu"), progress, keep_codes)
-    if lm_head.quantized is not None:
+    _, _, lm_head = _stream(lazy, spec, calib, config or GPTQConfig(), torch.device("cpu"), progress, keep_codes,
+                            whole=False)
+    if lm_head is not None:
         out["lm_head"] = lm_head.quantized
     return out

@@ -12,15 +12,17 @@ carries the target's predicted latency.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmshrink.compressor.calibration_text import calibration_tokens
+from llmshrink.compressor.calibration_text import calibration_needs_model, calibration_tokens
 from llmshrink.compressor.config import CompressConfig
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import Manifest, write_bundle
 from llmshrink.formats import LAYER_STREAMING
+from llmshrink.host import release_freed_memory
 from llmshrink.models.data import DEFAULT_CALIB_DATA
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.registry import Registry
@@ -64,14 +66,16 @@ FLAVOURS.register("ort", _ort_flavour)
 FLAVOURS.register("trt", _trt_flavour)
 
 
-def streams_layers(choice: str, source, spec: SubnetSpec, calib_rows: int, seq_len: int, calib_data: str) -> bool:
+def streams_layers(choice: str, source, spec: SubnetSpec, calib_rows: int, seq_len: int,
+                   progress: Progress = NULL_PROGRESS) -> bool:
     """Whether :func:`export` builds ``spec`` layer by layer from disk (:func:`.streamed.materialize_streamed`).
 
-    ``on``: always (UsageError where it cannot: no safetensors checkpoint). ``off``: never. ``auto``: when the
+    ``on``: always (UsageError where it cannot: a hub id, or a directory without safetensors; built-in models
+    and GGUF files are converted to one first). ``off``: never. ``auto``: when the
     whole-model path's peak by the plan's formula (:func:`~llmshrink.compressor.plan.gptq_bytes`, the loaded model
     plus the one being built) would not fit in the memory available now, and the checkpoint is safetensors. Both
-    paths build the same model; the whole one is kept where it fits because it is the faster
-    (``benchmarks/gptq_streaming.py``).
+    paths build the same model in about the same time (``benchmarks/gptq_streaming.py``); the whole one, which
+    ``compress`` runs too, is kept where it fits.
     """
     from llmshrink.compressor.plan import FIT_FRACTION, ModelShape, gptq_bytes
     from llmshrink.host import available_memory_bytes
@@ -84,7 +88,14 @@ def streams_layers(choice: str, source, spec: SubnetSpec, calib_rows: int, seq_l
         raise UsageError(f"Unknown layer streaming choice {choice!r}.", f"Use one of: {', '.join(LAYER_STREAMING)}.")
     if choice == "off":
         return False
-    on_disk = has_safetensors(local_dir(source))
+    if source.kind == "hub":  # read through transformers' cache, not a directory of ours
+        if choice == "on":
+            raise UsageError(f"Layer streaming reads a local checkpoint; {source.describe()} is a hub id.",
+                             "Download it (`huggingface-cli download ID --local-dir DIR`) and pass --model DIR, "
+                             "or use --layer-streaming off.")
+        return False
+    with progress.task("Checking the checkpoint"):
+        on_disk = has_safetensors(local_dir(source, progress=progress))
     if choice == "on":
         if not on_disk:
             raise UsageError(f"{source.describe()} has no safetensors checkpoint to stream layers from.",
@@ -145,16 +156,20 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     needs_text = needs_calibration(spec) or uses_gptq(spec, quantizer)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
     calib_config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,))
-    if streams_layers(layer_streaming, source, spec, calib_config.n_quant, calib_config.search.seq_len, calib_data):
+    if streams_layers(layer_streaming, source, spec, calib_config.n_quant, calib_config.search.seq_len, progress):
         from llmshrink.compressor.streamed import materialize_streamed
         from llmshrink.models.lazy import LazyModel
 
         calib = None
-        if needs_text:  # self-generated text needs the model whole, once: it is dropped before the build
+        if needs_text:
+            # self-generated text not sampled yet needs the model whole, once; it is freed before the build
             sampler = load_model(source, trust_remote_code=trust_remote_code, progress=progress) \
-                if calib_data == "self" else None
+                if calibration_needs_model(source, calib_data) else None
             calib = calibration_tokens(sampler, tokenizer, source, calib_data, progress)
-            del sampler
+            if sampler is not None:
+                del sampler
+                gc.collect()
+                release_freed_memory()
         lazy = LazyModel(source, progress=progress)
         with progress.task("Materializing and quantizing the subnet, layer by layer from disk"):
             cm = materialize_streamed(lazy, spec, tokenizer, calib=calib, quantizer=quantizer, progress=progress)

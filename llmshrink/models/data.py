@@ -364,14 +364,14 @@ def token_splits(spec: DataSpec | str, tokenizer, *, model=None, seq_len: int = 
     Args:
         spec: a :class:`DataSpec` or the ``--calib-data`` string.
         tokenizer: the model's tokenizer.
-        model: needed only for ``self``.
+        model: needed only for ``self``, and not when its samples are in ``cache_path`` already.
         cache_path: where ``self`` samples are cached (ignored for files).
     """
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
     if spec.kind == "self":
-        if model is None:
-            raise ValueError("self-generated calibration data needs the model")
+        if model is None and not (cache_path is not None and cache_path.is_file()):
+            raise ValueError("self-generated calibration data needs the model (its samples are not cached)")
         return self_splits(model, tokenizer, seq_len=seq_len, n_calib=n_calib, n_eval=n_eval,
                            seed=seed, cache_path=cache_path, progress=progress)
     docs = read_documents(spec, progress=progress)

@@ -196,6 +196,30 @@ def test_streamed_materialize_builds_the_whole_model_paths_model(trained_tiny, t
         assert torch.equal(streamed(ids[:2])[0], whole(ids[:2])[0])
 
 
+def test_streamed_materialize_reads_an_untied_lm_head_and_biases_as_the_loaded_model_has_them(tmp_path):
+    """A checkpoint with its own lm_head and q/k/v/o biases (the tiny test model ties and has none)."""
+    from llmshrink.compressor.streamed import materialize_streamed
+    from llmshrink.models.lazy import LazyModel
+    from llmshrink.spec import random_spec
+    from llmshrink.testing import tiny_llama, tiny_llama_config
+
+    hf = tiny_llama(tiny_llama_config(tie_word_embeddings=False, attention_bias=True), seed=4)
+    with torch.no_grad():  # a random init leaves biases at zero: give them values a slicing error would move
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    hf.save_pretrained(tmp_path)
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    spec = random_spec(BaseShape.from_config(hf.config), 7, formats=("fp32", "w4g32", "w8a8"))
+    calib = torch.randint(0, hf.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    whole = materialize(hf, spec, calib=calib, quantizer="gptq")
+    streamed = materialize_streamed(LazyModel(str(tmp_path)), spec, calib=calib, quantizer="gptq")
+    want, got = dict(whole.named_buffers()), dict(streamed.named_buffers())
+    assert set(got) == set(want) and any(n.endswith("q_proj.bias") for n in got)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
 def test_streamed_materialize_refuses_gptq_without_text_before_reading_a_layer(trained_tiny, tmp_path):
     from llmshrink.compressor.streamed import materialize_streamed
     from llmshrink.models.lazy import LazyModel

@@ -283,8 +283,9 @@ def test_layer_streamed_export_writes_the_whole_model_paths_graph_without_loadin
     """--layer-streaming on builds the pruned, GPTQ-quantized subnet from disk a layer at a time: the bundle's
     weights equal the whole-model path's to the bit, and the model is never loaded whole. auto streams only when
     the whole path would not fit in the memory available."""
+    import transformers
+
     import llmshrink.host
-    import llmshrink.models
     import llmshrink.models.lazy
     from llmshrink.models import load_config
     from llmshrink.spec import BaseShape
@@ -293,12 +294,12 @@ def test_layer_streamed_export_writes_the_whole_model_paths_graph_without_loadin
     spec = tmp_path / "s.json"
     spec.write_text(random_spec(base, 3, formats=("fp32", "w4g32", "w4g32a8", "w8a8")).to_json())
     whole = api.export(str(tiny_llama_dir), spec, tmp_path / "whole", max_length=64, layer_streaming="off")
-    load_model = llmshrink.models.load_model
+    load = transformers.AutoModelForCausalLM.from_pretrained
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded whole")
 
-    monkeypatch.setattr(llmshrink.models, "load_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     res = CliRunner().invoke(cli, ["export", "--model", str(tiny_llama_dir), "--spec", str(spec), "--max-length",
                                    "64", "--layer-streaming", "on", "--out", str(tmp_path / "on"), "--json"])
     assert res.exit_code == 0, res.output
@@ -310,7 +311,7 @@ def test_layer_streamed_export_writes_the_whole_model_paths_graph_without_loadin
     # auto: streams when the whole path would not fit, else loads the model (refused here: it must not be asked)
     monkeypatch.setattr(llmshrink.host, "available_memory_bytes", lambda: 1)
     api.export(str(tiny_llama_dir), spec, tmp_path / "auto-small", max_length=64)
-    monkeypatch.setattr(llmshrink.models, "load_model", load_model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
     monkeypatch.setattr(llmshrink.host, "available_memory_bytes", lambda: 1 << 40)
     monkeypatch.setattr(llmshrink.models.lazy.LazyModel, "__init__", refuse)
     api.export(str(tiny_llama_dir), spec, tmp_path / "auto-large", max_length=64)
@@ -323,3 +324,49 @@ def test_layer_streaming_on_refuses_a_checkpoint_without_safetensors(tiny_llama_
     shutil.copytree(tiny_llama_dir, d, ignore=shutil.ignore_patterns("*.safetensors*"))
     with pytest.raises(UsageError, match="no safetensors checkpoint to stream layers from"):
         api.export(str(d), None, tmp_path / "o", max_length=64, layer_streaming="on")
+
+
+def test_layer_streamed_export_on_self_generated_text_loads_the_model_only_to_sample_it(
+        tiny_llama_dir, tmp_path, monkeypatch, llmshrink_home):
+    """--calib-data self: the first streamed export loads the model once to sample the text, then builds from
+    disk; once the text is cached, the model is not loaded at all. The same bundle as the whole-model path."""
+    import transformers
+
+    from llmshrink.models import load_config
+    from llmshrink.spec import BaseShape
+
+    base = BaseShape.from_config(load_config(str(tiny_llama_dir)))
+    spec = tmp_path / "s.json"
+    spec.write_text(SubnetSpec.uniform(base, "w4g32", lm_head="w8a8").to_json())
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    loads = []
+
+    def counted(*a, **k):
+        loads.append(a)
+        return load(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
+    kw = dict(max_length=64, calib_data="self")
+    api.export(str(tiny_llama_dir), spec, tmp_path / "first", layer_streaming="on", **kw)
+    assert len(loads) == 1
+    api.export(str(tiny_llama_dir), spec, tmp_path / "cached", layer_streaming="on", **kw)
+    assert len(loads) == 1
+    api.export(str(tiny_llama_dir), spec, tmp_path / "whole", layer_streaming="off", **kw)
+    want = _initializers(tmp_path / "whole")
+    for run in ("first", "cached"):
+        got = _initializers(tmp_path / run)
+        assert set(got) == set(want)
+        for name, a in want.items():
+            np.testing.assert_array_equal(got[name], a, err_msg=name)
+
+
+def test_layer_streaming_on_refuses_a_hub_id_with_what_to_do(tmp_path):
+    from llmshrink.exporters.export import streams_layers
+    from llmshrink.models import resolve_model
+
+    source = resolve_model("someorg/some-model")
+    assert source.kind == "hub"
+    with pytest.raises(UsageError, match="reads a local checkpoint") as e:
+        streams_layers("on", source, None, 8, 16)
+    assert "--local-dir" in e.value.hint
+    assert streams_layers("auto", source, None, 8, 16) is False
