@@ -13,10 +13,11 @@ Two ways to hold the weights, same computation and codes:
 
 * :func:`gptq_quantize`, on a :class:`CompressedModel` built whole (``materialize``): peak memory is the
   loaded model plus the one being quantized, plus the calibration hidden states of one block;
-* :func:`llmshrink.compressor.streamed.gptq_streamed`, on a :class:`~llmshrink.models.lazy.LazyModel`: each
-  decoder layer is read from
-  safetensors when its turn comes and dropped after, so only the codes made so far, one layer and the
-  hidden states are held (llm-compressor's sequential pipeline does the same for large models).
+* :func:`llmshrink.compressor.streamed.materialize_streamed` (``export --layer-streaming``) and
+  :func:`~llmshrink.compressor.streamed.gptq_streamed`, on a :class:`~llmshrink.models.lazy.LazyModel`: each
+  decoder layer is read from safetensors when its turn comes and dropped after, so only the quantized model
+  (or the codes) made so far, one layer and the hidden states are held (llm-compressor's sequential pipeline
+  does the same for large models).
   ``benchmarks/gptq_streaming.py`` measures both; ``llmshrink plan`` estimates both (``plan.gptq_bytes``).
 
 A ``w8a8s`` linear has no activation scale yet while this runs (those are

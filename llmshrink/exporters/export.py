@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmshrink.compressor.calibration_text import calibration_needs_model, calibration_tokens
-from llmshrink.compressor.config import CompressConfig
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import Manifest, write_bundle
 from llmshrink.formats import LAYER_STREAMING
@@ -130,6 +129,7 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     """
 
     from llmshrink.compressor.calibrate import needs_calibration
+    from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.materialize import materialize, uses_gptq
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
