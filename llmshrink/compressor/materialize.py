@@ -86,6 +86,22 @@ def uses_gptq(spec: SubnetSpec, quantizer: str) -> bool:
     return quantizer == "gptq" and any(not parse_format(f).is_float for f in spec.formats_used(embedding=False))
 
 
+def check_buildable(config, spec: SubnetSpec) -> None:
+    """Raise unless ``spec`` is valid and made for a supported model of ``config``'s shape.
+
+    Raises:
+        UnsupportedModelError: an architecture llmshrink cannot compress.
+        SpecError: the spec breaks a rule, or was made for another shape.
+    """
+    from llmshrink.spec import SpecError
+
+    check_supported(config)
+    spec.validate()
+    if BaseShape.from_config(config) != spec.base:
+        raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is "
+                        f"{BaseShape.from_config(config)}.", "Make the spec from this model.")
+
+
 def require_calibration(spec: SubnetSpec, run_gptq: bool, calib) -> None:
     """Raise UsageError when building ``spec`` needs calibration tokens (GPTQ, or ``w8a8s`` scales) and none came."""
     from llmshrink.compressor.calibrate import needs_calibration
@@ -144,13 +160,7 @@ def materialize(model, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | N
             deferred[name] = fmt
             return QuantLinear(w, bias, FP32)
         return QuantLinear(w, bias, fmt)
-    check_supported(model.config)
-    spec.validate()
-    if BaseShape.from_config(model.config) != spec.base:
-        from llmshrink.spec import SpecError
-
-        raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is "
-                        f"{BaseShape.from_config(model.config)}.", "Make the spec from this model.")
+    check_buildable(model.config, spec)
     inv_freq, _ = rope_params(model)
     # built where the model's weights are (a GPU, or the CPU): GPTQ then runs there too
     hidden = torch.tensor(spec.hidden_channels(), dtype=torch.long, device=model.model.embed_tokens.weight.device)

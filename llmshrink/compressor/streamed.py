@@ -19,6 +19,7 @@ import torch
 from llmshrink.compressor.gptq import GPTQConfig
 from llmshrink.compressor.materialize import (
     build_block,
+    check_buildable,
     model_meta,
     require_calibration,
     rope_params,
@@ -35,7 +36,7 @@ from llmshrink.compressor.sequential import (
 )
 from llmshrink.formats import FP32, QuantFormat, parse_format
 from llmshrink.progress import NULL_PROGRESS, Progress
-from llmshrink.spec import BaseShape, SubnetSpec
+from llmshrink.spec import SubnetSpec
 
 
 @torch.no_grad()
@@ -99,17 +100,6 @@ def _stream(lazy, spec: SubnetSpec, calib: torch.Tensor | None, gptq: GPTQConfig
     return embedding, final_norm, lm_head
 
 
-def _check(lazy, spec: SubnetSpec) -> None:
-    from llmshrink.models.arch import check_supported
-    from llmshrink.spec import SpecError
-
-    check_supported(lazy.config)
-    spec.validate()
-    if BaseShape.from_config(lazy.config) != spec.base:
-        raise SpecError("base-matches-model", f"the spec is for {spec.base}, the model is "
-                        f"{BaseShape.from_config(lazy.config)}.", "Make the spec from this model.")
-
-
 @torch.no_grad()
 def materialize_streamed(lazy, spec: SubnetSpec, tokenizer=None, calib: torch.Tensor | None = None, *,
                          quantizer: str = "rtn", gptq: GPTQConfig | None = None, device=None,
@@ -137,7 +127,7 @@ def materialize_streamed(lazy, spec: SubnetSpec, tokenizer=None, calib: torch.Te
 
     run_gptq = uses_gptq(spec, quantizer)
     require_calibration(spec, run_gptq, calib)
-    _check(lazy, spec)
+    check_buildable(lazy.config, spec)
     device = torch.device("cpu" if device is None else device)
     blocks: list[Block] = []
     embedding, final_norm, lm_head = _stream(lazy, spec, calib, (gptq or GPTQConfig()) if run_gptq else None,
@@ -172,7 +162,7 @@ def gptq_streamed(lazy, spec: SubnetSpec, calib: torch.Tensor, *, config: GPTQCo
     """
     if not calib.numel():
         raise ValueError("GPTQ needs calibration tokens")
-    _check(lazy, spec)
+    check_buildable(lazy.config, spec)
     out: dict[str, QuantizedWeight] = {}
 
     def keep_codes(j: int, block: Block, formats) -> None:
