@@ -46,7 +46,8 @@ def _self_cache(config: CompressConfig, model_fingerprint: str, whole_run: bool)
                            n=n_rows(config, whole_run) + HELD_OUT_ROWS, seed=config.seed)
 
 
-def _export_config(source, calib_data: str) -> CompressConfig:
+def export_calib_config(source, calib_data: str) -> CompressConfig:
+    """The config whose quantizer rows (``n_quant`` of ``search.seq_len`` tokens) ``export`` calibrates on."""
     from llmshrink.compressor.config import CompressConfig
 
     return CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,), calib_data=calib_data)
@@ -59,7 +60,7 @@ def calibration_needs_model(source, calib_data: str) -> bool:
 
     if parse_data_spec(calib_data).kind != "self":
         return False
-    return not _self_cache(_export_config(source, calib_data), fingerprint(source), whole_run=False).is_file()
+    return not _self_cache(export_calib_config(source, calib_data), fingerprint(source), whole_run=False).is_file()
 
 
 def n_rows(config: CompressConfig, whole_run: bool = True) -> int:
@@ -87,7 +88,7 @@ def calibration_tokens(hf, tokenizer, source, calib_data: str, progress: Progres
     ``hf`` may be None unless :func:`calibration_needs_model` (self-generated text not cached yet)."""
     from llmshrink.models.load import fingerprint
 
-    config = _export_config(source, calib_data)
+    config = export_calib_config(source, calib_data)
     with progress.task("Calibration text"):
         splits = calibration_splits(config, hf, tokenizer, fingerprint(source), progress, whole_run=False)
         return splits.calib[:config.n_quant]

@@ -17,7 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmshrink.compressor.calibration_text import calibration_needs_model, calibration_tokens
+from llmshrink.compressor.calibration_text import (
+    calibration_needs_model,
+    calibration_tokens,
+    export_calib_config,
+)
 from llmshrink.errors import LlmshrinkError, UsageError
 from llmshrink.exporters.bundle import Manifest, write_bundle
 from llmshrink.formats import LAYER_STREAMING
@@ -129,7 +133,6 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     """
 
     from llmshrink.compressor.calibrate import needs_calibration
-    from llmshrink.compressor.config import CompressConfig
     from llmshrink.compressor.materialize import materialize, uses_gptq
     from llmshrink.models import load_config, load_model, load_tokenizer, resolve_model
     from llmshrink.models.load import fingerprint
@@ -155,7 +158,7 @@ def export(model: str, spec: SubnetSpec | str | Path | None, out: str | Path, *,
     fl.check_spec(spec)
     needs_text = needs_calibration(spec) or uses_gptq(spec, quantizer)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, progress=progress)
-    calib_config = CompressConfig(model=source.describe(), target="cpu", budgets_ms=(1.0,))
+    calib_config = export_calib_config(source, calib_data)
     if streams_layers(layer_streaming, source, spec, calib_config.n_quant, calib_config.search.seq_len, progress):
         from llmshrink.compressor.streamed import materialize_streamed
         from llmshrink.models.lazy import LazyModel
