@@ -31,6 +31,7 @@ candidate width is a prefix (weight entanglement); see :meth:`Importance.apply`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from llmshrink.device import device_of
+from llmshrink.host import release_freed_memory
 from llmshrink.progress import NULL_PROGRESS, Progress
 from llmshrink.spec import BaseShape, LayerOrder, SubnetSpec
 
@@ -150,35 +152,31 @@ class _Acc:
 DROP_BATCHES = 4  # calibration batches the block drop costs are measured on (16 sequences at compress's size 4)
 
 
-@torch.no_grad()
-def measure_importance(model, batches: Iterable[torch.Tensor], *, progress: Progress = NULL_PROGRESS,
-                       total: int | None = None, drop_batches: int = DROP_BATCHES) -> Importance:
-    """Run ``model`` (an HF Llama-family causal LM) over ``batches`` of token ids ``[B, T]`` and score everything;
-    each block's drop cost is measured on the first ``drop_batches`` of them (:func:`block_drop_kl`).
+class _Stats:
+    """The width statistics, gathered by forward hooks on an HF layer's modules (one pass, no gradients).
 
-    Padding is not supported: give full-length sequences (calibration chunks).
+    Hooks see what the modules compute, so the whole model and one streamed layer give the same numbers.
     """
-    batches = list(batches)
-    base = BaseShape.from_config(model.config)
-    n_layers, hd, half = base.num_layers, base.head_dim, base.head_dim // 2
-    acc = {k: [_Acc() for _ in range(n_layers)] for k in ("heads", "v", "q", "k", "mlp")}
-    hidden = _Acc()
-    hooks = []
 
-    def on(module, kind, fn):
-        hooks.append(getattr(module, kind)(fn))
+    def __init__(self, base: BaseShape) -> None:
+        self.base = base
+        self.acc = {k: [_Acc() for _ in range(base.num_layers)] for k in ("heads", "v", "q", "k", "mlp")}
+        self.hidden = _Acc()
 
-    for i, layer in enumerate(model.model.layers):
+    def hook_layer(self, i: int, layer) -> list:
+        """Hooks on HF decoder layer ``i`` (its attention's o/q/k projections, its MLP's down_proj, its norms)."""
+        base, acc = self.base, self.acc
+        hd, half = base.head_dim, base.head_dim // 2
         att, mlp = layer.self_attn, layer.mlp
 
-        def o_in(_m, args, i=i):
+        def o_in(_m, args):
             x = args[0].float()
             B, T, _ = x.shape
             h = x.view(B, T, base.num_heads, hd)
             acc["heads"][i].add(h.norm(dim=-1).mean(1))
             acc["v"][i].add(h.abs().mean(2).mean(1))
 
-        def qk_out(kind, heads, i):
+        def qk_out(kind, heads):
             def fn(_m, _args, out):
                 x = out.float()
                 B, T, _ = x.shape
@@ -186,13 +184,39 @@ def measure_importance(model, batches: Iterable[torch.Tensor], *, progress: Prog
                 acc[kind][i].add((e[..., :half] + e[..., half:]).mean(2).sqrt().mean(1))
             return fn
 
-        on(att.o_proj, "register_forward_pre_hook", o_in)
-        on(att.q_proj, "register_forward_hook", qk_out("q", base.num_heads, i))
-        on(att.k_proj, "register_forward_hook", qk_out("k", base.num_kv_heads, i))
-        on(mlp.down_proj, "register_forward_pre_hook", lambda _m, args, i=i: acc["mlp"][i].add(args[0].abs().mean(1)))
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            on(norm, "register_forward_hook", lambda _m, _a, out: hidden.add(out.abs().mean(1)))
-    on(model.model.norm, "register_forward_hook", lambda _m, _a, out: hidden.add(out.abs().mean(1)))
+        return [att.o_proj.register_forward_pre_hook(o_in),
+                att.q_proj.register_forward_hook(qk_out("q", base.num_heads)),
+                att.k_proj.register_forward_hook(qk_out("k", base.num_kv_heads)),
+                mlp.down_proj.register_forward_pre_hook(lambda _m, args: acc["mlp"][i].add(args[0].abs().mean(1))),
+                *(self.hook_norm(norm) for norm in (layer.input_layernorm, layer.post_attention_layernorm))]
+
+    def hook_norm(self, norm):
+        """Hook on an RMSNorm: its output's channel magnitudes go into the hidden-channel score."""
+        return norm.register_forward_hook(lambda _m, _a, out: self.hidden.add(out.abs().mean(1)))
+
+    def importance(self, blocks: np.ndarray, tokens: int) -> Importance:
+        acc = self.acc
+        q = np.stack([a.value() for a in acc["q"]])
+        k = np.stack([a.value() for a in acc["k"]])
+        return Importance(self.base, heads=np.stack([a.value() for a in acc["heads"]]),
+                          v_dims=np.stack([a.value() for a in acc["v"]]), rope_pairs=q * k,
+                          mlp=np.stack([a.value() for a in acc["mlp"]]), hidden=self.hidden.value(),
+                          blocks=blocks, tokens=tokens)
+
+
+@torch.no_grad()
+def measure_importance(model, batches: Iterable[torch.Tensor], *, progress: Progress = NULL_PROGRESS,
+                       total: int | None = None, drop_batches: int = DROP_BATCHES) -> Importance:
+    """Run ``model`` (an HF Llama-family causal LM) over ``batches`` of token ids ``[B, T]`` and score everything;
+    each block's drop cost is measured on the first ``drop_batches`` of them (:func:`block_drop_kl`).
+
+    Padding is not supported: give full-length sequences (calibration chunks). :func:`measure_importance_streamed`
+    gives the same scores with the weights read from disk a layer at a time.
+    """
+    batches = list(batches)
+    stats = _Stats(BaseShape.from_config(model.config))
+    hooks = [h for i, layer in enumerate(model.model.layers) for h in stats.hook_layer(i, layer)]
+    hooks.append(stats.hook_norm(model.model.norm))
     tokens = 0
     dev = device_of(model)
     try:
@@ -204,12 +228,122 @@ def measure_importance(model, batches: Iterable[torch.Tensor], *, progress: Prog
     finally:
         for h in hooks:
             h.remove()
-    q = np.stack([a.value() for a in acc["q"]])
-    k = np.stack([a.value() for a in acc["k"]])
-    return Importance(base, heads=np.stack([a.value() for a in acc["heads"]]),
-                      v_dims=np.stack([a.value() for a in acc["v"]]), rope_pairs=q * k,
-                      mlp=np.stack([a.value() for a in acc["mlp"]]), hidden=hidden.value(),
-                      blocks=block_drop_kl(model, batches[:max(drop_batches, 1)], progress=progress), tokens=tokens)
+    return stats.importance(block_drop_kl(model, batches[:max(drop_batches, 1)], progress=progress), tokens)
+
+
+def _kl(logits: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean forward KL per token from ``teacher`` (log-probabilities) to ``logits``, as search.kd_loss."""
+    import torch.nn.functional as F
+
+    return float(F.kl_div(torch.log_softmax(logits.float(), -1), teacher, log_target=True,
+                          reduction="none").sum(-1).mean())
+
+
+class _Caught(Exception):
+    """Raised by the first decoder layer once it has seen its inputs: nothing after it has weights to run."""
+
+
+def _first_layer_inputs(lazy, batches: list[torch.Tensor], device) -> list[tuple[torch.Tensor, dict]]:
+    """Per batch, what the HF model hands its first decoder layer: (hidden states, keyword arguments: mask,
+    rotary cos/sin, positions). Run through the model's own forward with only the embedding loaded, so the
+    mask and positions are the ones a whole-model forward makes (llm-compressor catches them the same way)."""
+    core = lazy.model.model
+    first = core.layers[0]
+    caught: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(*args, **kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((x, kwargs))
+        raise _Caught
+
+    embed = lazy.load("model.embed_tokens", core.embed_tokens).to(device)
+    core.rotary_emb.to(device)
+    first.forward = catch  # an instance attribute shadows Module.forward
+    try:
+        for ids in batches:
+            with contextlib.suppress(_Caught):
+                core(input_ids=ids.to(device), use_cache=False)
+    finally:
+        del first.forward
+        lazy.release(embed)
+    return caught
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def measure_importance_streamed(lazy, batches: Iterable[torch.Tensor], *, device=None,
+                                progress: Progress = NULL_PROGRESS, drop_batches: int = DROP_BATCHES) -> Importance:
+    """:func:`measure_importance` with the weights streamed from disk, one decoder layer at a time (layer streaming).
+
+    Each layer of ``lazy`` (a :class:`~llmshrink.models.lazy.LazyModel`) is read from safetensors, runs every
+    batch with the statistics' hooks, then (without them) carries each block-drop branch one layer on, and is
+    dropped. A branch is the residual stream of the first ``drop_batches`` batches with one earlier block
+    skipped: it starts as that block's input and goes through every later layer, so each drop cost is the
+    whole path's computation (:func:`block_drop_kl`), done in one read of the weights. The same scores as the
+    whole path (the hidden-channel sums are added in another order: equal to float64 rounding).
+
+    Peak memory: one decoder layer (then the final norm and lm_head), the hidden states of every batch, and
+    the branches' (``layers x drop_batches`` batches of hidden states, what the whole path records too), never
+    the whole model; the teacher's log-probabilities are made for one batch at a time (the whole path keeps
+    them for every drop batch).
+
+    Args:
+        device: where the layers run (default the CPU); they are read on the host and moved there one at a time.
+    """
+    batches = list(batches)
+    device = torch.device("cpu" if device is None else device)
+    base = BaseShape.from_config(lazy.config)
+    vocab = int(lazy.config.vocab_size)
+    stats = _Stats(base)
+    inputs = _first_layer_inputs(lazy, batches, device)
+    xs = [x for x, _ in inputs]
+    kwargs = [kw for _, kw in inputs]
+    n_drop = min(max(drop_batches, 1), len(batches))
+    branches: list[list[torch.Tensor]] = []  # [skipped block][drop batch]
+    core = lazy.model.model
+    with progress.task("Importance (streamed layer by layer)", total=base.num_layers + 1) as task:
+        for i in range(base.num_layers):
+            layer = lazy.layer(i).to(device)
+            hooks = stats.hook_layer(i, layer)
+            try:
+                ys = [_hidden(layer(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
+            finally:
+                for h in hooks:
+                    h.remove()
+            branches = [[_hidden(layer(x, **kwargs[b])) for b, x in enumerate(br)] for br in branches]
+            branches.append(xs[:n_drop])  # block i skipped: its input goes on unchanged
+            xs = ys
+            lazy.release(layer)
+            # glibc keeps what a layer's forwards freed: give it back, or the streamed peak grows layer by layer
+            release_freed_memory()
+            task.advance(1)
+        norm = lazy.load("model.norm", core.norm).to(device)
+        head = lazy.load("lm_head", lazy.model.lm_head).to(device)
+        try:
+            hook = stats.hook_norm(norm)
+            try:
+                hs = [norm(x) for x in xs]
+            finally:
+                hook.remove()
+            hs = hs[:n_drop]
+            del xs
+            cost = np.zeros(base.num_layers)
+            for b in range(n_drop):  # one batch's teacher at a time; each cost still adds its batches in order
+                teacher = torch.log_softmax(head(hs[b])[..., :vocab].float(), -1)
+                for i, br in enumerate(branches):
+                    cost[i] += _kl(head(norm(br[b]))[..., :vocab], teacher) * batches[b].numel()
+                    br[b] = None  # done with: the branches' states go as their costs are taken
+                del teacher
+        finally:
+            lazy.release(norm)
+            lazy.release(head)
+            core.rotary_emb.to("cpu")
+        task.advance(1)
+    drop_tokens = sum(ids.numel() for ids in batches[:n_drop])
+    return stats.importance(cost / max(drop_tokens, 1), sum(ids.numel() for ids in batches))
 
 
 @torch.no_grad()
@@ -222,12 +356,6 @@ def block_drop_kl(model, batches: Iterable[torch.Tensor], *, progress: Progress 
     and batch. Pairs of drops are not measured (a fit dropping several blocks sums them; they are roughly
     additive while few are dropped).
     """
-    import torch.nn.functional as F
-
-    def kl(logits: torch.Tensor, teacher: torch.Tensor) -> float:  # forward KL per token, as search.kd_loss
-        return float(F.kl_div(torch.log_softmax(logits.float(), -1), teacher, log_target=True,
-                              reduction="none").sum(-1).mean())
-
     layers = list(model.model.layers)
     dev = device_of(model)
     vocab = int(model.config.vocab_size)
@@ -266,7 +394,7 @@ def block_drop_kl(model, batches: Iterable[torch.Tensor], *, progress: Progress 
                 finally:
                     for j in range(i + 1):
                         del layers[j].forward
-                cost[i] += kl(out, t) * ids.numel()
+                cost[i] += _kl(out, t) * ids.numel()
             task.advance(1)
     tokens = sum(ids.numel() for ids in batches)
     return cost / max(tokens, 1)

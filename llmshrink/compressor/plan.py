@@ -201,6 +201,29 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     return int(held + states + hessian + work)
 
 
+def importance_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False,
+                     batch: int = 4, drop_batches: int = 4) -> int:
+    """Peak bytes of the importance phase on ``rows`` calibration rows of ``seq`` tokens in batches of ``batch``
+    (:func:`.importance.measure_importance`; ``streamed``: :func:`.importance.measure_importance_streamed`).
+
+    Both: each block's output on the first ``drop_batches`` batches (recorded, or the streamed path's branches),
+    the teacher's float32 log-probabilities (whole: on all of them; streamed: on one batch at a time), and one
+    forward's logits work (logits, log-softmax, KL). Whole: the loaded model. Streamed: one decoder layer, the
+    embedding's or the lm_head's matrix, and every batch's hidden states.
+    """
+    b = shape.base
+    tokens = batch * seq
+    drop = min(drop_batches, -(-rows // batch)) * tokens
+    teacher = (tokens if streamed else drop) * b.vocab_size * 4
+    common = b.num_layers * drop * b.hidden_size * 4 + teacher + shape.logits_bytes(tokens) \
+        + tokens * b.intermediate_size * 4
+    if streamed:
+        held = (shape.block_params + b.vocab_size * b.hidden_size) * value_bytes + rows * seq * b.hidden_size * 4
+    else:
+        held = shape.params * value_bytes
+    return int(held + common)
+
+
 @dataclass(frozen=True)
 class SearchMode:
     """How the search holds its supernet: sharded over the processes (FSDP) and/or recomputing its blocks in
@@ -334,10 +357,14 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
         add("calibration text", weights + kv, rows * seq * 8,
             gen_flops if not hw.memory_gbps else 0.0, hw.decode_tflops,
             f"weights + KV cache of 8 rows; {rows} rows x {seq} tokens sampled", extra_seconds=read_s)
-    # 2. Importance: one forward over the search's rows with hooks, no gradients.
-    add("importance", weights + shape.logits_bytes(4 * seq) // 3 + 4 * seq * b.intermediate_size * 4,
-        0, shape.forward_flops(config.n_calib * seq, seq), hw.train_tflops,
-        f"weights + one batch's forward; {config.n_calib} rows")
+    # 2. Importance: one forward over the search's rows with hooks, no gradients, and the block-drop passes on
+    #    the first batches (see importance_bytes); the layer-streamed path's peak is stated beside it.
+    drop_rows = min(config.n_calib, 16)  # importance.DROP_BATCHES batches of 4: each drop runs the later blocks
+    add("importance", importance_bytes(shape, config.n_calib, seq, vb), 0,
+        shape.forward_flops(config.n_calib * seq, seq) + b.num_layers / 2 * shape.forward_flops(drop_rows * seq, seq),
+        hw.train_tflops,
+        f"weights + one batch's forward + block-drop records; {config.n_calib} rows (streamed layer by layer: "
+        f"{human_bytes(importance_bytes(shape, config.n_calib, seq, vb, streamed=True))})")
     # 3. Teacher targets: the original's log-probabilities on the search's rows, cached in float16 on the host.
     targets = config.n_calib * seq * b.vocab_size * 2
     add("teacher targets", weights + shape.logits_bytes(4 * seq), targets,

@@ -119,3 +119,51 @@ def test_a_blocks_drop_cost_is_the_kl_of_the_model_without_it(tiny_hf):
             assert costs[i] == pytest.approx(want, rel=1e-4, abs=1e-7), i
             assert costs[i] > 0
     assert not any(hasattr(layer, "forward") and "forward" in vars(layer) for layer in tiny_hf.model.layers)
+
+
+def _assert_same_importance(got, want):
+    for name in ("heads", "v_dims", "rope_pairs", "mlp", "blocks"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    # the hidden-channel sums of squares are added layer by layer instead of batch by batch
+    np.testing.assert_allclose(got.hidden, want.hidden, rtol=1e-12)
+    assert got.tokens == want.tokens
+
+
+@pytest.mark.parametrize("drop_batches", [1, 2])
+def test_streamed_importance_gives_the_whole_models_scores_without_loading_it(broken, tmp_path, monkeypatch,
+                                                                              drop_batches):
+    """Layer by layer from safetensors, with block-drop branches carried along: every score the whole path's
+    (the broken model, so its zeros and its dead block are in there), and the whole model is never loaded."""
+    from llmshrink.compressor.importance import measure_importance_streamed
+    from llmshrink.models.lazy import LazyModel
+
+    broken.save_pretrained(tmp_path)
+    batches = _batches(3)
+    want = measure_importance(broken, batches, drop_batches=drop_batches)
+    lazy = LazyModel(str(tmp_path))
+    loaded = []
+    real = lazy.layer
+    monkeypatch.setattr(lazy, "layer", lambda i: loaded.append(i) or real(i))
+    got = measure_importance_streamed(lazy, batches, drop_batches=drop_batches)
+    _assert_same_importance(got, want)
+    assert loaded == list(range(broken.config.num_hidden_layers))  # each layer read once
+    assert got.blocks[2] < 1e-6 < got.blocks.min(initial=np.inf, where=np.arange(len(got.blocks)) != 2)
+    assert all(p.is_meta for p in lazy.model.parameters())  # everything it read is released
+    assert not any("forward" in vars(layer) for layer in lazy.model.model.layers)
+
+
+def test_streamed_importance_reads_an_untied_lm_head_and_biases(tmp_path):
+    from llmshrink.compressor.importance import measure_importance_streamed
+    from llmshrink.models.lazy import LazyModel
+    from llmshrink.testing import tiny_llama, tiny_llama_config
+
+    hf = tiny_llama(tiny_llama_config(tie_word_embeddings=False, attention_bias=True), seed=4)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    hf.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, hf.config.vocab_size, (2, 24), generator=g) for _ in range(2)]
+    _assert_same_importance(measure_importance_streamed(LazyModel(str(tmp_path)), batches),
+                            measure_importance(hf, batches))

@@ -63,11 +63,18 @@ def test_the_check_catches_a_tensor_made_without_a_device():
         x + torch.zeros(3)  # noqa: B018
 
 
-def test_importance_and_teacher_targets(tiny_hf, calib):
+def test_importance_and_teacher_targets(tiny_hf, tiny_llama_dir, calib):
     batches = [calib[i:i + 4] for i in range(0, 8, 4)]
     a, b = twice(lambda: measure_importance(tiny_hf, batches))
     for k in ("heads", "v_dims", "rope_pairs", "mlp", "hidden", "blocks"):
         np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    from llmshrink.compressor.importance import measure_importance_streamed
+    from llmshrink.models.lazy import LazyModel
+
+    lazy = LazyModel(str(tiny_llama_dir))  # the layer-streamed path, weights read from disk as it goes
+    c, d = twice(lambda: measure_importance_streamed(lazy, batches))
+    for k in ("heads", "v_dims", "rope_pairs", "mlp", "hidden", "blocks"):
+        np.testing.assert_array_equal(getattr(c, k), getattr(d, k))
     t, u = twice(lambda: TeacherTargets(tiny_hf, calib[:6], batch_size=4))
     assert t.logp.device.type == u.logp.device.type == "cpu"  # host-side whatever the teacher's device
     torch.testing.assert_close(t.logp, u.logp, rtol=0, atol=0)
