@@ -109,3 +109,25 @@ def evaluate(bundle: Path, cache: Path, *, full: bool, tasks_dir: Path, wiki: st
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(got, indent=1))
     return got
+
+
+def run_children(child: str, modes: tuple[str, ...], argv) -> dict[str, dict]:
+    """Run the script ``child`` once per mode, each in a fresh interpreter, one after the other; ``argv(mode)``
+    gives its arguments. The child prints a JSON line last (``baseline``, ``peak``: bytes; ``seconds``)."""
+    res = {}
+    for mode in modes:
+        print(f"{mode} ...", file=sys.stderr)
+        out = subprocess.run([sys.executable, "-c", child, *argv(mode)], check=True, stdout=subprocess.PIPE, text=True)
+        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    return res
+
+
+def peak_table(res: dict[str, dict], expected: dict[str, int]) -> list[str]:
+    """Rows of peak RSS per mode: absolute, above the child's baseline, the formula's ``expected``, time."""
+    from llmshrink.units import human_bytes
+
+    lines = [f"{'path':10}{'peak RSS':>12}{'above base':>12}{'expected':>12}{'time':>9}"]
+    for m, r in res.items():
+        lines.append(f"{m:10}{human_bytes(r['peak']):>12}{human_bytes(r['peak'] - r['baseline']):>12}"
+                     f"{human_bytes(expected[m]):>12}{r['seconds']:8.0f}s")
+    return lines

@@ -19,13 +19,11 @@ reading the calibration rows, before any weight is loaded. "expected" is ``plan.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _cli import emit
+from _cli import emit, peak_table, run_children
 
 MODES = ("whole", "streamed", "codes")
 
@@ -87,7 +85,6 @@ def main() -> None:
     from llmshrink.models.info import count_params
     from llmshrink.models.load import fingerprint, load_config
     from llmshrink.spec import BaseShape
-    from llmshrink.units import human_bytes
 
     src = resolve_model(args.model)
     config = load_config(src)
@@ -100,12 +97,7 @@ def main() -> None:
         calib = calibration_splits(cfg, hf, load_tokenizer(src), fingerprint(src)).calib[:args.rows, :seq]
         del hf
         torch.save(calib, tmp / "calib.pt")
-        res = {}
-        for mode in MODES:
-            print(f"{mode} ...", file=sys.stderr)
-            out = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, args.format, str(tmp / "calib.pt"),
-                                  str(tmp / f"{mode}.pt")], check=True, stdout=subprocess.PIPE, text=True)
-            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        res = run_children(CHILD, MODES, lambda m: [m, args.model, args.format, str(tmp / "calib.pt"), str(tmp / f"{m}.pt")])
         a = torch.load(tmp / "whole.pt")
         equal = all(set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
                     for b in (torch.load(tmp / f"{m}.pt") for m in MODES[1:]))
@@ -115,11 +107,8 @@ def main() -> None:
              f"on {cpu_model()} ({', '.join(cpu_features())}); {torch.get_num_threads()} threads; uniform "
              f"{args.format} (lm_head too), GPTQ on the first {args.rows} of compress's default calibration rows ({seq} tokens); each path in a "
              "fresh interpreter; peak = ru_maxrss, above = peak - RSS before any weight is loaded",
-             "",
-             f"{'path':10}{'peak RSS':>12}{'above base':>12}{'expected':>12}{'time':>9}"]
-    for m, r in res.items():
-        lines.append(f"{m:10}{human_bytes(r['peak']):>12}{human_bytes(r['peak'] - r['baseline']):>12}"
-                     f"{human_bytes(expected[m]):>12}{r['seconds']:8.0f}s")
+             ""]
+    lines += peak_table(res, expected)
     above = {m: r["peak"] - r["baseline"] for m, r in res.items()}
     lines.append("")
     for m in MODES[1:]:

@@ -19,13 +19,11 @@ added in another order, to 1e-12).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _cli import emit
+from _cli import emit, peak_table, run_children
 
 MODES = ("whole", "streamed")
 SCORES = ("heads", "v_dims", "rope_pairs", "mlp", "hidden", "blocks")
@@ -78,7 +76,6 @@ def main() -> None:
     from llmshrink.models.info import count_params
     from llmshrink.models.load import fingerprint, load_config
     from llmshrink.spec import BaseShape
-    from llmshrink.units import human_bytes
 
     src = resolve_model(args.model)
     config = load_config(src)
@@ -92,12 +89,7 @@ def main() -> None:
         del hf
         seq = calib.shape[1]
         torch.save(calib, tmp / "calib.pt")
-        res = {}
-        for mode in MODES:
-            print(f"{mode} ...", file=sys.stderr)
-            out = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, str(tmp / "calib.pt"),
-                                  str(tmp / f"{mode}.npz")], check=True, stdout=subprocess.PIPE, text=True)
-            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        res = run_children(CHILD, MODES, lambda m: [m, args.model, str(tmp / "calib.pt"), str(tmp / f"{m}.npz")])
         a, b = np.load(tmp / "whole.npz"), np.load(tmp / "streamed.npz")
         equal = all(np.array_equal(a[k], b[k]) for k in SCORES if k != "hidden") \
             and np.allclose(a["hidden"], b["hidden"], rtol=1e-12, atol=0)
@@ -108,11 +100,8 @@ def main() -> None:
              f"statistics and block drop costs on {rows} of compress's default calibration rows ({seq} tokens, "
              "batches of 4, drop costs on the first 4); each path in a fresh interpreter; peak = ru_maxrss, "
              "above = peak - RSS before any weight is loaded",
-             "",
-             f"{'path':10}{'peak RSS':>12}{'above base':>12}{'expected':>12}{'time':>9}"]
-    for m, r in res.items():
-        lines.append(f"{m:10}{human_bytes(r['peak']):>12}{human_bytes(r['peak'] - r['baseline']):>12}"
-                     f"{human_bytes(expected[m]):>12}{r['seconds']:8.0f}s")
+             ""]
+    lines += peak_table(res, expected)
     above = {m: r["peak"] - r["baseline"] for m, r in res.items()}
     lines += ["",
               f"whole / streamed, above base: measured {above['whole'] / above['streamed']:.2f}x, expected "
