@@ -201,8 +201,13 @@ def gptq_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, stre
     return int(held + states + hessian + work)
 
 
+# compress's importance phase: batches of 4 rows, block drop costs on the first 4 (importance.DROP_BATCHES; plan
+# stays torch-free, so the numbers are restated here)
+IMPORTANCE_BATCH, IMPORTANCE_DROP_BATCHES = 4, 4
+
+
 def importance_bytes(shape: ModelShape, rows: int, seq: int, value_bytes: int, *, streamed: bool = False,
-                     batch: int = 4, drop_batches: int = 4) -> int:
+                     batch: int = IMPORTANCE_BATCH, drop_batches: int = IMPORTANCE_DROP_BATCHES) -> int:
     """Peak bytes of the importance phase on ``rows`` calibration rows of ``seq`` tokens in batches of ``batch``
     (:func:`.importance.measure_importance`; ``streamed``: :func:`.importance.measure_importance_streamed`).
 
@@ -359,7 +364,7 @@ def estimate_phases(shape: ModelShape, config: CompressConfig, hw: Hardware, *, 
             f"weights + KV cache of 8 rows; {rows} rows x {seq} tokens sampled", extra_seconds=read_s)
     # 2. Importance: one forward over the search's rows with hooks, no gradients, and the block-drop passes on
     #    the first batches (see importance_bytes); the layer-streamed path's peak is stated beside it.
-    drop_rows = min(config.n_calib, 16)  # importance.DROP_BATCHES batches of 4: each drop runs the later blocks
+    drop_rows = min(config.n_calib, IMPORTANCE_BATCH * IMPORTANCE_DROP_BATCHES)  # each drop runs the later blocks
     add("importance", importance_bytes(shape, config.n_calib, seq, vb), 0,
         shape.forward_flops(config.n_calib * seq, seq) + b.num_layers / 2 * shape.forward_flops(drop_rows * seq, seq),
         hw.train_tflops,
